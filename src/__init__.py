@@ -1,0 +1,1 @@
+"""Un-Mix + SwAV for CIFAR: one concept per module (see README)."""
