@@ -1,0 +1,389 @@
+"""Data sets and CPU transforms.
+
+`load_split` turns a `--data_path` value into in-memory arrays (uint8 N x H x W x 3 images, int64
+labels, class names). Three layouts are accepted:
+
+1. the keywords `cifar10` / `cifar100` (released meaning: torchvision data under `data/CIFAR-10` /
+   `data/CIFAR-100` relative to the working directory, downloaded by torchvision when missing);
+2. a folder holding (or being) torchvision's python-version CIFAR folder `cifar-10-batches-py` /
+   `cifar-100-python`;
+3. an image-folder tree `train/<class>/*.jpg`, `test/<class>/*.jpg` (class order = sorted names, as
+   torchvision's `ImageFolder`).
+
+The CIFAR pickles are read by our own reader (torchvision's on-disk format, no md5 checks) through a
+restricted unpickler that only rebuilds NumPy arrays, so a foreign pickle cannot run code.
+
+The transforms are the released ones, built from torchvision transforms on PIL images:
+`MultiCropTransform` (pretraining) and `eval_transforms` (linear evaluation).
+"""
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import transforms
+
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+PRETRAIN_STD = (0.2023, 0.1994, 0.2010)
+EVAL_STD = (0.2470, 0.2435, 0.2616)
+
+# torchvision's python-version CIFAR layouts
+_CIFAR = {
+    "cifar10": {
+        "folder": "cifar-10-batches-py",
+        "train": [f"data_batch_{i}" for i in range(1, 6)],
+        "test": ["test_batch"],
+        "meta": "batches.meta",
+        "meta_key": "label_names",
+        "label_key": "labels",
+        "keyword_root": os.path.join("data", "CIFAR-10"),
+        "layout": "cifar-10-batches-py/{data_batch_1..5,test_batch,batches.meta}",
+        "tarball": "cifar-10-python.tar.gz",
+    },
+    "cifar100": {
+        "folder": "cifar-100-python",
+        "train": ["train"],
+        "test": ["test"],
+        "meta": "meta",
+        "meta_key": "fine_label_names",
+        "label_key": "fine_labels",
+        "keyword_root": os.path.join("data", "CIFAR-100"),
+        "layout": "cifar-100-python/{train,test,meta}",
+        "tarball": "cifar-100-python.tar.gz",
+    },
+}
+
+# torchvision.datasets.folder.IMG_EXTENSIONS
+_IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+
+_ACCEPTED = ("accepted: the keyword cifar10 or cifar100 (torchvision data under data/CIFAR-10 or "
+             "data/CIFAR-100); a folder holding (or being) cifar-10-batches-py or cifar-100-python "
+             "(torchvision's python-version CIFAR files); or a folder with train/ and test/ "
+             "subfolders of class folders (train/<class>/<image>)")
+
+
+class DataError(Exception):
+    """A data problem; the message is one line (entry scripts print it and exit 1)."""
+
+    def __init__(self, message):
+        super().__init__(" ".join(str(message).split()))
+
+
+# --------------------------------------------------------------------------------------------------
+# CIFAR pickles
+# --------------------------------------------------------------------------------------------------
+
+_ALLOWED_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("_codecs", "encode"),
+}
+
+
+class _ArrayUnpickler(pickle.Unpickler):
+    """Unpickler that only rebuilds plain containers and NumPy arrays (what CIFAR files hold)."""
+
+    def find_class(self, module, name):
+        if (module, name) in _ALLOWED_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"unexpected object {module}.{name} (not a CIFAR data file)")
+
+
+def _read_pickle(path):
+    if not path.is_file():
+        raise DataError(f"missing CIFAR file {path}")
+    try:
+        with open(path, "rb") as f:
+            return _ArrayUnpickler(f, encoding="latin1").load()
+    except Exception as e:  # truncated, not a pickle, foreign objects, ...
+        raise DataError(f"cannot read CIFAR file {path}: {type(e).__name__}: {e}") from None
+
+
+def _read_cifar(folder, kind, train):
+    """Read torchvision's python-version CIFAR files from `folder` (no md5 checks)."""
+    spec = _CIFAR[kind]
+    folder = Path(folder)
+    meta_path = folder / spec["meta"]
+    meta = _read_pickle(meta_path)
+    if not isinstance(meta, dict) or spec["meta_key"] not in meta:
+        raise DataError(f"CIFAR file {meta_path} has no '{spec['meta_key']}' entry")
+    classes = [str(c) for c in meta[spec["meta_key"]]]
+
+    data, labels = [], []
+    for name in spec["train" if train else "test"]:
+        path = folder / name
+        entry = _read_pickle(path)
+        if not isinstance(entry, dict) or "data" not in entry or spec["label_key"] not in entry:
+            raise DataError(f"CIFAR file {path} lacks the 'data' or '{spec['label_key']}' entry")
+        d = np.asarray(entry["data"])
+        lab = np.asarray(entry[spec["label_key"]], dtype=np.int64).reshape(-1)
+        if d.dtype != np.uint8 or d.ndim != 2 or d.shape[1] != 3 * 32 * 32:
+            raise DataError(f"CIFAR file {path}: 'data' is {d.dtype} of shape {d.shape}, "
+                            "expected uint8 N x 3072")
+        if len(lab) != len(d):
+            raise DataError(f"CIFAR file {path}: {len(d)} images but {len(lab)} labels")
+        if len(lab) and (lab.min() < 0 or lab.max() >= len(classes)):
+            raise DataError(f"CIFAR file {path}: labels outside 0..{len(classes) - 1} "
+                            f"({len(classes)} class names in {meta_path.name})")
+        data.append(d)
+        labels.append(lab)
+    images = np.vstack(data).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    return np.ascontiguousarray(images), np.concatenate(labels), classes
+
+
+def _cifar_files_present(folder, kind, train):
+    spec = _CIFAR[kind]
+    names = spec["train" if train else "test"] + [spec["meta"]]
+    return all((Path(folder) / n).is_file() for n in names)
+
+
+def _load_keyword(kind, train, download):
+    spec = _CIFAR[kind]
+    root = spec["keyword_root"]
+    folder = Path(root) / spec["folder"]
+    if not _cifar_files_present(folder, kind, train):
+        how = (f"no {spec['layout']} under {os.path.abspath(root)} (looked in {root} relative to "
+               f"the working directory); provide it by extracting torchvision's python-version "
+               f"tarball ({spec['tarball']}) there, or pass --data_path to a folder holding "
+               f"{spec['folder']} or an image-folder tree")
+        if not download:
+            raise DataError(f"{kind}: {how}")
+        try:
+            from torchvision import datasets
+            cls = datasets.CIFAR10 if kind == "cifar10" else datasets.CIFAR100
+            cls(root, train=train, download=True)
+        except Exception as e:
+            raise DataError(f"{kind}: download failed ({type(e).__name__}: {e}); {how}") from None
+        if not _cifar_files_present(folder, kind, train):
+            raise DataError(f"{kind}: download finished but {how}")
+    return _read_cifar(folder, kind, train)
+
+
+# --------------------------------------------------------------------------------------------------
+# image folders
+# --------------------------------------------------------------------------------------------------
+
+def _class_folders(split_dir):
+    return sorted(e.name for e in os.scandir(split_dir) if e.is_dir())
+
+
+def _image_files(class_dir):
+    """Image files under `class_dir`, in torchvision `make_dataset` order."""
+    out = []
+    for root, _, fnames in sorted(os.walk(class_dir, followlinks=True)):
+        for fname in sorted(fnames):
+            if fname.lower().endswith(_IMG_EXTENSIONS):
+                out.append(os.path.join(root, fname))
+    return out
+
+
+def _decode(path):
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im if im.mode == "RGB" else im.convert("RGB"))
+    except Exception as e:
+        raise DataError(f"cannot decode image {path}: {type(e).__name__}: {e}") from None
+
+
+def _load_image_folder(root, train):
+    root = Path(root)
+    split = "train" if train else "test"
+    split_dir = root / split
+    classes = _class_folders(split_dir)
+    if not classes:
+        raise DataError(f"image folder {split_dir} has no class folders (expected {split}/<class>/<image>)")
+    other = root / ("test" if train else "train")
+    other_classes = _class_folders(other)
+    if other_classes != classes:
+        only_here = sorted(set(classes) - set(other_classes))
+        only_there = sorted(set(other_classes) - set(classes))
+        raise DataError(f"image folder {root}: class folders of train/ and test/ differ "
+                        f"(only in {split}/: {only_here}; only in {other.name}/: {only_there})")
+    files, labels = [], []
+    for idx, c in enumerate(classes):
+        fs = _image_files(split_dir / c)
+        if not fs:
+            raise DataError(f"image folder {split_dir / c} holds no image files "
+                            f"({', '.join(_IMG_EXTENSIONS)})")
+        files.extend(fs)
+        labels.extend([idx] * len(fs))
+
+    # A plain loop: decoding 32x32 JPEGs is dominated by Python-level overhead, and a thread pool
+    # measured ~2x slower (GIL contention) for the 50k CIFAR-10 JPEG training set (about 4 s here).
+    arrays = [_decode(f) for f in files]
+
+    shape = arrays[0].shape
+    images = np.empty((len(arrays),) + shape, dtype=np.uint8)
+    for i, (a, f) in enumerate(zip(arrays, files)):
+        if a.shape != shape:
+            raise DataError(f"image {f} is {a.shape[1]}x{a.shape[0]} but {files[0]} is "
+                            f"{shape[1]}x{shape[0]}; all images must have the same size")
+        images[i] = a
+    return images, np.asarray(labels, dtype=np.int64), classes
+
+
+# --------------------------------------------------------------------------------------------------
+# entry point
+# --------------------------------------------------------------------------------------------------
+
+def _cifar_kind_of_folder(path):
+    """'cifar10' / 'cifar100' when `path` itself is a python-version CIFAR folder, else None."""
+    if path.name == _CIFAR["cifar10"]["folder"] or (path / "batches.meta").is_file() \
+            or (path / "data_batch_1").is_file():
+        return "cifar10"
+    if path.name == _CIFAR["cifar100"]["folder"] or (
+            (path / "meta").is_file() and ((path / "train").is_file() or (path / "test").is_file())):
+        return "cifar100"
+    return None
+
+
+def load_split(data_path, train, download=True):
+    """Load one split into memory.
+
+    Returns `(images, labels, classes)`: uint8 array N x H x W x 3 (RGB), int64 array N, list of str.
+    Raises `DataError` (one-line message) for every data problem.
+    """
+    data_path = str(data_path)
+    if data_path in _CIFAR:
+        return _load_keyword(data_path, train, download)
+    path = Path(data_path)
+    if not path.exists():
+        raise DataError(f"data path {data_path} does not exist; {_ACCEPTED}")
+    if not path.is_dir():
+        raise DataError(f"data path {data_path} is a file, not a folder (extract archives first); "
+                        f"{_ACCEPTED}")
+    found = [k for k, s in _CIFAR.items() if (path / s["folder"]).is_dir()]
+    if len(found) == 2:
+        raise DataError(f"data path {data_path} holds both cifar-10-batches-py and cifar-100-python; "
+                        "pass the one you mean as --data_path")
+    if found:
+        return _read_cifar(path / _CIFAR[found[0]]["folder"], found[0], train)
+    kind = _cifar_kind_of_folder(path)
+    if kind is not None:
+        return _read_cifar(path, kind, train)
+    if (path / "train").is_dir() and (path / "test").is_dir():
+        return _load_image_folder(path, train)
+    try:
+        entries = sorted(os.listdir(path))
+    except OSError as e:
+        raise DataError(f"cannot list data path {data_path}: {e}") from None
+    shown = ", ".join(entries[:8]) + (f", ... ({len(entries)} entries)" if len(entries) > 8 else "")
+    raise DataError(f"data path {data_path} has no known layout (it holds: {shown or 'nothing'}); "
+                    f"{_ACCEPTED}")
+
+
+# --------------------------------------------------------------------------------------------------
+# transforms and data sets
+# --------------------------------------------------------------------------------------------------
+
+class MultiCropTransform:
+    """Released multi-crop pipeline: a list of `sum(nmb_crops)` augmented crops of one PIL image."""
+
+    def __init__(self, size_crops, nmb_crops, min_scale_crops, max_scale_crops,
+                 mean=CIFAR_MEAN, std=PRETRAIN_STD):
+        lists = {"size_crops": size_crops, "nmb_crops": nmb_crops,
+                 "min_scale_crops": min_scale_crops, "max_scale_crops": max_scale_crops}
+        lengths = {k: len(v) for k, v in lists.items()}
+        if len(set(lengths.values())) != 1:
+            raise ValueError("size_crops, nmb_crops, min_scale_crops and max_scale_crops must have "
+                             "the same length (got " +
+                             ", ".join(f"{k}: {n}" for k, n in lengths.items()) + ")")
+        if lengths["nmb_crops"] == 0:
+            raise ValueError("size_crops, nmb_crops, min_scale_crops and max_scale_crops are empty")
+        for i, (lo, hi) in enumerate(zip(min_scale_crops, max_scale_crops)):
+            if not 0 <= lo <= hi:
+                raise ValueError(f"crop scales {i}: need 0 <= min_scale_crops <= max_scale_crops "
+                                 f"(got {lo} and {hi})")
+        color = [transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+                 transforms.RandomGrayscale(p=0.2)]
+        self.transforms = []
+        for size, n, lo, hi in zip(size_crops, nmb_crops, min_scale_crops, max_scale_crops):
+            t = transforms.Compose([
+                transforms.RandomResizedCrop(size, scale=(lo, hi)),
+                transforms.RandomHorizontalFlip(p=0.5),
+                transforms.Compose(color),
+                transforms.ToTensor(),
+                transforms.Normalize(mean=mean, std=std),
+            ])
+            self.transforms.extend([t] * n)
+
+    def __call__(self, img):
+        return [t(img) for t in self.transforms]
+
+    def __repr__(self):
+        return f"{type(self).__name__}({len(self.transforms)} crops: {self.transforms!r})"
+
+
+class MultiCropDataset(Dataset):
+    """`images` (uint8 N x H x W x 3); item i = the list of crops of image i."""
+
+    def __init__(self, images, transform):
+        self.images = images
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.transform(Image.fromarray(self.images[i]))
+
+
+def eval_transforms(crop_size, mean=CIFAR_MEAN, std=EVAL_STD):
+    """Released linear-evaluation transforms: `(train_tf, test_tf)`."""
+    train_tf = transforms.Compose([
+        transforms.RandomResizedCrop(crop_size),
+        transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(),
+        transforms.Normalize(mean=mean, std=std),
+    ])
+    test_tf = transforms.Compose([
+        transforms.ToTensor(),
+        transforms.Normalize(mean=mean, std=std),
+    ])
+    return train_tf, test_tf
+
+
+class LabeledDataset(Dataset):
+    """`images` (uint8 N x H x W x 3) and `labels`; item i = `(transform(PIL image), int label)`."""
+
+    def __init__(self, images, labels, transform):
+        if len(images) != len(labels):
+            raise ValueError(f"{len(images)} images but {len(labels)} labels")
+        self.images = images
+        self.labels = labels
+        self.transform = transform
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, i):
+        img = Image.fromarray(self.images[i])
+        if self.transform is not None:
+            img = self.transform(img)
+        return img, int(self.labels[i])
+
+
+def plain_tensor(images, mean, std, chunk=4096):
+    """uint8 N x H x W x 3 -> float32 N x 3 x H x W, `ToTensor` + `Normalize` without augmentation.
+
+    Bit-identical to applying `ToTensor()` then `Normalize(mean, std)` to each image.
+    """
+    images = np.asarray(images)
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[3] != 3:
+        raise ValueError(f"expected uint8 N x H x W x 3 images, got {images.dtype} {images.shape}")
+    n, h, w, _ = images.shape
+    out = torch.empty((n, 3, h, w), dtype=torch.float32)
+    for s in range(0, n, chunk):
+        out[s:s + chunk] = torch.from_numpy(images[s:s + chunk]).permute(0, 3, 1, 2)
+    out.div_(255)
+    m = torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
+    sd = torch.as_tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
+    out.sub_(m).div_(sd)
+    return out

@@ -1,0 +1,391 @@
+"""src/data.py: CIFAR pickles (torchvision's format), keywords, image folders, transforms."""
+import pickle
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+import torchvision.datasets.cifar as tv_cifar
+from PIL import Image
+from torchvision import transforms as T
+
+from src.data import (CIFAR_MEAN, EVAL_STD, PRETRAIN_STD, DataError, LabeledDataset,
+                      MultiCropDataset, MultiCropTransform, eval_transforms, load_split,
+                      plain_tensor)
+from tests.fake_cifar import (CIFAR10_CLASSES, CIFAR10_JPG_ARCHIVE, CIFAR100_CLASSES,
+                              extract_cifar10_jpg_subset, write_cifar10, write_cifar100,
+                              write_image_folder)
+
+
+def _no_md5(monkeypatch):
+    """Let torchvision's own CIFAR classes read our tiny files (they check md5s of the real ones)."""
+    monkeypatch.setattr(torchvision.datasets.CIFAR10, "_check_integrity", lambda self: True)
+    monkeypatch.setattr(tv_cifar, "check_integrity", lambda *a, **k: True)
+
+
+def _one_line_error(excinfo):
+    msg = str(excinfo.value)
+    assert "\n" not in msg and msg.strip() == msg and msg
+    return msg
+
+
+# ------------------------------------------------------------------------------------------------
+# CIFAR pickles
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("train", [True, False])
+def test_cifar10_reader_matches_torchvision(tmp_path, monkeypatch, train):
+    write_cifar10(tmp_path, n_train_per_batch=7, n_test=11)
+    _no_md5(monkeypatch)
+    ref = torchvision.datasets.CIFAR10(str(tmp_path), train=train, download=False)
+    images, labels, classes = load_split(str(tmp_path), train=train, download=False)
+    assert images.dtype == np.uint8 and images.shape == ((35 if train else 11), 32, 32, 3)
+    assert images.flags["C_CONTIGUOUS"]
+    assert labels.dtype == np.int64 and labels.shape == (len(images),)
+    np.testing.assert_array_equal(images, ref.data)
+    np.testing.assert_array_equal(labels, np.asarray(ref.targets))
+    assert classes == ref.classes == CIFAR10_CLASSES
+    # PIL images seen by torchvision's data set are ours too
+    img, target = ref[3]
+    np.testing.assert_array_equal(np.asarray(img), images[3])
+    assert target == labels[3]
+    # the folder itself, recognised by name or by content, is accepted as well
+    folder = tmp_path / "cifar-10-batches-py"
+    renamed = tmp_path / "renamed"
+    for p in (folder, renamed):
+        if p is renamed:
+            folder.rename(renamed)
+        im2, lab2, cl2 = load_split(str(p), train=train)
+        np.testing.assert_array_equal(im2, images)
+        np.testing.assert_array_equal(lab2, labels)
+        assert cl2 == classes
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_cifar100_reader_matches_torchvision(tmp_path, monkeypatch, train):
+    write_cifar100(tmp_path, n_train=130, n_test=40)
+    _no_md5(monkeypatch)
+    ref = torchvision.datasets.CIFAR100(str(tmp_path), train=train, download=False)
+    images, labels, classes = load_split(tmp_path, train=train)
+    assert images.shape == ((130 if train else 40), 32, 32, 3) and images.dtype == np.uint8
+    np.testing.assert_array_equal(images, ref.data)
+    np.testing.assert_array_equal(labels, np.asarray(ref.targets))
+    assert classes == ref.classes == CIFAR100_CLASSES and len(classes) == 100
+    im2, lab2, _ = load_split(tmp_path / "cifar-100-python", train=train)
+    np.testing.assert_array_equal(im2, images)
+    np.testing.assert_array_equal(lab2, labels)
+
+
+def test_reader_channel_order(tmp_path):
+    """CIFAR rows are 1024 R, then 1024 G, then 1024 B values, row-major."""
+    folder = write_cifar10(tmp_path, n_train_per_batch=2, n_test=2)
+    row = np.zeros((1, 3072), dtype=np.uint8)
+    row[0, 0] = 10          # R at (0, 0)
+    row[0, 1024 + 1] = 20   # G at (0, 1)
+    row[0, 2048 + 32] = 30  # B at (1, 0)
+    with open(folder / "test_batch", "wb") as f:
+        pickle.dump({"batch_label": "testing batch 1 of 1", "labels": [4], "data": row,
+                     "filenames": ["x.png"]}, f, protocol=2)
+    images, labels, _ = load_split(tmp_path, train=False)
+    assert images.shape == (1, 32, 32, 3) and labels.tolist() == [4]
+    assert images[0, 0, 0].tolist() == [10, 0, 0]
+    assert images[0, 0, 1].tolist() == [0, 20, 0]
+    assert images[0, 1, 0].tolist() == [0, 0, 30]
+
+
+def test_fake_cifar_is_learnable(tmp_path):
+    write_cifar10(tmp_path, n_train_per_batch=40, n_test=100)
+    xtr, ytr, _ = load_split(tmp_path, True)
+    xte, yte, _ = load_split(tmp_path, False)
+    assert sorted(set(ytr.tolist())) == list(range(10))
+    f = lambda x: x.reshape(len(x), -1).astype(np.float64)  # noqa: E731
+    centroids = np.stack([f(xtr)[ytr == c].mean(0) for c in range(10)])
+    pred = ((f(xte)[:, None, :] - centroids[None]) ** 2).sum(-1).argmin(1)
+    assert (pred == yte).mean() > 0.8
+
+
+@pytest.mark.parametrize("victim", ["data_batch_3", "batches.meta"])
+def test_missing_or_corrupt_cifar_file(tmp_path, victim):
+    folder = write_cifar10(tmp_path, n_train_per_batch=2, n_test=2)
+    (folder / victim).unlink()
+    with pytest.raises(DataError) as e:
+        load_split(tmp_path, train=True)
+    assert victim in _one_line_error(e)
+    (folder / victim).write_bytes(b"\x80\x02}q\x00(X")  # truncated pickle
+    with pytest.raises(DataError) as e:
+        load_split(tmp_path, train=True)
+    assert victim in _one_line_error(e)
+
+
+def test_foreign_pickle_is_refused_not_run(tmp_path):
+    folder = write_cifar10(tmp_path, n_train_per_batch=2, n_test=2)
+    marker = tmp_path / "ran"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    with open(folder / "test_batch", "wb") as f:
+        pickle.dump({"data": Evil(), "labels": []}, f, protocol=2)
+    with pytest.raises(DataError) as e:
+        load_split(tmp_path, train=False)
+    assert "test_batch" in _one_line_error(e)
+    assert not marker.exists()
+
+
+def test_bad_label_or_shape(tmp_path):
+    folder = write_cifar10(tmp_path, n_train_per_batch=2, n_test=2)
+    with open(folder / "test_batch", "wb") as f:
+        pickle.dump({"data": np.zeros((2, 3072), np.uint8), "labels": [0, 10]}, f, protocol=2)
+    with pytest.raises(DataError, match="labels outside"):
+        load_split(tmp_path, train=False)
+    with open(folder / "test_batch", "wb") as f:
+        pickle.dump({"data": np.zeros((2, 1024), np.uint8), "labels": [0, 1]}, f, protocol=2)
+    with pytest.raises(DataError, match="3072"):
+        load_split(tmp_path, train=False)
+
+
+# ------------------------------------------------------------------------------------------------
+# keywords
+# ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("kw,folder,layout", [("cifar10", "data/CIFAR-10", "cifar-10-batches-py"),
+                                              ("cifar100", "data/CIFAR-100", "cifar-100-python")])
+def test_keyword_missing_no_download(tmp_path, monkeypatch, kw, folder, layout):
+    monkeypatch.chdir(tmp_path)
+
+    def fail(*a, **k):
+        raise AssertionError("download attempted")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", fail)
+    monkeypatch.setattr(torchvision.datasets, "CIFAR100", fail)
+    with pytest.raises(DataError) as e:
+        load_split(kw, train=True, download=False)
+    msg = _one_line_error(e)
+    assert folder in msg and layout in msg and "--data_path" in msg
+
+
+def test_keyword_download_failure_is_data_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    calls = []
+
+    def offline(root, train, download):
+        calls.append((root, train, download))
+        raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>\nsecond line")
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR10", offline)
+    with pytest.raises(DataError) as e:
+        load_split("cifar10", train=False, download=True)
+    msg = _one_line_error(e)
+    assert calls == [("data/CIFAR-10", False, True)]
+    assert "download failed" in msg and "data/CIFAR-10" in msg and "batches.meta" in msg
+
+
+def test_keyword_reads_present_data_and_downloads_missing(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    calls = []
+
+    def fake_download(root, train, download):  # what torchvision leaves on disk
+        calls.append(root)
+        write_cifar100(root, n_train=10, n_test=5)
+
+    monkeypatch.setattr(torchvision.datasets, "CIFAR100", fake_download)
+    images, labels, classes = load_split("cifar100", train=False, download=True)
+    assert calls == ["data/CIFAR-100"] and images.shape == (5, 32, 32, 3) and len(classes) == 100
+    # present now: read directly, no second download
+    images2, _, _ = load_split("cifar100", train=False, download=True)
+    np.testing.assert_array_equal(images, images2)
+    assert calls == ["data/CIFAR-100"]
+
+    write_cifar10(tmp_path / "data" / "CIFAR-10", n_train_per_batch=3, n_test=2)
+    images, labels, classes = load_split("cifar10", train=True, download=False)
+    assert images.shape == (15, 32, 32, 3) and classes == CIFAR10_CLASSES
+
+
+# ------------------------------------------------------------------------------------------------
+# layouts
+# ------------------------------------------------------------------------------------------------
+
+def test_bad_layouts(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "only_train" / "train" / "cat").mkdir(parents=True)
+    (tmp_path / "afile.tar.gz").write_bytes(b"x")
+    both = tmp_path / "both"
+    (both / "cifar-10-batches-py").mkdir(parents=True)
+    (both / "cifar-100-python").mkdir()
+    for p, expect in [(tmp_path / "nope", "does not exist"), (tmp_path / "empty", "nothing"),
+                      (tmp_path / "only_train", "train"), (tmp_path / "afile.tar.gz", "is a file"),
+                      (both, "both")]:
+        with pytest.raises(DataError) as e:
+            load_split(str(p), train=True)
+        msg = _one_line_error(e)
+        assert expect in msg
+        if expect != "both":
+            assert "cifar10" in msg and "cifar-100-python" in msg and "train/<class>" in msg
+
+
+def test_image_folder_matches_torchvision_imagefolder(tmp_path):
+    root = write_image_folder(tmp_path, 3, 2, classes=("dog", "cat", "airplane"), fmt="png")
+    (root / "train" / "cat" / "notes.txt").write_text("not an image")
+    # a grayscale image is converted to RGB
+    Image.fromarray(np.full((32, 32), 77, np.uint8), mode="L").save(root / "train" / "cat" / "0003.png")
+    images, labels, classes = load_split(str(root), train=True)
+    assert classes == ["airplane", "cat", "dog"]
+    assert images.shape == (10, 32, 32, 3) and images.dtype == np.uint8
+    assert labels.dtype == np.int64 and labels.tolist() == [0, 0, 0, 1, 1, 1, 1, 2, 2, 2]
+    ref = torchvision.datasets.ImageFolder(str(root / "train"))
+    assert ref.classes == classes and [t for _, t in ref.samples] == labels.tolist()
+    for i in range(len(ref)):
+        np.testing.assert_array_equal(np.asarray(ref[i][0]), images[i])
+    assert (images[6] == 77).all()
+    timages, tlabels, tclasses = load_split(root, train=False)
+    assert tclasses == classes and timages.shape == (6, 32, 32, 3)
+    assert tlabels.tolist() == [0, 0, 1, 1, 2, 2]
+
+
+def test_image_folder_jpg_and_errors(tmp_path):
+    root = write_image_folder(tmp_path, 2, 1, classes=("a", "b"), size=(24, 16), fmt="jpg")
+    images, _, _ = load_split(root, train=True)
+    assert images.shape == (4, 16, 24, 3)
+
+    odd = root / "train" / "b" / "zz_odd.jpg"
+    Image.fromarray(np.zeros((20, 24, 3), np.uint8)).save(odd)
+    with pytest.raises(DataError) as e:
+        load_split(root, train=True)
+    msg = _one_line_error(e)
+    assert "zz_odd.jpg" in msg and "same size" in msg
+    odd.unlink()
+
+    broken = root / "train" / "a" / "zz_broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    with pytest.raises(DataError) as e:
+        load_split(root, train=True)
+    assert "zz_broken.jpg" in _one_line_error(e)
+    broken.unlink()
+
+    (root / "test" / "c").mkdir()
+    with pytest.raises(DataError) as e:
+        load_split(root, train=True)
+    assert "differ" in _one_line_error(e)
+    (root / "train" / "c").mkdir()
+    with pytest.raises(DataError) as e:
+        load_split(root, train=True)
+    assert "no image files" in _one_line_error(e)
+
+
+# ------------------------------------------------------------------------------------------------
+# transforms
+# ------------------------------------------------------------------------------------------------
+
+def _pil(seed=0, size=32):
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+
+
+def test_multicrop_equals_released_pipeline():
+    img = _pil()
+    mc = MultiCropTransform([32, 16], [2, 3], [0.14, 0.05], [1.0, 0.14])
+    ref = []
+    for size, n, lo, hi in [(32, 2, 0.14, 1.0), (16, 3, 0.05, 0.14)]:
+        t = T.Compose([T.RandomResizedCrop(size, scale=(lo, hi)), T.RandomHorizontalFlip(p=0.5),
+                       T.Compose([T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
+                                  T.RandomGrayscale(p=0.2)]),
+                       T.ToTensor(), T.Normalize(mean=CIFAR_MEAN, std=PRETRAIN_STD)])
+        ref.extend([t] * n)
+    for seed in range(4):
+        torch.manual_seed(seed)
+        out = mc(img)
+        torch.manual_seed(seed)
+        expect = [t(img) for t in ref]
+        assert len(out) == 5
+        assert [tuple(o.shape) for o in out] == [(3, 32, 32)] * 2 + [(3, 16, 16)] * 3
+        for a, b in zip(out, expect):
+            assert a.dtype == torch.float32 and torch.equal(a, b)
+    # crops differ from one another
+    assert not torch.equal(out[0], out[1])
+
+
+def test_multicrop_normalisation():
+    """A flat grey image stays flat and grey under every augmentation (brightness may change it):
+    undoing the pretraining normalisation must give equal channels on the k/255 grid."""
+    img = Image.fromarray(np.full((32, 32, 3), 128, np.uint8))
+    torch.manual_seed(0)
+    for crop in MultiCropTransform([32, 16], [4, 4], [0.14, 0.05], [1.0, 0.14])(img):
+        assert torch.allclose(crop, crop[:, :1, :1].expand_as(crop))  # still flat
+        rgb = crop[:, 0, 0] * torch.tensor(PRETRAIN_STD) + torch.tensor(CIFAR_MEAN)
+        assert torch.allclose(rgb, rgb[:1].expand(3), atol=1e-5)
+        assert torch.allclose(rgb * 255, (rgb * 255).round(), atol=1e-3)
+
+
+def test_multicrop_validation():
+    with pytest.raises(ValueError, match="same length"):
+        MultiCropTransform([32, 16], [2], [0.14], [1.0])
+    with pytest.raises(ValueError, match="empty"):
+        MultiCropTransform([], [], [], [])
+    with pytest.raises(ValueError, match="min_scale_crops <= max_scale_crops"):
+        MultiCropTransform([32], [2], [0.9], [0.2])
+
+
+def test_multicrop_dataset():
+    images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    ds = MultiCropDataset(images, MultiCropTransform([32], [2], [0.14], [1.0]))
+    assert len(ds) == 4
+    crops = ds[2]
+    assert isinstance(crops, list) and len(crops) == 2 and crops[0].shape == (3, 32, 32)
+    loader = torch.utils.data.DataLoader(ds, batch_size=2, drop_last=True)
+    batch = next(iter(loader))
+    assert len(batch) == 2 and batch[0].shape == (2, 3, 32, 32)
+
+
+def test_eval_transforms_and_plain_tensor():
+    images = np.random.default_rng(1).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    train_tf, test_tf = eval_transforms(32)
+    ref_train = T.Compose([T.RandomResizedCrop(32), T.RandomHorizontalFlip(), T.ToTensor(),
+                           T.Normalize(mean=CIFAR_MEAN, std=EVAL_STD)])
+    img = Image.fromarray(images[0])
+    torch.manual_seed(3)
+    a = train_tf(img)
+    torch.manual_seed(3)
+    assert torch.equal(a, ref_train(img)) and a.shape == (3, 32, 32)
+    # test transform: ToTensor + Normalize(eval std), and plain_tensor is bit-identical to it
+    x = test_tf(img)
+    manual = (torch.from_numpy(images[0]).permute(2, 0, 1).float() / 255
+              - torch.tensor(CIFAR_MEAN).view(3, 1, 1)) / torch.tensor(EVAL_STD).view(3, 1, 1)
+    assert torch.allclose(x, manual, atol=1e-6)
+    pt = plain_tensor(images, CIFAR_MEAN, EVAL_STD, chunk=2)
+    assert pt.shape == (5, 3, 32, 32) and pt.dtype == torch.float32 and pt.is_contiguous()
+    assert torch.equal(pt, torch.stack([test_tf(Image.fromarray(im)) for im in images]))
+    pt2 = plain_tensor(images, CIFAR_MEAN, PRETRAIN_STD)
+    assert not torch.equal(pt, pt2)
+
+
+def test_labeled_dataset():
+    images = np.random.default_rng(2).integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
+    labels = np.array([2, 0, 1], dtype=np.int64)
+    _, test_tf = eval_transforms(32)
+    ds = LabeledDataset(images, labels, test_tf)
+    x, y = ds[2]
+    assert len(ds) == 3 and type(y) is int and y == 1 and torch.equal(x, test_tf(Image.fromarray(images[2])))
+    xb, yb = next(iter(torch.utils.data.DataLoader(ds, batch_size=3)))
+    assert xb.shape == (3, 3, 32, 32) and yb.tolist() == [2, 0, 1]
+    with pytest.raises(ValueError):
+        LabeledDataset(images, labels[:2], test_tf)
+
+
+# ------------------------------------------------------------------------------------------------
+# real JPEG export
+# ------------------------------------------------------------------------------------------------
+
+def test_cifar10_jpg_subset(tmp_path):
+    root = extract_cifar10_jpg_subset(tmp_path / "jpg", n_train_per_class=3, n_test_per_class=2)
+    if root is None:
+        pytest.skip(f"real CIFAR-10 JPEG archive not found at {CIFAR10_JPG_ARCHIVE}")
+    for split, n in (("train", 3), ("test", 2)):
+        for c in CIFAR10_CLASSES:
+            assert len(list((root / split / c).glob("*.jpg"))) == n
+    images, labels, classes = load_split(root, train=True)
+    assert classes == sorted(CIFAR10_CLASSES) == CIFAR10_CLASSES
+    assert images.shape == (30, 32, 32, 3) and np.bincount(labels).tolist() == [3] * 10
+    assert images.std() > 20  # real pictures, not blank
+    timages, tlabels, _ = load_split(root, train=False)
+    assert timages.shape == (20, 32, 32, 3) and np.bincount(tlabels).tolist() == [2] * 10
