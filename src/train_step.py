@@ -40,14 +40,19 @@ class StepOutput:
     loss: torch.Tensor          # scalar, still on the device (read it only when logging)
     lam: float                  # the lam the loss used (after region adjustment)
     queue_in_use: bool
+    finite: bool = True         # False: the loss was NaN/inf and the step was skipped
 
 
 def train_step(model, optimizer, crops, draws: UnmixDraws, cfg: SwavConfig, *, lr: float,
                iteration: int, freeze_prototypes_niters: int, run_swav: bool, unmix_prob: float,
                queue: Optional[torch.Tensor] = None, queue_in_use: bool = False, scaler=None,
-               autocast_dtype=None, loss_form: str = "released", channels_last: bool = False) -> StepOutput:
+               autocast_dtype=None, loss_form: str = "released", channels_last: bool = False,
+               skip_nonfinite: bool = False) -> StepOutput:
     """Set lr, normalise prototypes, mix, forward, loss, backward, drop prototype gradients while frozen,
-    step. `draws` must be drawn even for plain SwAV (the released RNG stream consumes them)."""
+    step. `draws` must be drawn even for plain SwAV (the released RNG stream consumes them).
+
+    skip_nonfinite: read whether the loss is finite (one host sync) and skip the step when it is not;
+    with a GradScaler the scaler skips steps with non-finite gradients itself (and lowers its scale)."""
     net = unwrap(model)
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -79,6 +84,7 @@ def train_step(model, optimizer, crops, draws: UnmixDraws, cfg: SwavConfig, *, l
         scaler.scale(loss).backward()
     else:
         loss.backward()
+    finite = bool(torch.isfinite(loss)) if skip_nonfinite else True
     if iteration < freeze_prototypes_niters:
         for name, p in net.named_parameters():
             if "prototypes" in name:
@@ -86,6 +92,8 @@ def train_step(model, optimizer, crops, draws: UnmixDraws, cfg: SwavConfig, *, l
     if scaler is not None:
         scaler.step(optimizer)
         scaler.update()
-    else:
+    elif finite:
         optimizer.step()
-    return StepOutput(loss=loss.detach(), lam=lam, queue_in_use=queue_in_use)
+    else:
+        optimizer.zero_grad(set_to_none=True)
+    return StepOutput(loss=loss.detach(), lam=lam, queue_in_use=queue_in_use, finite=finite)

@@ -1,0 +1,429 @@
+"""Un-Mix + SwAV self-supervised pretraining on CIFAR-10/100 (faithful to the released main_swav_unmix.py).
+
+Runs as `python main_swav_unmix.py ...` (one process, CUDA if present else CPU), under `torchrun`, the
+legacy `python -m torch.distributed.launch`, or `srun` (see README, "Running on a cluster").
+Reads top to bottom: arguments -> data -> model -> optimiser -> resume -> epoch loop.
+"""
+import argparse
+import math
+import os
+import shutil
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from src import distributed as D
+from src.checkpoint import (CheckpointError, atomic_save, find_resume_checkpoint, rng_state, safe_load,
+                            set_rng_state, strip_module_prefix)
+from src.data import (CIFAR_MEAN, PRETRAIN_STD, DataError, MultiCropDataset, MultiCropTransform, load_split,
+                      plain_tensor)
+from src.larc import LARC
+from src.logger import Stats, create_logger, format_eta, load_params_json, save_params
+from src.resnet import ARCHS, build_model
+from src.sampler import ResumableDistributedSampler
+from src.train_step import cosine_schedule, train_step, unwrap
+from src.unmix import LOSS_FORMS, SwavConfig, draw_unmix, pair_sizes
+from src.utils import AverageMeter, bool_flag, fix_random_seeds
+
+# Flags that do not change what is computed: a resumed run may differ in these.
+OPERATIONAL_FLAGS = {"dump_path", "workers", "dist_url", "rank", "local_rank", "gpu_to_work_on", "device",
+                     "checkpoint_freq", "log_freq", "knn_freq", "download", "allow_changed_args",
+                     "max_nonfinite_steps", "preempt_check_freq", "epochs_run_limit"}
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description="Implementation of Un-Mix + SwAV on CIFAR")
+    # data (released)
+    p.add_argument("--data_path", type=str, default="/path/to/data",
+                   help="cifar10 | cifar100 (torchvision data under data/CIFAR-10 | data/CIFAR-100), a folder "
+                        "holding cifar-10-batches-py / cifar-100-python, or an image folder with train/ and test/")
+    p.add_argument("--nmb_crops", type=int, default=[2], nargs="+", help="list of number of crops (example: [2, 6])")
+    p.add_argument("--size_crops", type=int, default=[32], nargs="+", help="crops resolutions (example: [224, 96])")
+    p.add_argument("--min_scale_crops", type=float, default=[0.14], nargs="+", help="argument in RandomResizedCrop")
+    p.add_argument("--max_scale_crops", type=float, default=[1], nargs="+", help="argument in RandomResizedCrop")
+    p.add_argument("--use_pil_blur", type=bool_flag, default=True,
+                   help="kept for compatibility: CIFAR crops have no blur")
+    # SwAV (released)
+    p.add_argument("--crops_for_assign", type=int, nargs="+", default=[0, 1], help="crops used for computing assignments")
+    p.add_argument("--temperature", default=0.1, type=float, help="temperature parameter in training loss")
+    p.add_argument("--epsilon", default=0.05, type=float, help="regularization parameter for Sinkhorn-Knopp")
+    p.add_argument("--improve_numerical_stability", default=False, type=bool_flag,
+                   help="subtract the global max of the scores before exp (Sinkhorn)")
+    p.add_argument("--sinkhorn_iterations", default=3, type=int, help="number of iterations in Sinkhorn-Knopp")
+    p.add_argument("--feat_dim", default=128, type=int, help="feature dimension")
+    p.add_argument("--nmb_prototypes", default=3000, type=int, help="number of prototypes")
+    p.add_argument("--queue_length", type=int, default=0, help="length of the queue (0 for no queue)")
+    p.add_argument("--epoch_queue_starts", type=int, default=15, help="from this epoch, we start using a queue")
+    # optimisation (released)
+    p.add_argument("--epochs", default=100, type=int, help="number of total epochs to run")
+    p.add_argument("--batch_size", default=64, type=int, help="batch size per process")
+    p.add_argument("--base_lr", default=4.8, type=float, help="base learning rate")
+    p.add_argument("--final_lr", type=float, default=0, help="final learning rate")
+    p.add_argument("--freeze_prototypes_niters", default=313, type=int,
+                   help="freeze the prototypes during this many iterations from the start")
+    p.add_argument("--wd", default=1e-6, type=float, help="weight decay")
+    p.add_argument("--warmup_epochs", default=10, type=int, help="number of warmup epochs")
+    p.add_argument("--start_warmup", default=0, type=float, help="initial warmup learning rate")
+    # distributed (released; set by the launcher)
+    p.add_argument("--dist_url", default="env://", type=str, help="url used to set up distributed training")
+    p.add_argument("--world_size", default=-1, type=int, help="number of processes (set automatically)")
+    p.add_argument("--rank", default=0, type=int, help="rank of this process (set automatically)")
+    p.add_argument("--local_rank", "--local-rank", default=0, type=int, help="this argument is not used and should be ignored")
+    # other (released)
+    p.add_argument("--arch", default="resnet50", type=str, help=f"convnet architecture: {', '.join(ARCHS)}")
+    p.add_argument("--hidden_mlp", default=2048, type=int, help="hidden layer dimension in projection head")
+    p.add_argument("--workers", default=10, type=int, help="number of data loading workers")
+    p.add_argument("--checkpoint_freq", type=int, default=25, help="save the model every this many epochs")
+    p.add_argument("--use_fp16", type=bool_flag, default=True,
+                   help="mixed precision on CUDA (torch.amp autocast + GradScaler; CPU trains in float32)")
+    p.add_argument("--sync_bn", type=str, default="pytorch", help="synchronize bn: pytorch | apex")
+    p.add_argument("--syncbn_process_group_size", type=int, default=8, help="apex SyncBN group size")
+    p.add_argument("--dump_path", type=str, default=".", help="experiment dump path for checkpoints and log")
+    p.add_argument("--seed", type=int, default=31, help="seed")
+    # Un-Mix (released)
+    p.add_argument("--run_swav", type=bool_flag, default=False, help="True: plain SwAV, no Un-Mix")
+    p.add_argument("--unmix_prob", type=float, default=0.5, help="probability of global (mixup) vs region (CutMix) mixing")
+    p.add_argument("--unmix_beta", type=float, default=1.0, help="lam ~ Beta(unmix_beta, unmix_beta)")
+    # new in this implementation (defaults keep the released behaviour)
+    g = p.add_argument_group("new flags (defaults keep the released behaviour)")
+    g.add_argument("--width_per_group", type=int, default=64, help="ResNet width (small values for quick CPU runs)")
+    g.add_argument("--unmix_loss_form", type=str, default="released", choices=LOSS_FORMS,
+                   help="released: reverse only the mixture's codes; paper: the authors' later formula")
+    g.add_argument("--amp_dtype", type=str, default="float16", choices=["float16", "bfloat16"],
+                   help="autocast dtype when --use_fp16 is on (float16 uses a GradScaler)")
+    g.add_argument("--channels_last", type=bool_flag, default=False, help="channels_last memory format (CUDA speed)")
+    g.add_argument("--compile", type=bool_flag, default=False, help="torch.compile the model")
+    g.add_argument("--download", type=bool_flag, default=True,
+                   help="for --data_path cifar10/cifar100: download when missing (the released code always tried)")
+    g.add_argument("--log_freq", type=int, default=50, help="log every this many iterations")
+    g.add_argument("--knn_freq", type=int, default=0, help="weighted kNN monitor every this many epochs (0: off)")
+    g.add_argument("--knn_k", type=int, default=200, help="neighbours of the kNN monitor")
+    g.add_argument("--knn_temperature", type=float, default=0.1, help="temperature of the kNN monitor")
+    g.add_argument("--max_nonfinite_steps", type=int, default=20,
+                   help="stop after this many consecutive non-finite losses (their steps are skipped)")
+    g.add_argument("--preempt_check_freq", type=int, default=10,
+                   help="with several processes, agree on preemption every this many iterations")
+    g.add_argument("--allow_changed_args", type=bool_flag, default=False,
+                   help="resume a dump path whose params.json differs from these arguments")
+    g.add_argument("--epochs_run_limit", type=int, default=0,
+                   help="stop (resumably) after this many epochs in this process; 0: no limit")
+    return p
+
+
+def fail(msg):
+    """Bad input: one line on stderr, exit status 2, no traceback."""
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+    sys.exit(2)
+
+
+def check_args(args):
+    if args.arch not in ARCHS:
+        fail(f"unknown --arch {args.arch!r}; choose one of {', '.join(ARCHS)}")
+    n = len(args.nmb_crops)
+    if not (len(args.size_crops) == len(args.min_scale_crops) == len(args.max_scale_crops) == n):
+        fail(f"--nmb_crops, --size_crops, --min_scale_crops, --max_scale_crops need the same length; got "
+             f"{n}, {len(args.size_crops)}, {len(args.min_scale_crops)}, {len(args.max_scale_crops)}")
+    total = sum(args.nmb_crops)
+    if any(c < 0 or c >= total for c in args.crops_for_assign):
+        fail(f"--crops_for_assign {args.crops_for_assign} out of range: there are {total} crops (0..{total - 1})")
+    if total < 2:
+        fail(f"SwAV needs at least 2 crops; --nmb_crops gives {total}")
+    if not args.run_swav and total % 2:
+        fail(f"Un-Mix mixes crops in pairs: --nmb_crops total must be even, got {total} (or --run_swav true)")
+    if args.batch_size < 2:
+        fail(f"--batch_size {args.batch_size} is too small: batch norm and Un-Mix need at least 2 per process")
+    if args.epochs <= 0:
+        fail(f"--epochs must be positive, got {args.epochs}")
+    if args.sync_bn not in ("pytorch", "apex"):
+        fail(f"--sync_bn must be pytorch or apex, got {args.sync_bn!r}")
+    if not 0 <= args.unmix_prob <= 1 or args.unmix_beta <= 0:
+        fail(f"--unmix_prob must be in [0, 1] and --unmix_beta > 0 (got {args.unmix_prob}, {args.unmix_beta})")
+    if args.warmup_epochs > args.epochs:
+        fail(f"--warmup_epochs {args.warmup_epochs} exceeds --epochs {args.epochs}")
+
+
+def prepare_dump_path(args):
+    try:
+        os.makedirs(os.path.join(args.dump_path, "checkpoints"), exist_ok=True)
+        probe = os.path.join(args.dump_path, f".write_test.{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        fail(f"--dump_path {args.dump_path!r} is not writable ({e.strerror})")
+
+
+def compare_with_previous_run(args):
+    """A dump path that holds a run with other arguments is not resumed silently."""
+    old = load_params_json(args.dump_path)
+    if old is None:
+        return []
+    new = {k: v for k, v in vars(args).items()}
+    diffs = []
+    for k in sorted(set(old) | set(new)):
+        if k in OPERATIONAL_FLAGS or k not in old or k not in new:
+            continue
+        a, b = old[k], new[k]
+        if isinstance(b, tuple):
+            b = list(b)
+        if a != b and not (isinstance(a, (int, float)) and isinstance(b, (int, float)) and float(a) == float(b)):
+            diffs.append(f"{k}: {a!r} -> {b!r}")
+    return diffs
+
+
+def main():
+    args = get_parser().parse_args()
+    check_args(args)
+
+    # ============ distributed set-up and files ============
+    try:
+        D.init_distributed(args)
+    except D.DistError as e:
+        fail(str(e))
+    device = args.device
+    fix_random_seeds(args.seed)
+    np_rng = np.random.RandomState(args.seed)  # the released code drew lam, r and box centres here
+    if args.rank == 0:
+        prepare_dump_path(args)
+        diffs = compare_with_previous_run(args)
+        if diffs and not args.allow_changed_args:
+            fail(f"{args.dump_path} holds a run with other arguments ({'; '.join(diffs)}); "
+                 "use another --dump_path, or --allow_changed_args true to resume it anyway")
+    D.barrier(args.world_size)
+    logger = create_logger(args.dump_path, args.rank)
+    if args.rank == 0:
+        logger.info("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
+        logger.info(f"The experiment will be stored in {args.dump_path}")
+    if device.type == "cpu" and args.use_fp16:
+        logger.info("CPU: training in float32 (--use_fp16 applies on CUDA only)")
+    use_amp = device.type == "cuda" and args.use_fp16
+    amp_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}[args.amp_dtype] if use_amp else None
+
+    # ============ data ============
+    try:
+        train_images, train_labels, classes = load_split(args.data_path, train=True, download=args.download)
+    except DataError as e:
+        fail(str(e))
+    transform = MultiCropTransform(args.size_crops, args.nmb_crops, args.min_scale_crops, args.max_scale_crops)
+    train_dataset = MultiCropDataset(train_images, transform)
+    sampler = ResumableDistributedSampler(train_dataset, num_replicas=args.world_size, rank=args.rank,
+                                          batch_size=args.batch_size)
+    train_loader = torch.utils.data.DataLoader(
+        train_dataset, sampler=sampler, batch_size=args.batch_size, num_workers=args.workers,
+        pin_memory=device.type == "cuda", drop_last=True,
+        worker_init_fn=D.ignore_preemption_signals_in_worker if args.workers > 0 else None)
+    iters_per_epoch = len(sampler) // args.batch_size
+    if iters_per_epoch == 0:
+        fail(f"{len(train_dataset)} training images give no full batch of {args.batch_size} on each of "
+             f"{args.world_size} processes; lower --batch_size")
+    logger.info(f"Building data done with {len(train_dataset)} images loaded ({len(classes)} classes, "
+                f"{iters_per_epoch} iterations per epoch).")
+    knn_data = None
+    if args.knn_freq > 0:
+        try:
+            test_images, test_labels, _ = load_split(args.data_path, train=False, download=args.download)
+        except DataError as e:
+            fail(str(e))
+        knn_data = (plain_tensor(train_images, CIFAR_MEAN, PRETRAIN_STD), train_labels,
+                    plain_tensor(test_images, CIFAR_MEAN, PRETRAIN_STD), test_labels, len(classes))
+
+    # ============ model ============
+    model = build_model(args.arch, normalize=True, hidden_mlp=args.hidden_mlp, output_dim=args.feat_dim,
+                        nmb_prototypes=args.nmb_prototypes, width_per_group=args.width_per_group)
+    if args.world_size > 1:
+        if args.sync_bn == "apex":
+            try:
+                import apex
+            except ImportError:
+                fail("--sync_bn apex needs NVIDIA apex, which is not installed; use --sync_bn pytorch")
+            pg = apex.parallel.create_syncbn_process_group(args.syncbn_process_group_size)
+            model = apex.parallel.convert_syncbn_model(model, process_group=pg)
+        else:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    model = model.to(device)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    logger.info(f"Building model done: {args.arch}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
+                f"parameters, {unwrap(model).feature_dim}-d features, device {device}.")
+
+    # ============ optimiser ============
+    sgd = torch.optim.SGD(model.parameters(), lr=args.base_lr, momentum=0.9, weight_decay=args.wd)
+    optimizer = LARC(sgd, trust_coefficient=0.001, clip=False)
+    lr_schedule = cosine_schedule(args.base_lr, args.final_lr, args.epochs, iters_per_epoch,
+                                  args.warmup_epochs, args.start_warmup)
+    scaler = torch.amp.GradScaler("cuda") if use_amp and amp_dtype == torch.float16 else None
+    logger.info("Building optimizer done.")
+    if args.world_size > 1:
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+    step_model = torch.compile(model) if args.compile else model
+
+    # ============ resume ============
+    start_epoch, start_iter, queue_state = 0, 0, None
+    try:
+        ckpt_path, ckpt = find_resume_checkpoint(args.dump_path, log=logger.info)
+    except CheckpointError as e:
+        fail(str(e))
+    if ckpt is not None:
+        missing = unwrap(model).load_state_dict(strip_module_prefix(ckpt["state_dict"]), strict=False)
+        if missing.missing_keys or missing.unexpected_keys:
+            fail(f"{ckpt_path} does not fit --arch {args.arch} (missing {missing.missing_keys[:3]}, "
+                 f"unexpected {missing.unexpected_keys[:3]})")
+        optimizer.load_state_dict(ckpt["optimizer"])
+        if scaler is not None and ckpt.get("amp"):
+            scaler.load_state_dict(ckpt["amp"])
+        start_epoch, start_iter = int(ckpt["epoch"]), int(ckpt.get("iteration", 0))
+        if "rng" in ckpt:
+            set_rng_state(ckpt["rng"], np_rng)
+        queue_state = ckpt.get("queues")
+        logger.info(f"Resumed from {ckpt_path}: epoch {start_epoch}, iteration {start_iter}.")
+    if args.rank == 0:
+        save_params(args, args.dump_path)
+
+    # the queue length must divide by the global batch size (released; 120 with 128 gives no queue)
+    args.queue_length -= args.queue_length % (args.batch_size * args.world_size)
+    queue = None
+    queue_path = os.path.join(args.dump_path, f"queue{args.rank}.pth")
+    if queue_state is not None and len(queue_state) == args.world_size:
+        queue = queue_state[args.rank].to(device)
+    elif os.path.isfile(queue_path) and args.queue_length > 0:
+        try:
+            queue = safe_load(queue_path)["queue"].to(device)
+        except CheckpointError as e:
+            fail(str(e))
+
+    stats = Stats(os.path.join(args.dump_path, f"stats{args.rank}"), ["epoch", "loss", "lr", "time", "knn_top1"],
+                  resume_before_epoch=start_epoch if ckpt is not None else None)
+    cfg = SwavConfig(crops_for_assign=args.crops_for_assign, nmb_crops=args.nmb_crops,
+                     temperature=args.temperature, epsilon=args.epsilon,
+                     sinkhorn_iterations=args.sinkhorn_iterations,
+                     improve_numerical_stability=args.improve_numerical_stability, world_size=args.world_size)
+    preempt = D.PreemptionHandler().install()
+    time_offset = stats.last("time", 0.0)
+    run_start = time.time()
+    epochs_this_process = 0
+
+    def save_checkpoint(epoch_field, iteration_field, queue):
+        queues = None
+        if queue is not None:  # every rank's queue goes into rank 0's single atomic file
+            if args.world_size > 1:
+                queues = [torch.zeros_like(queue) for _ in range(args.world_size)]
+                torch.distributed.all_gather(queues, queue)
+            else:
+                queues = [queue]
+            atomic_save({"queue": queue}, queue_path)
+        if args.rank == 0:
+            save_dict = {"epoch": epoch_field, "iteration": iteration_field,
+                         "state_dict": {"module." + k: v for k, v in unwrap(model).state_dict().items()},
+                         "optimizer": optimizer.state_dict(), "rng": rng_state(np_rng), "arch": args.arch}
+            if scaler is not None:
+                save_dict["amp"] = scaler.state_dict()
+            if queues is not None:
+                save_dict["queues"] = [q.cpu() for q in queues]
+            atomic_save(save_dict, os.path.join(args.dump_path, "checkpoint.pth.tar"))
+        D.barrier(args.world_size)
+
+    # ============ epoch loop ============
+    if start_epoch >= args.epochs:
+        logger.info(f"Nothing to do: the checkpoint is at epoch {start_epoch} of {args.epochs}.")
+    nonfinite, epoch = 0, start_epoch - 1
+    for epoch in range(start_epoch, args.epochs):
+        first_iter = start_iter if epoch == start_epoch else 0
+        sampler.set_epoch(epoch, first_iter)
+        if args.queue_length > 0 and epoch >= args.epoch_queue_starts and queue is None:
+            queue = torch.zeros(len(args.crops_for_assign), args.queue_length // args.world_size, args.feat_dim,
+                                device=device)
+        model.train()
+        queue_in_use = False
+        batch_time, data_time = AverageMeter(), AverageMeter()
+        loss_sum, loss_count = torch.zeros((), device=device), 0
+        end = time.time()
+        for it, crops in enumerate(train_loader, start=first_iter):
+            data_time.update(time.time() - end)
+            iteration = epoch * iters_per_epoch + it
+            crops = [c.to(device, non_blocking=True) for c in crops]
+            draws = draw_unmix(np_rng, args.unmix_beta, args.unmix_prob,
+                               [] if args.run_swav else pair_sizes(crops))
+            out = train_step(step_model, optimizer, crops, draws, cfg, lr=float(lr_schedule[iteration]),
+                             iteration=iteration, freeze_prototypes_niters=args.freeze_prototypes_niters,
+                             run_swav=args.run_swav, unmix_prob=args.unmix_prob, queue=queue,
+                             queue_in_use=queue_in_use, scaler=scaler, autocast_dtype=amp_dtype,
+                             loss_form=args.unmix_loss_form, channels_last=args.channels_last,
+                             skip_nonfinite=True)
+            queue_in_use = out.queue_in_use
+            if out.finite:
+                nonfinite = 0
+                loss_sum += out.loss
+                loss_count += 1
+            else:
+                nonfinite += 1
+                logger.info(f"non-finite loss at epoch {epoch} iteration {it}: step skipped ({nonfinite} in a row)")
+                if nonfinite >= args.max_nonfinite_steps:
+                    logger.info(f"error: {nonfinite} consecutive non-finite losses; stopping. The last good "
+                                f"checkpoint is untouched: {os.path.join(args.dump_path, 'checkpoint.pth.tar')}")
+                    print(f"error: {nonfinite} consecutive non-finite losses at epoch {epoch} iteration {it}; "
+                          "stopped, last good checkpoint kept (lower --base_lr or check the data)",
+                          file=sys.stderr, flush=True)
+                    sys.exit(4)
+            batch_time.update(time.time() - end)
+            end = time.time()
+            if args.rank == 0 and it % args.log_freq == 0:
+                done = iteration - start_epoch * iters_per_epoch - start_iter + 1
+                remaining = args.epochs * iters_per_epoch - iteration - 1
+                per_iter = (time.time() - run_start) / max(done, 1)
+                logger.info(
+                    f"Epoch: [{epoch}][{it}/{iters_per_epoch}]\t"
+                    f"Time {batch_time.val:.3f} ({batch_time.avg:.3f})\t"
+                    f"Data {data_time.val:.3f} ({data_time.avg:.3f})\t"
+                    f"Loss {out.loss.item():.4f} ({(loss_sum / max(loss_count, 1)).item():.4f})\t"
+                    f"Lr: {optimizer.param_groups[0]['lr']:.4f}\t"
+                    f"{args.batch_size * args.world_size / max(batch_time.avg, 1e-9):.0f} img/s\t"
+                    f"ETA {format_eta(per_iter * remaining)}")
+            stop = preempt.requested if args.world_size == 1 else (
+                it % args.preempt_check_freq == 0 and preempt.should_stop(args.world_size, device))
+            if stop:
+                save_checkpoint(epoch, it + 1, queue)
+                logger.info(f"Preempted (signal {preempt.signum}): checkpoint saved at epoch {epoch}, "
+                            f"iteration {it + 1}.")
+                if args.rank == 0 and preempt.requeue():
+                    logger.info("Job requeued with scontrol; it will resume from the checkpoint.")
+                sys.exit(D.PREEMPTED_EXIT_CODE)
+
+        # ============ end of epoch: stats, kNN, checkpoints ============
+        epoch_loss = (loss_sum / max(loss_count, 1)).item()
+        row = {"epoch": epoch, "loss": epoch_loss, "lr": optimizer.param_groups[0]["lr"],
+               "time": time_offset + time.time() - run_start}
+        if knn_data is not None and ((epoch + 1) % args.knn_freq == 0 or epoch == args.epochs - 1):
+            from src.knn import knn_monitor
+            net = unwrap(model)
+            net.eval()
+            tr_x, tr_y, te_x, te_y, n_cls = knn_data
+            row["knn_top1"] = knn_monitor(net.forward_backbone, tr_x, tr_y, te_x, te_y, n_cls,
+                                          batch_size=512, device=device, rank=args.rank,
+                                          world_size=args.world_size, k=args.knn_k,
+                                          temperature=args.knn_temperature)
+            net.train()
+            logger.info(f"kNN monitor (k={args.knn_k}): top-1 {row['knn_top1']:.2f}% at epoch {epoch}")
+        stats.update(row)
+        knn_text = f"kNN top-1 {row['knn_top1']:.2f}%, " if "knn_top1" in row else ""
+        logger.info(f"Epoch {epoch} done: loss {epoch_loss:.4f}, {knn_text}elapsed {format_eta(row['time'])}")
+        save_checkpoint(epoch + 1, 0, queue)
+        if args.rank == 0 and (epoch % args.checkpoint_freq == 0 or epoch == args.epochs - 1):
+            tmp = os.path.join(args.dump_path, "checkpoints", f".ckp-{epoch}.pth.tmp")
+            shutil.copyfile(os.path.join(args.dump_path, "checkpoint.pth.tar"), tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            os.replace(tmp, os.path.join(args.dump_path, "checkpoints", f"ckp-{epoch}.pth"))
+        epochs_this_process += 1
+        if args.epochs_run_limit and epochs_this_process >= args.epochs_run_limit and epoch < args.epochs - 1:
+            logger.info(f"Stopping after {epochs_this_process} epochs (--epochs_run_limit); rerun to resume.")
+            break
+    logger.info("Pretraining done." if epoch >= args.epochs - 1 else "Pretraining paused.")
+    D.cleanup()
+
+
+if __name__ == "__main__":
+    main()
