@@ -1,0 +1,142 @@
+"""End to end: the real entry scripts as subprocesses on tiny data in the real on-disk formats.
+
+CIFAR-10 and CIFAR-100 in torchvision's pickled-batch format, an image folder cut from the real CIFAR-10
+JPEG export (../shared/data), and a 2-process torchrun (gloo). Each run is a few seconds on 2 cores: a
+narrow network (--width_per_group 8) on a few hundred images."""
+import json
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+from tests.fake_cifar import extract_cifar10_jpg_subset, write_cifar10, write_cifar100
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--arch", "resnet18", "--width_per_group", "8", "--hidden_mlp", "32", "--feat_dim", "16",
+        "--nmb_prototypes", "10", "--batch_size", "16", "--workers", "0", "--warmup_epochs", "1",
+        "--base_lr", "0.6", "--final_lr", "0.0006", "--freeze_prototypes_niters", "3", "--log_freq", "2"]
+TINY_EVAL = ["--arch", "resnet18", "--width_per_group", "8", "--batch_size", "16", "--workers", "0",
+             "--lr", "0.01", "--log_freq", "5"]
+
+pytestmark = pytest.mark.slow
+
+
+def run(script, args, cwd, launcher=None, timeout=300):
+    cmd = (launcher or [sys.executable]) + [str(REPO / script)] + [str(a) for a in args]
+    res = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    assert res.returncode == 0, f"{' '.join(cmd)} failed ({res.returncode}):\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}"
+    return res.stdout + res.stderr
+
+
+def top1_lines(out):
+    best = re.search(r"Top-1 test accuracy: ([\d.]+)", out)
+    last = re.search(r"Last-epoch test accuracy: top-1 ([\d.]+) top-(\d) ([\d.]+)", out)
+    assert best and last, out[-2000:]
+    return float(best.group(1)), float(last.group(1)), float(last.group(3))
+
+
+def check_pretrain_dump(dump, epochs):
+    assert (dump / "checkpoint.pth.tar").is_file()
+    assert (dump / "params.pkl").is_file() and (dump / "params.json").is_file()
+    assert (dump / "train.log").is_file()
+    ckpt = torch.load(dump / "checkpoint.pth.tar", weights_only=True)
+    assert ckpt["epoch"] == epochs
+    assert all(k.startswith("module.") for k in ckpt["state_dict"])  # released names, DDP prefix
+    assert "module.prototypes.weight" in ckpt["state_dict"]
+    stats = pd.read_pickle(dump / "stats0.pkl")
+    assert list(stats["epoch"]) == list(range(epochs))
+    assert stats["loss"].notna().all() and (stats["loss"].abs() < 1e3).all()
+    return stats
+
+
+def test_cifar10_pickles_pretrain_resume_and_linear_eval(tmp_path):
+    write_cifar10(tmp_path / "c10", n_train_per_batch=20, n_test=40)
+    dump = tmp_path / "exp"
+    common = ["--data_path", tmp_path / "c10", "--dump_path", dump, "--epochs", 3] + TINY
+    out = run("main_swav_unmix.py", common + ["--epochs_run_limit", 2], tmp_path)
+    assert "Pretraining paused" in out
+    check_pretrain_dump(dump, 2)
+    assert {p.name for p in (dump / "checkpoints").iterdir()} == {"ckp-0.pth"}  # epoch % checkpoint_freq == 0 or the last epoch
+    out = run("main_swav_unmix.py", common, tmp_path)
+    assert "Resumed from" in out and "epoch 2" in out
+    stats = check_pretrain_dump(dump, 3)
+    assert len(stats) == 3
+    assert (dump / "checkpoints" / "ckp-2.pth").is_file()
+
+    for probe in ("released", "cached"):
+        ev = tmp_path / f"exp_linear_eval_{probe}"
+        out = run("eval_linear.py", ["--data_path", tmp_path / "c10", "--pretrained", dump / "checkpoint.pth.tar",
+                                     "--dump_path", ev, "--epochs", 2, "--num_labels", 10, "--probe", probe]
+                  + TINY_EVAL, tmp_path)
+        best, last1, last5 = top1_lines(out)
+        assert 0 <= last1 <= best <= 100 and last1 <= last5 <= 100
+        res = json.loads((ev / "results.json").read_text())
+        assert res["best_top1"] == pytest.approx(best, abs=0.05) and res["mode"] == probe
+        ev_stats = pd.read_pickle(ev / "stats0.pkl")
+        assert list(ev_stats.columns) == ["epoch", "loss", "prec1", "prec5", "loss_val", "prec1_val", "prec5_val"]
+        assert len(ev_stats) == 2
+        assert "missing" not in out.lower() or "missing_keys=[]" in out
+
+
+def test_cifar100_pickles_swav_only(tmp_path):
+    write_cifar100(tmp_path / "c100", n_train=200, n_test=100)
+    dump = tmp_path / "swav"
+    run("main_swav_unmix.py", ["--data_path", tmp_path / "c100", "--dump_path", dump, "--epochs", 2,
+                               "--run_swav", "true"] + TINY, tmp_path)
+    check_pretrain_dump(dump, 2)
+    out = run("eval_linear.py", ["--data_path", tmp_path / "c100", "--pretrained", dump / "checkpoint.pth.tar",
+                                 "--dump_path", tmp_path / "swav_linear_eval", "--epochs", 2, "--num_labels", 100,
+                                 "--probe", "cached"] + TINY_EVAL, tmp_path)
+    best, last1, last5 = top1_lines(out)
+    assert 0 <= last1 <= best <= 100
+
+
+def test_jpeg_image_folder_with_knn_and_results_table(tmp_path):
+    root = extract_cifar10_jpg_subset(tmp_path / "jpg", n_train_per_class=30, n_test_per_class=10)
+    if root is None:
+        pytest.skip("../shared/data/cifar10-jpg.tar.xz is absent: no real CIFAR-10 images to run on")
+    dump = tmp_path / "runs" / "unmix"
+    out = run("main_swav_unmix.py", ["--data_path", root, "--dump_path", dump, "--epochs", 2,
+                                     "--knn_freq", 1, "--knn_k", 20] + TINY, tmp_path)
+    assert "Building data done with 300 images" in out
+    stats = check_pretrain_dump(dump, 2)
+    assert stats["knn_top1"].between(0, 100).all()
+    assert re.search(r"ETA \d+:\d\d:\d\d", out) and "img/s" in out
+    out = run("eval_linear.py", ["--data_path", root, "--pretrained", dump / "checkpoint.pth.tar",
+                                 "--dump_path", tmp_path / "runs" / "unmix_linear_eval", "--epochs", 2,
+                                 "--probe", "cached"] + TINY_EVAL, tmp_path)
+    top1_lines(out)
+    run("tools/results.py", [tmp_path / "runs", "--out", tmp_path / "report"], tmp_path)
+    table = (tmp_path / "report" / "results.md").read_text()
+    assert "Un-Mix" in table and "cifar10" in table
+    assert (tmp_path / "report" / "accuracy_vs_epochs.png").stat().st_size > 1000
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_processes(tmp_path):
+    write_cifar10(tmp_path / "c10", n_train_per_batch=20, n_test=40)
+    dump = tmp_path / "exp2"
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                f"--master_port={free_port()}"]
+    run("main_swav_unmix.py", ["--data_path", tmp_path / "c10", "--dump_path", dump, "--epochs", 2,
+                               "--batch_size", 8] + TINY[:TINY.index("--batch_size")]
+        + TINY[TINY.index("--batch_size") + 2:], tmp_path, launcher=launcher)
+    log = (dump / "train.log").read_text()
+    assert "world_size: 2" in log and "rank: 0" in log
+    assert "Process rank 1 of world size 2" in (dump / "train.log-1").read_text()
+    assert "Building data done with 100 images loaded (10 classes, 6 iterations per epoch)" in log
+    check_pretrain_dump(dump, 2)
+    out = run("eval_linear.py", ["--data_path", tmp_path / "c10", "--pretrained", dump / "checkpoint.pth.tar",
+                                 "--dump_path", tmp_path / "exp2_linear_eval", "--epochs", 1] + TINY_EVAL,
+              tmp_path, launcher=launcher[:-1] + [f"--master_port={free_port()}"])
+    top1_lines(out)
