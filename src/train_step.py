@@ -51,12 +51,18 @@ def train_step(model, optimizer, crops, draws: UnmixDraws, cfg: SwavConfig, *, l
     """Set lr, normalise prototypes, mix, forward, loss, backward, drop prototype gradients while frozen,
     step. `draws` must be drawn even for plain SwAV (the released RNG stream consumes them).
 
-    skip_nonfinite: read whether the loss is finite (one host sync) and skip the step when it is not;
-    with a GradScaler the scaler skips steps with non-finite gradients itself (and lowers its scale)."""
+    skip_nonfinite: read whether the loss and the gradients are finite (one host sync) and, when not,
+    skip the step and undo what the forward changed (BN running statistics, the queue). Gradients are
+    checked too because under DDP one rank's NaN reaches every rank through the gradient all-reduce.
+    With a GradScaler the scaler skips steps with non-finite gradients itself (and lowers its scale)."""
     net = unwrap(model)
     for group in optimizer.param_groups:
         group["lr"] = lr
     normalize_prototypes_(net)
+
+    if skip_nonfinite:  # device-side copies, no sync: restored if this step turns out non-finite
+        saved_buffers = [b.detach().clone() for b in net.buffers()]
+        saved_queue = None if queue is None else queue.clone()
 
     bs = crops[0].size(0)
     if run_swav:
@@ -84,7 +90,19 @@ def train_step(model, optimizer, crops, draws: UnmixDraws, cfg: SwavConfig, *, l
         scaler.scale(loss).backward()
     else:
         loss.backward()
-    finite = bool(torch.isfinite(loss)) if skip_nonfinite else True
+    finite = True
+    if skip_nonfinite:
+        grads = [p.grad for p in net.parameters() if p.grad is not None]
+        ok = torch.isfinite(loss)
+        if scaler is None and grads:  # with a scaler, gradients are scaled and its own check handles them
+            ok = ok & torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()
+        finite = bool(ok)
+        if not finite:
+            with torch.no_grad():
+                for b, saved in zip(net.buffers(), saved_buffers):
+                    b.copy_(saved)
+                if queue is not None:
+                    queue.copy_(saved_queue)
     if iteration < freeze_prototypes_niters:
         for name, p in net.named_parameters():
             if "prototypes" in name:

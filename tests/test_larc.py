@@ -1,0 +1,149 @@
+"""LARC with apex semantics: adaptive rate, weight decay folded in, clipping, state, GradScaler."""
+import io
+
+import pytest
+import torch
+
+from src.larc import LARC
+
+
+def params():
+    p1 = torch.nn.Parameter(torch.tensor([[0.5, -1.0], [2.0, 0.25]]))
+    p2 = torch.nn.Parameter(torch.zeros(3))             # zero norm: gradient used as is, no decay
+    p3 = torch.nn.Parameter(torch.tensor([1.0, 2.0]))   # no gradient: untouched
+    p4 = torch.nn.Parameter(torch.tensor([3.0, -4.0]))  # zero gradient: untouched (no decay either)
+    p1.grad = torch.tensor([[0.1, 0.2], [-0.3, 0.4]])
+    p2.grad = torch.tensor([1.0, -2.0, 0.5])
+    p4.grad = torch.zeros(2)
+    return p1, p2, p3, p4
+
+
+def test_step_matches_hand_computation():
+    lr, wd, trust, eps = 0.1, 0.01, 0.001, 1e-8
+    p1, p2, p3, p4 = params()
+    w1, g1, g2 = p1.detach().clone(), p1.grad.clone(), p2.grad.clone()
+    opt = LARC(torch.optim.SGD([p1, p2, p3, p4], lr=lr, momentum=0.9, weight_decay=wd),
+               trust_coefficient=trust, clip=False)
+    opt.step()
+    pn, gn = w1.norm().item(), g1.norm().item()
+    a = trust * pn / (gn + wd * pn + eps)
+    scaled = (g1 + wd * w1) * a
+    # first SGD step with momentum: buffer = gradient, update = lr * gradient
+    assert torch.allclose(p1.detach(), w1 - lr * scaled, atol=1e-7)
+    assert torch.allclose(p1.grad, scaled)
+    assert torch.equal(p2.detach(), -lr * g2)
+    assert torch.equal(p3.detach(), torch.tensor([1.0, 2.0]))
+    assert torch.equal(p4.detach(), torch.tensor([3.0, -4.0]))
+    assert opt.param_groups[0]["weight_decay"] == wd  # restored after the step
+    assert torch.allclose(opt.state[p1]["momentum_buffer"], scaled)
+
+
+@pytest.mark.parametrize("lr", [1e-4, 10.0])
+def test_clip_mode(lr):
+    wd, trust = 0.01, 0.02
+    p1 = params()[0]
+    w1, g1 = p1.detach().clone(), p1.grad.clone()
+    opt = LARC(torch.optim.SGD([p1], lr=lr, weight_decay=wd), trust_coefficient=trust, clip=True)
+    opt.step()
+    pn, gn = w1.norm().item(), g1.norm().item()
+    a = trust * pn / (gn + wd * pn + 1e-8)
+    ratio = min(a / lr, 1.0)
+    assert (ratio == 1.0) == (lr == 1e-4)  # both branches of the min are exercised
+    assert torch.allclose(p1.detach(), w1 - lr * ratio * (g1 + wd * w1), atol=1e-7)
+
+
+def test_weight_decay_restored_even_if_the_inner_step_fails():
+    p = torch.nn.Parameter(torch.ones(2))
+    p.grad = torch.ones(2)
+    sgd = torch.optim.SGD([p], lr=0.1, weight_decay=0.5)
+
+    def boom(*a, **k):
+        raise RuntimeError("inner step failed")
+
+    sgd.step = boom
+    opt = LARC(sgd, trust_coefficient=0.001, clip=False)
+    with pytest.raises(RuntimeError, match="inner step failed"):
+        opt.step()
+    assert sgd.param_groups[0]["weight_decay"] == 0.5
+
+
+def test_inner_step_sees_zero_weight_decay():
+    seen = []
+    p = torch.nn.Parameter(torch.ones(2))
+    p.grad = torch.ones(2)
+    sgd = torch.optim.SGD([p], lr=0.1, weight_decay=0.5)
+    inner = sgd.step
+    sgd.step = lambda *a, **k: (seen.append(sgd.param_groups[0]["weight_decay"]), inner())[1]
+    LARC(sgd, trust_coefficient=0.001, clip=False).step()
+    assert seen == [0]
+
+
+def test_state_dict_round_trip_and_views():
+    torch.manual_seed(0)
+    a = torch.nn.Parameter(torch.randn(4, 3))
+    b = torch.nn.Parameter(a.detach().clone())
+    opt_a = LARC(torch.optim.SGD([a], lr=0.5, momentum=0.9, weight_decay=1e-4), trust_coefficient=0.001, clip=False)
+    for _ in range(2):
+        a.grad = torch.randn(4, 3)
+        opt_a.step()
+    buf = io.BytesIO()  # through a file, as a checkpoint does (load_state_dict would share tensors)
+    torch.save(opt_a.state_dict(), buf)
+    buf.seek(0)
+    sd = torch.load(buf, weights_only=True)
+    assert "momentum_buffer" in sd["state"][0]
+    b.data.copy_(a.detach())
+    opt_b = LARC(torch.optim.SGD([b], lr=0.1, momentum=0.9, weight_decay=1e-4), trust_coefficient=0.001, clip=False)
+    opt_b.load_state_dict(sd)
+    assert opt_b.param_groups[0]["lr"] == 0.5
+    g = torch.randn(4, 3)
+    a.grad, b.grad = g.clone(), g.clone()
+    opt_a.step()
+    opt_b.step()
+    assert torch.equal(a.detach(), b.detach())
+    # the wrapper exposes the inner optimiser's groups: setting lr there changes the step
+    opt_b.param_groups[0]["lr"] = 0.0
+    before = b.detach().clone()
+    b.grad = g.clone()
+    opt_b.zero_grad()
+    assert b.grad is None
+    assert opt_b.optim.param_groups[0]["lr"] == 0.0
+    assert torch.equal(b.detach(), before)
+
+
+def test_grad_scaler_gives_the_unscaled_update():
+    try:
+        scaler = torch.amp.GradScaler("cpu")
+    except Exception as e:  # pragma: no cover - depends on the torch build
+        pytest.skip(f"GradScaler('cpu') unsupported here: {e}")
+    torch.manual_seed(0)
+    lin_a = torch.nn.Linear(5, 3)
+    lin_b = torch.nn.Linear(5, 3)
+    lin_b.load_state_dict(lin_a.state_dict())
+    x = torch.randn(8, 5)
+
+    def make(m):
+        return LARC(torch.optim.SGD(m.parameters(), lr=0.3, momentum=0.9, weight_decay=1e-2),
+                    trust_coefficient=0.001, clip=False)
+
+    opt_a, opt_b = make(lin_a), make(lin_b)
+    initial = [p.detach().clone() for p in lin_a.parameters()]
+    (lin_a(x) ** 2).mean().backward()
+    grad_a = lin_a.weight.grad.clone()
+    opt_a.step()
+    scaler.scale((lin_b(x) ** 2).mean()).backward()
+    assert torch.allclose(lin_b.weight.grad, grad_a * scaler.get_scale())  # really scaled
+    scaler.step(opt_b)
+    scaler.update()
+    for pa, pb, p0 in zip(lin_a.parameters(), lin_b.parameters(), initial):
+        assert not torch.equal(pa, p0)
+        assert torch.allclose(pa, pb, rtol=1e-6, atol=1e-8)
+
+    # non-finite gradients: the scaler skips the LARC step and lowers the scale
+    before = [p.detach().clone() for p in lin_b.parameters()]
+    scale = scaler.get_scale()
+    opt_b.zero_grad()
+    scaler.scale((lin_b(x) * float("inf")).mean()).backward()
+    scaler.step(opt_b)
+    scaler.update()
+    assert all(torch.equal(p, q) for p, q in zip(lin_b.parameters(), before))
+    assert scaler.get_scale() < scale
