@@ -55,10 +55,14 @@ def draws_of(case):
 def assert_summary(t, ref, what):
     t = t.detach().double()
     assert list(t.shape) == list(ref["shape"]), what
-    tol = dict(rtol=1e-4, atol=1e-6)
     assert t.sum().item() == pytest.approx(ref["sum"], rel=1e-4, abs=1e-6), f"{what}: sum"
     assert t.norm().item() == pytest.approx(ref["norm"], rel=1e-4, abs=1e-6), f"{what}: norm"
-    torch.testing.assert_close(t.flatten()[ref["idx"]], ref["values"].double(), **tol, msg=what)
+    # Stored entries: 1e-4 relative, where near-zero entries are taken relative to the tensor's scale
+    # (10x finer than the 1e-4 rule): float32 sums in another order (1 vs 2 threads, other kernels)
+    # move conv1's gradient by ~5e-6 on entries of ~1.6, which is round-off, not a difference in method.
+    values = ref["values"].double()
+    scale = values.abs().max().item() if values.numel() else 0.0
+    torch.testing.assert_close(t.flatten()[ref["idx"]], values, rtol=1e-4, atol=1e-6 + 1e-5 * scale, msg=what)
 
 
 def run_case(case):
