@@ -1,0 +1,54 @@
+"""torchrun worker for tests/test_distributed.py: distributed Sinkhorn on 2 processes (gloo, CPU).
+
+Usage: python -m torch.distributed.run --nproc_per_node=2 tests/dist_worker_sinkhorn.py OUT_PREFIX
+Joins the group through src.distributed.init_distributed (torchrun variables), takes its slice of a
+fixed score matrix, runs sinkhorn(world_size=2) and writes OUT_PREFIX.rank{r}.pt.
+"""
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from src import distributed as D  # noqa: E402
+from src.sinkhorn import sinkhorn  # noqa: E402
+
+BATCH_PER_RANK = 7  # odd on purpose
+PROTOTYPES = 5
+CASES = [  # (epsilon, iterations, improve_numerical_stability)
+    (0.05, 3, False),
+    (0.05, 3, True),
+    (0.5, 10, False),
+]
+
+
+def full_scores(world_size):
+    """Cosine-like scores in [-1, 1] for the concatenated batch (same on every rank, no global RNG)."""
+    g = torch.Generator().manual_seed(2024)
+    return torch.rand(world_size * BATCH_PER_RANK, PROTOTYPES, generator=g) * 2 - 1
+
+
+def main():
+    out_prefix = sys.argv[1]
+    args = argparse.Namespace(dist_url="env://", rank=0, world_size=-1, local_rank=0)
+    env = D.init_distributed(args)
+    assert env.source == "torchrun" and args.world_size == 2, env
+    assert args.device.type == "cpu"
+    scores = full_scores(args.world_size)
+    mine = scores[args.rank * BATCH_PER_RANK:(args.rank + 1) * BATCH_PER_RANK]
+    results = [sinkhorn(mine, eps, it, stab, world_size=args.world_size) for eps, it, stab in CASES]
+    flag = D.all_reduce_sum_(torch.tensor([float(args.rank + 1)]), args.world_size)
+    handler = D.PreemptionHandler()
+    if args.rank == 1:
+        handler.requested = True  # as if only rank 1 got SIGUSR1
+    agreed = handler.should_stop(args.world_size, args.device)
+    torch.save({"env": vars(env), "results": results, "sum": flag.item(), "agreed_stop": agreed},
+               f"{out_prefix}.rank{args.rank}.pt")
+    D.barrier(args.world_size)
+    D.cleanup()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,399 @@
+"""src/distributed.py: host lists, launcher/Slurm/--dist_url parsing, preemption flag, and a 2-process
+torchrun run whose Sinkhorn equals one process on the concatenated batch."""
+import argparse
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+from src import distributed as D  # noqa: E402
+from src.distributed import DistEnv, DistError, expand_hostlist, resolve_dist_env  # noqa: E402
+
+
+def resolve(environ, dist_url="env://", rank=0, world_size=-1, local_rank=0):
+    return resolve_dist_env(environ, dist_url, rank, world_size, local_rank)
+
+
+def raises(environ, match, **kw):
+    with pytest.raises(DistError, match=match) as e:
+        resolve(environ, **kw)
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+# --------------------------------------------------------------------------------------------------
+# host lists
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("s, hosts", [
+    ("node1", ["node1"]),
+    ("gpu[01-03,07],cpu5", ["gpu01", "gpu02", "gpu03", "gpu07", "cpu5"]),
+    ("rack[1-2]-n[1-2]", ["rack1-n1", "rack1-n2", "rack2-n1", "rack2-n2"]),
+    ("a[8-11]", ["a8", "a9", "a10", "a11"]),
+    ("n[008-010]", ["n008", "n009", "n010"]),
+    ("x[1,3-4]y,z[5]", ["x1y", "x3y", "x4y", "z5"]),
+    ("node[01-02]", ["node01", "node02"]),
+    ("host-1.cluster,host-2.cluster", ["host-1.cluster", "host-2.cluster"]),
+    (" gpu[1-2] ", ["gpu1", "gpu2"]),
+])
+def test_expand_hostlist(s, hosts):
+    assert expand_hostlist(s) == hosts
+
+
+@pytest.mark.parametrize("s", ["", "   ", "gpu[1-", "gpu]1", "gpu[3-1]", "gpu[a-b]", "gpu[[1]]", "a,,b",
+                               "gpu[]", "gpu[1-2-3]", "gpu[1,]", "a b"])
+def test_expand_hostlist_errors(s):
+    with pytest.raises(DistError) as e:
+        expand_hostlist(s)
+    assert "\n" not in str(e.value)
+
+
+# --------------------------------------------------------------------------------------------------
+# torchrun / launcher variables
+# --------------------------------------------------------------------------------------------------
+
+TORCHRUN = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2",
+            "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29500"}
+
+SLURM_2x4 = {"SLURM_JOB_ID": "123456", "SLURM_JOB_NODELIST": "node[01-02]", "SLURM_NTASKS": "8",
+             "SLURM_PROCID": "5", "SLURM_LOCALID": "1", "SLURM_TASKS_PER_NODE": "4(x2)",
+             "SLURM_NNODES": "2", "SLURM_STEP_ID": "0"}
+
+
+def test_torchrun_variables():
+    assert resolve(TORCHRUN) == DistEnv(3, 4, 1, "env://", "torchrun")
+
+
+def test_torch_distributed_launch_env_and_local_rank_arg():
+    # python -m torch.distributed.launch (torch 2.x) exports the variables AND passes --local-rank=N
+    env = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29501"}
+    assert resolve(env, local_rank=1) == DistEnv(1, 2, 1, "env://", "torchrun")
+    # a launcher without LOCAL_RANK in the environment: the --local_rank argument is used
+    env.pop("LOCAL_RANK")
+    assert resolve(env, local_rank=1).local_rank == 1
+
+
+def test_torchrun_one_process():
+    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}   # no MASTER_* needed for one process
+    assert resolve(env) == DistEnv(0, 1, 0, "env://", "torchrun")
+
+
+def test_launcher_without_master_uses_tcp_dist_url():
+    env = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1"}
+    assert resolve(env, dist_url="tcp://10.1.1.1:23456").init_method == "tcp://10.1.1.1:23456"
+    raises(env, "MASTER_ADDR and MASTER_PORT")
+
+
+@pytest.mark.parametrize("env, match", [
+    ({"RANK": "x", "WORLD_SIZE": "2", "MASTER_ADDR": "a", "MASTER_PORT": "1"}, "RANK='x' is not an integer"),
+    ({"RANK": "2", "WORLD_SIZE": "2", "MASTER_ADDR": "a", "MASTER_PORT": "1"}, r"rank 2 .*outside \[0, 1\]"),
+    ({"RANK": "-1", "WORLD_SIZE": "2", "MASTER_ADDR": "a", "MASTER_PORT": "1"}, "rank -1"),
+    ({"WORLD_SIZE": "2", "MASTER_ADDR": "a", "MASTER_PORT": "1"}, "WORLD_SIZE is set but RANK is not"),
+    ({"RANK": "0", "MASTER_ADDR": "a", "MASTER_PORT": "1"}, "RANK is set but WORLD_SIZE is not"),
+    ({"RANK": "0", "WORLD_SIZE": "0"}, "world size 0"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "", "MASTER_ADDR": "a", "MASTER_PORT": "1"},
+     "LOCAL_RANK='' is not an integer"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "-1", "MASTER_ADDR": "a", "MASTER_PORT": "1"}, "local rank -1"),
+    ({"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "2", "LOCAL_WORLD_SIZE": "2", "MASTER_ADDR": "a",
+      "MASTER_PORT": "1"}, "LOCAL_WORLD_SIZE"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "a", "MASTER_PORT": "99999"}, "MASTER_PORT=99999"),
+    ({"RANK": "0", "WORLD_SIZE": "2", "MASTER_ADDR": "a", "MASTER_PORT": "abc"}, "MASTER_PORT='abc'"),
+])
+def test_torchrun_bad_values(env, match):
+    raises(env, match)
+
+
+# --------------------------------------------------------------------------------------------------
+# Slurm
+# --------------------------------------------------------------------------------------------------
+
+def test_slurm_two_nodes_four_tasks():
+    e = resolve(SLURM_2x4)
+    assert (e.rank, e.world_size, e.local_rank, e.source) == (5, 8, 1, "slurm")
+    assert e.init_method == f"tcp://node01:{10000 + 123456 % 20000}"
+
+
+def test_slurm_world_size_from_ntasks_not_tasks_per_node():
+    # the released code took the first character of SLURM_TASKS_PER_NODE: '1' for '12(x2)'
+    env = dict(SLURM_2x4, SLURM_NTASKS="24", SLURM_TASKS_PER_NODE="12(x2)", SLURM_PROCID="13", SLURM_LOCALID="1")
+    assert resolve(env).world_size == 24
+
+
+def test_slurm_every_task_gets_the_same_rendezvous():
+    inits = set()
+    for r in range(8):
+        env = dict(SLURM_2x4, SLURM_PROCID=str(r), SLURM_LOCALID=str(r % 4))
+        e = resolve(env)
+        assert (e.rank, e.local_rank) == (r, r % 4)
+        inits.add(e.init_method)
+    assert len(inits) == 1
+
+
+def test_slurm_port_from_dist_url_host_ignored():
+    e = resolve(SLURM_2x4, dist_url="tcp://localhost:10001")
+    assert e.init_method == "tcp://node01:10001"
+
+
+def test_slurm_master_overrides():
+    e = resolve(dict(SLURM_2x4, MASTER_ADDR="10.2.3.4", MASTER_PORT="40000"))
+    assert e.init_method == "tcp://10.2.3.4:40000"
+
+
+def test_slurm_step_nodelist_and_complex_lists():
+    env = dict(SLURM_2x4, SLURM_JOB_NODELIST="gpu[07,01-03],cpu5")
+    assert resolve(env).init_method.startswith("tcp://gpu07:")
+    env["SLURM_STEP_NODELIST"] = "gpu[02-03]"
+    assert resolve(env).init_method.startswith("tcp://gpu02:")
+    env = {k: v for k, v in SLURM_2x4.items() if k != "SLURM_JOB_NODELIST"}
+    env["SLURM_NODELIST"] = "rack[1-2]-n[1-2]"
+    assert resolve(env).init_method.startswith("tcp://rack1-n1:")
+
+
+def test_slurm_one_task_is_single_process_ok():
+    # a one-task job, in the batch script itself (no SLURM_STEP_ID) or under srun
+    env = {"SLURM_JOB_ID": "77", "SLURM_PROCID": "0", "SLURM_NTASKS": "1", "SLURM_LOCALID": "0",
+           "SLURM_JOB_NODELIST": "vm"}
+    e = resolve(env)
+    assert (e.rank, e.world_size, e.local_rank, e.source) == (0, 1, 0, "slurm")
+
+
+def test_slurm_batch_script_of_multi_task_job_is_refused():
+    env = {"SLURM_JOB_ID": "77", "SLURM_PROCID": "0", "SLURM_NTASKS": "2", "SLURM_LOCALID": "0",
+           "SLURM_JOB_NODELIST": "vm"}
+    raises(env, "srun")
+    env["SLURM_STEP_ID"] = "0"
+    assert resolve(env).world_size == 2
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"SLURM_PROCID": "8"}, r"rank 8 .*outside \[0, 7\]"),
+    ({"SLURM_PROCID": "five"}, "SLURM_PROCID='five' is not an integer"),
+    ({"SLURM_NTASKS": None}, "SLURM_NTASKS is not"),
+    ({"SLURM_LOCALID": None}, "SLURM_LOCALID is not"),
+    ({"SLURM_JOB_NODELIST": "node[01-"}, "bad Slurm host list"),
+    ({"SLURM_JOB_NODELIST": None}, "SLURM_JOB_NODELIST is not"),
+    ({"SLURM_JOB_ID": "abc"}, "SLURM_JOB_ID='abc'"),
+])
+def test_slurm_bad_values(change, match):
+    env = dict(SLURM_2x4)
+    for k, v in change.items():
+        if v is None:
+            env.pop(k)
+        else:
+            env[k] = v
+    raises(env, match)
+
+
+def test_slurm_nprocs_fallback():
+    env = dict(SLURM_2x4)
+    env["SLURM_NPROCS"] = env.pop("SLURM_NTASKS")
+    assert resolve(env).world_size == 8
+
+
+# --------------------------------------------------------------------------------------------------
+# precedence
+# --------------------------------------------------------------------------------------------------
+
+def test_torchrun_wins_over_slurm():
+    # e.g. one srun task per node that runs torchrun
+    e = resolve(dict(SLURM_2x4, **TORCHRUN), dist_url="tcp://h:1234", rank=7, world_size=9)
+    assert e == DistEnv(3, 4, 1, "env://", "torchrun")
+
+
+def test_slurm_wins_over_dist_url():
+    e = resolve(SLURM_2x4, dist_url="tcp://h:1234", rank=7, world_size=9, local_rank=3)
+    assert (e.rank, e.world_size, e.local_rank, e.source) == (5, 8, 1, "slurm")
+
+
+# --------------------------------------------------------------------------------------------------
+# --dist_url and single process
+# --------------------------------------------------------------------------------------------------
+
+def test_dist_url_tcp_with_flags():
+    assert resolve({}, dist_url="tcp://10.0.0.5:23456", rank=2, world_size=4, local_rank=2) == \
+        DistEnv(2, 4, 2, "tcp://10.0.0.5:23456", "dist_url")
+    # LOCAL_RANK from the environment wins over the legacy flag
+    assert resolve({"LOCAL_RANK": "1"}, dist_url="tcp://h:1", rank=1, world_size=2).local_rank == 1
+
+
+def test_dist_url_file():
+    e = resolve({}, dist_url="file:///shared/rdv", rank=0, world_size=2)
+    assert e == DistEnv(0, 2, 0, "file:///shared/rdv", "dist_url")
+
+
+def test_single_process_defaults():
+    assert resolve({}) == DistEnv(0, 1, 0, "env://", "single")
+    assert resolve({}, world_size=1) == DistEnv(0, 1, 0, "env://", "single")
+    # the released scripts' tcp://localhost:10001 with one process
+    assert resolve({}, dist_url="tcp://localhost:10001").world_size == 1
+    # legacy --local_rank picks the GPU of a lone process
+    assert resolve({}, local_rank=1).local_rank == 1
+
+
+@pytest.mark.parametrize("kw, match", [
+    ({"dist_url": "tcp://host"}, "not tcp://host:port"),
+    ({"dist_url": "tcp://host:0"}, "port 0"),
+    ({"dist_url": "http://host:1"}, "use env://"),
+    ({"dist_url": "file://relative/path"}, "absolute path"),
+    ({"dist_url": ""}, "empty"),
+    ({"world_size": 4}, "--world_size 4"),
+    ({"dist_url": "tcp://h:1", "rank": 4, "world_size": 4}, r"rank 4 .*outside"),
+    ({"rank": 1}, "--rank 1"),
+    ({"world_size": 0}, "--world_size 0"),
+])
+def test_dist_url_bad_values(kw, match):
+    raises({}, match, **kw)
+
+
+def test_malformed_dist_url_is_an_error_even_under_a_launcher():
+    raises(TORCHRUN, "not tcp://host:port", dist_url="tcp://oops")
+
+
+def test_resolve_is_pure(monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert resolve({}) == DistEnv(0, 1, 0, "env://", "single")
+
+
+# --------------------------------------------------------------------------------------------------
+# init_distributed, helpers
+# --------------------------------------------------------------------------------------------------
+
+def test_init_distributed_single_process(monkeypatch):
+    for k in list(os.environ):
+        if k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") or k.startswith("SLURM_"):
+            monkeypatch.delenv(k)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    args = argparse.Namespace(dist_url="env://", rank=0, world_size=-1, local_rank=0)
+    env = D.init_distributed(args)
+    assert env.source == "single"
+    assert (args.rank, args.world_size, args.local_rank, args.gpu_to_work_on) == (0, 1, 0, 0)
+    assert args.device == torch.device("cpu")
+    assert not torch.distributed.is_initialized()
+    assert D.is_main_process(args)
+    t = torch.ones(3)
+    assert D.all_reduce_sum_(t, 1) is t and t.tolist() == [1.0, 1.0, 1.0]
+    D.barrier(1)
+    D.cleanup()
+
+
+def test_init_distributed_reports_dist_error(monkeypatch):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(DistError, match="RANK is set but WORLD_SIZE is not"):
+        D.init_distributed(argparse.Namespace(dist_url="env://", rank=0, world_size=-1, local_rank=0))
+
+
+def test_preempted_exit_code_is_distinct():
+    assert D.PREEMPTED_EXIT_CODE not in (0, 1, 2, 11, 21, 120) and D.PREEMPTED_EXIT_CODE < 128
+
+
+# --------------------------------------------------------------------------------------------------
+# preemption
+# --------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
+def test_preemption_flag_from_signal(sig):
+    before = signal.getsignal(sig)
+    h = D.PreemptionHandler().install()
+    try:
+        assert not h.requested and not h.should_stop(1, torch.device("cpu"))
+        os.kill(os.getpid(), sig)
+        # the Python-level handler runs at the next bytecode boundary
+        for _ in range(100):
+            if h.requested:
+                break
+        assert h.requested and h.signum == sig
+        assert h.should_stop(1, torch.device("cpu"))
+    finally:
+        h.uninstall()
+    assert signal.getsignal(sig) == before
+
+
+def test_requeue_outside_slurm_is_false():
+    assert D.PreemptionHandler().requeue(environ={}) is False
+
+
+def _fake_scontrol(tmp_path, rc=0):
+    log = tmp_path / "scontrol.log"
+    exe = tmp_path / "bin" / "scontrol"
+    exe.parent.mkdir()
+    exe.write_text(f'#!/bin/sh\necho "$@" >> {log}\nexit {rc}\n')
+    exe.chmod(exe.stat().st_mode | stat.S_IEXEC)
+    return log, str(exe.parent)
+
+
+def test_requeue_calls_scontrol(tmp_path, monkeypatch):
+    log, bindir = _fake_scontrol(tmp_path)
+    monkeypatch.setenv("PATH", bindir + os.pathsep + os.environ["PATH"])
+    h = D.PreemptionHandler()
+    assert h.requeue(environ={"SLURM_JOB_ID": "4242"}) is True
+    assert h.requeue(environ={"SLURM_JOB_ID": "4250", "SLURM_ARRAY_JOB_ID": "4200",
+                              "SLURM_ARRAY_TASK_ID": "3"}) is True
+    assert log.read_text().splitlines() == ["requeue 4242", "requeue 4200_3"]
+
+
+def test_requeue_failure_is_false(tmp_path, monkeypatch, capsys):
+    _, bindir = _fake_scontrol(tmp_path, rc=1)
+    monkeypatch.setenv("PATH", bindir + os.pathsep + os.environ["PATH"])
+    assert D.PreemptionHandler().requeue(environ={"SLURM_JOB_ID": "1"}) is False
+    assert "scontrol requeue 1 failed" in capsys.readouterr().err
+
+
+def test_worker_helper_ignores_signals():
+    code = ("import os, signal, sys; sys.path.insert(0, sys.argv[1]);"
+            "from src.distributed import ignore_preemption_signals_in_worker as f; f(0);"
+            "os.kill(os.getpid(), signal.SIGUSR1); os.kill(os.getpid(), signal.SIGTERM); print('alive')")
+    r = subprocess.run([sys.executable, "-c", code, ROOT], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "alive" in r.stdout, r.stderr
+
+
+# --------------------------------------------------------------------------------------------------
+# 2 processes under torchrun: one Sinkhorn spread over processes
+# --------------------------------------------------------------------------------------------------
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_sinkhorn_equals_one_process(tmp_path):
+    pytest.importorskip("src.sinkhorn")
+    import dist_worker_sinkhorn as w
+    from src.sinkhorn import sinkhorn
+
+    prefix = str(tmp_path / "sk")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={_free_port()}", os.path.join(ROOT, "tests", "dist_worker_sinkhorn.py"), prefix]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for r in range(2):
+        assert f"distributed: rank {r}/2 local_rank {r} device cpu (torchrun, gloo, env://)" in proc.stdout
+
+    full = w.full_scores(2)
+    outs = [torch.load(f"{prefix}.rank{r}.pt") for r in range(2)]
+    for i, (eps, iters, stab) in enumerate(w.CASES):
+        single = sinkhorn(full, eps, iters, stab, world_size=1)
+        both = torch.cat([o["results"][i] for o in outs])
+        torch.testing.assert_close(both, single, rtol=1e-5, atol=1e-7)
+        # each slice on its own is a different (wrong) answer: the processes really cooperated
+        alone = torch.cat([sinkhorn(full[:w.BATCH_PER_RANK], eps, iters, stab),
+                           sinkhorn(full[w.BATCH_PER_RANK:], eps, iters, stab)])
+        assert not torch.allclose(alone, single, rtol=1e-4, atol=1e-6)
+    for r, o in enumerate(outs):
+        assert o["env"] == {"rank": r, "world_size": 2, "local_rank": r, "init_method": "env://",
+                            "source": "torchrun"}
+        assert o["sum"] == 3.0
+        assert o["agreed_stop"] is True  # only rank 1 was flagged; both stop

@@ -1,0 +1,303 @@
+"""The SBATCH scripts: launcher logic with a fake python (fast, no Slurm), and end-to-end jobs on a real
+private one-node Slurm (tests/slurm_cluster.py): pretraining + linear evaluation with 2 tasks, and a job
+that is preempted with SIGUSR1, requeues itself and resumes from its checkpoint.
+
+The Slurm tests are marked `slurm` and skip with the reason when Slurm/munge are not installed
+(`sudo bash .ci/install_slurm.sh`) or when not root. They print the key lines of the job logs (run
+pytest with -s to see them).
+"""
+import os
+import re
+import stat
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+import slurm_cluster  # noqa: E402
+
+SCRIPTS = {"c10": os.path.join(ROOT, "script_unmix_c10.sh"), "c100": os.path.join(ROOT, "script_unmix_c100.sh")}
+
+RELEASED_PRETRAIN = ("--arch resnet18 --hidden_mlp 512 --data_path {data} --min_scale_crops 0.14 --max_scale_crops 1.0 "
+                     "--epochs 400 --batch_size 128 --base_lr 0.6 --final_lr 0.0006 --warmup_epochs 5 --size_crops 32 "
+                     "--nmb_crops 2 --nmb_prototypes 100 --queue_length 120 --epoch_queue_starts 15 --use_fp16 True "
+                     "--freeze_prototypes_niters 5005 --run_swav False --workers 2 --temperature 0.1 --epsilon 0.05 "
+                     "--dump_path ./experiments/unmix_swav_cifar_128_resnet18_400ep_100prot_{data}")
+RELEASED_EVAL = ("--num_labels {labels} --crop_size 32 --workers 2 --arch resnet18 --data_path {data} --epochs 100 "
+                 "--pretrained ./experiments/unmix_swav_cifar_128_resnet18_400ep_100prot_{data}/checkpoint.pth.tar "
+                 "--dump_path ./experiments/unmix_swav_cifar_128_resnet18_400ep_100prot_{data}_linear_eval")
+
+
+# --------------------------------------------------------------------------------------------------
+# launcher logic, no Slurm: a fake interpreter records its command lines
+# --------------------------------------------------------------------------------------------------
+
+FAKE_PYTHON = """#!/usr/bin/env bash
+echo "$*" >> "$FAKE_PY_LOG"
+case "$*" in
+  *main_swav_unmix.py*) exit "${FAKE_PRETRAIN_RC:-0}" ;;
+  *eval_linear.py*) exit "${FAKE_EVAL_RC:-0}" ;;
+esac
+exit 0
+"""
+
+
+@pytest.fixture
+def fake(tmp_path):
+    code = tmp_path / "code"
+    code.mkdir()
+    for f in ("main_swav_unmix.py", "eval_linear.py"):
+        (code / f).write_text("# stub\n")
+    py = tmp_path / "fakepython"
+    py.write_text(FAKE_PYTHON)
+    py.chmod(py.stat().st_mode | stat.S_IEXEC)
+    work = tmp_path / "work"
+    work.mkdir()
+    log = tmp_path / "calls.log"
+
+    def run(script="c10", **env):
+        full = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+        for k in ("DATASET_PATH", "EPOCHS", "BATCH_SIZE", "RUN_SWAV", "ARCH", "WORKERS", "EXPERIMENT_PATH",
+                  "EVAL_EPOCHS", "EXTRA_ARGS", "EVAL_EXTRA_ARGS", "NPROC", "CODE_DIR", "PYTHON"):
+            full.pop(k, None)
+        full.update(PYTHON=str(py), CODE_DIR=str(code), FAKE_PY_LOG=str(log), CUDA_VISIBLE_DEVICES="")
+        full.update(env)
+        r = subprocess.run(["bash", SCRIPTS[script]], cwd=work, env=full, capture_output=True, text=True, timeout=60)
+        calls = log.read_text().splitlines() if log.exists() else []
+        if log.exists():
+            log.unlink()
+        return r, calls
+
+    run.code = str(code)
+    return run
+
+
+@pytest.mark.parametrize("script, data, labels", [("c10", "cifar10", 10), ("c100", "cifar100", 100)])
+def test_script_defaults_are_the_released_commands(fake, script, data, labels):
+    r, calls = fake(script)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert calls == [f"-u {fake.code}/main_swav_unmix.py " + RELEASED_PRETRAIN.format(data=data),
+                     f"-u {fake.code}/eval_linear.py " + RELEASED_EVAL.format(data=data, labels=labels)]
+
+
+def test_script_environment_overrides(fake):
+    r, calls = fake(DATASET_PATH="/data/c10", EPOCHS="2", BATCH_SIZE="8", RUN_SWAV="True", ARCH="resnet50",
+                    WORKERS="0", EVAL_EPOCHS="3", EXTRA_ARGS="--width_per_group 8  --nmb_prototypes 10",
+                    EVAL_EXTRA_ARGS="--batch_size 4")
+    assert r.returncode == 0, r.stderr
+    pre, ev = calls
+    dump = "./experiments/swav_cifar_8_resnet50_2ep_100prot_cifar10"
+    for part in ("--data_path /data/c10", "--epochs 2", "--batch_size 8", "--run_swav True", "--arch resnet50",
+                 "--workers 0", f"--dump_path {dump} --width_per_group 8 --nmb_prototypes 10"):
+        assert part in pre
+    assert pre.endswith("--nmb_prototypes 10")   # extra flags come last, so they win in argparse
+    assert ev.endswith(f"--epochs 3 --pretrained {dump}/checkpoint.pth.tar --dump_path {dump}_linear_eval "
+                       "--batch_size 4")
+    run1 = os.path.join(os.path.dirname(fake.code), "runs", "run1")
+    r, calls = fake(EXPERIMENT_PATH=run1 + "/")
+    assert calls[0].endswith(f"--dump_path {run1}")
+    assert calls[1].endswith(f"--pretrained {run1}/checkpoint.pth.tar --dump_path {run1}_linear_eval")
+
+
+@pytest.mark.parametrize("pre_rc, eval_rc, expected, n_calls", [
+    (0, 0, 0, 2), (1, 0, 11, 1), (2, 0, 11, 1), (3, 0, 3, 1), (0, 1, 21, 2), (0, 3, 3, 2), (137, 0, 11, 1),
+    (138, 0, 3, 1), (0, 138, 3, 2)])
+def test_script_exit_status_says_which_step(fake, pre_rc, eval_rc, expected, n_calls):
+    r, calls = fake(FAKE_PRETRAIN_RC=str(pre_rc), FAKE_EVAL_RC=str(eval_rc))
+    assert r.returncode == expected, r.stdout + r.stderr
+    assert len(calls) == n_calls
+
+
+@pytest.mark.parametrize("env, match", [({"EPOCHS": "ten"}, "EPOCHS"), ({"RUN_SWAV": "maybe"}, "RUN_SWAV"),
+                                        ({"BATCH_SIZE": "0"}, "BATCH_SIZE"), ({"NPROC": "-1"}, "NPROC"),
+                                        ({"CODE_DIR": "/nonexistent"}, "main_swav_unmix.py not found")])
+def test_script_bad_overrides(fake, env, match):
+    r, calls = fake(**env)
+    assert r.returncode == 2 and match in r.stderr and calls == []
+
+
+def test_script_outside_slurm_uses_torchrun_for_several_processes(fake):
+    r, calls = fake(NPROC="2")
+    assert r.returncode == 0
+    assert calls[0].startswith(f"-m torch.distributed.run --standalone --nproc_per_node=2 {fake.code}/main_swav_unmix.py")
+    r, calls = fake(CUDA_VISIBLE_DEVICES="0,1,3")
+    assert calls[0].startswith("-m torch.distributed.run --standalone --nproc_per_node=3 ")
+    r, calls = fake(CUDA_VISIBLE_DEVICES="")
+    assert calls[0].startswith("-u ")
+
+
+def test_sbatch_headers():
+    for name, path in SCRIPTS.items():
+        text = open(path).read()
+        header = re.findall(r"^#SBATCH (\S+)", text, flags=re.M)
+        assert header == [f"--job-name=unmix_swav_{name}", "--nodes=1", "--ntasks-per-node=1", "--gres=gpu:1",
+                          "--cpus-per-task=2", "--mem=50G", "--time=12:00:00", f"--output=unmix_swav_{name}_%j.out",
+                          f"--error=unmix_swav_{name}_%j.err", "--open-mode=append", "--requeue",
+                          "--signal=USR1@120"]
+        assert "--partition" not in text.replace("never `default`", "")
+        assert subprocess.run(["bash", "-n", path]).returncode == 0
+
+
+# --------------------------------------------------------------------------------------------------
+# real Slurm
+# --------------------------------------------------------------------------------------------------
+
+TINY_PRETRAIN = ("--width_per_group 8 --hidden_mlp 32 --nmb_prototypes 10 --feat_dim 16 --warmup_epochs 0 "
+                 "--freeze_prototypes_niters 2 --download false --log_freq 1")
+TINY_EVAL = "--width_per_group 8 --batch_size 16 --download false"
+# CPU-only node without GRES, 2 cores: users override SBATCH lines on the sbatch command line.
+# `--gres=none` drops the script's --gres=gpu:1 (an unknown GRES is refused at submission).
+SBATCH_CPU = ["--ntasks-per-node=2", "--cpus-per-task=1", "--gres=none", "--mem=1G", "--time=10"]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    reason = slurm_cluster.missing_reason()
+    if reason:
+        pytest.skip(reason)
+    with slurm_cluster.SlurmCluster.start() as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def cifar(tmp_path_factory):
+    from fake_cifar import write_cifar10
+    root = tmp_path_factory.mktemp("cifar")
+    write_cifar10(root, n_train_per_batch=16, n_test=20)  # 80 train images: 5 iterations of 8 on each of 2 ranks
+    return str(root)
+
+
+def _job_env(data, exp, epochs, extra="", workers=0):
+    return {"DATASET_PATH": data, "EPOCHS": str(epochs), "EVAL_EPOCHS": "1", "WORKERS": str(workers), "BATCH_SIZE": "8",
+            "EXPERIMENT_PATH": exp, "EXTRA_ARGS": f"{TINY_PRETRAIN} {extra}".strip(), "EVAL_EXTRA_ARGS": TINY_EVAL,
+            "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _read(path):
+    try:
+        with open(path, errors="replace") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def _report(cluster, out, err):
+    return f"\n--- job stdout\n{_read(out)[-6000:]}\n--- job stderr\n{_read(err)[-4000:]}\n{cluster.daemon_logs(15)}"
+
+
+def _key_lines(text):
+    keys = ("slurm job", "distributed: rank", "world_size:", "Resumed", "Preempted", "requeue", "Nothing to do",
+            "stopped by", "killed by",
+            "Pretraining done", "Top-1 test accuracy", "Last-epoch test accuracy", "done:", "failed")
+    return "\n".join(line.strip() for line in text.splitlines() if any(k in line for k in keys))
+
+
+@pytest.mark.slurm
+def test_sbatch_script_two_tasks_pretrain_then_linear_eval(cluster, cifar, tmp_path):
+    t0 = time.time()
+    exp = str(tmp_path / "exp" / "unmix_swav_tiny")
+    out, err = str(tmp_path / "job_%j.out"), str(tmp_path / "job_%j.err")
+    job = cluster.sbatch(SBATCH_CPU + [f"--output={out}", f"--error={err}", SCRIPTS["c10"]],
+                         env=_job_env(cifar, exp, epochs=2), cwd=str(tmp_path))
+    out, err = out.replace("%j", job), err.replace("%j", job)
+    state = cluster.wait(job, timeout=150)
+    text = _read(out)
+    print(f"\n[sbatch job {job}: {state} in {time.time() - t0:.0f}s]\n{_key_lines(text)}")
+    assert state == "COMPLETED", _report(cluster, out, err)
+    assert cluster.job_info(job).get("ExitCode") == "0:0"
+    assert f"slurm job {job} (restart 0), 2 task(s) on {cluster.host}" in text
+    for r in range(2):
+        assert re.search(rf"distributed: rank {r}/2 local_rank {r} device cpu \(slurm, gloo, tcp://{cluster.host}:\d+\)",
+                         text), _report(cluster, out, err)
+    assert re.search(r"^\s*world_size: 2$", text, flags=re.M)
+    assert "Pretraining done." in text
+    m = re.search(r"Top-1 test accuracy: (\d+\.\d)", text)
+    assert m, _report(cluster, out, err)
+    assert os.path.isfile(os.path.join(exp, "checkpoint.pth.tar"))
+    assert os.path.isfile(os.path.join(exp, "train.log-1"))           # rank 1 logged to its own file
+    assert os.path.isfile(exp + "_linear_eval/results.json")
+
+
+def _submit(cluster, tmp_path, env):
+    out, err = str(tmp_path / "job_%j.out"), str(tmp_path / "job_%j.err")
+    job = cluster.sbatch(SBATCH_CPU + [f"--output={out}", f"--error={err}", SCRIPTS["c10"]], env=env, cwd=str(tmp_path))
+    return job, out.replace("%j", job), err.replace("%j", job)
+
+
+def _signal_when(cluster, job, log_path, pattern, count, out, err, timeout=90):
+    """Send SIGUSR1 to the job's tasks (as --signal=USR1@120 does) once `pattern` appears `count` times."""
+    deadline = time.time() + timeout
+    while len(re.findall(pattern, _read(log_path))) < count:
+        assert time.time() < deadline and cluster.job_state(job) in ("PENDING", "RUNNING"), \
+            f"{pattern!r} not seen in {log_path}" + _report(cluster, out, err)
+        time.sleep(0.2)
+    cluster.run(["scancel", "--signal=USR1", job])
+
+
+def _release_requeued(cluster, job, restarts, out, err, timeout=60):
+    """A requeued job waits for a begin time (about 2 minutes): release it early.
+
+    Not at once: requeueing revokes the job's credentials as of that second (1 s resolution), so a
+    relaunch within the same second dies with "Job credential revoked". Wait 2 s after the requeue."""
+    deadline = time.time() + timeout
+    while True:
+        info = cluster.job_info(job)
+        if info.get("JobState") == "PENDING" and info.get("Restarts") == str(restarts):
+            break
+        assert time.time() < deadline and info.get("JobState") in ("RUNNING", "COMPLETING", "PENDING"), \
+            f"job not requeued: {info.get('JobState')}" + _report(cluster, out, err)
+        time.sleep(0.3)
+    time.sleep(2.0)
+    cluster.run(["scontrol", "update", f"JobId={job}", "StartTime=now"])
+
+
+@pytest.mark.slurm
+def test_sbatch_script_preempted_requeued_and_resumed(cluster, cifar, tmp_path):
+    t0 = time.time()
+    exp = str(tmp_path / "exp" / "unmix_swav_preempt")
+    job, out, err = _submit(cluster, tmp_path, _job_env(cifar, exp, epochs=6, extra="--preempt_check_freq 1",
+                                                        workers=1))
+    _signal_when(cluster, job, os.path.join(exp, "train.log"), r"Epoch: \[0\]\[1/", 1, out, err)
+    _release_requeued(cluster, job, 1, out, err)
+    state = cluster.wait(job, timeout=150)
+    text = _read(out)
+    print(f"\n[sbatch job {job}: {state} in {time.time() - t0:.0f}s]\n{_key_lines(text)}")
+    assert state == "COMPLETED", _report(cluster, out, err)
+    assert f"slurm job {job} (restart 0)" in text and f"slurm job {job} (restart 1)" in text
+    m = re.search(r"Preempted \(signal 10\): checkpoint saved at epoch (\d+), iteration (\d+)", text)
+    assert m, _report(cluster, out, err)
+    assert "Job requeued with scontrol" in text
+    resumed = re.search(r"Resumed from \S+: epoch (\d+), iteration (\d+)", text)
+    assert resumed and resumed.groups() == m.groups(), _report(cluster, out, err)
+    first_run, second_run = text.split(f"slurm job {job} (restart 1)")
+    assert "Top-1 test accuracy" not in first_run and "Pretraining done." not in first_run
+    assert "pretraining stopped by a preemption signal" in first_run
+    assert "Pretraining done." in second_run and re.search(r"Top-1 test accuracy: \d+\.\d", second_run)
+    # the resumed run continued mid-epoch instead of starting over
+    assert "Epoch: [0][0/" not in second_run
+
+
+@pytest.mark.slurm
+def test_sbatch_script_preempted_during_linear_eval(cluster, cifar, tmp_path):
+    t0 = time.time()
+    exp = str(tmp_path / "exp" / "unmix_swav_preempt_eval")
+    env = _job_env(cifar, exp, epochs=1)
+    env["EVAL_EPOCHS"] = "25"
+    job, out, err = _submit(cluster, tmp_path, env)
+    _signal_when(cluster, job, exp + "_linear_eval/train.log", r"Best Acc@1 so far", 2, out, err)
+    _release_requeued(cluster, job, 1, out, err)
+    state = cluster.wait(job, timeout=150)
+    text = _read(out)
+    print(f"\n[sbatch job {job}: {state} in {time.time() - t0:.0f}s]\n{_key_lines(text)}")
+    assert state == "COMPLETED", _report(cluster, out, err)
+    first_run, second_run = text.split(f"slurm job {job} (restart 1)")
+    assert "Pretraining done." in first_run and "Top-1 test accuracy" not in first_run
+    assert re.search(r"linear evaluation (was killed by SIGUSR1|stopped by a preemption signal)", first_run)
+    assert "Nothing to do" in second_run                      # pretraining is not repeated
+    m = re.search(r"Resumed linear evaluation from epoch (\d+)", second_run)
+    assert m and int(m.group(1)) >= 2, _report(cluster, out, err)
+    assert re.search(r"Top-1 test accuracy: \d+\.\d", second_run)
