@@ -8,7 +8,6 @@ same classifier with the same optimiser, schedule and epochs on those tensors (m
 Reads top to bottom: arguments -> data -> model -> optimiser -> resume -> epoch loop.
 """
 import argparse
-import json
 import os
 import sys
 import time
@@ -17,9 +16,9 @@ import torch
 import torch.nn as nn
 
 from src import distributed as D
-from src.checkpoint import CheckpointError, atomic_save, safe_load, strip_module_prefix
+from src.checkpoint import CheckpointError, atomic_save, remove_stale_temporaries, safe_load, strip_module_prefix
 from src.data import CIFAR_MEAN, EVAL_STD, DataError, LabeledDataset, eval_transforms, load_split, plain_tensor
-from src.logger import Stats, create_logger, format_eta, save_params
+from src.logger import Stats, create_logger, format_eta, save_params, write_json
 from src.resnet import ARCHS, build_model
 from src.utils import AverageMeter, bool_flag, fix_random_seeds
 
@@ -148,8 +147,13 @@ def main():
     if args.rank == 0:
         try:
             os.makedirs(args.dump_path, exist_ok=True)
+            probe = os.path.join(args.dump_path, f".write_test.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+            with open(probe, "w") as f:
+                f.write("ok")
+            os.remove(probe)
         except OSError as e:
             fail(f"--dump_path {args.dump_path!r} is not writable ({e.strerror})")
+        remove_stale_temporaries(args.dump_path)  # left by atomic writes interrupted by a kill
     D.barrier(args.world_size)
     logger = create_logger(args.dump_path, args.rank)
     if args.rank == 0:
@@ -174,7 +178,10 @@ def main():
     model = model.to(device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
-    linear = RegLog(args.num_labels, model.feature_dim, args.global_pooling, args.use_bn).to(device)
+    try:
+        linear = RegLog(args.num_labels, model.feature_dim, args.global_pooling, args.use_bn).to(device)
+    except ValueError as e:
+        fail(str(e))
 
     if args.probe == "cached":
         from src.linear_probe import extract_frozen_features, train_linear_on_features
@@ -199,9 +206,9 @@ def main():
     logger.info(f"Last-epoch test accuracy: top-1 {last1:.1f} top-{maxk} {last5:.1f} "
                 f"({args.probe} probe, {format_eta(seconds)})")
     if args.rank == 0:
-        with open(os.path.join(args.dump_path, "results.json"), "w") as f:
-            json.dump({"best_top1": best, "last_top1": last1, "last_top5": last5, "epochs": args.epochs,
-                       "mode": args.probe, "seconds": seconds}, f, indent=1)
+        write_json(os.path.join(args.dump_path, "results.json"),
+                   {"best_top1": best, "last_top1": last1, "last_top5": last5, "epochs": args.epochs,
+                    "mode": args.probe, "seconds": seconds}, indent=1)
     D.cleanup()
 
 
@@ -245,7 +252,7 @@ def train_released(args, model, linear, train_images, train_labels, test_images,
         logger.info(f"Resumed linear evaluation from epoch {start_epoch} (best so far {best_acc:.1f})")
     stats = Stats(os.path.join(args.dump_path, f"stats{args.rank}"),
                   ["epoch", "loss", "prec1", "prec5", "loss_val", "prec1_val", "prec5_val"],
-                  resume_before_epoch=start_epoch if start_epoch else None)
+                  resume_before_epoch=start_epoch if start_epoch else None, log=logger.info)
     criterion = nn.CrossEntropyLoss()
     last1 = last5 = float("nan")
     t0 = time.time()

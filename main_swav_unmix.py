@@ -7,7 +7,6 @@ Reads top to bottom: arguments -> data -> model -> optimiser -> resume -> epoch 
 import argparse
 import math
 import os
-import shutil
 import sys
 import time
 
@@ -16,8 +15,8 @@ import torch
 import torch.nn as nn
 
 from src import distributed as D
-from src.checkpoint import (CheckpointError, atomic_save, find_resume_checkpoint, rng_state, safe_load,
-                            set_rng_state, strip_module_prefix)
+from src.checkpoint import (CheckpointError, atomic_save, find_resume_checkpoint, remove_stale_temporaries,
+                            rng_state, safe_load, set_rng_state, strip_module_prefix)
 from src.data import (CIFAR_MEAN, PRETRAIN_STD, DataError, MultiCropDataset, MultiCropTransform, load_split,
                       plain_tensor)
 from src.larc import LARC
@@ -143,22 +142,43 @@ def check_args(args):
         fail(f"--unmix_prob must be in [0, 1] and --unmix_beta > 0 (got {args.unmix_prob}, {args.unmix_beta})")
     if args.warmup_epochs > args.epochs:
         fail(f"--warmup_epochs {args.warmup_epochs} exceeds --epochs {args.epochs}")
+    for name in ("feat_dim", "nmb_prototypes", "width_per_group", "checkpoint_freq", "log_freq",
+                 "max_nonfinite_steps", "preempt_check_freq"):
+        if getattr(args, name) < 1:
+            fail(f"--{name} must be at least 1, got {getattr(args, name)}")
+    for name in ("hidden_mlp", "queue_length", "epoch_queue_starts", "warmup_epochs", "workers", "knn_freq",
+                 "epochs_run_limit"):
+        if getattr(args, name) < 0:
+            fail(f"--{name} must not be negative, got {getattr(args, name)}")
+    if min(args.size_crops) < 1 or not all(0 < lo <= hi <= 1 for lo, hi in zip(args.min_scale_crops,
+                                                                                args.max_scale_crops)):
+        fail("--size_crops must be positive and 0 < --min_scale_crops <= --max_scale_crops <= 1")
+    if args.temperature <= 0 or args.epsilon <= 0:
+        fail(f"--temperature and --epsilon must be positive (got {args.temperature}, {args.epsilon})")
 
 
 def prepare_dump_path(args):
     try:
         os.makedirs(os.path.join(args.dump_path, "checkpoints"), exist_ok=True)
-        probe = os.path.join(args.dump_path, f".write_test.{os.getpid()}")
+        probe = os.path.join(args.dump_path, f".write_test.{os.getpid()}.{os.urandom(4).hex()}.tmp")
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)
     except OSError as e:
         fail(f"--dump_path {args.dump_path!r} is not writable ({e.strerror})")
+    # temporaries of atomic writes interrupted by a kill (no process of this run writes yet)
+    remove_stale_temporaries(args.dump_path, os.path.join(args.dump_path, "checkpoints"))
 
 
 def compare_with_previous_run(args):
     """A dump path that holds a run with other arguments is not resumed silently."""
-    old = load_params_json(args.dump_path)
+    try:
+        old = load_params_json(args.dump_path)
+    except ValueError as e:
+        if args.allow_changed_args:
+            return []
+        fail(f"{e}; cannot check that {args.dump_path} holds a run with these arguments; "
+             "use --allow_changed_args true to resume it anyway")
     if old is None:
         return []
     new = {k: v for k, v in vars(args).items()}
@@ -194,6 +214,7 @@ def main():
                  "use another --dump_path, or --allow_changed_args true to resume it anyway")
     D.barrier(args.world_size)
     logger = create_logger(args.dump_path, args.rank)
+    logger.info(f"Process rank {args.rank} of world size {args.world_size} (local rank {args.local_rank}) on {device}")
     if args.rank == 0:
         logger.info("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
         logger.info(f"The experiment will be stored in {args.dump_path}")
@@ -241,8 +262,10 @@ def main():
                 fail("--sync_bn apex needs NVIDIA apex, which is not installed; use --sync_bn pytorch")
             pg = apex.parallel.create_syncbn_process_group(args.syncbn_process_group_size)
             model = apex.parallel.convert_syncbn_model(model, process_group=pg)
-        else:
+        elif device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        else:
+            logger.info("CPU: SyncBatchNorm needs CUDA, batch-norm statistics stay per process")
     model = model.to(device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -262,23 +285,30 @@ def main():
     step_model = torch.compile(model) if args.compile else model
 
     # ============ resume ============
-    start_epoch, start_iter, queue_state = 0, 0, None
+    start_epoch, start_iter, queue_state, loop_state, resume_torch_rng = 0, 0, None, None, None
     try:
         ckpt_path, ckpt = find_resume_checkpoint(args.dump_path, log=logger.info)
     except CheckpointError as e:
         fail(str(e))
     if ckpt is not None:
-        missing = unwrap(model).load_state_dict(strip_module_prefix(ckpt["state_dict"]), strict=False)
-        if missing.missing_keys or missing.unexpected_keys:
-            fail(f"{ckpt_path} does not fit --arch {args.arch} (missing {missing.missing_keys[:3]}, "
-                 f"unexpected {missing.unexpected_keys[:3]})")
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if scaler is not None and ckpt.get("amp"):
-            scaler.load_state_dict(ckpt["amp"])
-        start_epoch, start_iter = int(ckpt["epoch"]), int(ckpt.get("iteration", 0))
-        if "rng" in ckpt:
-            set_rng_state(ckpt["rng"], np_rng)
+        try:
+            missing = unwrap(model).load_state_dict(strip_module_prefix(ckpt["state_dict"]), strict=False)
+            if missing.missing_keys or missing.unexpected_keys:
+                fail(f"{ckpt_path} does not fit --arch {args.arch} (missing {missing.missing_keys[:3]}, "
+                     f"unexpected {missing.unexpected_keys[:3]})")
+            optimizer.load_state_dict(ckpt["optimizer"])
+            if scaler is not None and ckpt.get("amp"):
+                scaler.load_state_dict(ckpt["amp"])
+            start_epoch, start_iter = int(ckpt["epoch"]), int(ckpt.get("iteration", 0))
+            if "rng" in ckpt:
+                set_rng_state(ckpt["rng"], np_rng)
+                resume_torch_rng = ckpt["rng"]["torch"]
+        except (KeyError, RuntimeError, ValueError, TypeError, AttributeError, IndexError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            fail(f"{ckpt_path} cannot be resumed with these arguments ({type(e).__name__}: {first}); "
+                 "check --arch/--width_per_group/--hidden_mlp/--feat_dim/--nmb_prototypes, or use another --dump_path")
         queue_state = ckpt.get("queues")
+        loop_state = ckpt.get("loop") if start_iter > 0 else None
         logger.info(f"Resumed from {ckpt_path}: epoch {start_epoch}, iteration {start_iter}.")
     if args.rank == 0:
         save_params(args, args.dump_path)
@@ -289,14 +319,18 @@ def main():
     queue_path = os.path.join(args.dump_path, f"queue{args.rank}.pth")
     if queue_state is not None and len(queue_state) == args.world_size:
         queue = queue_state[args.rank].to(device)
-    elif os.path.isfile(queue_path) and args.queue_length > 0:
+    elif (ckpt is not None and (queue_state is not None or "queues" not in ckpt)
+          and os.path.isfile(queue_path) and args.queue_length > 0):
+        # a released checkpoint (the queue lived only in queue{rank}.pth), or another world size. Our
+        # checkpoints hold the queue ("queues": None when there was none): a queue{rank}.pth written
+        # after them (kill before the checkpoint) is newer than the checkpoint and is not used.
         try:
             queue = safe_load(queue_path)["queue"].to(device)
-        except CheckpointError as e:
-            fail(str(e))
+        except (CheckpointError, KeyError, TypeError, AttributeError) as e:
+            fail(f"{queue_path}: cannot restore the queue ({e})")
 
     stats = Stats(os.path.join(args.dump_path, f"stats{args.rank}"), ["epoch", "loss", "lr", "time", "knn_top1"],
-                  resume_before_epoch=start_epoch if ckpt is not None else None)
+                  resume_before_epoch=start_epoch if ckpt is not None else None, log=logger.info)
     cfg = SwavConfig(crops_for_assign=args.crops_for_assign, nmb_crops=args.nmb_crops,
                      temperature=args.temperature, epsilon=args.epsilon,
                      sinkhorn_iterations=args.sinkhorn_iterations,
@@ -306,7 +340,9 @@ def main():
     run_start = time.time()
     epochs_this_process = 0
 
-    def save_checkpoint(epoch_field, iteration_field, queue):
+    def save_checkpoint(epoch_field, iteration_field, queue, loop=None, copy_path=None):
+        """checkpoint.pth.tar (and first the epoch copy `copy_path`, so a kill between the two never
+        leaves an epoch without its copy), each written atomically; `loop`: mid-epoch state."""
         queues = None
         if queue is not None:  # every rank's queue goes into rank 0's single atomic file
             if args.world_size > 1:
@@ -318,18 +354,27 @@ def main():
         if args.rank == 0:
             save_dict = {"epoch": epoch_field, "iteration": iteration_field,
                          "state_dict": {"module." + k: v for k, v in unwrap(model).state_dict().items()},
-                         "optimizer": optimizer.state_dict(), "rng": rng_state(np_rng), "arch": args.arch}
+                         "optimizer": optimizer.state_dict(), "rng": rng_state(np_rng), "arch": args.arch,
+                         "queues": None if queues is None else [q.cpu() for q in queues]}
             if scaler is not None:
                 save_dict["amp"] = scaler.state_dict()
-            if queues is not None:
-                save_dict["queues"] = [q.cpu() for q in queues]
+            if loop is not None:
+                save_dict["loop"] = loop
+            if copy_path is not None:
+                atomic_save(save_dict, copy_path)
             atomic_save(save_dict, os.path.join(args.dump_path, "checkpoint.pth.tar"))
         D.barrier(args.world_size)
 
     # ============ epoch loop ============
     if start_epoch >= args.epochs:
         logger.info(f"Nothing to do: the checkpoint is at epoch {start_epoch} of {args.epochs}.")
-    nonfinite, epoch = 0, start_epoch - 1
+
+    def in_nonfinite_streak():
+        """True when the latest loss of any process was non-finite: its weights are not saved."""
+        flag = torch.tensor([1.0 if nonfinite > 0 else 0.0], device=device)
+        return D.all_reduce_sum_(flag, args.world_size).item() > 0
+
+    nonfinite, epoch, unsaved_epoch = 0, start_epoch - 1, None
     for epoch in range(start_epoch, args.epochs):
         first_iter = start_iter if epoch == start_epoch else 0
         sampler.set_epoch(epoch, first_iter)
@@ -340,8 +385,17 @@ def main():
         queue_in_use = False
         batch_time, data_time = AverageMeter(), AverageMeter()
         loss_sum, loss_count = torch.zeros((), device=device), 0
+        loader_iter = iter(train_loader)  # draws the workers' base seed from the torch RNG
+        if epoch == start_epoch and first_iter > 0:
+            if loop_state is not None:  # resumed mid-epoch: this epoch's running loss and queue flag
+                loss_sum = loop_state["loss_sum"].to(device)
+                loss_count, queue_in_use = int(loop_state["loss_count"]), bool(loop_state["queue_in_use"])
+            if resume_torch_rng is not None and args.workers == 0:
+                # the uninterrupted run drew that seed at the start of the epoch, before the saved state:
+                # in-process crops then continue the very same random stream
+                torch.set_rng_state(resume_torch_rng)
         end = time.time()
-        for it, crops in enumerate(train_loader, start=first_iter):
+        for it, crops in enumerate(loader_iter, start=first_iter):
             data_time.update(time.time() - end)
             iteration = epoch * iters_per_epoch + it
             crops = [c.to(device, non_blocking=True) for c in crops]
@@ -385,9 +439,14 @@ def main():
             stop = preempt.requested if args.world_size == 1 else (
                 it % args.preempt_check_freq == 0 and preempt.should_stop(args.world_size, device))
             if stop:
-                save_checkpoint(epoch, it + 1, queue)
-                logger.info(f"Preempted (signal {preempt.signum}): checkpoint saved at epoch {epoch}, "
-                            f"iteration {it + 1}.")
+                if in_nonfinite_streak():
+                    logger.info(f"Preempted (signal {preempt.signum}) during non-finite losses: no checkpoint "
+                                "written, a rerun resumes from the last good one.")
+                else:
+                    save_checkpoint(epoch, it + 1, queue, loop={"loss_sum": loss_sum.cpu(), "loss_count": loss_count,
+                                                                "queue_in_use": bool(queue_in_use)})
+                    logger.info(f"Preempted (signal {preempt.signum}): checkpoint saved at epoch {epoch}, "
+                                f"iteration {it + 1}.")
                 if args.rank == 0 and preempt.requeue():
                     logger.info("Job requeued with scontrol; it will resume from the checkpoint.")
                 sys.exit(D.PREEMPTED_EXIT_CODE)
@@ -410,17 +469,24 @@ def main():
         stats.update(row)
         knn_text = f"kNN top-1 {row['knn_top1']:.2f}%, " if "knn_top1" in row else ""
         logger.info(f"Epoch {epoch} done: loss {epoch_loss:.4f}, {knn_text}elapsed {format_eta(row['time'])}")
-        save_checkpoint(epoch + 1, 0, queue)
-        if args.rank == 0 and (epoch % args.checkpoint_freq == 0 or epoch == args.epochs - 1):
-            tmp = os.path.join(args.dump_path, "checkpoints", f".ckp-{epoch}.pth.tmp")
-            shutil.copyfile(os.path.join(args.dump_path, "checkpoint.pth.tar"), tmp)
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            os.replace(tmp, os.path.join(args.dump_path, "checkpoints", f"ckp-{epoch}.pth"))
+        if in_nonfinite_streak():
+            unsaved_epoch = epoch
+            logger.info(f"Epoch {epoch} ends with {nonfinite} non-finite losses in a row: its checkpoint is not "
+                        "written, the last good one is kept.")
+        else:
+            unsaved_epoch = None
+            copy = epoch % args.checkpoint_freq == 0 or epoch == args.epochs - 1
+            save_checkpoint(epoch + 1, 0, queue, copy_path=os.path.join(args.dump_path, "checkpoints",
+                                                                        f"ckp-{epoch}.pth") if copy else None)
         epochs_this_process += 1
         if args.epochs_run_limit and epochs_this_process >= args.epochs_run_limit and epoch < args.epochs - 1:
             logger.info(f"Stopping after {epochs_this_process} epochs (--epochs_run_limit); rerun to resume.")
             break
+    if unsaved_epoch is not None:
+        print(f"error: training stopped with non-finite losses at epoch {unsaved_epoch}; its checkpoint was not "
+              "written, the last good checkpoint is kept (lower --base_lr or check the data)",
+              file=sys.stderr, flush=True)
+        sys.exit(4)
     logger.info("Pretraining done." if epoch >= args.epochs - 1 else "Pretraining paused.")
     D.cleanup()
 

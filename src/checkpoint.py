@@ -9,7 +9,7 @@ import glob
 import os
 import random
 import re
-import tempfile
+import uuid
 
 import numpy as np
 import torch
@@ -19,13 +19,18 @@ class CheckpointError(Exception):
     """A checkpoint that cannot be used; the message is one line."""
 
 
-def atomic_save(obj, path):
-    """torch.save `obj` to `path` so that readers see the old file or the complete new one."""
+TMP_SUFFIX = ".tmp"
+
+
+def atomic_write(path, write):
+    """Call `write(f)` on a binary file that becomes `path` only once complete: a temporary file in the
+    same folder (`.<name>.<pid>.<random>.tmp`, permissions as for a plain `open`), flush + fsync, rename
+    over `path`, fsync of the folder. A kill at any instant leaves the old `path` or the new one."""
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=folder)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}{TMP_SUFFIX}")
     try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
+        with open(tmp, "xb") as f:
+            write(f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -38,6 +43,26 @@ def atomic_save(obj, path):
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def atomic_save(obj, path):
+    """torch.save `obj` to `path` so that readers see the old file or the complete new one."""
+    atomic_write(path, lambda f: torch.save(obj, f))
+
+
+def remove_stale_temporaries(*folders):
+    """Delete the temporary files that `atomic_write` leaves behind when a process is killed mid-write
+    (call at start-up, before this run writes anything). Returns the removed paths."""
+    removed = []
+    for folder in folders:
+        for p in glob.glob(os.path.join(glob.escape(folder), ".*" + TMP_SUFFIX)):
+            if re.fullmatch(r"\..+\.\d+\.[0-9a-f]{8}" + re.escape(TMP_SUFFIX), os.path.basename(p)):
+                try:
+                    os.unlink(p)
+                    removed.append(p)
+                except OSError:
+                    pass
+    return removed
 
 
 def safe_load(path, map_location="cpu"):
@@ -106,7 +131,7 @@ def find_resume_checkpoint(dump_path, log=print):
     for path in candidates:
         try:
             ckpt = safe_load(path)
-            if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "epoch" not in ckpt:
+            if not isinstance(ckpt, dict) or not isinstance(ckpt.get("state_dict"), dict) or "epoch" not in ckpt:
                 raise CheckpointError(f"{path}: not a training checkpoint (no 'state_dict'/'epoch')")
         except CheckpointError as e:
             log(f"unreadable checkpoint, skipped: {e}")

@@ -2,7 +2,8 @@
 
 `train.log` (rank 0; `train.log-{rank}` for the others), `stats{rank}.pkl` (pandas), `params.pkl`.
 Alongside: `stats{rank}.csv` and `params.json`, which are what resuming and tools read (no pickle from a
-run folder is ever loaded back)."""
+run folder is ever loaded back). Stats and parameter files are replaced atomically, so a kill while they
+are written leaves the previous complete version."""
 import json
 import logging
 import os
@@ -12,6 +13,8 @@ import time
 from datetime import timedelta
 
 import pandas as pd
+
+from .checkpoint import atomic_write
 
 
 class _ElapsedFormatter(logging.Formatter):
@@ -47,22 +50,29 @@ class Stats:
     """One row per epoch, written after each update to `{name}.pkl` (released) and `{name}.csv`.
 
     On restart the rows are read back from the CSV and rows at or past the resumed epoch are dropped,
-    so a resumed run's table has each epoch once."""
+    so a resumed run's table has each epoch once. An unreadable CSV is reported (`log`), kept aside as
+    `{name}.csv.unreadable` and the table starts empty."""
 
-    def __init__(self, path_without_ext, columns, resume_before_epoch=None):
+    def __init__(self, path_without_ext, columns, resume_before_epoch=None, log=print):
         self.pkl, self.csv = path_without_ext + ".pkl", path_without_ext + ".csv"
         self.columns = list(columns)
         self.df = pd.DataFrame(columns=self.columns)
         if resume_before_epoch is not None and os.path.isfile(self.csv):
-            old = pd.read_csv(self.csv)
-            old = old[old["epoch"] < resume_before_epoch] if "epoch" in old else old
-            self.df = old.reindex(columns=self.columns)
+            try:
+                old = pd.read_csv(self.csv)
+                if "epoch" in old:
+                    old = old[pd.to_numeric(old["epoch"]) < resume_before_epoch]
+                self.df = old.reindex(columns=self.columns)
+            except Exception as e:  # pandas raises several types for a damaged file
+                os.replace(self.csv, self.csv + ".unreadable")
+                log(f"{self.csv} is unreadable ({type(e).__name__}); moved to {self.csv}.unreadable, "
+                    "the statistics table starts empty")
 
     def update(self, row):
         new = pd.DataFrame([[row.get(c, float("nan")) for c in self.columns]], columns=self.columns)
         self.df = new if self.df.empty else pd.concat([self.df, new], ignore_index=True)
-        self.df.to_pickle(self.pkl)
-        self.df.to_csv(self.csv, index=False)
+        atomic_write(self.pkl, self.df.to_pickle)
+        atomic_write(self.csv, lambda f: f.write(self.df.to_csv(index=False).encode()))
 
     def last(self, column, default=0.0):
         if self.df.empty or column not in self.df:
@@ -71,11 +81,14 @@ class Stats:
 
 
 def save_params(args, dump_path):
-    """`params.pkl` (released) and `params.json` (readable, compared on resume)."""
-    with open(os.path.join(dump_path, "params.pkl"), "wb") as f:
-        pickle.dump(args, f)
-    with open(os.path.join(dump_path, "params.json"), "w") as f:
-        json.dump(params_dict(args), f, indent=1, sort_keys=True)
+    """`params.pkl` (released) and `params.json` (readable, compared on resume), each replaced atomically."""
+    atomic_write(os.path.join(dump_path, "params.pkl"), lambda f: pickle.dump(args, f))
+    write_json(os.path.join(dump_path, "params.json"), params_dict(args), indent=1, sort_keys=True)
+
+
+def write_json(path, obj, **kw):
+    """json.dump to `path`, replaced atomically."""
+    atomic_write(path, lambda f: f.write(json.dumps(obj, **kw).encode()))
 
 
 def params_dict(args):
@@ -91,11 +104,19 @@ def params_dict(args):
 
 
 def load_params_json(dump_path):
+    """The arguments of the run in `dump_path` (dict), None when there is none; ValueError (one line) when
+    `params.json` cannot be read."""
     path = os.path.join(dump_path, "params.json")
     if not os.path.isfile(path):
         return None
-    with open(path) as f:
-        return json.load(f)
+    try:
+        with open(path) as f:
+            out = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+    if not isinstance(out, dict):
+        raise ValueError(f"{path} is unreadable (not a JSON object)")
+    return out
 
 
 def format_eta(seconds):

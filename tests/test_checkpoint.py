@@ -1,0 +1,248 @@
+"""Atomic saves, safe loads, RNG state, resume discovery; the resumable distributed sampler."""
+import os
+import pickle
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data.distributed import DistributedSampler
+
+from src import checkpoint as ck
+from src.checkpoint import (CheckpointError, atomic_save, epoch_copies, find_resume_checkpoint, rng_state,
+                            safe_load, set_rng_state, strip_module_prefix)
+from src.sampler import ResumableDistributedSampler
+
+
+def good_ckpt(epoch):
+    return {"epoch": epoch, "state_dict": {"w": torch.full((2,), float(epoch))}, "optimizer": {}}
+
+
+# ---------------------------------------------------------------- atomic_save / safe_load
+
+def test_atomic_save_round_trip_leaves_only_the_file(tmp_path):
+    path = tmp_path / "checkpoint.pth.tar"
+    atomic_save(good_ckpt(3), str(path))
+    atomic_save(good_ckpt(4), str(path))  # overwrite
+    assert os.listdir(tmp_path) == ["checkpoint.pth.tar"]
+    loaded = safe_load(str(path))
+    assert loaded["epoch"] == 4 and torch.equal(loaded["state_dict"]["w"], torch.full((2,), 4.0))
+
+
+def test_atomic_save_failure_keeps_the_old_file(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pth.tar"
+    atomic_save(good_ckpt(1), str(path))
+    old_bytes = path.read_bytes()
+
+    def torn_save(obj, f, *a, **k):
+        f.write(b"PK\x03\x04 partial bytes of a zip")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ck.torch, "save", torn_save)
+    with pytest.raises(OSError, match="disk full"):
+        atomic_save(good_ckpt(2), str(path))
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == ["checkpoint.pth.tar"]  # no temporary file left behind
+    assert path.read_bytes() == old_bytes
+    assert safe_load(str(path))["epoch"] == 1
+
+
+def test_remove_stale_temporaries(tmp_path):
+    stale = tmp_path / ".checkpoint.pth.tar.12345.0a1b2c3d.tmp"
+    stale.write_bytes(b"torn")
+    keep = [tmp_path / "checkpoint.pth.tar", tmp_path / ".hidden.tmp", tmp_path / "notes.12.0a1b2c3d.tmp",
+            tmp_path / ".x.12.0A1B2C3D.tmp"]
+    for k in keep:
+        k.write_bytes(b"keep")
+    assert ck.remove_stale_temporaries(str(tmp_path)) == [str(stale)]
+    assert sorted(os.listdir(tmp_path)) == sorted(k.name for k in keep)
+
+
+def test_atomic_write_temporary_is_recognised_as_stale(tmp_path, monkeypatch):
+    """A kill mid-write leaves exactly the kind of file remove_stale_temporaries deletes."""
+    left = []
+
+    def killed(f):
+        left.append(f.name)
+        f.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ck.os, "unlink", lambda p: None)  # as if the process died before cleaning up
+    with pytest.raises(KeyboardInterrupt):
+        ck.atomic_write(str(tmp_path / "stats0.csv"), killed)
+    monkeypatch.undo()
+    assert os.path.exists(left[0]) and not (tmp_path / "stats0.csv").exists()
+    assert ck.remove_stale_temporaries(str(tmp_path)) == [left[0]]
+    assert os.listdir(tmp_path) == []
+
+
+def assert_one_line_error(path, match):
+    with pytest.raises(CheckpointError) as info:
+        safe_load(str(path))
+    msg = str(info.value)
+    assert "\n" not in msg and str(path) in msg
+    assert match in msg
+    return msg
+
+
+def test_safe_load_truncated_garbage_missing_empty(tmp_path):
+    full = tmp_path / "full.pth"
+    atomic_save(good_ckpt(5), str(full))
+    data = full.read_bytes()
+    trunc = tmp_path / "trunc.pth"
+    trunc.write_bytes(data[: len(data) // 2])
+    assert_one_line_error(trunc, "cannot be read")
+    garbage = tmp_path / "garbage.pth"
+    garbage.write_bytes(os.urandom(64) + b"\n\nnot a checkpoint\n")
+    assert_one_line_error(garbage, "cannot be read")
+    empty = tmp_path / "empty.pth"
+    empty.write_bytes(b"")
+    assert_one_line_error(empty, "cannot be read")
+    assert_one_line_error(tmp_path / "missing.pth", "no such file")
+
+
+class Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))  # creates the marker file when unpickled
+
+
+def test_malicious_pickle_is_refused_not_executed(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.pth"
+    torch.save({"state_dict": {}, "epoch": 1, "payload": Evil(str(marker))}, str(path))
+    assert not marker.exists()
+    assert_one_line_error(path, "cannot be read")
+    assert not marker.exists()
+    # the same file does run code under a plain unpickling load (so the test is meaningful)
+    f = torch.load(str(path), weights_only=False)["payload"]
+    f.close()
+    assert marker.exists()
+
+
+def test_strip_module_prefix():
+    sd = {"module.conv1.weight": 1, "bn1.weight": 2, "head.module.x": 3, "module.module.y": 4}
+    assert strip_module_prefix(sd) == {"conv1.weight": 1, "bn1.weight": 2, "head.module.x": 3, "module.y": 4}
+
+
+# ---------------------------------------------------------------- RNG state
+
+def draws(np_rng):
+    return (torch.rand(3), np_rng.rand(3), np_rng.randn(), random.random(), random.gauss(0, 1))
+
+
+def test_rng_state_round_trip_through_a_file(tmp_path):
+    torch.manual_seed(1)
+    random.seed(2)
+    np_rng = np.random.RandomState(3)
+    np_rng.randn()        # leaves a cached Gaussian in the NumPy state
+    random.gauss(0, 1)    # and one in Python's
+    assert np_rng.get_state()[3] == 1
+    path = tmp_path / "rng.pth"
+    atomic_save({"rng": rng_state(np_rng)}, str(path))
+    first = draws(np_rng)
+    # scramble everything, then restore from the weights_only file
+    torch.manual_seed(99)
+    random.seed(99)
+    np_rng = np.random.RandomState(99)
+    set_rng_state(safe_load(str(path))["rng"], np_rng)
+    second = draws(np_rng)
+    assert torch.equal(first[0], second[0])
+    assert np.array_equal(first[1], second[1])
+    assert first[2:] == second[2:]
+
+
+# ---------------------------------------------------------------- resume discovery
+
+def test_find_resume_none(tmp_path):
+    assert find_resume_checkpoint(str(tmp_path), log=lambda m: None) == (None, None)
+
+
+def write_epoch_copy(dump, epoch, ok=True):
+    os.makedirs(dump / "checkpoints", exist_ok=True)
+    p = dump / "checkpoints" / f"ckp-{epoch}.pth"
+    if ok:
+        atomic_save(good_ckpt(epoch), str(p))
+    else:
+        p.write_bytes(b"junk")
+    return p
+
+
+def test_find_resume_main_first(tmp_path):
+    atomic_save(good_ckpt(30), str(tmp_path / "checkpoint.pth.tar"))
+    write_epoch_copy(tmp_path, 25)
+    path, ck_ = find_resume_checkpoint(str(tmp_path), log=lambda m: None)
+    assert path == str(tmp_path / "checkpoint.pth.tar") and ck_["epoch"] == 30
+
+
+def test_find_resume_falls_back_to_newest_readable_copy_and_logs(tmp_path):
+    (tmp_path / "checkpoint.pth.tar").write_bytes(b"torn")
+    write_epoch_copy(tmp_path, 5)
+    write_epoch_copy(tmp_path, 25)
+    write_epoch_copy(tmp_path, 100, ok=False)  # newest copy unreadable as well
+    logs = []
+    path, ck_ = find_resume_checkpoint(str(tmp_path), log=logs.append)
+    assert path == str(tmp_path / "checkpoints" / "ckp-25.pth") and ck_["epoch"] == 25
+    assert len(logs) == 3 and all("\n" not in m for m in logs)
+    assert "checkpoint.pth.tar" in logs[0] and "ckp-100" in logs[1] and "ckp-25" in logs[2]
+
+
+def test_find_resume_newest_copy_first_numerically(tmp_path):
+    for e in (5, 25, 100, 9):
+        write_epoch_copy(tmp_path, e)
+    (tmp_path / "checkpoints" / "ckp-latest.pth").write_bytes(b"ignored")
+    assert [os.path.basename(p) for p in epoch_copies(str(tmp_path))] == \
+        ["ckp-100.pth", "ckp-25.pth", "ckp-9.pth", "ckp-5.pth"]
+    path, ck_ = find_resume_checkpoint(str(tmp_path), log=lambda m: None)
+    assert ck_["epoch"] == 100
+
+
+def test_find_resume_all_corrupt_raises(tmp_path):
+    (tmp_path / "checkpoint.pth.tar").write_bytes(b"torn")
+    write_epoch_copy(tmp_path, 5, ok=False)
+    atomic_save({"not": "a training checkpoint"}, str(tmp_path / "checkpoints" / "ckp-6.pth"))
+    with pytest.raises(CheckpointError, match="no readable checkpoint") as info:
+        find_resume_checkpoint(str(tmp_path), log=lambda m: None)
+    assert "\n" not in str(info.value)
+
+
+# ---------------------------------------------------------------- resumable sampler
+
+class Range(torch.utils.data.Dataset):
+    def __init__(self, n):
+        self.n = n
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        return i
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_sampler_resumes_with_the_tail_of_the_epoch(rank):
+    ds, bs = Range(23), 3
+    for epoch in (0, 4):
+        ref = DistributedSampler(ds, num_replicas=2, rank=rank, shuffle=True, seed=0)
+        ref.set_epoch(epoch)
+        order = list(ref)
+        assert len(order) == 12
+        for k in range(6):
+            s = ResumableDistributedSampler(ds, num_replicas=2, rank=rank, batch_size=bs)
+            s.set_epoch(epoch, start_iter=k)
+            assert list(s) == order[k * bs:]
+            assert len(s) == max(0, 12 - k * bs)
+
+
+def test_sampler_set_epoch_changes_order_and_resets_start():
+    s = ResumableDistributedSampler(Range(40), num_replicas=1, rank=0, batch_size=4)
+    s.set_epoch(0, start_iter=2)
+    assert len(list(s)) == 32 and len(s) == 32
+    s.set_epoch(0)
+    e0 = list(s)
+    s.set_epoch(1)
+    e1 = list(s)
+    assert len(e0) == 40 and sorted(e0) == list(range(40))
+    assert e0 != e1 and sorted(e1) == sorted(e0)
