@@ -35,6 +35,25 @@ def normalize_prototypes_(net):
     w.copy_(F.normalize(w.detach().clone(), dim=1, p=2))
 
 
+def _all_finite(net, loss, scaled, world_size):
+    """Whether this step is finite, decided the same way on every rank.
+
+    Without a scaler: from the gradients, which DDP's all-reduce makes identical on all ranks (one rank's
+    NaN reaches every rank there), plus the loss with one process. With a GradScaler, overflowing scaled
+    gradients are routine and the scaler skips those steps itself; only a non-finite loss counts, agreed
+    across ranks with an all-reduce."""
+    if scaled:
+        ok = torch.isfinite(loss.detach()).float()
+        if world_size > 1:
+            torch.distributed.all_reduce(ok, op=torch.distributed.ReduceOp.MIN)
+        return ok > 0
+    grads = [p.grad for p in net.parameters() if p.grad is not None]
+    ok = torch.isfinite(torch.stack(torch._foreach_norm(grads))).all() if grads else torch.tensor(True)
+    if world_size == 1:
+        ok = ok & torch.isfinite(loss.detach())
+    return ok
+
+
 @dataclass
 class StepOutput:
     loss: torch.Tensor          # scalar, still on the device (read it only when logging)
@@ -51,10 +70,8 @@ def train_step(model, optimizer, crops, draws: UnmixDraws, cfg: SwavConfig, *, l
     """Set lr, normalise prototypes, mix, forward, loss, backward, drop prototype gradients while frozen,
     step. `draws` must be drawn even for plain SwAV (the released RNG stream consumes them).
 
-    skip_nonfinite: read whether the loss and the gradients are finite (one host sync) and, when not,
-    skip the step and undo what the forward changed (BN running statistics, the queue). Gradients are
-    checked too because under DDP one rank's NaN reaches every rank through the gradient all-reduce.
-    With a GradScaler the scaler skips steps with non-finite gradients itself (and lowers its scale)."""
+    skip_nonfinite: find out whether the step is finite (one host sync, see `_all_finite`) and, when
+    not, skip it and undo what the forward changed (BN running statistics, the queue)."""
     net = unwrap(model)
     for group in optimizer.param_groups:
         group["lr"] = lr
@@ -92,11 +109,7 @@ def train_step(model, optimizer, crops, draws: UnmixDraws, cfg: SwavConfig, *, l
         loss.backward()
     finite = True
     if skip_nonfinite:
-        grads = [p.grad for p in net.parameters() if p.grad is not None]
-        ok = torch.isfinite(loss)
-        if scaler is None and grads:  # with a scaler, gradients are scaled and its own check handles them
-            ok = ok & torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()
-        finite = bool(ok)
+        finite = bool(_all_finite(net, loss, scaler is not None, cfg.world_size))
         if not finite:
             with torch.no_grad():
                 for b, saved in zip(net.buffers(), saved_buffers):
