@@ -5,7 +5,7 @@ legacy `python -m torch.distributed.launch`, or `srun` (see README, "Running on 
 Reads top to bottom: arguments -> data -> model -> optimiser -> resume -> epoch loop.
 """
 import argparse
-import math
+import itertools
 import os
 import sys
 import time
@@ -19,6 +19,7 @@ from src.checkpoint import (CheckpointError, atomic_save, find_resume_checkpoint
                             rng_state, safe_load, set_rng_state, strip_module_prefix)
 from src.data import (CIFAR_MEAN, PRETRAIN_STD, DataError, MultiCropDataset, MultiCropTransform, load_split,
                       plain_tensor)
+from src.gpu_augment import DistributedBatchSampler, GPUMultiCrop
 from src.larc import LARC
 from src.logger import Stats, create_logger, format_eta, load_params_json, save_params
 from src.resnet import ARCHS, build_model
@@ -93,6 +94,10 @@ def get_parser():
                    help="released: reverse only the mixture's codes; paper: the authors' later formula")
     g.add_argument("--amp_dtype", type=str, default="float16", choices=["float16", "bfloat16"],
                    help="autocast dtype when --use_fp16 is on (float16 uses a GradScaler)")
+    g.add_argument("--augment", type=str, default="auto", choices=["auto", "released", "batched"],
+                   help="released: torchvision/PIL crops in DataLoader workers; batched: the data set as a uint8 "
+                        "tensor on the device and all crops of a batch made there at once; auto: batched on "
+                        "CUDA, released on CPU")
     g.add_argument("--channels_last", type=bool_flag, default=False, help="channels_last memory format (CUDA speed)")
     g.add_argument("--compile", type=bool_flag, default=False, help="torch.compile the model")
     g.add_argument("--download", type=bool_flag, default=True,
@@ -140,8 +145,6 @@ def check_args(args):
         fail(f"--sync_bn must be pytorch or apex, got {args.sync_bn!r}")
     if not 0 <= args.unmix_prob <= 1 or args.unmix_beta <= 0:
         fail(f"--unmix_prob must be in [0, 1] and --unmix_beta > 0 (got {args.unmix_prob}, {args.unmix_beta})")
-    if args.warmup_epochs > args.epochs:
-        fail(f"--warmup_epochs {args.warmup_epochs} exceeds --epochs {args.epochs}")
     for name in ("feat_dim", "nmb_prototypes", "width_per_group", "checkpoint_freq", "log_freq",
                  "max_nonfinite_steps", "preempt_check_freq"):
         if getattr(args, name) < 1:
@@ -237,11 +240,20 @@ def main():
         pin_memory=device.type == "cuda", drop_last=True,
         worker_init_fn=D.ignore_preemption_signals_in_worker if args.workers > 0 else None)
     iters_per_epoch = len(sampler) // args.batch_size
+    augment = args.augment if args.augment != "auto" else ("batched" if device.type == "cuda" else "released")
+    if augment == "batched":  # same epoch order and batches as the sampler above, crops made on the device
+        batch_crops = GPUMultiCrop(torch.from_numpy(train_images).to(device), args.size_crops, args.nmb_crops,
+                                   args.min_scale_crops, args.max_scale_crops, CIFAR_MEAN, PRETRAIN_STD,
+                                   channels_last=args.channels_last)
+        batch_sampler = DistributedBatchSampler(len(train_images), args.batch_size, args.world_size, args.rank,
+                                                seed=0, device=device)
+        aug_generator = torch.Generator(device=device)
+        assert len(batch_sampler) == iters_per_epoch
     if iters_per_epoch == 0:
         fail(f"{len(train_dataset)} training images give no full batch of {args.batch_size} on each of "
              f"{args.world_size} processes; lower --batch_size")
     logger.info(f"Building data done with {len(train_dataset)} images loaded ({len(classes)} classes, "
-                f"{iters_per_epoch} iterations per epoch).")
+                f"{iters_per_epoch} iterations per epoch, {augment} augmentation).")
     knn_data = None
     if args.knn_freq > 0:
         try:
@@ -385,7 +397,15 @@ def main():
         queue_in_use = False
         batch_time, data_time = AverageMeter(), AverageMeter()
         loss_sum, loss_count = torch.zeros((), device=device), 0
-        loader_iter = iter(train_loader)  # draws the workers' base seed from the torch RNG
+        if augment == "batched":
+            # its own generator, seeded from (seed, rank, epoch, first iteration): epochs repeat exactly on
+            # resume without saving generator states of every rank
+            aug_generator.manual_seed((((args.seed * 1000003 + args.rank) * 1000003 + epoch) * 1000003 + first_iter) % 2**63)
+            batch_sampler.set_epoch(epoch)
+            loader_iter = (batch_crops(idx, aug_generator)
+                           for idx in itertools.islice(iter(batch_sampler), first_iter, None))
+        else:
+            loader_iter = iter(train_loader)  # draws the workers' base seed from the torch RNG
         if epoch == start_epoch and first_iter > 0:
             if loop_state is not None:  # resumed mid-epoch: this epoch's running loss and queue flag
                 loss_sum = loop_state["loss_sum"].to(device)

@@ -140,3 +140,19 @@ def test_torchrun_two_processes(tmp_path):
                                  "--dump_path", tmp_path / "exp2_linear_eval", "--epochs", 1] + TINY_EVAL,
               tmp_path, launcher=launcher[:-1] + [f"--master_port={free_port()}"])
     top1_lines(out)
+
+
+def test_batched_augmentation_learns_and_resumes_exactly(tmp_path):
+    """The fast path (--augment batched, crops made on the device, here the CPU): finite, decreasing loss,
+    and an epoch-boundary restart gives the uninterrupted run's weights bit for bit."""
+    write_cifar10(tmp_path / "c10", n_train_per_batch=20, n_test=40)
+    common = ["--data_path", tmp_path / "c10", "--epochs", 3, "--augment", "batched"] + TINY
+    out = run("main_swav_unmix.py", common + ["--dump_path", tmp_path / "a"], tmp_path)
+    assert "batched augmentation" in out
+    losses = check_pretrain_dump(tmp_path / "a", 3)["loss"].tolist()
+    assert losses[2] < losses[0], losses
+    run("main_swav_unmix.py", common + ["--dump_path", tmp_path / "b", "--epochs_run_limit", 1], tmp_path)
+    run("main_swav_unmix.py", common + ["--dump_path", tmp_path / "b"], tmp_path)
+    a = torch.load(tmp_path / "a" / "checkpoint.pth.tar", weights_only=True)["state_dict"]
+    b = torch.load(tmp_path / "b" / "checkpoint.pth.tar", weights_only=True)["state_dict"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
