@@ -219,10 +219,11 @@ def train_released(args, model, linear, train_images, train_labels, test_images,
     test_set = LabeledDataset(test_images, test_labels, test_tf)
     sampler = torch.utils.data.distributed.DistributedSampler(train_set, num_replicas=args.world_size, rank=args.rank)
     pin = device.type == "cuda"
+    quiet = D.ignore_preemption_signals_in_worker if args.workers > 0 else None  # the main process handles them
     train_loader = torch.utils.data.DataLoader(train_set, sampler=sampler, batch_size=args.batch_size,
-                                               num_workers=args.workers, pin_memory=pin)
+                                               num_workers=args.workers, pin_memory=pin, worker_init_fn=quiet)
     test_loader = torch.utils.data.DataLoader(test_set, batch_size=args.batch_size, shuffle=False,
-                                              num_workers=args.workers, pin_memory=pin)
+                                              num_workers=args.workers, pin_memory=pin, worker_init_fn=quiet)
     if args.world_size > 1:
         linear = nn.parallel.DistributedDataParallel(
             linear, device_ids=[device.index] if device.type == "cuda" else None)
@@ -258,6 +259,7 @@ def train_released(args, model, linear, train_images, train_labels, test_images,
     t0 = time.time()
 
     # ============ epoch loop ============
+    preempt = D.PreemptionHandler().install()  # acted on after the epoch's checkpoint (epochs are short)
     for epoch in range(start_epoch, args.epochs):
         sampler.set_epoch(epoch)
         linear.train()
@@ -294,6 +296,11 @@ def train_released(args, model, linear, train_images, train_labels, test_images,
             atomic_save({"epoch": epoch + 1, "state_dict": target_module.state_dict(),
                          "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                          "best_acc": best_acc}, os.path.join(args.dump_path, "checkpoint.pth.tar"))
+        if epoch < args.epochs - 1 and preempt.should_stop(args.world_size, device):
+            logger.info(f"Preempted (signal {preempt.signum}): linear classifier saved after epoch {epoch}.")
+            if args.rank == 0 and preempt.requeue():
+                logger.info("Job requeued with scontrol; it will resume from the checkpoint.")
+            sys.exit(D.PREEMPTED_EXIT_CODE)
     if start_epoch >= args.epochs:  # already finished: report the stored numbers
         last1 = stats.last("prec1_val", float("nan"))
         last5 = stats.last("prec5_val", float("nan"))

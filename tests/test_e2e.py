@@ -156,3 +156,31 @@ def test_batched_augmentation_learns_and_resumes_exactly(tmp_path):
     a = torch.load(tmp_path / "a" / "checkpoint.pth.tar", weights_only=True)["state_dict"]
     b = torch.load(tmp_path / "b" / "checkpoint.pth.tar", weights_only=True)["state_dict"]
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_linear_eval_preempted_saves_requeues_and_resumes(tmp_path):
+    """SIGUSR1 during linear evaluation: the epoch's classifier is saved, exit status 3, and the same
+    command resumes after that epoch."""
+    import signal
+    import time
+    from src.distributed import PREEMPTED_EXIT_CODE
+    write_cifar10(tmp_path / "c10", n_train_per_batch=20, n_test=40)
+    dump = tmp_path / "exp"
+    run("main_swav_unmix.py", ["--data_path", tmp_path / "c10", "--dump_path", dump, "--epochs", 1] + TINY, tmp_path)
+    ev = tmp_path / "exp_linear_eval"
+    args = ["--data_path", tmp_path / "c10", "--pretrained", dump / "checkpoint.pth.tar", "--dump_path", ev,
+            "--epochs", 40] + TINY_EVAL
+    cmd = [sys.executable, str(REPO / "eval_linear.py")] + [str(a) for a in args]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((ev / "train.log").exists() and "Test:" in (ev / "train.log").read_text()):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGUSR1)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == PREEMPTED_EXIT_CODE, out[-2000:]
+    saved = torch.load(ev / "checkpoint.pth.tar", weights_only=True)["epoch"]
+    assert 1 <= saved < 40 and f"saved after epoch {saved - 1}" in out
+    out = run("eval_linear.py", args, tmp_path)
+    assert f"Resumed linear evaluation from epoch {saved}" in out
+    top1_lines(out)
+    assert len(pd.read_pickle(ev / "stats0.pkl")) == 40
