@@ -137,8 +137,9 @@ def find_resume_checkpoint(dump_path, log=print):
             log(f"unreadable checkpoint, skipped: {e}")
             errors.append(str(e))
             continue
-        if path != main and os.path.exists(main):
-            log(f"resuming from the epoch copy {path} because {main} is unreadable")
+        if path != main:
+            why = "is unreadable" if os.path.exists(main) else "is missing"
+            log(f"resuming from the epoch copy {path} because {main} {why}")
         return path, ckpt
     raise CheckpointError(f"no readable checkpoint in {dump_path} ({len(errors)} tried; first: {errors[0]}); "
                           "move the folder away to start afresh")

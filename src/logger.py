@@ -34,7 +34,9 @@ def create_logger(dump_path, rank, name="unmix"):
     logger = logging.getLogger(f"{name}.{rank}.{path}")
     logger.setLevel(logging.INFO)
     logger.propagate = False
-    logger.handlers.clear()
+    for h in list(logger.handlers):  # a second call for the same file: close, don't leak, the old handler
+        logger.removeHandler(h)
+        h.close()
     fmt = _ElapsedFormatter()
     fh = logging.FileHandler(path, mode="a")
     fh.setFormatter(fmt)

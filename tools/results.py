@@ -205,12 +205,8 @@ def load_run(path):
             best, last = float(p1.max()), float(p1.iloc[-1])
         top5 = _last_valid(eval_stats, "prec5_val")
     if mode is None and eval_params:   # an unfinished evaluation: the mode from its arguments, if named
-        for key in ("mode", "eval_mode"):
-            if isinstance(eval_params.get(key), str):
-                mode = eval_params[key]
-        for key in ("fast", "fast_mode", "fast_eval", "fast_linear"):
-            if mode is None and eval_params.get(key) is not None:
-                mode = "fast" if _truthy(eval_params[key]) else "released"
+        if isinstance(eval_params.get("probe"), str):  # eval_linear.py --probe released|cached
+            mode = eval_params["probe"]
     run.update(best_top1=best, last_top1=last, last_top5=top5, eval_seconds=eval_seconds, eval_mode=mode,
                eval_finished=bool(results), has_eval=bool(results or eval_stats is not None or eval_params),
                eval_epochs_done=eval_epochs_done, eval_epochs_planned=eval_epochs_planned)
