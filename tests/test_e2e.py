@@ -134,7 +134,7 @@ def test_torchrun_two_processes(tmp_path):
     log = (dump / "train.log").read_text()
     assert "world_size: 2" in log and "rank: 0" in log
     assert "Process rank 1 of world size 2" in (dump / "train.log-1").read_text()
-    assert "Building data done with 100 images loaded (10 classes, 6 iterations per epoch)" in log
+    assert "Building data done with 100 images loaded (10 classes, 6 iterations per epoch, released" in log
     check_pretrain_dump(dump, 2)
     out = run("eval_linear.py", ["--data_path", tmp_path / "c10", "--pretrained", dump / "checkpoint.pth.tar",
                                  "--dump_path", tmp_path / "exp2_linear_eval", "--epochs", 1] + TINY_EVAL,
