@@ -107,7 +107,8 @@ def get_parser():
     g.add_argument("--knn_k", type=int, default=200, help="neighbours of the kNN monitor")
     g.add_argument("--knn_temperature", type=float, default=0.1, help="temperature of the kNN monitor")
     g.add_argument("--max_nonfinite_steps", type=int, default=20,
-                   help="stop after this many consecutive non-finite losses (their steps are skipped)")
+                   help="stop after this many consecutive non-finite losses (their steps are skipped); "
+                        "0: no guard, which also saves its one host synchronisation per iteration")
     g.add_argument("--preempt_check_freq", type=int, default=10,
                    help="with several processes, agree on preemption every this many iterations")
     g.add_argument("--allow_changed_args", type=bool_flag, default=False,
@@ -146,11 +147,11 @@ def check_args(args):
     if not 0 <= args.unmix_prob <= 1 or args.unmix_beta <= 0:
         fail(f"--unmix_prob must be in [0, 1] and --unmix_beta > 0 (got {args.unmix_prob}, {args.unmix_beta})")
     for name in ("feat_dim", "nmb_prototypes", "width_per_group", "checkpoint_freq", "log_freq",
-                 "max_nonfinite_steps", "preempt_check_freq"):
+                 "preempt_check_freq"):
         if getattr(args, name) < 1:
             fail(f"--{name} must be at least 1, got {getattr(args, name)}")
     for name in ("hidden_mlp", "queue_length", "epoch_queue_starts", "warmup_epochs", "workers", "knn_freq",
-                 "epochs_run_limit"):
+                 "epochs_run_limit", "max_nonfinite_steps"):
         if getattr(args, name) < 0:
             fail(f"--{name} must not be negative, got {getattr(args, name)}")
     if min(args.size_crops) < 1 or not all(0 < lo <= hi <= 1 for lo, hi in zip(args.min_scale_crops,
@@ -426,7 +427,7 @@ def main():
                              run_swav=args.run_swav, unmix_prob=args.unmix_prob, queue=queue,
                              queue_in_use=queue_in_use, scaler=scaler, autocast_dtype=amp_dtype,
                              loss_form=args.unmix_loss_form, channels_last=args.channels_last,
-                             skip_nonfinite=True)
+                             skip_nonfinite=args.max_nonfinite_steps > 0)
             queue_in_use = out.queue_in_use
             if out.finite:
                 nonfinite = 0
