@@ -8,6 +8,7 @@ pytest with -s to see them).
 """
 import os
 import re
+import shutil
 import stat
 import subprocess
 import sys
@@ -52,6 +53,8 @@ def fake(tmp_path):
     code.mkdir()
     for f in ("main_swav_unmix.py", "eval_linear.py"):
         (code / f).write_text("# stub\n")
+    (code / "scripts").mkdir()  # the real job body, which the scripts source from CODE_DIR
+    shutil.copy(os.path.join(ROOT, "scripts", "unmix_job.sh"), code / "scripts" / "unmix_job.sh")
     py = tmp_path / "fakepython"
     py.write_text(FAKE_PYTHON)
     py.chmod(py.stat().st_mode | stat.S_IEXEC)

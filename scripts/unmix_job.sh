@@ -1,0 +1,165 @@
+#!/usr/bin/env bash
+# The body of script_unmix_c10.sh / script_unmix_c100.sh: pretraining, then linear evaluation.
+# Sourced by them after they set DATASET_NAME, NUM_LABELS, JOB_TAG and CODE_DIR; usage, environment
+# overrides and exit statuses are documented in script_unmix_c10.sh's header.
+
+log() { echo "[$JOB_TAG $(date '+%F %T')] $*"; }
+die() { echo "error: $*" >&2; exit 2; }
+
+is_uint() { [[ "$1" =~ ^[0-9]+$ ]]; }
+
+DATASET_PATH=${DATASET_PATH:-$DATASET_NAME}
+EPOCHS=${EPOCHS:-400}
+BATCH_SIZE=${BATCH_SIZE:-128}
+RUN_SWAV=${RUN_SWAV:-False}
+ARCH=${ARCH:-resnet18}
+WORKERS=${WORKERS:-2}
+EVAL_EPOCHS=${EVAL_EPOCHS:-100}
+EXTRA_ARGS=${EXTRA_ARGS:-}
+EVAL_EXTRA_ARGS=${EVAL_EXTRA_ARGS:-}
+
+for v in EPOCHS BATCH_SIZE WORKERS EVAL_EPOCHS; do
+    is_uint "${!v}" || die "$v='${!v}' is not a non-negative integer"
+done
+[ "$BATCH_SIZE" -gt 0 ] || die "BATCH_SIZE must be > 0"
+[[ "$ARCH" =~ ^[A-Za-z0-9_]+$ ]] || die "ARCH='$ARCH' is not an architecture name"
+case "${RUN_SWAV,,}" in
+    true|on|1) PREFIX=swav ;;
+    false|off|0) PREFIX=unmix_swav ;;
+    *) die "RUN_SWAV='$RUN_SWAV' is not a boolean (true/false, on/off, 1/0)" ;;
+esac
+EXPERIMENT_PATH=${EXPERIMENT_PATH:-./experiments/${PREFIX}_cifar_${BATCH_SIZE}_${ARCH}_${EPOCHS}ep_100prot_${DATASET_NAME}}
+[ -n "$EXPERIMENT_PATH" ] || die "EXPERIMENT_PATH is empty"
+[ "$EXPERIMENT_PATH" = "/" ] || EXPERIMENT_PATH=${EXPERIMENT_PATH%/}
+EVAL_PATH="${EXPERIMENT_PATH}_linear_eval"
+read -r -a EXTRA <<< "$EXTRA_ARGS"
+read -r -a EVAL_EXTRA <<< "$EVAL_EXTRA_ARGS"
+
+if [ -z "${PYTHON:-}" ]; then
+    if command -v python >/dev/null 2>&1; then PYTHON=python; else PYTHON=python3; fi
+fi
+command -v "$PYTHON" >/dev/null 2>&1 || die "python interpreter '$PYTHON' not found (set PYTHON)"
+
+
+# ---- how to start the processes
+if [ -n "${SLURM_JOB_ID:-}" ]; then
+    # Slurm >= 22.05 srun no longer inherits --cpus-per-task from sbatch; pass it on explicitly.
+    if [ -n "${SLURM_CPUS_PER_TASK:-}" ] && [ -z "${SRUN_CPUS_PER_TASK:-}" ]; then
+        export SRUN_CPUS_PER_TASK=$SLURM_CPUS_PER_TASK
+    fi
+    # One task per GPU as the allocation says (--ntasks-per-node x --nodes). --kill-on-bad-exit=0
+    # (also where the cluster's KillOnBadExit=1): on preemption the other ranks exit with status 3
+    # while rank 0 may still be writing the checkpoint or calling `scontrol requeue`. --wait ends the
+    # step 10 minutes after the first task ended (a rank that crashed leaves the others blocked in a
+    # collective).
+    LAUNCH=(srun --kill-on-bad-exit=0 --wait=600 "$PYTHON" -u)
+    WHERE="slurm job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}), ${SLURM_NTASKS:-1} task(s) on ${SLURM_JOB_NODELIST:-?}"
+else
+    if [ -z "${NPROC:-}" ]; then
+        if [ -n "${CUDA_VISIBLE_DEVICES+x}" ]; then
+            if [ -z "$CUDA_VISIBLE_DEVICES" ] || [ "$CUDA_VISIBLE_DEVICES" = "-1" ]; then NPROC=0
+            else NPROC=$(awk -F, '{print NF}' <<< "$CUDA_VISIBLE_DEVICES"); fi
+        elif command -v nvidia-smi >/dev/null 2>&1; then
+            NPROC=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+        else
+            NPROC=0
+        fi
+        [ "${NPROC:-0}" -ge 1 ] 2>/dev/null || NPROC=1
+    fi
+    is_uint "$NPROC" && [ "$NPROC" -ge 1 ] || die "NPROC='$NPROC' must be a positive integer"
+    if [ "$NPROC" -eq 1 ]; then
+        LAUNCH=("$PYTHON" -u)
+    else
+        LAUNCH=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NPROC")
+    fi
+    WHERE="no Slurm, $NPROC process(es) on $(hostname)"
+fi
+
+# The python tasks handle SIGUSR1/SIGTERM themselves; this shell only notes them and keeps waiting.
+TERMINATED=0
+trap 'TERMINATED=1; log "batch shell received SIGTERM (job requeued, cancelled or at its time limit)"' TERM
+trap 'log "batch shell received SIGUSR1 (the python tasks handle preemption)"' USR1
+
+log "$WHERE; code in $CODE_DIR; dump $EXPERIMENT_PATH"
+
+# Status 3 from a step: it saved and (under Slurm) requeued the job itself. Status 138 = 128 + SIGUSR1:
+# the preemption warning killed a process that installs no handler (e.g. between the two steps);
+# then this shell requeues the job (under Slurm) so that the rerun resumes from the last checkpoint.
+stopped_early() {  # $1 = step name, $2 = status
+    if [ "$2" -eq 138 ] && [ -n "${SLURM_JOB_ID:-}" ]; then
+        if scontrol requeue "$SLURM_JOB_ID"; then
+            log "$1 was killed by SIGUSR1 (preemption warning); job $SLURM_JOB_ID requeued, it resumes from the last checkpoint"
+        else
+            log "$1 was killed by SIGUSR1 (preemption warning) and 'scontrol requeue $SLURM_JOB_ID' failed"
+        fi
+        return 0
+    fi
+    if [ "$2" -eq 3 ] || [ "$2" -eq 138 ] || { [ "$2" -ne 0 ] && [ "$TERMINATED" -eq 1 ]; }; then
+        log "$1 stopped by a preemption signal or SIGTERM (status $2); the last checkpoint is kept," \
+            "a requeued or repeated run resumes from it"
+        return 0
+    fi
+    return 1
+}
+
+PRETRAIN=(
+    "${LAUNCH[@]}" "$CODE_DIR/main_swav_unmix.py"
+    --arch "$ARCH"
+    --hidden_mlp 512
+    --data_path "$DATASET_PATH"
+    --min_scale_crops 0.14
+    --max_scale_crops 1.0
+    --epochs "$EPOCHS"
+    --batch_size "$BATCH_SIZE"
+    --base_lr 0.6
+    --final_lr 0.0006
+    --warmup_epochs 5
+    --size_crops 32
+    --nmb_crops 2
+    --nmb_prototypes 100
+    --queue_length 120
+    --epoch_queue_starts 15
+    --use_fp16 True
+    --freeze_prototypes_niters 5005
+    --run_swav "$RUN_SWAV"
+    --workers "$WORKERS"
+    --temperature 0.1
+    --epsilon 0.05
+    --dump_path "$EXPERIMENT_PATH"
+    "${EXTRA[@]}"
+)
+mkdir -p "$EXPERIMENT_PATH" || die "cannot create $EXPERIMENT_PATH"
+log "pretraining: ${PRETRAIN[*]}"
+"${PRETRAIN[@]}"
+rc=$?
+if [ "$rc" -ne 0 ] && stopped_early pretraining "$rc"; then
+    exit 3
+elif [ "$rc" -ne 0 ]; then
+    log "pretraining failed (status $rc); linear evaluation not started"
+    exit 11
+fi
+
+EVAL=(
+    "${LAUNCH[@]}" "$CODE_DIR/eval_linear.py"
+    --num_labels "$NUM_LABELS"
+    --crop_size 32
+    --workers "$WORKERS"
+    --arch "$ARCH"
+    --data_path "$DATASET_PATH"
+    --epochs "$EVAL_EPOCHS"
+    --pretrained "$EXPERIMENT_PATH/checkpoint.pth.tar"
+    --dump_path "$EVAL_PATH"
+    "${EVAL_EXTRA[@]}"
+)
+mkdir -p "$EVAL_PATH" || die "cannot create $EVAL_PATH"
+log "linear evaluation: ${EVAL[*]}"
+"${EVAL[@]}"
+rc=$?
+if [ "$rc" -ne 0 ] && stopped_early "linear evaluation" "$rc"; then
+    exit 3
+elif [ "$rc" -ne 0 ]; then
+    log "linear evaluation failed (status $rc)"
+    exit 21
+fi
+log "done: pretraining in $EXPERIMENT_PATH, linear evaluation in $EVAL_PATH"
+exit 0
