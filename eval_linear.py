@@ -16,11 +16,11 @@ import torch
 import torch.nn as nn
 
 from src import distributed as D
-from src.checkpoint import CheckpointError, atomic_save, remove_stale_temporaries, safe_load, strip_module_prefix
+from src.checkpoint import CheckpointError, atomic_save, prepare_dump_path, safe_load, strip_module_prefix
 from src.data import CIFAR_MEAN, EVAL_STD, DataError, LabeledDataset, eval_transforms, load_split, plain_tensor
 from src.logger import Stats, create_logger, format_eta, save_params, write_json
 from src.resnet import ARCHS, build_model
-from src.utils import AverageMeter, bool_flag, fix_random_seeds
+from src.utils import AverageMeter, bool_flag, fail, fix_random_seeds
 
 
 def get_parser():
@@ -61,11 +61,6 @@ def get_parser():
     g.add_argument("--download", type=bool_flag, default=True, help="download cifar10/cifar100 when missing")
     g.add_argument("--log_freq", type=int, default=50, help="log every this many iterations")
     return p
-
-
-def fail(msg):
-    print(f"error: {msg}", file=sys.stderr, flush=True)
-    sys.exit(2)
 
 
 class RegLog(nn.Module):
@@ -146,14 +141,9 @@ def main():
     fix_random_seeds(args.seed)
     if args.rank == 0:
         try:
-            os.makedirs(args.dump_path, exist_ok=True)
-            probe = os.path.join(args.dump_path, f".write_test.{os.getpid()}.{os.urandom(4).hex()}.tmp")
-            with open(probe, "w") as f:
-                f.write("ok")
-            os.remove(probe)
-        except OSError as e:
-            fail(f"--dump_path {args.dump_path!r} is not writable ({e.strerror})")
-        remove_stale_temporaries(args.dump_path)  # left by atomic writes interrupted by a kill
+            prepare_dump_path(args.dump_path)
+        except CheckpointError as e:
+            fail(str(e))
     D.barrier(args.world_size)
     logger = create_logger(args.dump_path, args.rank)
     if args.rank == 0:

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 
 from src import distributed as D
-from src.checkpoint import (CheckpointError, atomic_save, find_resume_checkpoint, remove_stale_temporaries,
+from src.checkpoint import (CheckpointError, atomic_save, find_resume_checkpoint, prepare_dump_path,
                             rng_state, safe_load, set_rng_state, strip_module_prefix)
 from src.data import (CIFAR_MEAN, PRETRAIN_STD, DataError, MultiCropDataset, MultiCropTransform, load_split,
                       plain_tensor)
@@ -26,7 +26,7 @@ from src.resnet import ARCHS, build_model
 from src.sampler import ResumableDistributedSampler
 from src.train_step import cosine_schedule, train_step, unwrap
 from src.unmix import LOSS_FORMS, SwavConfig, draw_unmix, pair_sizes
-from src.utils import AverageMeter, bool_flag, fix_random_seeds
+from src.utils import AverageMeter, bool_flag, fail, fix_random_seeds
 
 # Flags that do not change what is computed: a resumed run may differ in these.
 OPERATIONAL_FLAGS = {"dump_path", "workers", "dist_url", "rank", "local_rank", "gpu_to_work_on", "device",
@@ -118,12 +118,6 @@ def get_parser():
     return p
 
 
-def fail(msg):
-    """Bad input: one line on stderr, exit status 2, no traceback."""
-    print(f"error: {msg}", file=sys.stderr, flush=True)
-    sys.exit(2)
-
-
 def check_args(args):
     if args.arch not in ARCHS:
         fail(f"unknown --arch {args.arch!r}; choose one of {', '.join(ARCHS)}")
@@ -159,19 +153,6 @@ def check_args(args):
         fail("--size_crops must be positive and 0 < --min_scale_crops <= --max_scale_crops <= 1")
     if args.temperature <= 0 or args.epsilon <= 0:
         fail(f"--temperature and --epsilon must be positive (got {args.temperature}, {args.epsilon})")
-
-
-def prepare_dump_path(args):
-    try:
-        os.makedirs(os.path.join(args.dump_path, "checkpoints"), exist_ok=True)
-        probe = os.path.join(args.dump_path, f".write_test.{os.getpid()}.{os.urandom(4).hex()}.tmp")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        fail(f"--dump_path {args.dump_path!r} is not writable ({e.strerror})")
-    # temporaries of atomic writes interrupted by a kill (no process of this run writes yet)
-    remove_stale_temporaries(args.dump_path, os.path.join(args.dump_path, "checkpoints"))
 
 
 def compare_with_previous_run(args):
@@ -211,7 +192,10 @@ def main():
     fix_random_seeds(args.seed)
     np_rng = np.random.RandomState(args.seed)  # the released code drew lam, r and box centres here
     if args.rank == 0:
-        prepare_dump_path(args)
+        try:
+            prepare_dump_path(args.dump_path, "checkpoints")
+        except CheckpointError as e:
+            fail(str(e))
         diffs = compare_with_previous_run(args)
         if diffs and not args.allow_changed_args:
             fail(f"{args.dump_path} holds a run with other arguments ({'; '.join(diffs)}); "

@@ -143,3 +143,18 @@ def find_resume_checkpoint(dump_path, log=print):
         return path, ckpt
     raise CheckpointError(f"no readable checkpoint in {dump_path} ({len(errors)} tried; first: {errors[0]}); "
                           "move the folder away to start afresh")
+
+
+def prepare_dump_path(dump_path, *subfolders):
+    """Create the run folder (and subfolders), prove it writable (CheckpointError if not) and remove the
+    temporaries of atomic writes that a kill interrupted. Call before any process of the run writes."""
+    try:
+        for folder in (dump_path,) + tuple(os.path.join(dump_path, s) for s in subfolders):
+            os.makedirs(folder, exist_ok=True)
+        probe = os.path.join(dump_path, f".write_test.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as e:
+        raise CheckpointError(f"--dump_path {dump_path!r} is not writable ({e.strerror})") from None
+    remove_stale_temporaries(dump_path, *(os.path.join(dump_path, s) for s in subfolders))

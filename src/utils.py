@@ -1,6 +1,7 @@
 """Small helpers shared by the entry scripts: boolean flags, running averages, seeding."""
 import argparse
 import random
+import sys
 
 import numpy as np
 import torch
@@ -41,3 +42,9 @@ def fix_random_seeds(seed):
         torch.cuda.manual_seed_all(seed)
     np.random.seed(seed)
     random.seed(seed)
+
+
+def fail(msg):
+    """Bad input: one line on stderr, exit status 2, no traceback."""
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+    sys.exit(2)
