@@ -1,0 +1,75 @@
+"""Every flag of the released entry scripts exists with the released name and default
+(../shared/docs/released-code-behaviour.md), and the help lists it."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import eval_linear
+import main_swav_unmix
+
+REPO = Path(__file__).resolve().parents[1]
+
+RELEASED_PRETRAIN = {
+    "data_path": "/path/to/data", "nmb_crops": [2], "size_crops": [32], "min_scale_crops": [0.14],
+    "max_scale_crops": [1], "use_pil_blur": True, "crops_for_assign": [0, 1], "temperature": 0.1,
+    "epsilon": 0.05, "improve_numerical_stability": False, "sinkhorn_iterations": 3, "feat_dim": 128,
+    "nmb_prototypes": 3000, "queue_length": 0, "epoch_queue_starts": 15, "epochs": 100, "batch_size": 64,
+    "base_lr": 4.8, "final_lr": 0, "freeze_prototypes_niters": 313, "wd": 1e-6, "warmup_epochs": 10,
+    "start_warmup": 0, "dist_url": "env://", "world_size": -1, "rank": 0, "local_rank": 0,
+    "arch": "resnet50", "hidden_mlp": 2048, "workers": 10, "checkpoint_freq": 25, "use_fp16": True,
+    "sync_bn": "pytorch", "syncbn_process_group_size": 8, "dump_path": ".", "seed": 31,
+    "run_swav": False, "unmix_prob": 0.5, "unmix_beta": 1.0,
+}
+RELEASED_EVAL = {
+    "dump_path": ".", "seed": 31, "workers": 20, "arch": "resnet50", "pretrained": "", "global_pooling": True,
+    "use_bn": False, "epochs": 100, "batch_size": 32, "num_labels": 10, "crop_size": 32, "lr": 0.3, "wd": 1e-6,
+    "nesterov": False, "scheduler_type": "cosine", "decay_epochs": [60, 80], "gamma": 0.1, "final_lr": 0,
+    "dist_url": "env://", "world_size": -1, "rank": 0, "local_rank": 0,
+}
+# The script arguments of script_unmix_c10.sh parse to the released values.
+C10 = ("--arch resnet18 --hidden_mlp 512 --data_path cifar10 --min_scale_crops 0.14 --max_scale_crops 1.0 "
+       "--epochs 400 --batch_size 128 --base_lr 0.6 --final_lr 0.0006 --warmup_epochs 5 --size_crops 32 "
+       "--nmb_crops 2 --nmb_prototypes 100 --queue_length 120 --epoch_queue_starts 15 --use_fp16 True "
+       "--freeze_prototypes_niters 5005 --run_swav False --workers 2 --temperature 0.1 --epsilon 0.05")
+
+
+@pytest.mark.parametrize("module,released", [(main_swav_unmix, RELEASED_PRETRAIN), (eval_linear, RELEASED_EVAL)])
+def test_released_flags_and_defaults(module, released):
+    args = vars(module.get_parser().parse_args([]))
+    for name, default in released.items():
+        assert name in args, f"--{name} missing"
+        assert args[name] == default, f"--{name}: default {args[name]!r}, released {default!r}"
+
+
+def test_new_flags_default_to_the_released_behaviour():
+    a = main_swav_unmix.get_parser().parse_args([])
+    assert (a.width_per_group, a.unmix_loss_form, a.knn_freq, a.compile, a.channels_last) == (64, "released", 0, False, False)
+    e = eval_linear.get_parser().parse_args([])
+    assert (e.probe, e.width_per_group) == ("released", 64)
+
+
+def test_c10_script_arguments_parse():
+    a = main_swav_unmix.get_parser().parse_args(C10.split())
+    assert (a.arch, a.hidden_mlp, a.batch_size, a.queue_length, a.freeze_prototypes_niters) == ("resnet18", 512, 128, 120, 5005)
+    assert a.use_fp16 is True and a.run_swav is False
+
+
+@pytest.mark.parametrize("value,expected", [("on", True), ("TRUE", True), ("1", True), ("Off", False), ("false", False), ("0", False)])
+def test_boolean_spellings(value, expected):
+    assert main_swav_unmix.get_parser().parse_args(["--run_swav", value]).run_swav is expected
+
+
+def test_legacy_launcher_local_rank_spellings():
+    p = main_swav_unmix.get_parser()
+    assert p.parse_args(["--local_rank=3"]).local_rank == 3
+    assert p.parse_args(["--local-rank=2"]).local_rank == 2  # torch.distributed.launch on torch 2.x
+
+
+@pytest.mark.parametrize("script,released", [("main_swav_unmix.py", RELEASED_PRETRAIN), ("eval_linear.py", RELEASED_EVAL)])
+def test_help_lists_every_released_flag(script, released):
+    out = subprocess.run([sys.executable, str(REPO / script), "--help"], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    for name in released:
+        assert f"--{name}" in out.stdout, name
