@@ -294,8 +294,10 @@ def main():
                 fail(f"{ckpt_path} does not fit --arch {args.arch} (missing {missing.missing_keys[:3]}, "
                      f"unexpected {missing.unexpected_keys[:3]})")
             optimizer.load_state_dict(ckpt["optimizer"])
-            if scaler is not None and ckpt.get("amp"):
+            if scaler is not None and isinstance(ckpt.get("amp"), dict) and "scale" in ckpt["amp"]:
                 scaler.load_state_dict(ckpt["amp"])
+            elif scaler is not None and ckpt.get("amp"):  # a released checkpoint: apex's loss-scaler state
+                logger.info("apex loss-scaler state in the checkpoint not used: the GradScaler starts afresh")
             start_epoch, start_iter = int(ckpt["epoch"]), int(ckpt.get("iteration", 0))
             if "rng" in ckpt:
                 set_rng_state(ckpt["rng"], np_rng)

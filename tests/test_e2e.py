@@ -184,3 +184,22 @@ def test_linear_eval_preempted_saves_requeues_and_resumes(tmp_path):
     assert f"Resumed linear evaluation from epoch {saved}" in out
     top1_lines(out)
     assert len(pd.read_pickle(ev / "stats0.pkl")) == 40
+
+
+def test_resumes_from_a_released_format_checkpoint_and_evaluates_it(tmp_path):
+    """A checkpoint as the released code wrote it (only epoch, module.-prefixed state_dict, the optimizer,
+    apex's amp state) resumes pretraining here, and eval_linear.py loads it."""
+    write_cifar10(tmp_path / "c10", n_train_per_batch=20, n_test=40)
+    dump = tmp_path / "exp"
+    common = ["--data_path", tmp_path / "c10", "--dump_path", dump, "--epochs", 2] + TINY
+    run("main_swav_unmix.py", common + ["--epochs_run_limit", 1], tmp_path)
+    ours = torch.load(dump / "checkpoint.pth.tar", weights_only=True)
+    released = {"epoch": ours["epoch"], "state_dict": ours["state_dict"], "optimizer": ours["optimizer"],
+                "amp": {"loss_scaler0": {"loss_scale": 65536.0, "unskipped": 0}}}
+    torch.save(released, dump / "checkpoint.pth.tar")
+    out = run("main_swav_unmix.py", common, tmp_path)
+    assert "Resumed from" in out and "epoch 1, iteration 0" in out and "Pretraining done" in out
+    out = run("eval_linear.py", ["--data_path", tmp_path / "c10", "--pretrained", dump / "checkpoints" / "ckp-0.pth",
+                                 "--dump_path", tmp_path / "ev", "--epochs", 1, "--probe", "cached"] + TINY_EVAL, tmp_path)
+    assert "missing_keys=[]" in out
+    top1_lines(out)
