@@ -100,7 +100,7 @@ def main():
     rows = []
     for name, kw in configs:
         ips, med, times = bench(device, args.width, args.batch, repeats, warmup, **kw)
-        rows.append(f"| {name} | {args.batch} | {args.width} | {med * 1000:.1f} | {ips:,.0f} | "
+        rows.append(f"| {name} | {args.batch} | {args.width} | {med * 1000:.1f} | {ips:,.1f} | "
                     f"{min(times) * 1000:.1f}–{max(times) * 1000:.1f} |")
         print(rows[-1], flush=True)
     table = "\n".join([
