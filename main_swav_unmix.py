@@ -387,7 +387,8 @@ def main():
         if augment == "batched":
             # its own generator, seeded from (seed, rank, epoch, first iteration): epochs repeat exactly on
             # resume without saving generator states of every rank
-            aug_generator.manual_seed((((args.seed * 1000003 + args.rank) * 1000003 + epoch) * 1000003 + first_iter) % 2**63)
+            seed = ((args.seed * 1000003 + args.rank) * 1000003 + epoch) * 1000003 + first_iter
+            aug_generator.manual_seed(seed % 2**63)
             batch_sampler.set_epoch(epoch)
             loader_iter = (batch_crops(idx, aug_generator)
                            for idx in itertools.islice(iter(batch_sampler), first_iter, None))
