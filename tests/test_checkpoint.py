@@ -1,6 +1,5 @@
 """Atomic saves, safe loads, RNG state, resume discovery; the resumable distributed sampler."""
 import os
-import pickle
 import random
 
 import numpy as np

@@ -100,7 +100,6 @@ def test_unmix_inputs_order_global():
 
 
 def test_unmix_inputs_region_lam_of_pair0_sizes_pair1():
-    bs = 2
     crops = [torch.stack([torch.zeros(3, 32, 32), torch.ones(3, 32, 32)]) for _ in range(4)]
     draws = UnmixDraws(r=0.9, lam=0.75, centers=[(0, 0), (30, 16)])
     inputs, lam = unmix_inputs(crops, draws, unmix_prob=0.5)
