@@ -13,6 +13,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from .linear_probe import correct_counts, extract_frozen_features
+
 __all__ = ["extract_features", "knn_scores", "knn_classify", "knn_accuracy", "knn_monitor"]
 
 
@@ -27,24 +29,12 @@ def _comm_device(device):
     return torch.device("cpu")
 
 
-def _pool(out):
-    """A 4-D feature map (B x C x H x W) is average-pooled and flattened; anything else is flattened."""
-    if out.dim() == 4:
-        out = F.adaptive_avg_pool2d(out, 1)
-    return out.flatten(1)
-
-
 @torch.no_grad()
 def _local_features(backbone_fn, images, batch_size, device):
     """L2-normalised float32 features of `images`, in order, on `device` (None when `images` is empty)."""
-    feats = []
-    for start in range(0, images.shape[0], batch_size):
-        x = images[start:start + batch_size].to(device, non_blocking=True)
-        f = _pool(backbone_fn(x)).float()
-        feats.append(F.normalize(f, dim=1))
-    if not feats:
+    if images.shape[0] == 0:
         return None
-    return torch.cat(feats)
+    return F.normalize(extract_frozen_features(backbone_fn, images, batch_size, device), dim=1)
 
 
 @torch.no_grad()
@@ -116,9 +106,8 @@ def knn_classify(train_features, train_labels, test_features, num_classes, k=200
 def _correct_counts(scores, labels):
     """(top-1 correct, top-5 correct) counts; top-5 means top-min(5, num_classes)."""
     labels = torch.as_tensor(labels, dtype=torch.long, device=scores.device)
-    top = scores.topk(min(5, scores.shape[1]), dim=1).indices
-    hit = top.eq(labels.view(-1, 1))
-    return int(hit[:, :1].sum().item()), int(hit.any(dim=1).sum().item())
+    c1, c5 = correct_counts(scores, labels, min(5, scores.shape[1]))
+    return int(c1), int(c5)
 
 
 @torch.no_grad()
