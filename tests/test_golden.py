@@ -33,12 +33,13 @@ def get_case(name):
     return next(c for c in golden()["cases"] if c["name"] == name)
 
 
-def build(case):
+def build(case, device="cpu"):
     cfg = case["config"]
     model = build_model(cfg["arch"], width_per_group=cfg["width_per_group"], normalize=True,
                         hidden_mlp=cfg["hidden_mlp"], output_dim=cfg["feat_dim"],
                         nmb_prototypes=cfg["nmb_prototypes"])
     model.load_state_dict(golden()["init_state_dicts"][case["init_key"]])
+    model.to(device)
     sgd = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["wd"])
     opt = LARC(sgd, trust_coefficient=cfg["trust_coefficient"], clip=cfg["larc_clip"])
     return model, opt
@@ -62,26 +63,27 @@ def assert_summary(t, ref, what):
     # move conv1's gradient by ~5e-6 on entries of ~1.6, which is round-off, not a difference in method.
     values = ref["values"].double()
     scale = values.abs().max().item() if values.numel() else 0.0
-    torch.testing.assert_close(t.flatten()[ref["idx"]], values, rtol=1e-4, atol=1e-6 + 1e-5 * scale, msg=what)
+    torch.testing.assert_close(t.flatten()[ref["idx"]], values, rtol=1e-4, atol=1e-6 + 1e-5 * scale,
+                               msg=lambda m: f"{what}: {m}")
 
 
-def run_case(case):
+def run_case(case, device="cpu"):
     cfg = case["config"]
-    model, opt = build(case)
+    model, opt = build(case, device)
     model.train()
-    queue = None if case["queue_in"] is None else case["queue_in"].clone()
+    queue = None if case["queue_in"] is None else case["queue_in"].clone().to(device)
     grads = {}
     # record the raw gradients before LARC rescales them in place
 
     def hook_larc_step(orig=opt.step):
         def step(*a, **k):
             for n, p in model.named_parameters():
-                grads[n] = None if p.grad is None else p.grad.detach().clone()
+                grads[n] = None if p.grad is None else p.grad.detach().to("cpu", copy=True)
             return orig(*a, **k)
         return step
 
     opt.step = hook_larc_step()
-    out = train_step(model, opt, [c.clone() for c in case["crops"]], draws_of(case), SwavConfig.from_dict(cfg),
+    out = train_step(model, opt, [c.clone().to(device) for c in case["crops"]], draws_of(case), SwavConfig.from_dict(cfg),
                      lr=cfg["lr"], iteration=cfg["iteration"],
                      freeze_prototypes_niters=cfg["freeze_prototypes_niters"], run_swav=cfg["run_swav"],
                      unmix_prob=cfg["unmix_prob"], queue=queue)
@@ -103,8 +105,11 @@ def test_network_inputs(name):
 
 @pytest.mark.parametrize("name", case_names())
 def test_iteration_matches_released(name):
-    case = get_case(name)
-    model, out, grads, queue = run_case(case)
+    check_iteration(get_case(name), "cpu")
+
+
+def check_iteration(case, device):
+    model, out, grads, queue = run_case(case, device)
     assert out.loss.item() == pytest.approx(case["loss"], rel=1e-5)
     assert set(grads) == set(case["grads"])
     for n, ref in case["grads"].items():
@@ -113,7 +118,7 @@ def test_iteration_matches_released(name):
         else:
             assert grads[n] is not None, n
             assert_summary(grads[n], ref, f"grad {n}")
-    state = model.state_dict()
+    state = {n: t.cpu() for n, t in model.state_dict().items()}
     noise = noise_gradient_params(case)
     for n, ref in case["state_dict_after"].items():
         if n in noise:
@@ -122,7 +127,7 @@ def test_iteration_matches_released(name):
     if case["queue_out"] is None:
         assert queue is None
     else:
-        torch.testing.assert_close(queue, case["queue_out"], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(queue.cpu(), case["queue_out"], rtol=1e-5, atol=1e-6)
 
 
 def noise_gradient_params(case):
