@@ -5,26 +5,27 @@ legacy `python -m torch.distributed.launch`, or `srun` (see README, "Running on 
 Reads top to bottom: arguments -> data -> model -> optimiser -> resume -> epoch loop.
 """
 import argparse
-import itertools
 import os
 import sys
 import time
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 import torch.nn as nn
 
 from src import distributed as D
-from src.checkpoint import (CheckpointError, atomic_save, find_resume_checkpoint, prepare_dump_path,
-                            rng_state, safe_load, set_rng_state, strip_module_prefix)
+from src.checkpoint import (CheckpointError, prepare_dump_path, restart_from_checkpoint, safe_load,
+                            save_checkpoint)
 from src.data import (CIFAR_MEAN, PRETRAIN_STD, DataError, MultiCropDataset, MultiCropTransform, load_split,
                       plain_tensor)
-from src.gpu_augment import DistributedBatchSampler, GPUMultiCrop
-from src.larc import LARC
+from src.gpu_augment import BatchedCrops, DistributedBatchSampler, GPUMultiCrop
+from src.larc import build_optimizer
 from src.logger import Stats, create_logger, format_eta, load_params_json, save_params
 from src.resnet import ARCHS, build_model
 from src.sampler import ResumableDistributedSampler
-from src.train_step import cosine_schedule, train_step, unwrap
+from src.train_step import UnmixSwAV, cosine_schedule
 from src.unmix import LOSS_FORMS, SwavConfig, draw_unmix, pair_sizes
 from src.utils import AverageMeter, bool_flag, fail, fix_random_seeds
 
@@ -182,13 +183,63 @@ def compare_with_previous_run(args):
 def main():
     args = get_parser().parse_args()
     check_args(args)
+    logger, np_rng = set_up(args)
 
-    # ============ distributed set-up and files ============
+    # ============ data ============
+    data = build_data(args, logger)
+
+    # ============ model, optimiser, method ============
+    net = build_network(args, logger)
+    method, lr_schedule = build_method(args, net, data.iters_per_epoch)
+    logger.info("Building optimizer done.")
+
+    # ============ resume ============
+    restart = resume(args, method, np_rng, logger)
+    if args.rank == 0:
+        save_params(args, args.dump_path)
+    stats = Stats(os.path.join(args.dump_path, f"stats{args.rank}"), STATS_COLUMNS,
+                  resume_before_epoch=restart.epoch if restart else None, log=logger.info)
+    save = Saver(args, method, np_rng)
+
+    # ============ epoch loop ============
+    preempt = D.PreemptionHandler().install()
+    start_epoch, start_iter = (restart.epoch, restart.iteration) if restart else (0, 0)
+    clock = Clock(stats.last("time", 0.0), start_epoch * data.iters_per_epoch + start_iter)
+    if start_epoch >= args.epochs:
+        logger.info(f"Nothing to do: the checkpoint is at epoch {start_epoch} of {args.epochs}.")
+    guard = NonfiniteWatch(args, logger)
+    epoch, epochs_this_process = start_epoch - 1, 0
+    for epoch in range(start_epoch, args.epochs):
+        resumed_here = restart is not None and epoch == restart.epoch and restart.iteration > 0
+        first_iter = restart.iteration if resumed_here else 0
+        method.start_epoch(epoch, data.iters_per_epoch)
+        if resumed_here and restart.loop is not None:
+            method.load_loop_state(restart.loop)
+        crops = data.epoch_crops(epoch, first_iter, restart.torch_rng if resumed_here else None)
+        meter = train_one_epoch(args, epoch, first_iter, crops, data.iters_per_epoch, method, np_rng,
+                                lr_schedule, guard, preempt, save, clock, logger)
+        end_of_epoch(args, epoch, meter, data, method, guard, stats, save, clock, logger)
+        epochs_this_process += 1
+        if args.epochs_run_limit and epochs_this_process >= args.epochs_run_limit and epoch < args.epochs - 1:
+            logger.info(f"Stopping after {epochs_this_process} epochs (--epochs_run_limit); rerun to resume.")
+            break
+    if guard.unsaved_epoch is not None:
+        print(f"error: training stopped with non-finite losses at epoch {guard.unsaved_epoch}; its checkpoint was "
+              "not written, the last good checkpoint is kept (lower --base_lr or check the data)",
+              file=sys.stderr, flush=True)
+        sys.exit(4)
+    logger.info("Pretraining done." if epoch >= args.epochs - 1 else "Pretraining paused.")
+    D.cleanup()
+
+
+# ------------------------------------------------------------------ set-up
+
+def set_up(args):
+    """Distributed set-up, seeds, the run folder (checked against an earlier run's arguments), the log."""
     try:
         D.init_distributed(args)
     except D.DistError as e:
         fail(str(e))
-    device = args.device
     fix_random_seeds(args.seed)
     np_rng = np.random.RandomState(args.seed)  # the released code drew lam, r and box centres here
     if args.rank == 0:
@@ -202,16 +253,36 @@ def main():
                  "use another --dump_path, or --allow_changed_args true to resume it anyway")
     D.barrier(args.world_size)
     logger = create_logger(args.dump_path, args.rank)
-    logger.info(f"Process rank {args.rank} of world size {args.world_size} (local rank {args.local_rank}) on {device}")
+    logger.info(f"Process rank {args.rank} of world size {args.world_size} (local rank {args.local_rank}) "
+                f"on {args.device}")
     if args.rank == 0:
         logger.info("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
         logger.info(f"The experiment will be stored in {args.dump_path}")
-    if device.type == "cpu" and args.use_fp16:
+    if args.device.type == "cpu" and args.use_fp16:
         logger.info("CPU: training in float32 (--use_fp16 applies on CUDA only)")
-    use_amp = device.type == "cuda" and args.use_fp16
-    amp_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}[args.amp_dtype] if use_amp else None
+    if args.device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # as released: fixed input shapes
+    return logger, np_rng
 
-    # ============ data ============
+
+def effective_queue_length(args):
+    """The queue length must divide by the global batch size (released; 120 with 128 gives no queue)."""
+    return args.queue_length - args.queue_length % (args.batch_size * args.world_size)
+
+
+# ------------------------------------------------------------------ data
+
+@dataclass
+class TrainData:
+    iters_per_epoch: int
+    epoch_crops: Callable  # (epoch, first_iter, torch_rng) -> iterator over lists of crops on the device
+    knn: Optional[tuple]   # (train images, labels, test images, labels, classes) for the kNN monitor
+
+
+def build_data(args, logger):
+    """The training crops, made by the released pipeline (torchvision on PIL images in DataLoader workers)
+    or on the device in batches (--augment batched), and the plain images of the kNN monitor."""
+    device = args.device
     try:
         train_images, train_labels, classes = load_split(args.data_path, train=True, download=args.download)
     except DataError as e:
@@ -220,35 +291,55 @@ def main():
     train_dataset = MultiCropDataset(train_images, transform)
     sampler = ResumableDistributedSampler(train_dataset, num_replicas=args.world_size, rank=args.rank,
                                           batch_size=args.batch_size)
-    train_loader = torch.utils.data.DataLoader(
-        train_dataset, sampler=sampler, batch_size=args.batch_size, num_workers=args.workers,
-        pin_memory=device.type == "cuda", drop_last=True,
-        worker_init_fn=D.ignore_preemption_signals_in_worker if args.workers > 0 else None)
     iters_per_epoch = len(sampler) // args.batch_size
-    augment = args.augment if args.augment != "auto" else ("batched" if device.type == "cuda" else "released")
-    if augment == "batched":  # same epoch order and batches as the sampler above, crops made on the device
-        batch_crops = GPUMultiCrop(torch.from_numpy(train_images).to(device), args.size_crops, args.nmb_crops,
-                                   args.min_scale_crops, args.max_scale_crops, CIFAR_MEAN, PRETRAIN_STD,
-                                   channels_last=args.channels_last)
-        batch_sampler = DistributedBatchSampler(len(train_images), args.batch_size, args.world_size, args.rank,
-                                                seed=0, device=device)
-        aug_generator = torch.Generator(device=device)
-        assert len(batch_sampler) == iters_per_epoch
     if iters_per_epoch == 0:
         fail(f"{len(train_dataset)} training images give no full batch of {args.batch_size} on each of "
              f"{args.world_size} processes; lower --batch_size")
+    augment = args.augment if args.augment != "auto" else ("batched" if device.type == "cuda" else "released")
+    if augment == "batched":  # same epoch order and batches as the sampler above, crops made on the device
+        multicrop = GPUMultiCrop(torch.from_numpy(train_images).to(device), args.size_crops, args.nmb_crops,
+                                 args.min_scale_crops, args.max_scale_crops, CIFAR_MEAN, PRETRAIN_STD,
+                                 channels_last=args.channels_last)
+        batch_sampler = DistributedBatchSampler(len(train_images), args.batch_size, args.world_size, args.rank,
+                                                seed=0, device=device)
+        assert len(batch_sampler) == iters_per_epoch
+        batched = BatchedCrops(multicrop, batch_sampler, seed=args.seed, rank=args.rank)
+
+        def epoch_crops(epoch, first_iter, torch_rng=None):
+            return batched.epoch(epoch, first_iter)
+    else:
+        loader = torch.utils.data.DataLoader(
+            train_dataset, sampler=sampler, batch_size=args.batch_size, num_workers=args.workers,
+            pin_memory=device.type == "cuda", drop_last=True,
+            worker_init_fn=D.ignore_preemption_signals_in_worker if args.workers > 0 else None)
+
+        def epoch_crops(epoch, first_iter, torch_rng=None):
+            sampler.set_epoch(epoch, first_iter)
+            batches = iter(loader)  # draws the workers' base seed from the torch RNG
+            if torch_rng is not None and args.workers == 0:
+                # resumed mid-epoch: the uninterrupted run drew that seed before the saved state, so
+                # in-process crops continue the very same random stream
+                torch.set_rng_state(torch_rng)
+            for crops in batches:
+                yield [c.to(device, non_blocking=True) for c in crops]
     logger.info(f"Building data done with {len(train_dataset)} images loaded ({len(classes)} classes, "
                 f"{iters_per_epoch} iterations per epoch, {augment} augmentation).")
-    knn_data = None
+    knn = None
     if args.knn_freq > 0:
         try:
             test_images, test_labels, _ = load_split(args.data_path, train=False, download=args.download)
         except DataError as e:
             fail(str(e))
-        knn_data = (plain_tensor(train_images, CIFAR_MEAN, PRETRAIN_STD), train_labels,
-                    plain_tensor(test_images, CIFAR_MEAN, PRETRAIN_STD), test_labels, len(classes))
+        knn = (plain_tensor(train_images, CIFAR_MEAN, PRETRAIN_STD), train_labels,
+               plain_tensor(test_images, CIFAR_MEAN, PRETRAIN_STD), test_labels, len(classes))
+    return TrainData(iters_per_epoch, epoch_crops, knn)
 
-    # ============ model ============
+
+# ------------------------------------------------------------------ model
+
+def build_network(args, logger):
+    """The released ResNet with projection head and prototypes, with synchronised batch norm across
+    processes, on the device."""
     model = build_model(args.arch, normalize=True, hidden_mlp=args.hidden_mlp, output_dim=args.feat_dim,
                         nmb_prototypes=args.nmb_prototypes, width_per_group=args.width_per_group)
     if args.world_size > 1:
@@ -259,244 +350,225 @@ def main():
                 fail("--sync_bn apex needs NVIDIA apex, which is not installed; use --sync_bn pytorch")
             pg = apex.parallel.create_syncbn_process_group(args.syncbn_process_group_size)
             model = apex.parallel.convert_syncbn_model(model, process_group=pg)
-        elif device.type == "cuda":
+        elif args.device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         else:
             logger.info("CPU: SyncBatchNorm needs CUDA, batch-norm statistics stay per process")
-    model = model.to(device)
+    model = model.to(args.device)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     logger.info(f"Building model done: {args.arch}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
-                f"parameters, {unwrap(model).feature_dim}-d features, device {device}.")
+                f"parameters, {model.feature_dim}-d features, device {args.device}.")
+    return model
 
-    # ============ optimiser ============
-    sgd = torch.optim.SGD(model.parameters(), lr=args.base_lr, momentum=0.9, weight_decay=args.wd)
-    optimizer = LARC(sgd, trust_coefficient=0.001, clip=False)
-    lr_schedule = cosine_schedule(args.base_lr, args.final_lr, args.epochs, iters_per_epoch,
-                                  args.warmup_epochs, args.start_warmup)
-    scaler = torch.amp.GradScaler("cuda") if use_amp and amp_dtype == torch.float16 else None
-    logger.info("Building optimizer done.")
+
+def build_method(args, net, iters_per_epoch):
+    """LARC around fused SGD (released settings), the learning-rate schedule, mixed precision, and the
+    Un-Mix + SwAV method object that owns the step, the queue and the non-finite guard."""
+    optimizer = build_optimizer(net.parameters(), lr=args.base_lr, momentum=0.9, weight_decay=args.wd,
+                                trust_coefficient=0.001, clip=False)
+    lr_schedule = cosine_schedule(args.base_lr, args.final_lr, args.epochs, iters_per_epoch, args.warmup_epochs,
+                                  args.start_warmup)
+    use_amp = args.device.type == "cuda" and args.use_fp16
+    amp_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}[args.amp_dtype] if use_amp else None
+    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+    cfg = SwavConfig.from_dict({**vars(args), "queue_length": effective_queue_length(args)})
+    method = UnmixSwAV(net, optimizer, cfg, scaler=scaler, autocast_dtype=amp_dtype,
+                       channels_last=args.channels_last, skip_nonfinite=args.max_nonfinite_steps > 0,
+                       wrap=lambda module: wrap_for_training(module, args))
+    return method, lr_schedule
+
+
+def wrap_for_training(net, args):
+    """DistributedDataParallel with several processes, then torch.compile if asked."""
+    model = net
     if args.world_size > 1:
+        device = args.device
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
-    step_model = torch.compile(model) if args.compile else model
+    return torch.compile(model) if args.compile else model
 
-    # ============ resume ============
-    start_epoch, start_iter, queue_state, loop_state, resume_torch_rng = 0, 0, None, None, None
+
+# ------------------------------------------------------------------ resume and checkpoints
+
+def resume(args, method, np_rng, logger):
+    """Weights, optimiser, scaler, RNG streams and queue from the run's checkpoint; None for a fresh run."""
     try:
-        ckpt_path, ckpt = find_resume_checkpoint(args.dump_path, log=logger.info)
+        restart = restart_from_checkpoint(args.dump_path, method.net, method.optimizer, method.scaler, np_rng,
+                                          what=f"--arch {args.arch}", log=logger.info)
     except CheckpointError as e:
         fail(str(e))
-    if ckpt is not None:
-        try:
-            missing = unwrap(model).load_state_dict(strip_module_prefix(ckpt["state_dict"]), strict=False)
-            if missing.missing_keys or missing.unexpected_keys:
-                fail(f"{ckpt_path} does not fit --arch {args.arch} (missing {missing.missing_keys[:3]}, "
-                     f"unexpected {missing.unexpected_keys[:3]})")
-            optimizer.load_state_dict(ckpt["optimizer"])
-            if scaler is not None and isinstance(ckpt.get("amp"), dict) and "scale" in ckpt["amp"]:
-                scaler.load_state_dict(ckpt["amp"])
-            elif scaler is not None and ckpt.get("amp"):  # a released checkpoint: apex's loss-scaler state
-                logger.info("apex loss-scaler state in the checkpoint not used: the GradScaler starts afresh")
-            start_epoch, start_iter = int(ckpt["epoch"]), int(ckpt.get("iteration", 0))
-            if "rng" in ckpt:
-                set_rng_state(ckpt["rng"], np_rng)
-                resume_torch_rng = ckpt["rng"]["torch"]
-        except (KeyError, RuntimeError, ValueError, TypeError, AttributeError, IndexError) as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            fail(f"{ckpt_path} cannot be resumed with these arguments ({type(e).__name__}: {first}); "
-                 "check --arch/--width_per_group/--hidden_mlp/--feat_dim/--nmb_prototypes, or use another --dump_path")
-        queue_state = ckpt.get("queues")
-        loop_state = ckpt.get("loop") if start_iter > 0 else None
-        logger.info(f"Resumed from {ckpt_path}: epoch {start_epoch}, iteration {start_iter}.")
-    if args.rank == 0:
-        save_params(args, args.dump_path)
-
-    # the queue length must divide by the global batch size (released; 120 with 128 gives no queue)
-    args.queue_length -= args.queue_length % (args.batch_size * args.world_size)
-    queue = None
+    if restart is None:
+        return None
     queue_path = os.path.join(args.dump_path, f"queue{args.rank}.pth")
-    if queue_state is not None and len(queue_state) == args.world_size:
-        queue = queue_state[args.rank].to(device)
-    elif (ckpt is not None and (queue_state is not None or "queues" not in ckpt)
-          and os.path.isfile(queue_path) and args.queue_length > 0):
+    if restart.queues is not None and len(restart.queues) == args.world_size:
+        method.set_queue(restart.queues[args.rank])
+    elif (restart.queues is not None or not restart.has_queues) and os.path.isfile(queue_path) \
+            and effective_queue_length(args) > 0:
         # a released checkpoint (the queue lived only in queue{rank}.pth), or another world size. Our
         # checkpoints hold the queue ("queues": None when there was none): a queue{rank}.pth written
         # after them (kill before the checkpoint) is newer than the checkpoint and is not used.
         try:
-            queue = safe_load(queue_path)["queue"].to(device)
+            method.set_queue(safe_load(queue_path)["queue"])
         except (CheckpointError, KeyError, TypeError, AttributeError) as e:
             fail(f"{queue_path}: cannot restore the queue ({e})")
+    logger.info(f"Resumed from {restart.path}: epoch {restart.epoch}, iteration {restart.iteration}.")
+    return restart
 
-    stats = Stats(os.path.join(args.dump_path, f"stats{args.rank}"), ["epoch", "loss", "lr", "time", "knn_top1"],
-                  resume_before_epoch=start_epoch if ckpt is not None else None, log=logger.info)
-    cfg = SwavConfig(crops_for_assign=args.crops_for_assign, nmb_crops=args.nmb_crops,
-                     temperature=args.temperature, epsilon=args.epsilon,
-                     sinkhorn_iterations=args.sinkhorn_iterations,
-                     improve_numerical_stability=args.improve_numerical_stability, world_size=args.world_size)
-    preempt = D.PreemptionHandler().install()
-    time_offset = stats.last("time", 0.0)
-    run_start = time.time()
-    epochs_this_process = 0
 
-    def save_checkpoint(epoch_field, iteration_field, queue, loop=None, copy_path=None):
-        """checkpoint.pth.tar (and first the epoch copy `copy_path`, so a kill between the two never
-        leaves an epoch without its copy), each written atomically; `loop`: mid-epoch state."""
-        queues = None
-        if queue is not None:  # every rank's queue goes into rank 0's single atomic file
-            if args.world_size > 1:
-                queues = [torch.zeros_like(queue) for _ in range(args.world_size)]
-                torch.distributed.all_gather(queues, queue)
+class Saver:
+    """save(epoch, iteration, loop=None, copy=False): the training checkpoint (and the epoch copy
+    checkpoints/ckp-{epoch - 1}.pth when `copy`), each written atomically; collective."""
+
+    def __init__(self, args, method, np_rng):
+        self.args, self.method, self.np_rng = args, method, np_rng
+
+    def __call__(self, epoch, iteration, loop=None, copy=False):
+        a, m = self.args, self.method
+        copy_path = os.path.join(a.dump_path, "checkpoints", f"ckp-{epoch - 1}.pth") if copy else None
+        save_checkpoint(a.dump_path, epoch, iteration, m.net, m.optimizer, self.np_rng, a.arch, scaler=m.scaler,
+                        queue=None if m.queue is None else m.queue.tensor, rank=a.rank, world_size=a.world_size,
+                        loop=loop, copy_path=copy_path)
+
+
+# ------------------------------------------------------------------ training
+
+class Clock:
+    """Training time of the run across restarts (the stats' `time` column continues), and the time per
+    iteration of this process (for the ETA)."""
+
+    def __init__(self, offset, first_iteration):
+        self.offset, self.start, self.first_iteration = offset, time.time(), first_iteration
+
+    def elapsed(self):
+        return self.offset + time.time() - self.start
+
+    def per_iteration(self, iteration):
+        return (time.time() - self.start) / max(iteration + 1 - self.first_iteration, 1)
+
+
+class NonfiniteWatch:
+    """Reads the steps the device-side guard skipped, when logging and at the end of an epoch (never in
+    between, so no iteration waits for the device), logs each one, and stops the run after
+    --max_nonfinite_steps in a row. Every rank sees the same steps skipped (see UnmixSwAV)."""
+
+    def __init__(self, args, logger):
+        self.args, self.logger = args, logger
+        self.streak = 0           # non-finite steps in a row, up to the last check
+        self.checked = 0          # iterations of this epoch already checked
+        self.unsaved_epoch = None
+
+    def start_epoch(self, first_iter):
+        self.checked = first_iter
+
+    def check(self, method, epoch, upto):
+        """Read the meter (one device sync) and handle the skipped steps of iterations [checked, upto)."""
+        meter = method.read_meter()
+        for it in range(self.checked, upto):
+            if meter["bad_steps"] and meter["bad_steps"][it]:
+                self.streak += 1
+                self.logger.info(f"non-finite loss at epoch {epoch} iteration {it}: step skipped "
+                                 f"({self.streak} in a row)")
+                if self.streak >= self.args.max_nonfinite_steps:
+                    self.stop(epoch, it)
             else:
-                queues = [queue]
-            atomic_save({"queue": queue}, queue_path)
-        if args.rank == 0:
-            save_dict = {"epoch": epoch_field, "iteration": iteration_field,
-                         "state_dict": {"module." + k: v for k, v in unwrap(model).state_dict().items()},
-                         "optimizer": optimizer.state_dict(), "rng": rng_state(np_rng), "arch": args.arch,
-                         "queues": None if queues is None else [q.cpu() for q in queues]}
-            if scaler is not None:
-                save_dict["amp"] = scaler.state_dict()
-            if loop is not None:
-                save_dict["loop"] = loop
-            if copy_path is not None:
-                atomic_save(save_dict, copy_path)
-            atomic_save(save_dict, os.path.join(args.dump_path, "checkpoint.pth.tar"))
-        D.barrier(args.world_size)
+                self.streak = 0
+        self.checked = max(self.checked, upto)
+        return meter
 
-    # ============ epoch loop ============
-    if start_epoch >= args.epochs:
-        logger.info(f"Nothing to do: the checkpoint is at epoch {start_epoch} of {args.epochs}.")
+    def stop(self, epoch, it):
+        path = os.path.join(self.args.dump_path, "checkpoint.pth.tar")
+        self.logger.info(f"error: {self.streak} consecutive non-finite losses; stopping. The last good "
+                         f"checkpoint is untouched: {path}")
+        print(f"error: {self.streak} consecutive non-finite losses at epoch {epoch} iteration {it}; stopped, "
+              "last good checkpoint kept (lower --base_lr or check the data)", file=sys.stderr, flush=True)
+        sys.exit(4)
 
-    def in_nonfinite_streak():
-        """True when the latest loss of any process was non-finite: its weights are not saved."""
-        flag = torch.tensor([1.0 if nonfinite > 0 else 0.0], device=device)
-        return D.all_reduce_sum_(flag, args.world_size).item() > 0
 
-    nonfinite, epoch, unsaved_epoch = 0, start_epoch - 1, None
-    for epoch in range(start_epoch, args.epochs):
-        first_iter = start_iter if epoch == start_epoch else 0
-        sampler.set_epoch(epoch, first_iter)
-        if args.queue_length > 0 and epoch >= args.epoch_queue_starts and queue is None:
-            queue = torch.zeros(len(args.crops_for_assign), args.queue_length // args.world_size, args.feat_dim,
-                                device=device)
-        model.train()
-        queue_in_use = False
-        batch_time, data_time = AverageMeter(), AverageMeter()
-        loss_sum, loss_count = torch.zeros((), device=device), 0
-        if augment == "batched":
-            # its own generator, seeded from (seed, rank, epoch, first iteration): epochs repeat exactly on
-            # resume without saving generator states of every rank
-            seed = ((args.seed * 1000003 + args.rank) * 1000003 + epoch) * 1000003 + first_iter
-            aug_generator.manual_seed(seed % 2**63)
-            batch_sampler.set_epoch(epoch)
-            loader_iter = (batch_crops(idx, aug_generator)
-                           for idx in itertools.islice(iter(batch_sampler), first_iter, None))
-        else:
-            loader_iter = iter(train_loader)  # draws the workers' base seed from the torch RNG
-        if epoch == start_epoch and first_iter > 0:
-            if loop_state is not None:  # resumed mid-epoch: this epoch's running loss and queue flag
-                loss_sum = loop_state["loss_sum"].to(device)
-                loss_count, queue_in_use = int(loop_state["loss_count"]), bool(loop_state["queue_in_use"])
-            if resume_torch_rng is not None and args.workers == 0:
-                # the uninterrupted run drew that seed at the start of the epoch, before the saved state:
-                # in-process crops then continue the very same random stream
-                torch.set_rng_state(resume_torch_rng)
-        end = time.time()
-        for it, crops in enumerate(loader_iter, start=first_iter):
-            data_time.update(time.time() - end)
-            iteration = epoch * iters_per_epoch + it
-            crops = [c.to(device, non_blocking=True) for c in crops]
-            draws = draw_unmix(np_rng, args.unmix_beta, args.unmix_prob,
-                               [] if args.run_swav else pair_sizes(crops))
-            out = train_step(step_model, optimizer, crops, draws, cfg, lr=float(lr_schedule[iteration]),
-                             iteration=iteration, freeze_prototypes_niters=args.freeze_prototypes_niters,
-                             run_swav=args.run_swav, unmix_prob=args.unmix_prob, queue=queue,
-                             queue_in_use=queue_in_use, scaler=scaler, autocast_dtype=amp_dtype,
-                             loss_form=args.unmix_loss_form, channels_last=args.channels_last,
-                             skip_nonfinite=args.max_nonfinite_steps > 0)
-            queue_in_use = out.queue_in_use
-            if out.finite:
-                nonfinite = 0
-                loss_sum += out.loss
-                loss_count += 1
-            else:
-                nonfinite += 1
-                logger.info(f"non-finite loss at epoch {epoch} iteration {it}: step skipped ({nonfinite} in a row)")
-                if nonfinite >= args.max_nonfinite_steps:
-                    logger.info(f"error: {nonfinite} consecutive non-finite losses; stopping. The last good "
-                                f"checkpoint is untouched: {os.path.join(args.dump_path, 'checkpoint.pth.tar')}")
-                    print(f"error: {nonfinite} consecutive non-finite losses at epoch {epoch} iteration {it}; "
-                          "stopped, last good checkpoint kept (lower --base_lr or check the data)",
-                          file=sys.stderr, flush=True)
-                    sys.exit(4)
-            batch_time.update(time.time() - end)
-            end = time.time()
-            if args.rank == 0 and it % args.log_freq == 0:
-                done = iteration - start_epoch * iters_per_epoch - start_iter + 1
+def train_one_epoch(args, epoch, first_iter, crops_of_epoch, iters_per_epoch, method, np_rng, lr_schedule,
+                    guard, preempt, save, clock, logger):
+    """One epoch of training from iteration `first_iter` (like swav's `train()`). Returns the meter read
+    at its end, with the epoch's images/s; exits the process (status 3) after saving when preempted."""
+    batch_time, data_time = AverageMeter(), AverageMeter()
+    if args.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(args.device)
+    guard.start_epoch(first_iter)
+    images = args.batch_size * args.world_size
+    end = window_start = epoch_start = time.time()
+    window = 0
+    for it, crops in enumerate(crops_of_epoch, start=first_iter):
+        data_time.update(time.time() - end)
+        iteration = epoch * iters_per_epoch + it
+        draws = draw_unmix(np_rng, args.unmix_beta, args.unmix_prob, [] if args.run_swav else pair_sizes(crops))
+        out = method.step(crops, draws, lr=float(lr_schedule[iteration]), iteration=iteration)
+        window += 1
+        if it % args.log_freq == 0:
+            # the only wait for the device in an iteration: the time per iteration is averaged over
+            # the iterations since the last log line
+            meter = guard.check(method, epoch, it + 1)
+            now = time.time()
+            batch_time.update((now - window_start) / window, window)
+            window_start, window = now, 0
+            if args.rank == 0:
                 remaining = args.epochs * iters_per_epoch - iteration - 1
-                per_iter = (time.time() - run_start) / max(done, 1)
                 logger.info(
                     f"Epoch: [{epoch}][{it}/{iters_per_epoch}]\t"
                     f"Time {batch_time.val:.3f} ({batch_time.avg:.3f})\t"
                     f"Data {data_time.val:.3f} ({data_time.avg:.3f})\t"
-                    f"Loss {out.loss.item():.4f} ({(loss_sum / max(loss_count, 1)).item():.4f})\t"
-                    f"Lr: {optimizer.param_groups[0]['lr']:.4f}\t"
-                    f"{args.batch_size * args.world_size / max(batch_time.avg, 1e-9):.0f} img/s\t"
-                    f"ETA {format_eta(per_iter * remaining)}")
-            stop = preempt.requested if args.world_size == 1 else (
-                it % args.preempt_check_freq == 0 and preempt.should_stop(args.world_size, device))
-            if stop:
-                if in_nonfinite_streak():
-                    logger.info(f"Preempted (signal {preempt.signum}) during non-finite losses: no checkpoint "
-                                "written, a rerun resumes from the last good one.")
-                else:
-                    save_checkpoint(epoch, it + 1, queue, loop={"loss_sum": loss_sum.cpu(), "loss_count": loss_count,
-                                                                "queue_in_use": bool(queue_in_use)})
-                    logger.info(f"Preempted (signal {preempt.signum}): checkpoint saved at epoch {epoch}, "
-                                f"iteration {it + 1}.")
-                if args.rank == 0 and preempt.requeue():
-                    logger.info("Job requeued with scontrol; it will resume from the checkpoint.")
-                sys.exit(D.PREEMPTED_EXIT_CODE)
+                    f"Loss {out.loss.item():.4f} ({meter['loss']:.4f})\t"
+                    f"Lr: {method.optimizer.param_groups[0]['lr']:.4f}\t"
+                    f"{images / max(batch_time.avg, 1e-9):.0f} img/s\t"
+                    f"ETA {format_eta(clock.per_iteration(iteration) * remaining)}")
+        end = time.time()
+        stop = preempt.requested if args.world_size == 1 else (
+            it % args.preempt_check_freq == 0 and preempt.should_stop(args.world_size, args.device))
+        if stop:
+            meter = guard.check(method, epoch, it + 1)
+            if guard.streak > 0:
+                logger.info(f"Preempted (signal {preempt.signum}) during non-finite losses: no checkpoint "
+                            "written, a rerun resumes from the last good one.")
+            else:
+                save(epoch, it + 1, loop=method.loop_state())
+                logger.info(f"Preempted (signal {preempt.signum}): checkpoint saved at epoch {epoch}, "
+                            f"iteration {it + 1}.")
+            if args.rank == 0 and preempt.requeue():
+                logger.info("Job requeued with scontrol; it will resume from the checkpoint.")
+            sys.exit(D.PREEMPTED_EXIT_CODE)
+    meter = guard.check(method, epoch, iters_per_epoch)
+    meter["images_per_s"] = (iters_per_epoch - first_iter) * images / max(time.time() - epoch_start, 1e-9)
+    return meter
 
-        # ============ end of epoch: stats, kNN, checkpoints ============
-        epoch_loss = (loss_sum / max(loss_count, 1)).item()
-        row = {"epoch": epoch, "loss": epoch_loss, "lr": optimizer.param_groups[0]["lr"],
-               "time": time_offset + time.time() - run_start}
-        if knn_data is not None and ((epoch + 1) % args.knn_freq == 0 or epoch == args.epochs - 1):
-            from src.knn import knn_monitor
-            net = unwrap(model)
-            net.eval()
-            tr_x, tr_y, te_x, te_y, n_cls = knn_data
-            row["knn_top1"] = knn_monitor(net.forward_backbone, tr_x, tr_y, te_x, te_y, n_cls,
-                                          batch_size=512, device=device, rank=args.rank,
-                                          world_size=args.world_size, k=args.knn_k,
-                                          temperature=args.knn_temperature)
-            net.train()
-            logger.info(f"kNN monitor (k={args.knn_k}): top-1 {row['knn_top1']:.2f}% at epoch {epoch}")
-        stats.update(row)
-        knn_text = f"kNN top-1 {row['knn_top1']:.2f}%, " if "knn_top1" in row else ""
-        logger.info(f"Epoch {epoch} done: loss {epoch_loss:.4f}, {knn_text}elapsed {format_eta(row['time'])}")
-        if in_nonfinite_streak():
-            unsaved_epoch = epoch
-            logger.info(f"Epoch {epoch} ends with {nonfinite} non-finite losses in a row: its checkpoint is not "
-                        "written, the last good one is kept.")
-        else:
-            unsaved_epoch = None
-            copy = epoch % args.checkpoint_freq == 0 or epoch == args.epochs - 1
-            save_checkpoint(epoch + 1, 0, queue, copy_path=os.path.join(args.dump_path, "checkpoints",
-                                                                        f"ckp-{epoch}.pth") if copy else None)
-        epochs_this_process += 1
-        if args.epochs_run_limit and epochs_this_process >= args.epochs_run_limit and epoch < args.epochs - 1:
-            logger.info(f"Stopping after {epochs_this_process} epochs (--epochs_run_limit); rerun to resume.")
-            break
-    if unsaved_epoch is not None:
-        print(f"error: training stopped with non-finite losses at epoch {unsaved_epoch}; its checkpoint was not "
-              "written, the last good checkpoint is kept (lower --base_lr or check the data)",
-              file=sys.stderr, flush=True)
-        sys.exit(4)
-    logger.info("Pretraining done." if epoch >= args.epochs - 1 else "Pretraining paused.")
-    D.cleanup()
+
+STATS_COLUMNS = ["epoch", "loss", "lr", "time", "knn_top1", "images_per_s", "max_memory_mb"]
+
+
+def end_of_epoch(args, epoch, meter, data, method, guard, stats, save, clock, logger):
+    """Stats, the kNN monitor, and the checkpoint (not over weights in a run of non-finite losses)."""
+    row = {"epoch": epoch, "loss": meter["loss"], "lr": method.optimizer.param_groups[0]["lr"],
+           "time": clock.elapsed(), "images_per_s": meter["images_per_s"]}
+    if args.device.type == "cuda":
+        row["max_memory_mb"] = torch.cuda.max_memory_allocated(args.device) / 2**20
+    if data.knn is not None and ((epoch + 1) % args.knn_freq == 0 or epoch == args.epochs - 1):
+        from src.knn import knn_monitor
+        net = method.net
+        net.eval()
+        tr_x, tr_y, te_x, te_y, n_cls = data.knn
+        row["knn_top1"] = knn_monitor(net.forward_backbone, tr_x, tr_y, te_x, te_y, n_cls, batch_size=512,
+                                      device=args.device, rank=args.rank, world_size=args.world_size,
+                                      k=args.knn_k, temperature=args.knn_temperature)
+        net.train()
+        logger.info(f"kNN monitor (k={args.knn_k}): top-1 {row['knn_top1']:.2f}% at epoch {epoch}")
+    stats.update(row)
+    knn_text = f"kNN top-1 {row['knn_top1']:.2f}%, " if "knn_top1" in row else ""
+    logger.info(f"Epoch {epoch} done: loss {meter['loss']:.4f}, {knn_text}{row['images_per_s']:.0f} img/s, "
+                f"elapsed {format_eta(row['time'])}")
+    if guard.streak > 0:
+        guard.unsaved_epoch = epoch
+        logger.info(f"Epoch {epoch} ends with {guard.streak} non-finite losses in a row: its checkpoint is not "
+                    "written, the last good one is kept.")
+    else:
+        guard.unsaved_epoch = None
+        save(epoch + 1, 0, copy=epoch % args.checkpoint_freq == 0 or epoch == args.epochs - 1)
 
 
 if __name__ == "__main__":

@@ -1,118 +1,187 @@
-"""Images/s of one full Un-Mix + SwAV training step (forward of crops and mixtures, loss, backward, LARC
-step) for the c10 configuration of script_unmix_c10.sh: resnet18 (Bottleneck, 2048-d), hidden_mlp 512,
-feat_dim 128, 100 prototypes, 2 crops of 32 px, batch 128.
+"""Speed of the real pretraining loop (augmentation, Un-Mix draws, step with its non-finite guard, the
+loop's checks), side by side, for the c10 configuration of script_unmix_c10.sh: resnet18 (Bottleneck,
+2048-d), hidden_mlp 512, feat_dim 128, 100 prototypes, 2 crops of 32 px, batch 128, Un-Mix on.
 
-    python benchmarks/bench_train_step.py                 # CPU, or CUDA when present
-    python benchmarks/bench_train_step.py --quick         # width 8, a few steps (smoke test)
+    python benchmarks/bench_train_step.py            # CUDA when present, else CPU
+    python benchmarks/bench_train_step.py --quick    # width 8, batch 16, a few iterations (smoke test)
 
-Prints a Markdown table and writes it to benchmarks/results_train_step_<device>.md. "images/s" counts
-training images (each = 2 crops + 1 mixture through the network). Median over --repeats timed steps after
---warmup steps; on CUDA timed with events after synchronisation.
+The configurations are built by main_swav_unmix.py's own functions and run its `train_one_epoch` for
+windows of --iters iterations (each window ends with the loop's meter read, a device sync), interleaved
+(A, B, C, A, B, C, ...) after warm-up windows, so a ratio compares runs measured side by side. Each
+table row gives the median window. "ops" and "host reads" count aten ops and reads of a tensor value on
+the host per iteration in one extra window (see benchmarks/count_ops.py); on CUDA "% of bf16 peak" is the
+model's forward + backward FLOPs per second over the H100/H200 dense bf16 figure (989 TFLOP/s).
+Data: synthetic CIFAR-size images (--n), or --data_path for real ones.
 """
 import argparse
+import itertools
+import logging
 import os
 import platform
 import statistics
 import sys
+import tempfile
 import time
 
 import numpy as np
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from src.larc import LARC  # noqa: E402
-from src.resnet import build_model  # noqa: E402
-from src.train_step import train_step  # noqa: E402
-from src.unmix import SwavConfig, draw_unmix, pair_sizes  # noqa: E402
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+import main_swav_unmix as M  # noqa: E402
+from benchmarks.count_ops import OpCounter  # noqa: E402
+from src.unmix import draw_unmix, pair_sizes  # noqa: E402
+
+BF16_PEAK_TFLOPS = 989.0  # H100 / H200 SXM, dense bf16 (spec sheet)
+
+C10 = ["--arch", "resnet18", "--hidden_mlp", "512", "--feat_dim", "128", "--nmb_prototypes", "100",
+       "--min_scale_crops", "0.14", "--max_scale_crops", "1.0", "--size_crops", "32", "--nmb_crops", "2",
+       "--base_lr", "0.6", "--final_lr", "0.0006", "--warmup_epochs", "5", "--epochs", "400",
+       "--queue_length", "120", "--epoch_queue_starts", "15", "--use_fp16", "true",
+       "--freeze_prototypes_niters", "5005", "--temperature", "0.1", "--epsilon", "0.05", "--download", "false",
+       "--log_freq", "1000000"]
+
+CONFIGS = {
+    "released pipeline (PIL, 2 workers), fp16": ["--augment", "released", "--workers", "2"],
+    "--augment batched, fp16": ["--augment", "batched"],
+    "--augment batched, bf16, channels_last": ["--augment", "batched", "--amp_dtype", "bfloat16",
+                                               "--channels_last", "true"],
+    "--augment batched, bf16, channels_last, --compile": ["--augment", "batched", "--amp_dtype", "bfloat16",
+                                                          "--channels_last", "true", "--compile", "true"],
+}
 
 
-def machine():
+class Setup:
+    """One configuration, built as main_swav_unmix.main() builds it; `window(n)` runs n real iterations."""
+
+    def __init__(self, argv, logger):
+        self.args = args = M.get_parser().parse_args(argv)
+        M.D.init_distributed(args)
+        self.data = M.build_data(args, logger)
+        net = M.build_network(args, logger)
+        self.method, self.lr_schedule = M.build_method(args, net, self.data.iters_per_epoch)
+        self.np_rng = np.random.RandomState(args.seed)
+        self.guard = M.NonfiniteWatch(args, logger)
+        self.clock = M.Clock(0.0, 0)
+        self.logger = logger
+        self.epoch, self.crops = 0, iter(())
+        self.method.start_epoch(0, self.data.iters_per_epoch)
+
+    def stream(self):
+        """The loop's crops, epoch after epoch, made lazily (inside the timed window) as in a run."""
+        while True:
+            yield from self.crops
+            self.epoch += 1
+            self.method.start_epoch(self.epoch, self.data.iters_per_epoch)
+            self.crops = self.data.epoch_crops(self.epoch, 0)
+
+    def window(self, n):
+        """Seconds for n iterations of train_one_epoch (its final meter read waits for the device)."""
+        t0 = time.perf_counter()
+        M.train_one_epoch(self.args, self.epoch, 0, itertools.islice(self.stream(), n), self.data.iters_per_epoch,
+                          self.method, self.np_rng, self.lr_schedule, self.guard, _NoPreemption(), None, self.clock,
+                          self.logger)
+        return time.perf_counter() - t0
+
+    def flops_per_iteration(self):
+        from torch.utils.flop_counter import FlopCounterMode
+        crops = next(self.stream())
+        draws = draw_unmix(self.np_rng, 1.0, 0.5, pair_sizes(crops))
+        with FlopCounterMode(display=False) as fc:
+            self.method.step(crops, draws, lr=0.1, iteration=10**7)
+        return fc.get_total_flops()
+
+
+class _NoPreemption:
+    requested = False
+    signum = None
+
+
+def machine(device):
     cpu = platform.processor() or "?"
     try:
         with open("/proc/cpuinfo") as f:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
-    return f"CPU {cpu} ({os.cpu_count()} cores, torch threads {torch.get_num_threads()}), GPU {gpu}, torch {torch.__version__}"
-
-
-def bench(device, width, batch, steps, warmup, amp_dtype=None, channels_last=False, compile_model=False,
-          run_swav=False):
-    torch.manual_seed(0)
-    model = build_model("resnet18", normalize=True, hidden_mlp=512, output_dim=128, nmb_prototypes=100,
-                        width_per_group=width).to(device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    opt = LARC(torch.optim.SGD(model.parameters(), lr=0.6, momentum=0.9, weight_decay=1e-6),
-               trust_coefficient=0.001, clip=False)
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 and device.type == "cuda" else None
-    step_model = torch.compile(model) if compile_model else model
-    cfg = SwavConfig(crops_for_assign=[0, 1], nmb_crops=[2])
-    rng = np.random.RandomState(31)
-    crops = [torch.randn(batch, 3, 32, 32, device=device) for _ in range(2)]
-    times = []
-    for i in range(warmup + steps):
-        draws = draw_unmix(rng, 1.0, 0.5, [] if run_swav else pair_sizes(crops))
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            torch.cuda.synchronize()
-            start.record()
-        t0 = time.perf_counter()
-        train_step(step_model, opt, crops, draws, cfg, lr=0.6, iteration=10**6, freeze_prototypes_niters=0,
-                   run_swav=run_swav, unmix_prob=0.5, scaler=scaler, autocast_dtype=amp_dtype,
-                   channels_last=channels_last)
-        if device.type == "cuda":
-            end.record()
-            torch.cuda.synchronize()
-            dt = start.elapsed_time(end) / 1000
-        else:
-            dt = time.perf_counter() - t0
-        if i >= warmup:
-            times.append(dt)
-    med = statistics.median(times)
-    return batch / med, med, times
+    gpu = torch.cuda.get_device_name(0) if device.type == "cuda" else "none"
+    return f"GPU {gpu}; CPU {cpu} ({os.cpu_count()} cores); torch {torch.__version__}"
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--batch", type=int, default=128)
-    p.add_argument("--width", type=int, default=64, help="width_per_group (64 = the released model)")
-    p.add_argument("--repeats", type=int, default=None)
-    p.add_argument("--warmup", type=int, default=None)
+    p.add_argument("--iters", type=int, default=None, help="iterations per timed window")
+    p.add_argument("--rounds", type=int, default=None, help="timed windows per configuration")
+    p.add_argument("--warmup", type=int, default=None, help="warm-up windows per configuration")
+    p.add_argument("--n", type=int, default=None, help="synthetic training images")
+    p.add_argument("--data_path", default=None, help="real data instead (CIFAR folder or image folder)")
+    p.add_argument("--configs", nargs="+", default=None, help="subset of: " + " | ".join(CONFIGS))
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default=None)
-    args = p.parse_args()
-    device = torch.device(args.device)
-    if args.quick:
-        args.width, args.batch = 8, 16
-    cuda = device.type == "cuda"
-    repeats = args.repeats or (3 if args.quick else (50 if cuda else 5))
-    warmup = args.warmup or (1 if args.quick else (10 if cuda else 2))
-    configs = [("Un-Mix, float32", dict()), ("SwAV only, float32", dict(run_swav=True))]
-    if cuda:
-        torch.backends.cudnn.benchmark = True
-        configs += [("Un-Mix, fp16 autocast + GradScaler", dict(amp_dtype=torch.float16)),
-                    ("Un-Mix, bf16 autocast + channels_last", dict(amp_dtype=torch.bfloat16, channels_last=True)),
-                    ("Un-Mix, bf16 + channels_last + torch.compile",
-                     dict(amp_dtype=torch.bfloat16, channels_last=True, compile_model=True))]
-    rows = []
-    for name, kw in configs:
-        ips, med, times = bench(device, args.width, args.batch, repeats, warmup, **kw)
-        rows.append(f"| {name} | {args.batch} | {args.width} | {med * 1000:.1f} | {ips:,.1f} | "
-                    f"{min(times) * 1000:.1f}–{max(times) * 1000:.1f} |")
-        print(rows[-1], flush=True)
+    a = p.parse_args()
+    cuda = torch.cuda.is_available() and not a.quick
+    iters = a.iters or (3 if a.quick else (50 if cuda else 3))
+    rounds = a.rounds or (2 if a.quick else (5 if cuda else 3))
+    warmup = a.warmup if a.warmup is not None else (1 if a.quick else 2)
+    names = a.configs or [n for n in CONFIGS if cuda or "compile" not in n]
+    logger = logging.getLogger("bench")
+    logger.addHandler(logging.NullHandler())
+    logger.propagate = False
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data = a.data_path
+        if data is None:
+            from tests.fake_cifar import write_cifar10
+            n = a.n or (400 if a.quick else 10000)
+            data = write_cifar10(os.path.join(tmp, "data"), n_train_per_batch=n // 5, n_test=20)
+        size = (["--width_per_group", "8", "--batch_size", "16"] if a.quick else ["--batch_size", "128"])
+        setups = {}
+        for name in names:
+            setups[name] = Setup(C10 + size + CONFIGS[name] + ["--data_path", str(data),
+                                                                "--dump_path", os.path.join(tmp, "run")], logger)
+            for _ in range(warmup):
+                setups[name].window(iters)
+        times = {name: [] for name in names}
+        for _ in range(rounds):
+            for name in names:  # interleaved: A, B, C, A, B, C, ...
+                times[name].append(setups[name].window(iters))
+        rows = []
+        device = setups[names[0]].args.device
+        batch = setups[names[0]].args.batch_size
+        base = statistics.median(times[names[0]]) / iters
+        for name in names:
+            s = setups[name]
+            med = statistics.median(times[name]) / iters
+            counter = OpCounter()
+            with counter:
+                s.window(iters)
+            ops = sum(counter.ops.values()) / iters
+            reads = sum(counter.reads.values()) / iters
+            peak = ""
+            if device.type == "cuda":
+                tflops = s.flops_per_iteration() / med / 1e12
+                peak = f" {100 * tflops / BF16_PEAK_TFLOPS:.1f} % |"
+            epoch = med * (50000 // batch)  # drop_last
+            rows.append(f"| {name} | {med * 1000:.1f} | {batch / med:,.0f} | {epoch:.1f} | {base / med:.2f}x | "
+                        f"{ops:.0f} | {reads:.2f} |{peak}")
+            print(rows[-1], flush=True)
+    head = "| configuration | ms / iteration | images/s | s per 50,000-image epoch | speed-up | ops | host reads |"
+    sep = "|---|---:|---:|---:|---:|---:|---:|"
+    if device.type == "cuda":
+        head += " % of bf16 peak |"
+        sep += "---:|"
     table = "\n".join([
-        f"Machine: {machine()}",
+        f"Machine: {machine(device)}",
         f"Command: python benchmarks/bench_train_step.py {' '.join(sys.argv[1:])}".rstrip(),
-        f"Median of {repeats} steps after {warmup} warm-up steps, device {device}.",
-        "",
-        "| configuration | batch | width_per_group | median step (ms) | images/s | range (ms) |",
-        "|---|---|---|---|---|---|", *rows])
+        f"Median of {rounds} interleaved windows of {iters} iterations after {warmup} warm-up windows each; "
+        f"batch {batch}; {'width 8 (quick)' if a.quick else 'full width'}; device {device}. Epoch time from "
+        "the median iteration (kNN monitor and checkpoint not included)."
+        + (" On the CPU mixed precision is off (--use_fp16 applies on CUDA only)." if device.type == "cpu" else ""),
+        "", head, sep, *rows])
     print("\n" + table)
-    out = args.out or os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                   f"results_train_step_{device.type}{'_quick' if args.quick else ''}.md")
+    out = a.out or os.path.join(ROOT, "benchmarks", f"results_train_step_{device.type}{'_quick' if a.quick else ''}.md")
     with open(out, "w") as f:
         f.write(table + "\n")
     print(f"written to {out}")

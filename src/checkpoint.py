@@ -158,3 +158,82 @@ def prepare_dump_path(dump_path, *subfolders):
     except OSError as e:
         raise CheckpointError(f"--dump_path {dump_path!r} is not writable ({e.strerror})") from None
     remove_stale_temporaries(dump_path, *(os.path.join(dump_path, s) for s in subfolders))
+
+
+# ------------------------------------------------------------------ training checkpoints
+
+def save_checkpoint(dump_path, epoch, iteration, net, optimizer, np_rng, arch, scaler=None, queue=None,
+                    rank=0, world_size=1, loop=None, copy_path=None):
+    """The released checkpoint (`epoch`, `state_dict` with the `module.` prefix, `optimizer`, `amp`) plus
+    what an exact restart needs: `iteration` (0 = epoch boundary), every RNG stream, every rank's queue
+    ("queues": None without one) and `loop` (mid-epoch state). Collective with several processes.
+
+    Rank 0 writes `checkpoint.pth.tar`, and first the epoch copy `copy_path` if asked, so a kill between
+    the two never leaves an epoch without its copy; each rank also writes its `queue{rank}.pth` (released)."""
+    queues = None
+    if queue is not None:  # every rank's queue goes into rank 0's single atomic file
+        if world_size > 1:
+            queues = [torch.zeros_like(queue) for _ in range(world_size)]
+            torch.distributed.all_gather(queues, queue)
+        else:
+            queues = [queue]
+        atomic_save({"queue": queue}, os.path.join(dump_path, f"queue{rank}.pth"))
+    if rank == 0:
+        save_dict = {"epoch": epoch, "iteration": iteration,
+                     # clone: the buffers may be views into one flat tensor (see BufferGuard)
+                     "state_dict": {"module." + k: v.clone() for k, v in net.state_dict().items()},
+                     "optimizer": optimizer.state_dict(), "rng": rng_state(np_rng), "arch": arch,
+                     "queues": None if queues is None else [q.cpu() for q in queues]}
+        if scaler is not None:
+            save_dict["amp"] = scaler.state_dict()
+        if loop is not None:
+            save_dict["loop"] = loop
+        if copy_path is not None:
+            atomic_save(save_dict, copy_path)
+        atomic_save(save_dict, os.path.join(dump_path, "checkpoint.pth.tar"))
+    if world_size > 1:
+        torch.distributed.barrier()
+
+
+class Restart:
+    """What a resumed run continues from (see `restart_from_checkpoint`)."""
+
+    def __init__(self, path, ckpt):
+        self.path = path
+        self.epoch, self.iteration = int(ckpt["epoch"]), int(ckpt.get("iteration", 0))
+        self.torch_rng = ckpt["rng"]["torch"] if "rng" in ckpt else None
+        self.has_queues = "queues" in ckpt  # our checkpoints say so even when there was no queue
+        self.queues = ckpt.get("queues")
+        self.loop = ckpt.get("loop") if self.iteration > 0 else None
+
+
+def restart_from_checkpoint(dump_path, net, optimizer, scaler=None, np_rng=None, what="the model", log=print):
+    """Load the run's checkpoint into `net`, `optimizer` (keeping its own implementation choice, e.g. the
+    fused kernel), `scaler` and the RNG streams (like swav's `restart_from_checkpoint`). Returns a
+    `Restart`, or None for a fresh run; a checkpoint that does not fit raises a one-line CheckpointError.
+    `what` names the model in that message (e.g. "--arch resnet18")."""
+    path, ckpt = find_resume_checkpoint(dump_path, log=log)
+    if ckpt is None:
+        return None
+    try:
+        missing = net.load_state_dict(strip_module_prefix(ckpt["state_dict"]), strict=False)
+        if missing.missing_keys or missing.unexpected_keys:
+            raise CheckpointError(f"{path} does not fit {what} (missing {missing.missing_keys[:3]}, "
+                                  f"unexpected {missing.unexpected_keys[:3]})")
+        impl = [{k: g[k] for k in ("fused", "foreach") if k in g} for g in optimizer.param_groups]
+        optimizer.load_state_dict(ckpt["optimizer"])
+        for group, flags in zip(optimizer.param_groups, impl):
+            group.update(flags)
+        if scaler is not None and isinstance(ckpt.get("amp"), dict) and "scale" in ckpt["amp"]:
+            scaler.load_state_dict(ckpt["amp"])
+        elif scaler is not None and ckpt.get("amp"):  # a released checkpoint: apex's loss-scaler state
+            log("apex loss-scaler state in the checkpoint not used: the GradScaler starts afresh")
+        restart = Restart(path, ckpt)
+        if "rng" in ckpt and np_rng is not None:
+            set_rng_state(ckpt["rng"], np_rng)
+    except (KeyError, RuntimeError, ValueError, TypeError, AttributeError, IndexError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise CheckpointError(f"{path} cannot be resumed with these arguments ({type(e).__name__}: {first}); "
+                              "check --arch/--width_per_group/--hidden_mlp/--feat_dim/--nmb_prototypes, "
+                              "or use another --dump_path") from None
+    return restart

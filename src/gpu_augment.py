@@ -66,6 +66,7 @@ Per-rank sampling: :func:`epoch_indices` / :class:`DistributedBatchSampler` give
 ``DistributedSampler(dataset, num_replicas, rank, shuffle=True, seed=0, drop_last=False)`` with
 ``set_epoch(epoch)`` followed by ``DataLoader(batch_size, drop_last=True)`` (the released loader).
 """
+import functools
 import math
 
 import torch
@@ -102,6 +103,13 @@ def _view4(t):
 # RandomResizedCrop
 # --------------------------------------------------------------------------------------------------
 
+@functools.lru_cache(maxsize=None)
+def _log_ratio(ratio):
+    """log of the aspect-ratio bounds in float32, as torchvision computes them (once, not per batch)."""
+    log_ratio = torch.log(torch.tensor(ratio, dtype=torch.float32))
+    return float(log_ratio[0]), float(log_ratio[1])
+
+
 def sample_resized_crop_params(height, width, n, scale, ratio=(3.0 / 4.0, 4.0 / 3.0), generator=None,
                                device=None):
     """``RandomResizedCrop.get_params`` for ``n`` samples at once.
@@ -115,8 +123,7 @@ def sample_resized_crop_params(height, width, n, scale, ratio=(3.0 / 4.0, 4.0 / 
     """
     device = _default_device(generator, device)
     area = float(height * width)
-    log_ratio = torch.log(torch.tensor(ratio, dtype=torch.float32))
-    lo, hi = float(log_ratio[0]), float(log_ratio[1])
+    lo, hi = _log_ratio(tuple(ratio))
 
     u = torch.empty(n, 10, device=device).uniform_(scale[0], scale[1], generator=generator)
     lr = torch.empty(n, 10, device=device).uniform_(lo, hi, generator=generator)
@@ -564,9 +571,47 @@ class DistributedBatchSampler:
     def __len__(self):
         return math.ceil(self.n / self.num_replicas) // self.batch_size
 
-    def __iter__(self):
+    def batches(self):
+        """This epoch's batches as one (num_batches, batch_size) index tensor (on ``device`` if given)."""
         batches = epoch_indices(self.n, self.epoch, self.seed, self.rank, self.num_replicas,
                                 self.batch_size, self.shuffle)
-        if self.device is not None:
-            batches = batches.to(self.device)
-        return iter(batches.unbind(0))
+        return batches if self.device is None else batches.to(self.device)
+
+    def __iter__(self):
+        return iter(self.batches().unbind(0))
+
+
+class BatchedCrops:
+    """The training crops of one rank, epoch by epoch, made on the device several iterations per call
+    (fewer, larger launches: ``chunk`` iterations, at most ``max_bytes`` of crops at once).
+
+    Chunk ``j`` of an epoch draws from a generator seeded with (seed, rank, epoch, j), so an epoch
+    resumed at any iteration yields the very crops an uninterrupted run would have seen."""
+
+    def __init__(self, multicrop: "GPUMultiCrop", sampler: DistributedBatchSampler, seed=0, rank=0, chunk=8,
+                 max_bytes=256 * 2**20):
+        self.multicrop, self.sampler = multicrop, sampler
+        self.seed, self.rank = seed, rank
+        per_iteration = sampler.batch_size * sum(3 * s * s * k for s, k in zip(multicrop.size_crops,
+                                                                               multicrop.nmb_crops)) * 4
+        self.chunk = max(1, min(chunk, max_bytes // per_iteration))
+        self.generator = torch.Generator(device=multicrop.device)
+
+    def __len__(self):
+        return len(self.sampler)
+
+    def chunk_seed(self, epoch, j):
+        return (((self.seed * 1000003 + self.rank) * 1000003 + epoch) * 1000003 + j) % 2**63
+
+    def epoch(self, epoch, first_iter=0):
+        """Yields the crops (a list of ``sum(nmb_crops)`` tensors) of iterations ``first_iter``, ... of
+        ``epoch``."""
+        self.sampler.set_epoch(epoch)
+        batches = self.sampler.batches()
+        bs, k = self.sampler.batch_size, self.chunk
+        for j in range(first_iter // k, (len(batches) + k - 1) // k):
+            self.generator.manual_seed(self.chunk_seed(epoch, j))
+            crops = self.multicrop(batches[j * k:(j + 1) * k].reshape(-1), generator=self.generator)
+            for it in range(max(j * k, first_iter), min((j + 1) * k, len(batches))):
+                t = it - j * k
+                yield [c[t * bs:(t + 1) * bs] for c in crops]

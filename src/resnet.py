@@ -199,14 +199,17 @@ class ResNet(nn.Module):
         return x
 
     def forward(self, inputs):
-        """Consecutive crops of equal resolution share one backbone pass (BN sees them together)."""
+        """Consecutive crops of equal resolution share one backbone pass (BN sees them together). The
+        grouping is plain Python on the shapes: no tensor op, no host sync, no graph break."""
         if not isinstance(inputs, (list, tuple)):
             inputs = [inputs]
-        counts = torch.unique_consecutive(torch.tensor([inp.shape[-1] for inp in inputs]),
-                                          return_counts=True)[1]
         outputs, start = [], 0
-        for end in torch.cumsum(counts, 0).tolist():
-            outputs.append(self.forward_backbone(torch.cat(inputs[start:end])))
+        while start < len(inputs):
+            end = start + 1
+            while end < len(inputs) and inputs[end].shape[-1] == inputs[start].shape[-1]:
+                end += 1
+            x = inputs[start] if end == start + 1 else torch.cat(inputs[start:end])
+            outputs.append(self.forward_backbone(x))
             start = end
         return self.forward_head(torch.cat(outputs) if len(outputs) > 1 else outputs[0])
 

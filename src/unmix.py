@@ -8,7 +8,7 @@ where the reverse call reverses the codes (and queued embedding) of the mixture 
 """
 import math
 from dataclasses import dataclass, fields
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -98,21 +98,19 @@ def pair_sizes(crops: Sequence[torch.Tensor]) -> List[Tuple[int, int]]:
     return [(crops[k].size(2), crops[k].size(3)) for k in range(0, len(crops) - 1, 2)]
 
 
-def split_triples(t: torch.Tensor, bs: int, n_pairs: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """From rows ordered [x0, x1, m0, x2, x3, m1, ...] (bs rows each) build
-    plain = [x0, x1, x2, x3, ...] and mixed = [m0, x1, m1, x3, ...] (item 5)."""
+def unmix_views(n_pairs: int) -> Tuple[Tuple[int, ...], Tuple[int, ...]]:
+    """Which row blocks of the network output (ordered [x0, x1, m0, x2, x3, m1, ...], bs rows each) make
+    the plain views [x0, x1, x2, x3, ...] and the mixed views [m0, x1, m1, x3, ...] (item 5)."""
     plain, mixed = [], []
     for p in range(n_pairs):
-        o = 3 * p * bs
-        a, b, m = t[o:o + bs], t[o + bs:o + 2 * bs], t[o + 2 * bs:o + 3 * bs]
-        plain += [a, b]
-        mixed += [m, b]
-    return torch.cat(plain), torch.cat(mixed)
+        plain += [3 * p, 3 * p + 1]
+        mixed += [3 * p + 2, 3 * p + 1]
+    return tuple(plain), tuple(mixed)
 
 
 @dataclass
 class SwavConfig:
-    """Arguments of the SwAV loss (released flag names)."""
+    """The method's hyper-parameters, under the released flag names: `SwavConfig.from_dict(vars(args))`."""
     crops_for_assign: Sequence[int] = (0, 1)
     nmb_crops: Sequence[int] = (2,)
     temperature: float = 0.1
@@ -120,50 +118,153 @@ class SwavConfig:
     sinkhorn_iterations: int = 3
     improve_numerical_stability: bool = False
     world_size: int = 1
+    run_swav: bool = False
+    unmix_prob: float = 0.5
+    unmix_beta: float = 1.0
+    unmix_loss_form: str = "released"
+    freeze_prototypes_niters: int = 0
+    queue_length: int = 0
+    epoch_queue_starts: int = 15
+    feat_dim: int = 128
 
     @classmethod
     def from_dict(cls, d):
         return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
 
 
-def swav_loss(embedding: torch.Tensor, output: torch.Tensor, bs: int, cfg: SwavConfig,
-              queue: Optional[torch.Tensor] = None, prototypes: Optional[torch.Tensor] = None,
-              queue_in_use: bool = False, reverse: bool = False, reverse_predictions: bool = False
-              ) -> Tuple[torch.Tensor, bool]:
-    """Swapped prediction loss (item 7), in float32.
+class EmbeddingQueue:
+    """SwAV's queue (item 7): for each assigned crop, the latest L embeddings, newest first.
 
-    `embedding`/`output` hold sum(nmb_crops) chunks of bs rows. For each assigned crop, its codes come
-    from Sinkhorn (with the queue prepended once it is in use) and every other crop predicts them.
-    `queue` (len(crops_for_assign) x L x D) is updated in place; `prototypes` is the K x D weight.
-    `reverse`: reverse the codes and queued embedding of crop 0 (released). `reverse_predictions`:
-    also reverse crop 0's predictions (the authors' later formula). Returns (loss, queue_in_use)."""
-    output = output.float()
-    n_crops = int(sum(cfg.nmb_crops))
-    loss = 0.0
-    for i, crop_id in enumerate(cfg.crops_for_assign):
-        with torch.no_grad():
-            out = output[bs * crop_id: bs * (crop_id + 1)].detach()
-            emb = embedding[bs * crop_id: bs * (crop_id + 1)].detach()
-            if reverse and crop_id == 0:
-                out, emb = torch.flip(out, dims=[0]), torch.flip(emb, dims=[0])
-            if queue is not None:
-                if queue_in_use or not torch.all(queue[i, -1, :] == 0):
-                    queue_in_use = True
-                    out = torch.cat((queue[i] @ prototypes.float().t(), out))
-                queue[i, bs:] = queue[i, :-bs].clone()
-                queue[i, :bs] = emb
-            q = sinkhorn(out, cfg.epsilon, cfg.sinkhorn_iterations, cfg.improve_numerical_stability,
-                         cfg.world_size)[-bs:]
-        subloss = 0.0
-        for v in range(n_crops):
-            if v == crop_id:
-                continue
-            x = output[bs * v: bs * (v + 1)]
-            if reverse_predictions and v == 0:
-                x = torch.flip(x, dims=[0])
-            subloss = subloss - torch.mean(torch.sum(q * F.log_softmax(x / cfg.temperature, dim=1), dim=1))
-        loss = loss + subloss / (n_crops - 1)
-    return loss / len(cfg.crops_for_assign), queue_in_use
+    Before each use the released code checks whether the queue's last row is non-zero; from then on (for
+    the rest of the epoch) the queue's scores are put in front of the batch's before Sinkhorn. After the
+    check the queue shifts down by bs rows and takes the batch's embeddings on top. Here the check is
+    made from a count of the rows written so far, kept on the host, so that no iteration waits for the
+    device to answer; `recount()` reads the tensor once instead (a queue loaded from a file)."""
+
+    def __init__(self, tensor: torch.Tensor, in_use: bool = False, filled: Optional[List[int]] = None):
+        self.tensor = tensor
+        self.in_use = bool(in_use)
+        self.filled = list(filled) if filled is not None else self.recount()
+
+    @property
+    def length(self) -> int:
+        return self.tensor.shape[1]
+
+    def recount(self) -> List[int]:
+        """Rows written, per assigned crop, read from the tensor: embeddings are never all zero, and they
+        enter at the top and move down, so the filled rows are the leading non-zero ones."""
+        nonzero = (self.tensor != 0).any(dim=2)
+        first_zero = torch.where(nonzero.all(dim=1), self.length, (~nonzero).long().argmax(dim=1))
+        self.filled = [self.length if last else int(n) for n, last in zip(first_zero.tolist(),
+                                                                          nonzero[:, -1].tolist())]
+        return self.filled
+
+    def check(self, i: int, written: int = 0) -> bool:
+        """The released check of queue i after `written` more rows went in: in use once it is full."""
+        self.in_use = self.in_use or min(self.length, self.filled[i] + written) >= self.length
+        return self.in_use
+
+
+def as_queue(queue: Union[None, torch.Tensor, EmbeddingQueue], in_use: bool = False) -> Optional[EmbeddingQueue]:
+    if queue is None or isinstance(queue, EmbeddingQueue):
+        return queue
+    return EmbeddingQueue(queue, in_use)
+
+
+@dataclass(frozen=True)
+class Term:
+    """One swapped-prediction loss: the output row block of each crop, in crop order. `reverse`: reverse
+    the codes and queued embedding of crop 0 (released); `reverse_predictions`: also crop 0's
+    predictions (the authors' later formula)."""
+    views: Tuple[int, ...]
+    reverse: bool = False
+    reverse_predictions: bool = False
+
+
+def swapped_losses(embedding: torch.Tensor, output: torch.Tensor, bs: int, terms: Sequence[Term],
+                   cfg: SwavConfig, queue: Optional[EmbeddingQueue] = None,
+                   prototypes: Optional[torch.Tensor] = None) -> List[torch.Tensor]:
+    """The SwAV loss (item 7) of each term, in float32, as the released code computes them one after the
+    other: for each assigned crop, codes from Sinkhorn (after the queue check, with the queue's scores in
+    front once it is in use) predicted by every other crop; each term pushes its assigned crops'
+    embeddings into the queue after its checks.
+
+    The codes are computed together: equal Sinkhorn inputs once (before the queue is in use, the terms
+    share codes), and all problems of one shape in one batched Sinkhorn; the queue is written once."""
+    n_crops = len(terms[0].views)
+    assign = list(cfg.crops_for_assign)
+    out = output.detach().float()
+    emb = embedding.detach()
+
+    def block(t, b, flip):
+        x = t[b * bs:(b + 1) * bs]
+        return torch.flip(x, dims=[0]) if flip else x
+
+    # 1. which Sinkhorn problem each (term, assigned crop) needs, in the released order of checks
+    keys, problems = [], {}
+    for c, term in enumerate(terms):
+        keys.append([])
+        for i, crop_id in enumerate(assign):
+            flip = term.reverse and crop_id == 0
+            in_use = queue is not None and queue.check(i, written=c * bs)
+            key = ("queue", c, i) if in_use else (term.views[crop_id], flip)
+            keys[-1].append(key)
+            problems.setdefault(key, (c, i, term.views[crop_id], flip))
+
+    # 2. the queue: the state each term saw is a window of [newest pushes ..., old queue]
+    if queue is not None:
+        C = len(terms)
+        pushed = torch.stack([block(emb, t.views[crop_id], t.reverse and crop_id == 0)
+                              for i, crop_id in enumerate(assign) for t in reversed(terms)])
+        stacked = torch.cat([pushed.view(len(assign), C * bs, -1), queue.tensor], dim=1)
+        if any(k[0] == "queue" for k in problems):
+            queue_scores = stacked @ prototypes.float().t()
+        queue.tensor.copy_(stacked[:, :queue.length])
+        queue.filled = [min(queue.length, f + C * bs) for f in queue.filled]
+
+    # 3. Sinkhorn, batched over the problems of equal shape
+    scores = {}
+    for key, (c, i, b, flip) in problems.items():
+        x = block(out, b, flip)
+        if key[0] == "queue":
+            start = (len(terms) - c) * bs
+            x = torch.cat((queue_scores[i, start:start + queue.length], x))
+        scores[key] = x
+    codes = {}
+    by_shape = {}
+    for key, x in scores.items():
+        by_shape.setdefault(tuple(x.shape), []).append(key)
+    for group in by_shape.values():
+        q = sinkhorn(torch.stack([scores[k] for k in group]), cfg.epsilon, cfg.sinkhorn_iterations,
+                     cfg.improve_numerical_stability, cfg.world_size)[:, -bs:]
+        codes.update(zip(group, q.unbind(0)))
+
+    # 4. every other crop predicts the codes (cross-entropy with softmax(output / temperature))
+    log_p = F.log_softmax(output.float() / cfg.temperature, dim=1)
+    losses = []
+    for term, term_keys in zip(terms, keys):
+        loss = 0.0
+        for crop_id, key in zip(assign, term_keys):
+            subloss = 0.0
+            for v in range(n_crops):
+                if v != crop_id:
+                    x = block(log_p, term.views[v], term.reverse_predictions and v == 0)
+                    subloss = subloss - torch.mean(torch.sum(codes[key] * x, dim=1))
+            loss = loss + subloss / (n_crops - 1)
+        losses.append(loss / len(assign))
+    return losses
+
+
+def swav_loss(embedding: torch.Tensor, output: torch.Tensor, bs: int, cfg: SwavConfig,
+              queue=None, prototypes: Optional[torch.Tensor] = None, queue_in_use: bool = False,
+              reverse: bool = False, reverse_predictions: bool = False) -> Tuple[torch.Tensor, bool]:
+    """Swapped prediction loss of sum(nmb_crops) crops of bs rows each (item 7). `queue`: an
+    EmbeddingQueue, or its tensor (len(crops_for_assign) x L x D, updated in place); `prototypes`: the
+    K x D weight. Returns (loss, queue in use)."""
+    queue = as_queue(queue, queue_in_use)
+    term = Term(tuple(range(int(sum(cfg.nmb_crops)))), reverse, reverse_predictions)
+    [loss] = swapped_losses(embedding, output, bs, [term], cfg, queue, prototypes)
+    return loss, queue_in_use if queue is None else queue.in_use
 
 
 def unmix_swav_loss(embedding: torch.Tensor, output: torch.Tensor, bs: int, n_pairs: int, lam: float,
@@ -176,11 +277,8 @@ def unmix_swav_loss(embedding: torch.Tensor, output: torch.Tensor, bs: int, n_pa
     later L_M = lam [l(z_m, q_s) + l(z_s, q_m)] + (1 - lam) [l(z_rm, q_s) + l(z_s, q_rm)]."""
     if loss_form not in LOSS_FORMS:
         raise ValueError(f"unknown Un-Mix loss form {loss_form!r}; choose one of {LOSS_FORMS}")
-    emb_plain, emb_mixed = split_triples(embedding, bs, n_pairs)
-    out_plain, out_mixed = split_triples(output, bs, n_pairs)
-    kw = dict(queue=queue, prototypes=prototypes)
-    loss, queue_in_use = swav_loss(emb_plain, out_plain, bs, cfg, queue_in_use=queue_in_use, **kw)
-    loss_m, queue_in_use = swav_loss(emb_mixed, out_mixed, bs, cfg, queue_in_use=queue_in_use, **kw)
-    loss_rm, queue_in_use = swav_loss(emb_mixed, out_mixed, bs, cfg, queue_in_use=queue_in_use,
-                                      reverse=True, reverse_predictions=(loss_form == "paper"), **kw)
-    return loss + lam * loss_m + (1.0 - lam) * loss_rm, queue_in_use
+    queue = as_queue(queue, queue_in_use)
+    plain, mixed = unmix_views(n_pairs)
+    terms = [Term(plain), Term(mixed), Term(mixed, reverse=True, reverse_predictions=(loss_form == "paper"))]
+    loss, loss_m, loss_rm = swapped_losses(embedding, output, bs, terms, cfg, queue, prototypes)
+    return loss + lam * loss_m + (1.0 - lam) * loss_rm, queue_in_use if queue is None else queue.in_use

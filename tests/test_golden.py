@@ -5,10 +5,10 @@ relative (1e-6 absolute); Sinkhorn assignments 1e-5."""
 import pytest
 import torch
 
-from src.larc import LARC
+from src.larc import LARC, build_optimizer
 from src.resnet import build_model
 from src.sinkhorn import sinkhorn
-from src.train_step import train_step
+from src.train_step import UnmixSwAV
 from src.unmix import SwavConfig, UnmixDraws, unmix_inputs
 from tests.golden import load_golden
 
@@ -33,15 +33,19 @@ def get_case(name):
     return next(c for c in golden()["cases"] if c["name"] == name)
 
 
-def build(case, device="cpu"):
+def build(case, device="cpu", fused=False):
     cfg = case["config"]
     model = build_model(cfg["arch"], width_per_group=cfg["width_per_group"], normalize=True,
                         hidden_mlp=cfg["hidden_mlp"], output_dim=cfg["feat_dim"],
                         nmb_prototypes=cfg["nmb_prototypes"])
     model.load_state_dict(golden()["init_state_dicts"][case["init_key"]])
     model.to(device)
-    sgd = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["wd"])
-    opt = LARC(sgd, trust_coefficient=cfg["trust_coefficient"], clip=cfg["larc_clip"])
+    if fused:  # what the training loop builds
+        opt = build_optimizer(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["wd"],
+                              trust_coefficient=cfg["trust_coefficient"], clip=cfg["larc_clip"])
+    else:
+        sgd = torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"], weight_decay=cfg["wd"])
+        opt = LARC(sgd, trust_coefficient=cfg["trust_coefficient"], clip=cfg["larc_clip"])
     return model, opt
 
 
@@ -67,9 +71,11 @@ def assert_summary(t, ref, what):
                                msg=lambda m: f"{what}: {m}")
 
 
-def run_case(case, device="cpu"):
+def run_case(case, device="cpu", fast_path=False):
+    """One iteration; `fast_path`: as the training loop runs it (fused SGD, the device-side non-finite
+    guard with its flat buffers), else with a plain SGD inside LARC and no guard."""
     cfg = case["config"]
-    model, opt = build(case, device)
+    model, opt = build(case, device, fused=fast_path)
     model.train()
     queue = None if case["queue_in"] is None else case["queue_in"].clone().to(device)
     grads = {}
@@ -83,10 +89,12 @@ def run_case(case, device="cpu"):
         return step
 
     opt.step = hook_larc_step()
-    out = train_step(model, opt, [c.clone().to(device) for c in case["crops"]], draws_of(case), SwavConfig.from_dict(cfg),
-                     lr=cfg["lr"], iteration=cfg["iteration"],
-                     freeze_prototypes_niters=cfg["freeze_prototypes_niters"], run_swav=cfg["run_swav"],
-                     unmix_prob=cfg["unmix_prob"], queue=queue)
+    method = UnmixSwAV(model, opt, SwavConfig.from_dict(cfg), skip_nonfinite=fast_path)
+    if queue is not None:
+        method.set_queue(queue)
+    out = method.step([c.clone().to(device) for c in case["crops"]], draws_of(case), lr=cfg["lr"],
+                      iteration=cfg["iteration"])
+    queue = None if method.queue is None else method.queue.tensor
     return model, out, grads, queue
 
 
@@ -103,13 +111,14 @@ def test_network_inputs(name):
         torch.testing.assert_close(ours, ref, rtol=0, atol=1e-6)
 
 
+@pytest.mark.parametrize("fast_path", [False, True], ids=["plain", "fast_path"])
 @pytest.mark.parametrize("name", case_names())
-def test_iteration_matches_released(name):
-    check_iteration(get_case(name), "cpu")
+def test_iteration_matches_released(name, fast_path):
+    check_iteration(get_case(name), "cpu", fast_path)
 
 
-def check_iteration(case, device):
-    model, out, grads, queue = run_case(case, device)
+def check_iteration(case, device, fast_path=False):
+    model, out, grads, queue = run_case(case, device, fast_path)
     assert out.loss.item() == pytest.approx(case["loss"], rel=1e-5)
     assert set(grads) == set(case["grads"])
     for n, ref in case["grads"].items():

@@ -458,3 +458,38 @@ def test_cuda_matches_cpu_and_never_synchronises():
     first = mc(batches[0], generator=g)
     g.manual_seed(0)
     assert all(torch.equal(a, b) for a, b in zip(first, mc(batches[0], generator=g)))
+
+
+def test_batched_crops_resume_at_any_iteration_exactly():
+    """Chunks of iterations share one augmentation call; each chunk's generator is seeded from (seed, rank,
+    epoch, chunk), so an epoch started at iteration i yields the very crops of the full epoch from i on."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (70, 12, 12, 3), dtype=torch.uint8, generator=g)
+    mc = ga.GPUMultiCrop(images, [8, 6], [2, 1], [0.3, 0.2], [1.0, 0.5])
+    crops = ga.BatchedCrops(mc, ga.DistributedBatchSampler(70, 8), seed=5, rank=0, chunk=3)
+    assert len(crops) == 8
+    full = list(crops.epoch(2))
+    assert len(full) == 8 and all(len(c) == 3 for c in full)
+    assert [tuple(c.shape) for c in full[0]] == [(8, 3, 8, 8), (8, 3, 8, 8), (8, 3, 6, 6)]
+    for start in (1, 3, 5, 7):
+        resumed = list(crops.epoch(2, start))
+        assert len(resumed) == 8 - start
+        for a, b in zip(resumed, full[start:]):
+            assert all(torch.equal(x, y) for x, y in zip(a, b))
+    other = list(crops.epoch(3))
+    assert not torch.equal(other[0][0], full[0][0])  # another epoch, other crops
+    # the same images as the sampler's batches, in order
+    crops.sampler.set_epoch(2)
+    batches = list(crops.sampler)
+    one = ga.GPUMultiCrop(images, [8, 6], [2, 1], [0.3, 0.2], [1.0, 0.5])
+    assert torch.equal(batches[0], crops.sampler.batches()[0])
+    assert one(batches[0])[0].shape == full[0][0].shape
+
+
+def test_batched_crops_chunk_fits_the_memory_budget():
+    images = torch.zeros(64, 32, 32, 3, dtype=torch.uint8)
+    mc = ga.GPUMultiCrop(images, [32], [2], [0.14], [1.0])
+    per_iteration = 16 * 2 * 3 * 32 * 32 * 4
+    assert ga.BatchedCrops(mc, ga.DistributedBatchSampler(64, 16), chunk=8).chunk == 8
+    assert ga.BatchedCrops(mc, ga.DistributedBatchSampler(64, 16), chunk=8, max_bytes=3 * per_iteration).chunk == 3
+    assert ga.BatchedCrops(mc, ga.DistributedBatchSampler(64, 16), chunk=8, max_bytes=1).chunk == 1

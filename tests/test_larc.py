@@ -147,3 +147,58 @@ def test_grad_scaler_gives_the_unscaled_update():
     scaler.update()
     assert all(torch.equal(p, q) for p, q in zip(lin_b.parameters(), before))
     assert scaler.get_scale() < scale
+
+
+def loop_larc_step(params, lr, wd, trust, eps, clip):
+    """apex's LARC, one parameter at a time (the reference for the multi-tensor version)."""
+    for p in params:
+        if p.grad is None:
+            continue
+        pn, gn = torch.norm(p), torch.norm(p.grad)
+        a = trust * pn / (gn + pn * wd + eps)
+        if clip:
+            a = torch.clamp(a / lr, max=1)
+        apply = (pn != 0) & (gn != 0)
+        p.grad.copy_(torch.where(apply, (p.grad + wd * p) * a, p.grad))
+
+
+@pytest.mark.parametrize("clip", [False, True])
+def test_multi_tensor_larc_is_bit_identical_to_the_loop(clip):
+    from src.resnet import resnet18
+    torch.manual_seed(0)
+    net = resnet18(width_per_group=8, output_dim=16, hidden_mlp=32, nmb_prototypes=10, normalize=True)
+    net(torch.randn(4, 3, 16, 16))[1].pow(2).sum().backward()
+    ps = [p for p in net.parameters() if p.grad is not None] + list(params())  # + zero norms, no gradient
+    ref = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    for r, p in zip(ref, ps):
+        r.grad = None if p.grad is None else p.grad.clone()
+    opt = LARC(torch.optim.SGD(ps, lr=0.3, weight_decay=1e-6), trust_coefficient=0.001, clip=clip)
+    opt.scale_gradients(opt.param_groups[0], 1e-6)
+    loop_larc_step(ref, 0.3, 1e-6, 0.001, 1e-8, clip)
+    for r, p in zip(ref, ps):
+        assert (r.grad is None) == (p.grad is None)
+        if p.grad is not None:
+            assert torch.equal(r.grad, p.grad)
+
+
+def test_fused_sgd_inside_larc_equals_plain_sgd_and_skips_on_found_inf():
+    from src.larc import build_optimizer
+    ps = [torch.nn.Parameter(t) for t in (torch.randn(5, 3), torch.randn(7), torch.zeros(2))]
+    qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    fused = build_optimizer(ps, lr=0.3)
+    plain = LARC(torch.optim.SGD(qs, lr=0.3, momentum=0.9, weight_decay=1e-6), trust_coefficient=0.001, clip=False)
+    for k in range(3):
+        g = [torch.randn_like(p) for p in ps]
+        for p, q, gi in zip(ps, qs, g):
+            p.grad, q.grad = gi.clone(), gi.clone()
+        fused.step(found_inf=torch.tensor(0.0), check_finite=True)
+        plain.step()
+        assert all(torch.equal(p, q) for p, q in zip(ps, qs)), k
+    before = [p.detach().clone() for p in ps]
+    momentum = [fused.state[p]["momentum_buffer"].clone() for p in ps]
+    for p in ps:
+        p.grad = torch.full_like(p, float("nan"))
+    flag = fused.step(check_finite=True)
+    assert flag.item() == 1.0
+    assert all(torch.equal(p, b) for p, b in zip(ps, before))
+    assert all(torch.equal(fused.state[p]["momentum_buffer"], m) for p, m in zip(ps, momentum))

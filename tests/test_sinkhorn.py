@@ -107,3 +107,19 @@ def test_no_gradient_and_input_untouched():
     q = sinkhorn(s, 0.05, 3)
     assert not q.requires_grad
     assert torch.equal(s.detach(), before)
+
+
+def test_batched_problems_each_equal_their_own_solution():
+    """n x B x K: each problem normalised on its own, as n separate calls (to float round-off)."""
+    probs = torch.stack([scores(seed=s) for s in range(3)] + [6.0 + scores(seed=4)])
+    for stable in (False, True):
+        batched = sinkhorn(probs, 0.05, 3, improve_numerical_stability=stable)
+        assert batched.shape == probs.shape
+        for p, q in zip(probs, batched):
+            torch.testing.assert_close(q, sinkhorn(p, 0.05, 3, improve_numerical_stability=stable),
+                                       rtol=0, atol=1e-6, equal_nan=True)
+
+
+def test_shoot_infs_per_problem():
+    t = torch.tensor([[[1.0, float("inf")]], [[7.0, float("inf")]]])
+    assert torch.equal(shoot_infs(t, dims=(-2, -1)), torch.tensor([[[1.0, 1.0]], [[7.0, 7.0]]]))

@@ -8,9 +8,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from src.larc import LARC
+from src.larc import build_optimizer
 from src.resnet import resnet18
-from src.train_step import cosine_schedule, normalize_prototypes_, train_step, unwrap
+from src.train_step import UnmixSwAV, cosine_schedule, normalize_prototypes_, unwrap
 from src.unmix import SwavConfig, UnmixDraws
 
 torch.set_num_threads(1)
@@ -23,8 +23,7 @@ def tiny_model(seed=0):
 
 
 def make_opt(model, lr=0.5):
-    sgd = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-6)
-    return LARC(sgd, trust_coefficient=0.001, clip=False)
+    return build_optimizer(model.parameters(), lr=lr, momentum=0.9, weight_decay=1e-6)
 
 
 def crops(n=2, seed=1, size=16):
@@ -32,13 +31,22 @@ def crops(n=2, seed=1, size=16):
     return [torch.randn(BS, 3, size, size, generator=g) for _ in range(n)]
 
 
-def step(model, opt, cs, **kw):
-    args = dict(draws=UnmixDraws(r=0.2, lam=0.6), cfg=SwavConfig(), lr=0.5, iteration=100,
-                freeze_prototypes_niters=0, run_swav=False, unmix_prob=0.5)
-    args.update(kw)
-    draws = args.pop("draws")
-    cfg = args.pop("cfg")
-    return train_step(model, opt, cs, draws, cfg, **args)
+def method_for(model, opt, queue=None, scaler=None, autocast_dtype=None, skip_nonfinite=False, wrap=None,
+               **cfg):
+    cfg = SwavConfig(**{"freeze_prototypes_niters": 0, "unmix_prob": 0.5, **cfg})
+    method = UnmixSwAV(model, opt, cfg, scaler=scaler, autocast_dtype=autocast_dtype,
+                       skip_nonfinite=skip_nonfinite, wrap=wrap)
+    method.start_epoch(0, iters_per_epoch=4)
+    if queue is not None:
+        method.set_queue(queue)  # the same tensor on the CPU: the tests see it change in place
+    return method
+
+
+def step(model, opt, cs, draws=None, lr=0.5, iteration=100, **kw):
+    """One iteration of a fresh UnmixSwAV; returns (output, method)."""
+    method = method_for(model, opt, **kw)
+    out = method.step(cs, draws or UnmixDraws(r=0.2, lam=0.6), lr=lr, iteration=iteration)
+    return out, method
 
 
 def params_of(model):
@@ -91,13 +99,13 @@ def test_frozen_prototypes_get_no_update_but_the_rest_does():
     m = tiny_model()
     opt = make_opt(m)
     before = params_of(m)
-    out = step(m, opt, crops(), iteration=3, freeze_prototypes_niters=4)
+    out, _ = step(m, opt, crops(), iteration=3, freeze_prototypes_niters=4)
     assert m.prototypes.weight.grad is None
     assert torch.equal(m.prototypes.weight.detach(), F.normalize(before["prototypes.weight"], dim=1, p=2))
     assert m.prototypes.weight not in opt.state or not opt.state[m.prototypes.weight]
     changed = [k for k, v in m.named_parameters() if not torch.equal(v.detach(), before[k])]
     assert "conv1.weight" in changed and "projection_head.3.weight" in changed
-    assert out.finite and torch.isfinite(out.loss)
+    assert torch.isfinite(out.loss)
 
 
 def test_prototypes_update_once_the_freeze_is_over():
@@ -124,19 +132,21 @@ class Recorder(nn.Module):
 
 
 def test_run_swav_feeds_the_crops_only():
-    rec = Recorder(tiny_model())
+    m = tiny_model()
     cs = crops()
-    out = step(rec, make_opt(rec.module), cs, run_swav=True, draws=UnmixDraws(r=0.9, lam=0.3))
-    assert len(rec.calls) == 1 and len(rec.calls[0]) == 2
-    assert all(torch.equal(a, b) for a, b in zip(rec.calls[0], cs))
+    out, method = step(m, make_opt(m), cs, run_swav=True, draws=UnmixDraws(r=0.9, lam=0.3), wrap=Recorder)
+    calls = method.model.calls
+    assert len(calls) == 1 and len(calls[0]) == 2
+    assert all(torch.equal(a, b) for a, b in zip(calls[0], cs))
     assert out.lam == 0.3
 
 
 def test_unmix_feeds_three_inputs_per_pair():
-    rec = Recorder(tiny_model())
+    m = tiny_model()
     cs = crops(4)
-    out = step(rec, make_opt(rec.module), cs, draws=UnmixDraws(r=0.2, lam=0.6))
-    seen = rec.calls[0]
+    out, method = step(m, make_opt(m), cs, draws=UnmixDraws(r=0.2, lam=0.6), wrap=Recorder, nmb_crops=[4],
+                       crops_for_assign=[0, 1])
+    seen = method.model.calls[0]
     assert len(seen) == 6
     assert torch.equal(seen[0], cs[0]) and torch.equal(seen[1], cs[1])
     assert torch.equal(seen[3], cs[2]) and torch.equal(seen[4], cs[3])
@@ -147,7 +157,7 @@ def test_unmix_feeds_three_inputs_per_pair():
 
 def test_region_mode_returns_the_adjusted_lam():
     m = tiny_model()
-    out = step(m, make_opt(m), crops(), draws=UnmixDraws(r=0.9, lam=0.75, centers=[(0, 0)]))
+    out, _ = step(m, make_opt(m), crops(), draws=UnmixDraws(r=0.9, lam=0.75, centers=[(0, 0)]))
     # 16x16 crop, cut 0.5 -> 8, box (0, 0, 4, 4) -> lam = 1 - 16 / 256
     assert out.lam == pytest.approx(1 - 16 / 256)
 
@@ -159,7 +169,7 @@ def test_lr_is_set_on_the_groups():
     assert all(g["lr"] == 0.0 for g in opt.param_groups)
 
 
-# ---------------------------------------------------------------- non-finite guard
+# ---------------------------------------------------------------- non-finite guard (decided on the device)
 
 def nan_crops():
     cs = crops()
@@ -167,21 +177,28 @@ def nan_crops():
     return cs
 
 
+def bad_steps(method):
+    return method.read_meter()["bad_steps"]
+
+
 def test_skip_nonfinite_skips_the_parameter_update():
     m = tiny_model()
     opt = make_opt(m)
     before = params_of(m)
-    out = step(m, opt, nan_crops(), skip_nonfinite=True)
-    assert out.finite is False and not torch.isfinite(out.loss)
+    out, method = step(m, opt, nan_crops(), skip_nonfinite=True, iteration=2)
+    assert not torch.isfinite(out.loss)
+    assert bad_steps(method) == [0.0, 0.0, 1.0, 0.0]  # iteration 2 of the epoch was undone
     for k, v in m.named_parameters():
         if k == "prototypes.weight":  # normalised at step start, before the loss is known
             assert torch.equal(v.detach(), F.normalize(before[k], dim=1, p=2))
         else:
             assert torch.equal(v.detach(), before[k]), k
-        assert v.grad is None, k
-    assert len(opt.state) == 0  # no momentum buffer was created
+    # momentum buffers exist (zeros, made before the first step) and were not touched
+    assert opt.state and all(torch.equal(st["momentum_buffer"], torch.zeros_like(st["momentum_buffer"]))
+                             for st in opt.state.values())
     # the forward pass ran in training mode, but a skipped step restores every buffer it touched
     assert m.bn1.num_batches_tracked.item() == 0
+    assert method.read_meter()["kept"] == 0
 
 
 def test_skipped_step_leaves_batchnorm_buffers_finite():
@@ -196,8 +213,8 @@ def test_skipped_step_leaves_the_queue_unchanged():
     queue = torch.zeros(2, 3 * BS, 16)
     queue[:, :, 0] = 1.0  # a full queue from earlier steps
     before = queue.clone()
-    out = step(m, make_opt(m), nan_crops(), skip_nonfinite=True, queue=queue)
-    assert out.finite is False
+    _, method = step(m, make_opt(m), nan_crops(), skip_nonfinite=True, queue=queue)
+    assert bad_steps(method)[100 % 4] == 1.0
     assert torch.equal(queue, before)
 
 
@@ -206,25 +223,72 @@ def test_skip_nonfinite_also_catches_nonfinite_gradients():
     # what DistributedDataParallel's gradient all-reduce delivers when another rank's loss was NaN
     m.conv1.weight.register_hook(lambda g: g + float("nan"))
     before = params_of(m)
-    out = step(m, make_opt(m), crops(), skip_nonfinite=True)
+    out, method = step(m, make_opt(m), crops(), skip_nonfinite=True)
     assert torch.isfinite(out.loss)  # the local loss is fine
-    assert out.finite is False
+    assert any(bad_steps(method))
     assert torch.equal(m.conv1.weight.detach(), before["conv1.weight"])
 
 
 def test_without_skip_the_nonfinite_step_happens():
     m = tiny_model()
-    out = step(m, make_opt(m), nan_crops(), skip_nonfinite=False)
-    assert out.finite is True  # not checked
+    _, method = step(m, make_opt(m), nan_crops(), skip_nonfinite=False)
+    assert bad_steps(method) is None  # not checked
     assert not torch.isfinite(m.conv1.weight).all()
 
 
 def test_finite_loss_with_skip_nonfinite_steps_normally():
     a, b = tiny_model(), tiny_model()
-    step(a, make_opt(a), crops(), skip_nonfinite=True)
+    out_a, method = step(a, make_opt(a), crops(), skip_nonfinite=True)
     step(b, make_opt(b), crops(), skip_nonfinite=False)
     for (k, va), vb in zip(a.named_parameters(), b.parameters()):
         assert torch.equal(va, vb), k
+    assert not any(bad_steps(method))
+    assert method.read_meter()["loss"] == out_a.loss.item()
+
+
+def test_a_bad_step_between_good_ones_is_undone_exactly():
+    """good, bad, good with the guard equals good, good without it: the bad step leaves no trace (weights,
+    momentum, BN statistics) but for its prototype normalisation at the step's start (as released), and
+    the meter averages the kept losses only."""
+    a, b = tiny_model(), tiny_model()
+    opt_a, opt_b = make_opt(a), make_opt(b)
+    guarded = method_for(a, opt_a, skip_nonfinite=True)
+    plain = method_for(b, opt_b)
+    draws = UnmixDraws(r=0.2, lam=0.6)
+    losses = [guarded.step(crops(seed=1), draws, 0.5, 0).loss.item(),
+              guarded.step(nan_crops(), draws, 0.5, 1).loss.item(),
+              guarded.step(crops(seed=3), draws, 0.5, 2).loss.item()]
+    plain.step(crops(seed=1), draws, 0.5, 0)
+    normalize_prototypes_(b)
+    plain.step(crops(seed=3), draws, 0.5, 2)
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(va, vb), k
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(opt_a.state[pa]["momentum_buffer"], opt_b.state[pb]["momentum_buffer"])
+    meter = guarded.read_meter()
+    assert meter["bad_steps"] == [0.0, 1.0, 0.0, 0.0] and meter["kept"] == 2
+    assert meter["loss"] == pytest.approx((losses[0] + losses[2]) / 2, rel=1e-6)
+
+
+def test_guard_with_a_grad_scaler_skips_a_nonfinite_loss():
+    m = tiny_model()
+    before = params_of(m)
+    out, method = step(m, make_opt(m), nan_crops(), skip_nonfinite=True, scaler=torch.amp.GradScaler("cpu"))
+    assert any(bad_steps(method))
+    assert torch.equal(m.conv1.weight.detach(), before["conv1.weight"])
+    assert m.bn1.num_batches_tracked.item() == 0
+
+
+def test_buffers_live_in_one_flat_tensor_per_dtype():
+    m = tiny_model()
+    guard_method = method_for(m, make_opt(m), skip_nonfinite=True)
+    flat = guard_method.guard.flat
+    assert sorted(str(f.dtype) for f in flat) == sorted({str(b.dtype) for b in m.buffers()})
+    for b in m.buffers():
+        assert any(b.untyped_storage().data_ptr() == f.untyped_storage().data_ptr() for f in flat)
+    # the state dict still holds every buffer under its released name, with its own values
+    names = [k for k, _ in tiny_model().named_buffers()]
+    assert [k for k, _ in m.named_buffers()] == names
 
 
 # ---------------------------------------------------------------- precision, scaler, queue
@@ -232,7 +296,7 @@ def test_finite_loss_with_skip_nonfinite_steps_normally():
 def test_autocast_bfloat16_on_cpu():
     m = tiny_model()
     before = m.conv1.weight.detach().clone()
-    out = step(m, make_opt(m), crops(), autocast_dtype=torch.bfloat16)
+    out, _ = step(m, make_opt(m), crops(), autocast_dtype=torch.bfloat16)
     assert out.loss.dtype == torch.float32 and torch.isfinite(out.loss)
     assert m.conv1.weight.dtype == torch.float32
     assert not torch.equal(m.conv1.weight.detach(), before)
@@ -240,8 +304,8 @@ def test_autocast_bfloat16_on_cpu():
 
 def test_cpu_grad_scaler_gives_the_same_step():
     a, b = tiny_model(), tiny_model()
-    out_a = step(a, make_opt(a), crops())
-    out_b = step(b, make_opt(b), crops(), scaler=torch.amp.GradScaler("cpu"))
+    out_a, _ = step(a, make_opt(a), crops())
+    out_b, _ = step(b, make_opt(b), crops(), scaler=torch.amp.GradScaler("cpu"))
     assert out_a.loss.item() == pytest.approx(out_b.loss.item(), rel=1e-6)
     for (k, va), vb in zip(a.named_parameters(), b.parameters()):
         assert torch.allclose(va, vb, rtol=1e-5, atol=1e-7), k
@@ -251,12 +315,24 @@ def test_queue_is_filled_and_flag_returned():
     m = tiny_model()
     opt = make_opt(m)
     queue = torch.zeros(2, 3 * BS, 16)
-    out = step(m, opt, crops(), queue=queue)
-    assert out.queue_in_use is False
+    method = method_for(m, opt, queue=queue)
+    method.step(crops(), UnmixDraws(r=0.2, lam=0.6), 0.5, 100)
+    assert method.queue.in_use is False
     assert torch.all(queue.abs().sum(dim=2) > 0)  # three loss calls x bs rows each
     assert torch.allclose(queue.norm(dim=2), torch.ones(2, 3 * BS), atol=1e-5)  # normalised embeddings
-    out = step(m, opt, crops(seed=2), queue=queue)
-    assert out.queue_in_use is True
+    method.step(crops(seed=2), UnmixDraws(r=0.2, lam=0.6), 0.5, 101)
+    assert method.queue.in_use is True
+    method.start_epoch(1, 4)  # 'in use' starts afresh each epoch, and turns on at the first check
+    assert method.queue.in_use is False
+
+
+def test_queue_appears_at_its_epoch():
+    m = tiny_model()
+    method = method_for(m, make_opt(m), queue_length=3 * BS, epoch_queue_starts=2, feat_dim=16)
+    method.start_epoch(1, 4)
+    assert method.queue is None
+    method.start_epoch(2, 4)
+    assert method.queue.tensor.shape == (2, 3 * BS, 16) and not method.queue.tensor.any()
 
 
 # ---------------------------------------------------------------- wrappers

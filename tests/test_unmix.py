@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from src.unmix import (SwavConfig, UnmixDraws, draw_unmix, mix_with_reversed, pair_sizes, region_box,
-                       split_triples, swav_loss, unmix_inputs, unmix_swav_loss)
+from src.unmix import (EmbeddingQueue, SwavConfig, UnmixDraws, draw_unmix, mix_with_reversed, pair_sizes,
+                       region_box, swav_loss, unmix_inputs, unmix_swav_loss, unmix_views)
 
 EPS, T, ITERS = 0.05, 0.1, 3
 
@@ -171,13 +171,20 @@ def test_pair_sizes():
     assert pair_sizes(crops) == [(32, 24), (16, 12)]
 
 
-def test_split_triples():
-    bs = 2
-    t = torch.arange(6 * bs).float().unsqueeze(1)  # chunks x0, x1, m0, x2, x3, m1 = 0..5
-    chunks = [t[i * bs:(i + 1) * bs] for i in range(6)]
-    plain, mixed = split_triples(t, bs, 2)
-    assert torch.equal(plain, torch.cat([chunks[0], chunks[1], chunks[3], chunks[4]]))
-    assert torch.equal(mixed, torch.cat([chunks[2], chunks[1], chunks[5], chunks[4]]))
+def split_triples(t, bs, n_pairs):
+    """Reference: rows [x0, x1, m0, x2, x3, m1, ...] -> plain [x0, x1, x2, x3, ...], mixed [m0, x1, m1, x3, ...]."""
+    plain, mixed = [], []
+    for p in range(n_pairs):
+        o = 3 * p * bs
+        plain += [t[o:o + bs], t[o + bs:o + 2 * bs]]
+        mixed += [t[o + 2 * bs:o + 3 * bs], t[o + bs:o + 2 * bs]]
+    return torch.cat(plain), torch.cat(mixed)
+
+
+def test_unmix_views():
+    # blocks x0, x1, m0, x2, x3, m1 = 0..5
+    assert unmix_views(1) == ((0, 1), (2, 1))
+    assert unmix_views(2) == ((0, 1, 3, 4), (2, 1, 5, 4))
 
 
 # ---------------------------------------------------------------- SwAV loss
@@ -353,3 +360,48 @@ def test_swav_config_from_dict_ignores_other_keys():
     assert cfg.epsilon == 0.03 and list(cfg.nmb_crops) == [2, 4] and cfg.world_size == 2
     assert cfg.temperature == 0.1 and tuple(cfg.crops_for_assign) == (0, 1)
     assert math.isclose(SwavConfig().epsilon, 0.05)
+
+
+# ---------------------------------------------------------------- the queue's host-side count
+
+def released_check(queue, i):
+    """The released test, read from the tensor: the queue is in use once its last row is non-zero."""
+    return not torch.all(queue[i, -1, :] == 0).item()
+
+
+def test_queue_count_agrees_with_the_released_tensor_check():
+    bs, L = 4, 12
+    emb, out, protos = fake_outputs(3, bs, seed=9)
+    cfg = SwavConfig(temperature=T, epsilon=EPS, sinkhorn_iterations=ITERS)
+    tensor = torch.zeros(2, L, 5)
+    queue = EmbeddingQueue(tensor)
+    assert queue.filled == [0, 0]
+    reference = tensor.clone()
+    for call in range(5):
+        in_use_before = queue.in_use or released_check(reference, 0)
+        swav_loss(emb[:2 * bs], out[:2 * bs], bs, cfg, queue=queue, prototypes=protos)
+        assert queue.in_use == in_use_before, call
+        reference = tensor.clone()
+        assert queue.filled == [min(L, (call + 1) * bs)] * 2
+        assert EmbeddingQueue(tensor.clone()).filled == queue.filled  # recount from the tensor agrees
+
+
+def test_unmix_loss_with_a_queue_in_use_equals_three_released_calls_in_turn():
+    """The terms' codes are computed together (one batched Sinkhorn, the queue written once); the result
+    equals the released order: plain, mixed, reversed, each checking, using and then pushing the queue."""
+    bs = 4
+    emb, out, protos = fake_outputs(3, bs, seed=10)
+    cfg = SwavConfig(temperature=T, epsilon=EPS, sinkhorn_iterations=ITERS)
+    full = F.normalize(torch.randn(2, 8, 5, generator=torch.Generator().manual_seed(11)), dim=2)
+    for start in (full, torch.cat([torch.zeros(2, 4, 5), full[:, :4]], 1)):  # full; filled by the 2nd call
+        q_batched, q_seq = start.clone(), start.clone()
+        loss, in_use = unmix_swav_loss(emb, out, bs, 1, 0.3, cfg, queue=q_batched, prototypes=protos)
+        ep, em = split_triples(emb, bs, 1)
+        op, om = split_triples(out, bs, 1)
+        seq_queue = EmbeddingQueue(q_seq)
+        l_plain, _ = swav_loss(ep, op, bs, cfg, queue=seq_queue, prototypes=protos)
+        l_mixed, _ = swav_loss(em, om, bs, cfg, queue=seq_queue, prototypes=protos)
+        l_rev, seq_in_use = swav_loss(em, om, bs, cfg, queue=seq_queue, prototypes=protos, reverse=True)
+        assert in_use == seq_in_use
+        assert loss.item() == pytest.approx((l_plain + 0.3 * l_mixed + 0.7 * l_rev).item(), rel=1e-6)
+        assert torch.equal(q_batched, q_seq)
