@@ -2,12 +2,13 @@
 # The GPU check: one command of a few minutes, each phase under its own time limit, at most 4 files
 # written to $OUT (summary.md, gpu_check.log, device.txt, runs.tar.gz).
 #   (a) CUDA tests: the golden iteration on CUDA (fp32, TF32 off; plain and as the loop runs it), no host
-#       sync in steady-state steps (bf16 / fp16 / fp32), torch.compile equal to eager and sync-free,
-#       mixed precision stays finite, batched augmentation on CUDA equal to the CPU;
+#       sync in steady-state steps (bf16 / fp16 / fp32), mixed precision stays finite, batched
+#       augmentation on CUDA equal to the CPU;
 #   (b) the real training loop side by side (benchmarks/bench_train_step.py): the released pipeline
 #       (PIL, 2 workers, fp16), --augment batched, and tuned settings;
 #   (c) real CIFAR-10 Un-Mix epochs at full width (c10 settings), kNN monitor every epoch, tuned
-#       settings; then (PROBE=1) a cached linear probe of its checkpoint.
+#       settings; then (PROBE=1) a cached linear probe of its checkpoint;
+#   (d) torch.compile: the compiled step equals the eager one and does not sync (compiling takes a while).
 #
 #   bash benchmarks/gpu_check.sh                 # all phases
 #   PHASES="a c" bash benchmarks/gpu_check.sh    # only some (e.g. rerun those that failed)
@@ -20,7 +21,7 @@ cd "$(dirname "$0")/.."
 DRY=0
 [ "${1:-}" = "--dry-run" ] && DRY=1
 OUT=${OUT:-gpu_results}
-PHASES=${PHASES:-"a b c"}
+PHASES=${PHASES:-"a b c d"}
 DATA=${DATA:-local_data/cifar10}
 ARCHIVE=${ARCHIVE:-local_data/cifar10-jpg.tar.xz}
 EPOCHS_RUN=${EPOCHS_RUN:-3}          # (c): epochs trained (of a 30-epoch schedule)
@@ -58,9 +59,9 @@ cat "$OUT/device.txt" >> "$SUMMARY"
 
 if want a; then
     echo "## (a) CUDA tests" >> "$SUMMARY"
-    phase "a: CUDA tests" $([ $DRY -eq 1 ] && echo 120 || echo 150) "$PY" -m pytest -q -rA -p no:cacheprovider \
-        tests/test_cuda.py tests/test_gpu_augment.py -k "cuda or Cuda"
-    grep -E "^(PASSED|FAILED|SKIPPED|ERROR) |[0-9]+ (passed|failed|skipped)" "$LOG" | tail -n 25 | sed 's/^/    /' >> "$SUMMARY"
+    phase "a: CUDA tests" "${A_SECONDS:-120}" "$PY" -m pytest -v -p no:cacheprovider tests/test_cuda.py \
+        tests/test_gpu_augment.py -k "(cuda or Cuda) and not compile"
+    grep -E " (PASSED|FAILED|SKIPPED|ERROR)|[0-9]+ (passed|failed|skipped)" "$LOG" | sed 's/^/    /' >> "$SUMMARY"
 fi
 
 if want b; then
@@ -78,7 +79,8 @@ fi
 
 if want c; then
     echo "## (c) real CIFAR-10 epochs" >> "$SUMMARY"
-    if [ ! -e "$DATA/train" ] && [ -f "$ARCHIVE" ]; then
+    [ $DRY -eq 1 ] && DATA=tests/data/cifar10_jpg_small
+    if [ $DRY -eq 0 ] && [ ! -e "$DATA/train" ] && [ -f "$ARCHIVE" ]; then
         mkdir -p "$DATA" && phase "c: unpack $ARCHIVE" 120 tar -xJf "$ARCHIVE" -C "$DATA"
     fi
     [ -e "$DATA/train" ] || DATA=tests/data/cifar10_jpg_small
@@ -101,6 +103,11 @@ if want c; then
         grep -hiE "test accuracy" "${RUN}_linear_eval"/train.log 2>/dev/null | tail -n 2 >> "$SUMMARY"
     fi
     tar -czf "$OUT/runs.tar.gz" -C "$WORK" --exclude='*.pth' --exclude='*.pth.tar' . 2>/dev/null
+fi
+if want d; then
+    echo "## (d) torch.compile" >> "$SUMMARY"
+    phase "d: compiled step" "${D_SECONDS:-150}" "$PY" -m pytest -v -p no:cacheprovider tests/test_cuda.py -k compile
+    grep -E "test_compile.* (PASSED|FAILED|SKIPPED|ERROR)" "$LOG" | sed 's/^/    /' >> "$SUMMARY"
 fi
 echo "summary: $SUMMARY"
 cat "$SUMMARY"
