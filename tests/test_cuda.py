@@ -14,11 +14,21 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUD
 
 @pytest.fixture
 def no_tf32():
-    """TF32 matmuls/convolutions round to 10 mantissa bits: far outside the golden tolerances."""
-    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+    """TF32 matmuls/convolutions round to 10 mantissa bits: far outside the golden tolerances. Newer torch
+    has per-backend fp32_precision settings (cuDNN convolutions default to TF32 there); older, two flags."""
+    backends = [getattr(torch.backends.cudnn, "conv", None), torch.backends.cuda.matmul]
+    if all(hasattr(b, "fp32_precision") for b in backends):
+        saved = [b.fp32_precision for b in backends]
+        for b in backends:
+            b.fp32_precision = "ieee"
+        yield
+        for b, value in zip(backends, saved):
+            b.fp32_precision = value
+    else:
+        saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+        yield
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
 
 
 @pytest.mark.parametrize("fast_path", [False, True], ids=["plain", "fast_path"])
