@@ -1,15 +1,18 @@
 """Logs, per-epoch statistics and run parameters, in the released file names.
 
 `train.log` (rank 0; `train.log-{rank}` for the others), `stats{rank}.pkl` (pandas), `params.pkl`.
-Alongside: `stats{rank}.csv` and `params.json`, which are what resuming and tools read (no pickle from a
-run folder is ever loaded back). Stats and parameter files are replaced atomically, so a kill while they
-are written leaves the previous complete version."""
+Alongside: `stats{rank}.csv` and `params.json`, which are what resuming and tools read. The one pickle
+ever read back is a released run's `stats{rank}.pkl` when resuming its folder (it has no CSV), through an
+unpickler that accepts only the classes of a pandas table of numbers. Stats and parameter files are
+replaced atomically, so a kill while they are written leaves the previous complete version."""
 import json
 import logging
+import math
 import os
 import pickle
 import sys
 import time
+import warnings
 from datetime import timedelta
 
 import pandas as pd
@@ -53,22 +56,37 @@ class Stats:
 
     On restart the rows are read back from the CSV and rows at or past the resumed epoch are dropped,
     so a resumed run's table has each epoch once. An unreadable CSV is reported (`log`), kept aside as
-    `{name}.csv.unreadable` and the table starts empty."""
+    `{name}.csv.unreadable` and the table starts empty. A folder of the released code has only the
+    pickle: its rows are read with `read_released_stats`; a pickle that this refuses is kept aside as
+    `{name}.pkl.released` (the table then starts empty), never overwritten."""
 
     def __init__(self, path_without_ext, columns, resume_before_epoch=None, log=print):
         self.pkl, self.csv = path_without_ext + ".pkl", path_without_ext + ".csv"
         self.columns = list(columns)
         self.df = pd.DataFrame(columns=self.columns)
-        if resume_before_epoch is not None and os.path.isfile(self.csv):
+        if resume_before_epoch is None:
+            return
+        if os.path.isfile(self.csv):
             try:
                 old = pd.read_csv(self.csv)
-                if "epoch" in old:
-                    old = old[pd.to_numeric(old["epoch"]) < resume_before_epoch]
-                self.df = old.reindex(columns=self.columns)
             except Exception as e:  # pandas raises several types for a damaged file
                 os.replace(self.csv, self.csv + ".unreadable")
                 log(f"{self.csv} is unreadable ({type(e).__name__}); moved to {self.csv}.unreadable, "
                     "the statistics table starts empty")
+                return
+        elif os.path.isfile(self.pkl):
+            try:
+                old = read_released_stats(self.pkl)
+            except ValueError as e:
+                os.replace(self.pkl, self.pkl + ".released")
+                log(f"{e}; kept as {self.pkl}.released, the statistics table starts empty")
+                return
+            log(f"{self.pkl}: {len(old)} rows of the released run's statistics read")
+        else:
+            return
+        if "epoch" in old:
+            old = old[pd.to_numeric(old["epoch"]) < resume_before_epoch]
+        self.df = old.reindex(columns=self.columns).reset_index(drop=True)
 
     def update(self, row):
         new = pd.DataFrame([[row.get(c, float("nan")) for c in self.columns]], columns=self.columns)
@@ -77,9 +95,59 @@ class Stats:
         atomic_write(self.csv, lambda f: f.write(self.df.to_csv(index=False).encode()))
 
     def last(self, column, default=0.0):
+        """The column's value in the last row; `default` when there is none or it is NaN (e.g. a column
+        the released code did not write)."""
         if self.df.empty or column not in self.df:
             return default
-        return float(self.df[column].iloc[-1])
+        value = float(self.df[column].iloc[-1])
+        return default if math.isnan(value) else value
+
+
+# What a pickled pandas table of numbers names, from pandas 1.x (the released code's) to today's: the
+# table, its block manager and indexes, NumPy arrays and dtypes. Nothing that can run other code.
+_STATS_PICKLE_GLOBALS = {
+    ("pandas.core.frame", "DataFrame"), ("pandas", "DataFrame"),
+    ("pandas.core.internals.managers", "BlockManager"),
+    ("pandas.core.internals.blocks", "new_block"), ("pandas._libs.internals", "_unpickle_block"),
+    ("pandas.core.indexes.base", "_new_Index"), ("pandas.core.indexes.base", "Index"), ("pandas", "Index"),
+    ("pandas.core.indexes.range", "RangeIndex"), ("pandas", "RangeIndex"),
+    ("pandas.core.indexes.numeric", "Int64Index"), ("pandas.core.indexes.numeric", "Float64Index"),
+    ("pandas.core.indexes.numeric", "UInt64Index"),
+    ("pandas", "StringDtype"), ("pandas.arrays", "StringArray"), ("pandas._libs.arrays", "__pyx_unpickle_NDArrayBacked"),
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    ("builtins", "slice"), ("builtins", "object"), ("copyreg", "_reconstructor"), ("functools", "partial"),
+    ("_codecs", "encode"),
+}
+
+
+def read_released_stats(path):
+    """The DataFrame in a `stats{rank}.pkl` written by the released code (pandas' `to_pickle`), read by an
+    unpickler that resolves only `_STATS_PICKLE_GLOBALS` (pandas' own compatibility unpickler underneath,
+    for tables written by older pandas). ValueError (one line) for anything else."""
+    try:
+        from pandas.compat.pickle_compat import Unpickler as PandasUnpickler
+    except ImportError:  # not every pandas has it; the plain unpickler reads tables of the same version
+        PandasUnpickler = pickle._Unpickler
+
+    class TableUnpickler(PandasUnpickler):
+        def find_class(self, module, name):
+            if (module, name) not in _STATS_PICKLE_GLOBALS:
+                raise pickle.UnpicklingError(f"{module}.{name} is not part of a statistics table")
+            return super().find_class(module, name)
+
+    try:
+        with open(path, "rb") as f, warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # NumPy 1 names (numpy.core) resolve with a warning
+            table = TableUnpickler(f).load()
+    except Exception as e:  # refused global, truncated or foreign file
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise ValueError(f"{path} is not a readable statistics table ({type(e).__name__}: {first})") from None
+    if not isinstance(table, pd.DataFrame):
+        raise ValueError(f"{path} is not a readable statistics table (a {type(table).__name__})")
+    return table
 
 
 def save_params(args, dump_path):

@@ -5,6 +5,7 @@ JPEG export (../shared/data), and a 2-process torchrun (gloo). Each run is a few
 narrow network (--width_per_group 8) on a few hundred images."""
 import json
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -15,6 +16,7 @@ import pytest
 import torch
 
 from tests.fake_cifar import extract_cifar10_jpg_subset, write_cifar10, write_cifar100
+from tests.released_format import RELEASED_STATS_PKL, RELEASED_STATS_ROWS, released_checkpoint, save_like_numpy1
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--arch", "resnet18", "--width_per_group", "8", "--hidden_mlp", "32", "--feat_dim", "16",
@@ -187,19 +189,35 @@ def test_linear_eval_preempted_saves_requeues_and_resumes(tmp_path):
 
 
 def test_resumes_from_a_released_format_checkpoint_and_evaluates_it(tmp_path):
-    """A checkpoint as the released code wrote it (only epoch, module.-prefixed state_dict, the optimizer,
-    apex's amp state) resumes pretraining here, and eval_linear.py loads it."""
+    """A run folder as the released code leaves it: `checkpoint.pth.tar` with only `epoch`, the
+    module.-prefixed `state_dict`, the optimizer with NumPy float64 learning rates and apex's `amp` state,
+    pickled with NumPy 1's names; `stats0.pkl` written by pandas 1.x; no params.json or stats0.csv.
+    Pretraining resumes from it and keeps the statistics history; eval_linear.py --pretrained loads it."""
     write_cifar10(tmp_path / "c10", n_train_per_batch=20, n_test=40)
     dump = tmp_path / "exp"
-    common = ["--data_path", tmp_path / "c10", "--dump_path", dump, "--epochs", 2] + TINY
-    run("main_swav_unmix.py", common + ["--epochs_run_limit", 1], tmp_path)
+    common = ["--data_path", tmp_path / "c10", "--dump_path", dump, "--epochs", 4] + TINY
+    run("main_swav_unmix.py", common + ["--epochs_run_limit", 2], tmp_path)
     ours = torch.load(dump / "checkpoint.pth.tar", weights_only=True)
-    released = {"epoch": ours["epoch"], "state_dict": ours["state_dict"], "optimizer": ours["optimizer"],
-                "amp": {"loss_scaler0": {"loss_scale": 65536.0, "unskipped": 0}}}
-    torch.save(released, dump / "checkpoint.pth.tar")
+    released = released_checkpoint(ours["epoch"], ours["state_dict"], ours["optimizer"],
+                                    lr=ours["optimizer"]["param_groups"][0]["lr"])
+    shutil.rmtree(dump / "checkpoints")
+    for name in ("checkpoint.pth.tar", "params.json", "stats0.csv"):
+        (dump / name).unlink()
+    save_like_numpy1(released, dump / "checkpoint.pth.tar")
+    shutil.copy(dump / "checkpoint.pth.tar", tmp_path / "released.pth.tar")
+    # its rows: epochs 0, 1 and 2; the checkpoint has 2 epochs done (killed between the two writes)
+    shutil.copy(RELEASED_STATS_PKL, dump / "stats0.pkl")
+
     out = run("main_swav_unmix.py", common, tmp_path)
-    assert "Resumed from" in out and "epoch 1, iteration 0" in out and "Pretraining done" in out
-    out = run("eval_linear.py", ["--data_path", tmp_path / "c10", "--pretrained", dump / "checkpoints" / "ckp-0.pth",
+    assert "Resumed from" in out and "epoch 2, iteration 0" in out and "Pretraining done" in out
+    assert "3 rows of the released run's statistics read" in out
+    for stats in (pd.read_pickle(dump / "stats0.pkl"), pd.read_csv(dump / "stats0.csv")):
+        assert stats["epoch"].tolist() == [0, 1, 2, 3]
+        assert stats["loss"].tolist()[:2] == [loss for _, loss in RELEASED_STATS_ROWS[:2]]
+        assert stats["loss"].tolist()[2] != RELEASED_STATS_ROWS[2][1] and stats["loss"].notna().all()
+    assert torch.load(dump / "checkpoint.pth.tar", weights_only=True)["epoch"] == 4
+
+    out = run("eval_linear.py", ["--data_path", tmp_path / "c10", "--pretrained", tmp_path / "released.pth.tar",
                                  "--dump_path", tmp_path / "ev", "--epochs", 1, "--probe", "cached"] + TINY_EVAL, tmp_path)
     assert "missing_keys=[]" in out
     top1_lines(out)

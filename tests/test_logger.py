@@ -9,7 +9,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from src.logger import Stats, create_logger, format_eta, load_params_json, params_dict, save_params
+from src.logger import (Stats, create_logger, format_eta, load_params_json, params_dict, read_released_stats,
+                        save_params)
+from tests.released_format import RELEASED_STATS_PKL, RELEASED_STATS_ROWS
 
 COLUMNS = ["epoch", "loss", "lr", "time", "knn_top1"]
 
@@ -64,6 +66,57 @@ def test_stats_resume_without_files_and_fresh_start_ignores_old_rows(tmp_path):
     fill(s, range(2))
     fresh = Stats(base, COLUMNS)  # not resuming: the old table is not read back
     assert fresh.df.empty
+
+
+def released_style_stats(path, rows):
+    """stats0.pkl as the released code writes it (SwAV's PD_Stats): rows appended with .loc, to_pickle."""
+    df = pd.DataFrame(columns=["epoch", "loss"])
+    for row in rows:
+        df.loc[len(df.index)] = row
+    df.to_pickle(path)
+
+
+@pytest.mark.parametrize("writer", ["pandas 1.1.5 (file)", "this pandas"])
+def test_resume_reads_the_released_stats_pickle(tmp_path, writer):
+    """A released run folder has stats0.pkl and no CSV: resuming keeps its rows before the resumed epoch."""
+    base = str(tmp_path / "stats0")
+    if writer == "this pandas":
+        released_style_stats(base + ".pkl", RELEASED_STATS_ROWS)
+    else:
+        Path(base + ".pkl").write_bytes(RELEASED_STATS_PKL.read_bytes())
+    logs = []
+    s = Stats(base, COLUMNS, resume_before_epoch=2, log=logs.append)  # the checkpoint says 2 epochs done
+    assert s.df["epoch"].tolist() == [0, 1] and s.df["loss"].tolist() == [9.2575, 9.0178]
+    assert "3 rows of the released run's statistics read" in logs[0]
+    assert s.last("time", 0.0) == 0.0  # the released table has no time column
+    s.update({"epoch": 2, "loss": 8.5, "lr": 0.1, "time": 60.0})
+    for df in (pd.read_csv(base + ".csv"), pd.read_pickle(base + ".pkl")):
+        assert list(df.columns) == COLUMNS
+        assert df["epoch"].tolist() == [0, 1, 2] and df["loss"].tolist() == [9.2575, 9.0178, 8.5]
+
+
+def test_released_stats_reader_refuses_other_pickles(tmp_path):
+    """A stats0.pkl that names anything but a table's classes is not executed, and is kept aside."""
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    base = str(tmp_path / "stats0")
+    with open(base + ".pkl", "wb") as f:
+        pickle.dump({"epoch": Evil()}, f)
+    with pytest.raises(ValueError, match="not a readable statistics table.*io.open|builtins.open"):
+        read_released_stats(base + ".pkl")
+    logs = []
+    s = Stats(base, COLUMNS, resume_before_epoch=2, log=logs.append)
+    assert s.df.empty and not marker.exists()
+    assert not os.path.exists(base + ".pkl") and os.path.exists(base + ".pkl.released")
+    assert "kept as" in logs[0] and "\n" not in logs[0]
+    with open(base + ".pkl", "wb") as f:
+        pickle.dump([1, 2], f)
+    with pytest.raises(ValueError, match="a list"):
+        read_released_stats(base + ".pkl")
 
 
 def test_params_json_round_trip(tmp_path):
