@@ -24,7 +24,8 @@ from src.utils import AverageMeter, bool_flag, fail, fix_random_seeds
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description="Evaluate models: Linear classification on CIFAR")
+    p = argparse.ArgumentParser(description="Evaluate models: Linear classification on CIFAR",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # released flags
     p.add_argument("--dump_path", type=str, default=".", help="experiment dump path for checkpoints and log")
     p.add_argument("--seed", type=int, default=31, help="seed")
@@ -34,7 +35,9 @@ def get_parser():
     p.add_argument("--arch", default="resnet50", type=str, help=f"convnet architecture: {', '.join(ARCHS)}")
     p.add_argument("--pretrained", default="", type=str, help="path to pretrained weights ('' = random weights)")
     p.add_argument("--global_pooling", default=True, type=bool_flag, help="if True, we use the resnet50 global average pooled feature")
-    p.add_argument("--use_bn", default=False, type=bool_flag, help="optionally add a batchnorm layer before the linear classifier")
+    p.add_argument("--use_bn", default=False, type=bool_flag,
+                   help="batchnorm before the linear classifier; as released only without global pooling, so "
+                        "no effect here")
     p.add_argument("--epochs", default=100, type=int, help="number of total epochs to run")
     p.add_argument("--batch_size", default=32, type=int, help="batch size per process")
     p.add_argument("--num_labels", default=10, type=int, help="number of classes")
@@ -42,7 +45,8 @@ def get_parser():
     p.add_argument("--lr", default=0.3, type=float, help="initial learning rate")
     p.add_argument("--wd", default=1e-6, type=float, help="weight decay")
     p.add_argument("--nesterov", default=False, type=bool_flag, help="nesterov momentum")
-    p.add_argument("--scheduler_type", default="cosine", type=str, choices=["step", "cosine"])
+    p.add_argument("--scheduler_type", default="cosine", type=str, choices=["step", "cosine"],
+                   help="learning-rate schedule, stepped once per epoch")
     p.add_argument("--decay_epochs", type=int, nargs="+", default=[60, 80], help="epochs at which to decay lr (step)")
     p.add_argument("--gamma", type=float, default=0.1, help="decay factor (step)")
     p.add_argument("--final_lr", type=float, default=0, help="final learning rate (cosine)")
@@ -64,7 +68,9 @@ def get_parser():
 
 
 class RegLog(nn.Module):
-    """Linear classifier on the frozen layer4 map (released `RegLog`)."""
+    """Linear classifier on the frozen layer4 map (released `RegLog`). As released, `use_bn` adds a
+    BatchNorm only to the 6x6-pooling branch (no global pooling), which CIFAR cannot use: with global
+    pooling the classifier is pooling + linear whatever `use_bn` says."""
 
     def __init__(self, num_labels, feature_dim, global_avg=True, use_bn=False):
         super().__init__()
@@ -73,8 +79,6 @@ class RegLog(nn.Module):
             raise ValueError("--global_pooling false is the released ImageNet-only 6x6 pooling of 224px inputs; "
                              "CIFAR maps are 5x5: use --global_pooling true")
         self.av_pool = nn.AdaptiveAvgPool2d((1, 1))
-        if use_bn:
-            self.bn = nn.BatchNorm2d(feature_dim)
         self.linear = nn.Linear(feature_dim, num_labels)
         self.linear.weight.data.normal_(mean=0.0, std=0.01)
         self.linear.bias.data.zero_()
@@ -172,6 +176,8 @@ def main():
         linear = RegLog(args.num_labels, model.feature_dim, args.global_pooling, args.use_bn).to(device)
     except ValueError as e:
         fail(str(e))
+    if args.use_bn:
+        logger.info("--use_bn true: no BatchNorm with global pooling (as released, it belongs to the 6x6 pooling)")
 
     if args.probe == "cached":
         from src.linear_probe import extract_frozen_features, train_linear_on_features
