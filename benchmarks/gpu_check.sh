@@ -13,7 +13,9 @@
 #   bash benchmarks/gpu_check.sh --dry-run       # every phase in seconds on the CPU (tiny sizes)
 #
 # Data for (c): DATA (train/ and test/ class folders); when it is missing, the CIFAR-10 JPEG archive
-# ARCHIVE (default local_data/cifar10-jpg.tar.xz) is unpacked into DATA. Golden vectors: UNMIX_GOLDEN.
+# ARCHIVE (default local_data/cifar10-jpg.tar.xz) is unpacked into DATA; with --dry-run and no archive,
+# the small real-image set tests/data/cifar10_jpg_small is used. Golden vectors: tests/data/golden
+# (UNMIX_GOLDEN names another copy).
 # Output ($OUT, default gpu_results/): summary.md, gpu_check.log, device.txt, runs.tar.gz.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -27,7 +29,6 @@ TRAIN_SECONDS=${TRAIN_SECONDS:-120}
 RELEASED_SECONDS=${RELEASED_SECONDS:-60}
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
-[ -z "${UNMIX_GOLDEN:-}" ] && [ -f local_data/unmix_swav_golden.pt ] && export UNMIX_GOLDEN=local_data/unmix_swav_golden.pt
 mkdir -p "$OUT"
 LOG="$OUT/gpu_check.log"
 SUMMARY="$OUT/summary.md"
@@ -82,7 +83,7 @@ if want c; then
     echo "## (c) real CIFAR-10 epochs" >> "$SUMMARY"
     if [ ! -d "$DATA/train" ]; then
         if [ "$DRY" -eq 1 ] && [ ! -f "$ARCHIVE" ]; then
-            DATA=tests/data/cifar10_jpg_small  # the fixture the repository carries
+            DATA=tests/data/cifar10_jpg_small
         else
             mkdir -p "$DATA" && phase "c: unpack $ARCHIVE" 120 tar -xJf "$ARCHIVE" -C "$DATA"
         fi

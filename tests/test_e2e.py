@@ -1,7 +1,7 @@
 """End to end: the real entry scripts as subprocesses on tiny data in the real on-disk formats.
 
-CIFAR-10 and CIFAR-100 in torchvision's pickled-batch format, an image folder cut from the real CIFAR-10
-JPEG export (../shared/data), and a 2-process torchrun (gloo). Each run is a few seconds on 2 cores: a
+CIFAR-10 and CIFAR-100 in torchvision's pickled-batch format, the small real CIFAR-10 image folder
+(tests/data/cifar10_jpg_small), and a 2-process torchrun (gloo). Each run is a few seconds on 2 cores: a
 narrow network (--width_per_group 8) on a few hundred images."""
 import json
 import re
@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
-from tests.fake_cifar import extract_cifar10_jpg_subset, write_cifar10, write_cifar100
+from tests.fake_cifar import CIFAR10_JPG_SMALL, write_cifar10, write_cifar100
 from tests.released_format import RELEASED_STATS_PKL, RELEASED_STATS_ROWS, released_checkpoint, save_like_numpy1
 
 REPO = Path(__file__).resolve().parents[1]
@@ -99,9 +99,7 @@ def test_cifar100_pickles_swav_only(tmp_path):
 
 
 def test_jpeg_image_folder_with_knn_and_results_table(tmp_path):
-    root = extract_cifar10_jpg_subset(tmp_path / "jpg", n_train_per_class=30, n_test_per_class=10)
-    if root is None:
-        pytest.skip("../shared/data/cifar10-jpg.tar.xz is absent: no real CIFAR-10 images to run on")
+    root = CIFAR10_JPG_SMALL
     dump = tmp_path / "runs" / "unmix"
     out = run("main_swav_unmix.py", ["--data_path", root, "--dump_path", dump, "--epochs", 2,
                                      "--knn_freq", 1, "--knn_k", 20] + TINY, tmp_path)
