@@ -18,7 +18,7 @@ import torch.nn as nn
 from src import distributed as D
 from src.checkpoint import CheckpointError, atomic_save, prepare_dump_path, safe_load, strip_module_prefix
 from src.data import CIFAR_MEAN, EVAL_STD, DataError, LabeledDataset, eval_transforms, load_split, plain_tensor
-from src.logger import Stats, create_logger, format_eta, save_params, write_json
+from src.logger import Stats, create_logger, format_eta, format_provenance, provenance, save_params, write_json
 from src.resnet import ARCHS, build_model
 from src.utils import AverageMeter, bool_flag, fail, fix_random_seeds
 
@@ -150,6 +150,7 @@ def main():
             fail(str(e))
     D.barrier(args.world_size)
     logger = create_logger(args.dump_path, args.rank)
+    logger.info(format_provenance(provenance(device, args.world_size)))
     if args.rank == 0:
         logger.info("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
         save_params(args, args.dump_path)

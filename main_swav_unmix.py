@@ -21,7 +21,7 @@ from src.data import (CIFAR_MEAN, PRETRAIN_STD, DataError, MultiCropDataset, Mul
                       plain_tensor)
 from src.gpu_augment import DistributedBatchSampler, GPUMultiCrop
 from src.larc import LARC
-from src.logger import Stats, create_logger, format_eta, load_params_json, save_params
+from src.logger import Stats, create_logger, format_eta, format_provenance, load_params_json, provenance, save_params
 from src.resnet import ARCHS, build_model
 from src.sampler import ResumableDistributedSampler
 from src.train_step import cosine_schedule, train_step, unwrap
@@ -205,6 +205,7 @@ def main():
     D.barrier(args.world_size)
     logger = create_logger(args.dump_path, args.rank)
     logger.info(f"Process rank {args.rank} of world size {args.world_size} (local rank {args.local_rank}) on {device}")
+    logger.info(format_provenance(provenance(device, args.world_size)))
     if args.rank == 0:
         logger.info("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
         logger.info(f"The experiment will be stored in {args.dump_path}")

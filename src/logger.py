@@ -10,12 +10,17 @@ import logging
 import math
 import os
 import pickle
+import platform
+import subprocess
 import sys
 import time
 import warnings
 from datetime import timedelta
+from pathlib import Path
 
 import pandas as pd
+import torch
+import torchvision
 
 from .checkpoint import atomic_write
 
@@ -151,9 +156,51 @@ def read_released_stats(path):
 
 
 def save_params(args, dump_path):
-    """`params.pkl` (released) and `params.json` (readable, compared on resume), each replaced atomically."""
+    """`params.pkl` (released) and `params.json` (readable, compared on resume), each replaced atomically.
+    `params.json` also records the run's `provenance` (code version, libraries, device, world size)."""
     atomic_write(os.path.join(dump_path, "params.pkl"), lambda f: pickle.dump(args, f))
-    write_json(os.path.join(dump_path, "params.json"), params_dict(args), indent=1, sort_keys=True)
+    params = dict(params_dict(args), provenance=provenance(getattr(args, "device", "cpu"),
+                                                          getattr(args, "world_size", 1)))
+    write_json(os.path.join(dump_path, "params.json"), params, indent=1, sort_keys=True)
+
+
+def git_commit(repo_dir):
+    """(commit hash, whether tracked files differ from it) of the checkout at `repo_dir`, or
+    ("unknown", None) when it is not a git checkout or git is missing."""
+    def git(*cmd):
+        return subprocess.run(["git", "-C", str(repo_dir), *cmd], capture_output=True, text=True, timeout=10)
+    try:
+        head = git("rev-parse", "HEAD")
+        if head.returncode != 0:
+            return "unknown", None
+        status = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown", None
+    return head.stdout.strip(), bool(status.stdout.strip()) if status.returncode == 0 else None
+
+
+def provenance(device, world_size, repo_dir=Path(__file__).resolve().parents[1]):
+    """What produced a run: the code's git commit ("unknown" outside a checkout) and whether it had
+    uncommitted changes, Python/torch/torchvision versions, the CUDA and cuDNN versions torch was built
+    with, the device and the number of processes."""
+    commit, dirty = git_commit(repo_dir)
+    device = torch.device(device)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"{device.type} ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    return {"git_commit": commit, "git_dirty": dirty, "python": platform.python_version(),
+            "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
+            "device": name, "world_size": int(world_size)}
+
+
+def format_provenance(p):
+    """One log line from `provenance()`."""
+    dirty = " with uncommitted changes" if p["git_dirty"] else ""
+    return (f"Code: git {p['git_commit']}{dirty}; Python {p['python']}, torch {p['torch']}, torchvision "
+            f"{p['torchvision']}, CUDA {p['cuda']}, cuDNN {p['cudnn']}; device {p['device']}; "
+            f"world size {p['world_size']}")
 
 
 def write_json(path, obj, **kw):

@@ -46,6 +46,9 @@ def check_pretrain_dump(dump, epochs):
     assert (dump / "checkpoint.pth.tar").is_file()
     assert (dump / "params.pkl").is_file() and (dump / "params.json").is_file()
     assert (dump / "train.log").is_file()
+    recorded = json.loads((dump / "params.json").read_text())["provenance"]
+    assert recorded["torch"] == torch.__version__ and recorded["git_commit"]
+    assert f"Code: git {recorded['git_commit']}" in (dump / "train.log").read_text()
     ckpt = torch.load(dump / "checkpoint.pth.tar", weights_only=True)
     assert ckpt["epoch"] == epochs
     assert all(k.startswith("module.") for k in ckpt["state_dict"])  # released names, DDP prefix

@@ -9,8 +9,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from src.logger import (Stats, create_logger, format_eta, load_params_json, params_dict, read_released_stats,
-                        save_params)
+from src.logger import (Stats, create_logger, format_eta, format_provenance, load_params_json, params_dict,
+                        provenance, read_released_stats, save_params)
 from tests.released_format import RELEASED_STATS_PKL, RELEASED_STATS_ROWS
 
 COLUMNS = ["epoch", "loss", "lr", "time", "knn_top1"]
@@ -124,12 +124,34 @@ def test_params_json_round_trip(tmp_path):
                               use_fp16=True, rank=0, sync_bn=None, dump_path=Path("/x/y"), nested=[[1, 2]])
     save_params(args, str(tmp_path))
     got = load_params_json(str(tmp_path))
+    assert got.pop("provenance")["git_commit"]  # see test_provenance
     assert got == {"nmb_crops": [2, 6], "size_crops": [32, 16], "base_lr": 0.6, "arch": "resnet18",
                    "use_fp16": True, "rank": 0, "sync_bn": None, "dump_path": "/x/y", "nested": "[[1, 2]]"}
     assert got == params_dict(args)
     with open(tmp_path / "params.pkl", "rb") as f:  # released file: the namespace itself
         assert pickle.load(f) == args
     assert load_params_json(str(tmp_path / "missing")) is None
+
+
+def test_provenance(tmp_path):
+    import subprocess
+
+    import torch
+    import torchvision
+    repo = Path(__file__).resolve().parents[1]
+    p = provenance(torch.device("cpu"), 3)
+    head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True)
+    assert p["git_commit"] == (head.stdout.strip() if head.returncode == 0 else "unknown")
+    assert (p["torch"], p["torchvision"], p["cuda"]) == (torch.__version__, torchvision.__version__, torch.version.cuda)
+    assert p["device"].startswith("cpu") and p["world_size"] == 3
+    assert provenance("cpu", 1, repo_dir=tmp_path)["git_commit"] == "unknown"  # not a checkout
+    line = format_provenance(p)
+    assert "\n" not in line and p["git_commit"] in line and f"torch {torch.__version__}" in line
+    assert "world size 3" in line and "cuDNN" in line
+    args = argparse.Namespace(arch="resnet18", device=torch.device("cpu"), world_size=2)
+    save_params(args, str(tmp_path))
+    recorded = load_params_json(str(tmp_path))["provenance"]
+    assert recorded == dict(p, world_size=2)
 
 
 def read_log(path):
