@@ -18,7 +18,8 @@ import torch.nn as nn
 from src import distributed as D
 from src.checkpoint import CheckpointError, atomic_save, prepare_dump_path, safe_load, strip_module_prefix
 from src.data import CIFAR_MEAN, EVAL_STD, DataError, LabeledDataset, eval_transforms, load_split, plain_tensor
-from src.logger import Stats, create_logger, format_eta, format_provenance, provenance, save_params, write_json
+from src.logger import (CurveWriter, Stats, create_logger, format_eta, format_provenance, provenance, save_params,
+                        write_json)
 from src.resnet import ARCHS, build_model
 from src.utils import AverageMeter, bool_flag, fail, fix_random_seeds
 
@@ -64,6 +65,9 @@ def get_parser():
                         "(the released code only logged them)")
     g.add_argument("--download", type=bool_flag, default=True, help="download cifar10/cifar100 when missing")
     g.add_argument("--log_freq", type=int, default=50, help="log every this many iterations")
+    g.add_argument("--tensorboard", type=bool_flag, default=False,
+                   help="write the curves (train loss, test top-1/top-5, lr per epoch) for TensorBoard to "
+                        "<dump_path>/tensorboard (needs the tensorboard package)")
     return p
 
 
@@ -151,6 +155,7 @@ def main():
     D.barrier(args.world_size)
     logger = create_logger(args.dump_path, args.rank)
     logger.info(format_provenance(provenance(device, args.world_size)))
+    curves = CurveWriter(args.dump_path, args.tensorboard, args.rank)
     if args.rank == 0:
         logger.info("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
         save_params(args, args.dump_path)
@@ -191,12 +196,13 @@ def main():
                                        seed=args.seed, device=device, log_fn=logger.info)
         stats = Stats(os.path.join(args.dump_path, f"stats{args.rank}"),
                       ["epoch", "loss", "prec1", "prec5", "loss_val", "prec1_val", "prec5_val"])
-        for row in res["stats"]:
+        for row, lr in zip(res["stats"], res["lrs"]):
             stats.update(row)
+            curves.scalars(row["epoch"], curve_values(row, lr))
         best, last1, last5 = res["best_top1"], res["last_top1"], res["last_top5"]
     else:
         best, last1, last5 = train_released(args, model, linear, train_images, train_labels, test_images,
-                                            test_labels, maxk, device, logger)
+                                            test_labels, maxk, device, logger, curves)
     seconds = time.time() - t_start
     logger.info("Training of the supervised linear classifier on frozen features completed.\n"
                 f"Top-1 test accuracy: {best:.1f}")
@@ -206,10 +212,18 @@ def main():
         write_json(os.path.join(args.dump_path, "results.json"),
                    {"best_top1": best, "last_top1": last1, "last_top5": last5, "epochs": args.epochs,
                     "mode": args.probe, "seconds": seconds}, indent=1)
+    curves.close()
     D.cleanup()
 
 
-def train_released(args, model, linear, train_images, train_labels, test_images, test_labels, maxk, device, logger):
+def curve_values(row, lr):
+    """TensorBoard tags of one epoch of the statistics table."""
+    return {"linear/train_loss": row["loss"], "linear/train_top1": row["prec1"], "linear/test_loss": row["loss_val"],
+            "linear/test_top1": row["prec1_val"], "linear/test_top5": row["prec5_val"], "linear/lr": lr}
+
+
+def train_released(args, model, linear, train_images, train_labels, test_images, test_labels, maxk, device, logger,
+                   curves):
     """The released loop: augmented crops, DDP classifier, test after every epoch, best-of-epochs top-1."""
     train_tf, test_tf = eval_transforms(args.crop_size)
     train_set = LabeledDataset(train_images, train_labels, train_tf)
@@ -285,8 +299,10 @@ def train_released(args, model, linear, train_images, train_labels, test_images,
         best_acc = max(best_acc, last1)
         logger.info(f"Test:\tLoss {loss_val:.4f}\tAcc@1 {last1:.3f}\tAcc@{maxk} {last5:.3f}\t"
                     f"Best Acc@1 so far {best_acc:.1f}")
-        stats.update({"epoch": epoch, "loss": losses.avg, "prec1": top1.avg, "prec5": top5.avg,
-                      "loss_val": loss_val, "prec1_val": last1, "prec5_val": last5})
+        row = {"epoch": epoch, "loss": losses.avg, "prec1": top1.avg, "prec5": top5.avg,
+               "loss_val": loss_val, "prec1_val": last1, "prec5_val": last5}
+        stats.update(row)
+        curves.scalars(epoch, curve_values(row, optimizer.param_groups[0]["lr"]))  # the lr of this epoch
         scheduler.step()
         if args.rank == 0:
             target_module = linear.module if hasattr(linear, "module") else linear

@@ -23,6 +23,7 @@ import torch
 import torchvision
 
 from .checkpoint import atomic_write
+from .utils import fail
 
 
 class _ElapsedFormatter(logging.Formatter):
@@ -153,6 +154,37 @@ def read_released_stats(path):
     if not isinstance(table, pd.DataFrame):
         raise ValueError(f"{path} is not a readable statistics table (a {type(table).__name__})")
     return table
+
+
+class CurveWriter:
+    """Training curves for TensorBoard: event files in `<dump_path>/tensorboard/` (view with
+    `tensorboard --logdir <dump_path>`; a resumed run appends, TensorBoard joins them by step).
+    Writes only when `enabled` and on rank 0; otherwise every call does nothing. Enabled without the
+    tensorboard package installed: a one-line error (exit 2)."""
+
+    def __init__(self, dump_path, enabled, rank=0):
+        self.writer = None
+        if not enabled or rank != 0:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # torch raises this when the tensorboard package is missing
+            fail("--tensorboard true needs the tensorboard package (pip install tensorboard)")
+        self.writer = SummaryWriter(log_dir=os.path.join(dump_path, "tensorboard"))
+
+    def scalars(self, step, values):
+        """Write `{tag: value}` at `step` (NaN and None skipped), then flush: curves stay current."""
+        if self.writer is None:
+            return
+        for tag, value in values.items():
+            if value is not None and not math.isnan(float(value)):
+                self.writer.add_scalar(tag, float(value), step)
+        self.writer.flush()
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
 
 
 def save_params(args, dump_path):

@@ -120,6 +120,28 @@ def test_jpeg_image_folder_with_knn_and_results_table(tmp_path):
     assert (tmp_path / "report" / "accuracy_vs_epochs.png").stat().st_size > 1000
 
 
+def test_linear_eval_tensorboard_curves(tmp_path):
+    """--tensorboard true: per-epoch train loss, test top-1/top-5 and lr of both probes, readable by
+    TensorBoard's own reader, equal to the stats table."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    write_cifar10(tmp_path / "c10", n_train_per_batch=20, n_test=40)
+    for probe in ("released", "cached"):
+        ev = tmp_path / f"ev_{probe}"
+        run("eval_linear.py", ["--data_path", tmp_path / "c10", "--pretrained", "", "--dump_path", ev,
+                               "--epochs", 2, "--probe", probe, "--tensorboard", "true"] + TINY_EVAL, tmp_path)
+        acc = EventAccumulator(str(ev / "tensorboard"))
+        acc.Reload()
+        stats = pd.read_csv(ev / "stats0.csv")
+        for tag, column in (("linear/train_loss", "loss"), ("linear/test_top1", "prec1_val"),
+                            ("linear/test_top5", "prec5_val")):
+            events = acc.Scalars(tag)
+            assert [e.step for e in events] == [0, 1], (probe, tag)
+            assert [e.value for e in events] == pytest.approx(stats[column].tolist(), rel=1e-6), (probe, tag)
+        lrs = [e.value for e in acc.Scalars("linear/lr")]
+        assert lrs[0] == pytest.approx(0.01) and lrs[1] < lrs[0]  # cosine over 2 epochs
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -9,8 +9,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from src.logger import (Stats, create_logger, format_eta, format_provenance, load_params_json, params_dict,
-                        provenance, read_released_stats, save_params)
+from src.logger import (CurveWriter, Stats, create_logger, format_eta, format_provenance, load_params_json,
+                        params_dict, provenance, read_released_stats, save_params)
 from tests.released_format import RELEASED_STATS_PKL, RELEASED_STATS_ROWS
 
 COLUMNS = ["epoch", "loss", "lr", "time", "knn_top1"]
@@ -225,3 +225,45 @@ def test_load_params_json_unreadable(tmp_path):
                                           (-5, "0:00:00"), (90061.7, "1 day, 1:01:01")])
 def test_format_eta(seconds, text):
     assert format_eta(seconds) == text
+
+
+def read_curves(folder):
+    """{tag: [(step, value), ...]} from the TensorBoard event files in `folder`."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(folder))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_curve_writer_writes_event_files_tensorboard_reads(tmp_path):
+    pytest.importorskip("tensorboard")
+    curves = CurveWriter(str(tmp_path), enabled=True)
+    curves.scalars(0, {"train/loss": 9.25, "train/lr": 0.1, "knn/top1": float("nan")})
+    curves.scalars(1, {"train/loss": 9.0, "train/lr": 0.05, "knn/top1": 31.5})
+    got = read_curves(tmp_path / "tensorboard")  # flushed after each call: readable before close
+    assert got["train/loss"] == [(0, 9.25), (1, 9.0)]
+    assert got["knn/top1"] == [(1, 31.5)]  # NaN (not measured that epoch) is not written
+    assert [s for s, _ in got["train/lr"]] == [0, 1] and got["train/lr"][1][1] == pytest.approx(0.05)
+    curves.close()
+    resumed = CurveWriter(str(tmp_path), enabled=True)  # a resumed run appends a new event file
+    resumed.scalars(2, {"train/loss": 8.5})
+    resumed.close()
+    assert read_curves(tmp_path / "tensorboard")["train/loss"][-1] == (2, 8.5)
+
+
+@pytest.mark.parametrize("enabled, rank", [(False, 0), (True, 1)])
+def test_curve_writer_off_or_other_rank_writes_nothing(tmp_path, enabled, rank):
+    curves = CurveWriter(str(tmp_path), enabled=enabled, rank=rank)
+    curves.scalars(0, {"train/loss": 1.0})
+    curves.close()
+    assert os.listdir(tmp_path) == []
+
+
+def test_curve_writer_without_tensorboard_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    import sys
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # what a missing package gives
+    with pytest.raises(SystemExit) as e:
+        CurveWriter(str(tmp_path), enabled=True)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "pip install tensorboard" in err
+    assert CurveWriter(str(tmp_path), enabled=False).writer is None  # off: no import, no error
