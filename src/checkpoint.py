@@ -4,7 +4,7 @@ A kill at any instant leaves either the previous or the new file, never a torn o
 the same folder, flush + fsync, rename, fsync of the folder). Everything is loaded with
 `torch.load(weights_only=True)`: tensors, numbers, strings, lists and dicts only (plus NumPy float64
 scalars, which the released code's optimizer state holds), so a downloaded or tampered file cannot run
-code, and nothing in a run folder is ever unpickled.
+code.
 """
 import glob
 import os

@@ -119,7 +119,8 @@ _STATS_PICKLE_GLOBALS = {
     ("pandas.core.indexes.range", "RangeIndex"), ("pandas", "RangeIndex"),
     ("pandas.core.indexes.numeric", "Int64Index"), ("pandas.core.indexes.numeric", "Float64Index"),
     ("pandas.core.indexes.numeric", "UInt64Index"),
-    ("pandas", "StringDtype"), ("pandas.arrays", "StringArray"), ("pandas._libs.arrays", "__pyx_unpickle_NDArrayBacked"),
+    ("pandas", "StringDtype"), ("pandas.arrays", "StringArray"),
+    ("pandas._libs.arrays", "__pyx_unpickle_NDArrayBacked"),
     ("numpy", "ndarray"), ("numpy", "dtype"),
     ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
     ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
@@ -160,17 +161,18 @@ class CurveWriter:
     """Training curves for TensorBoard: event files in `<dump_path>/tensorboard/` (view with
     `tensorboard --logdir <dump_path>`; a resumed run appends, TensorBoard joins them by step).
     Writes only when `enabled` and on rank 0; otherwise every call does nothing. Enabled without the
-    tensorboard package installed: a one-line error (exit 2)."""
+    tensorboard package installed: a one-line error (exit 2) on every rank, so that none waits for another."""
 
     def __init__(self, dump_path, enabled, rank=0):
         self.writer = None
-        if not enabled or rank != 0:
+        if not enabled:
             return
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:  # torch raises this when the tensorboard package is missing
             fail("--tensorboard true needs the tensorboard package (pip install tensorboard)")
-        self.writer = SummaryWriter(log_dir=os.path.join(dump_path, "tensorboard"))
+        if rank == 0:
+            self.writer = SummaryWriter(log_dir=os.path.join(dump_path, "tensorboard"))
 
     def scalars(self, step, values):
         """Write `{tag: value}` at `step` (NaN and None skipped), then flush: curves stay current."""

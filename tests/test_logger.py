@@ -266,4 +266,6 @@ def test_curve_writer_without_tensorboard_is_a_one_line_error(tmp_path, monkeypa
         CurveWriter(str(tmp_path), enabled=True)
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.count("\n") == 1 and "pip install tensorboard" in err
+    with pytest.raises(SystemExit):  # every rank stops, not only the one that writes
+        CurveWriter(str(tmp_path), enabled=True, rank=1)
     assert CurveWriter(str(tmp_path), enabled=False).writer is None  # off: no import, no error
