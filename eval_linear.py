@@ -18,13 +18,15 @@ import torch.nn as nn
 from src import distributed as D
 from src.checkpoint import CheckpointError, atomic_save, prepare_dump_path, safe_load, strip_module_prefix
 from src.data import CIFAR_MEAN, EVAL_STD, DataError, LabeledDataset, eval_transforms, load_split, plain_tensor
-from src.logger import Stats, create_logger, format_eta, save_params, write_json
+from src.logger import (CurveWriter, Stats, create_logger, format_eta, format_provenance, provenance, save_params,
+                        write_json)
 from src.resnet import ARCHS, build_model
 from src.utils import AverageMeter, bool_flag, fail, fix_random_seeds
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description="Evaluate models: Linear classification on CIFAR")
+    p = argparse.ArgumentParser(description="Evaluate models: Linear classification on CIFAR",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # released flags
     p.add_argument("--dump_path", type=str, default=".", help="experiment dump path for checkpoints and log")
     p.add_argument("--seed", type=int, default=31, help="seed")
@@ -34,7 +36,9 @@ def get_parser():
     p.add_argument("--arch", default="resnet50", type=str, help=f"convnet architecture: {', '.join(ARCHS)}")
     p.add_argument("--pretrained", default="", type=str, help="path to pretrained weights ('' = random weights)")
     p.add_argument("--global_pooling", default=True, type=bool_flag, help="if True, we use the resnet50 global average pooled feature")
-    p.add_argument("--use_bn", default=False, type=bool_flag, help="optionally add a batchnorm layer before the linear classifier")
+    p.add_argument("--use_bn", default=False, type=bool_flag,
+                   help="batchnorm before the linear classifier; as released only without global pooling, so "
+                        "no effect here")
     p.add_argument("--epochs", default=100, type=int, help="number of total epochs to run")
     p.add_argument("--batch_size", default=32, type=int, help="batch size per process")
     p.add_argument("--num_labels", default=10, type=int, help="number of classes")
@@ -42,7 +46,8 @@ def get_parser():
     p.add_argument("--lr", default=0.3, type=float, help="initial learning rate")
     p.add_argument("--wd", default=1e-6, type=float, help="weight decay")
     p.add_argument("--nesterov", default=False, type=bool_flag, help="nesterov momentum")
-    p.add_argument("--scheduler_type", default="cosine", type=str, choices=["step", "cosine"])
+    p.add_argument("--scheduler_type", default="cosine", type=str, choices=["step", "cosine"],
+                   help="learning-rate schedule, stepped once per epoch")
     p.add_argument("--decay_epochs", type=int, nargs="+", default=[60, 80], help="epochs at which to decay lr (step)")
     p.add_argument("--gamma", type=float, default=0.1, help="decay factor (step)")
     p.add_argument("--final_lr", type=float, default=0, help="final learning rate (cosine)")
@@ -60,11 +65,16 @@ def get_parser():
                         "(the released code only logged them)")
     g.add_argument("--download", type=bool_flag, default=True, help="download cifar10/cifar100 when missing")
     g.add_argument("--log_freq", type=int, default=50, help="log every this many iterations")
+    g.add_argument("--tensorboard", type=bool_flag, default=False,
+                   help="write the curves (train loss, test top-1/top-5, lr per epoch) for TensorBoard to "
+                        "<dump_path>/tensorboard (needs the tensorboard package)")
     return p
 
 
 class RegLog(nn.Module):
-    """Linear classifier on the frozen layer4 map (released `RegLog`)."""
+    """Linear classifier on the frozen layer4 map (released `RegLog`). As released, `use_bn` adds a
+    BatchNorm only to the 6x6-pooling branch (no global pooling), which CIFAR cannot use: with global
+    pooling the classifier is pooling + linear whatever `use_bn` says."""
 
     def __init__(self, num_labels, feature_dim, global_avg=True, use_bn=False):
         super().__init__()
@@ -73,8 +83,6 @@ class RegLog(nn.Module):
             raise ValueError("--global_pooling false is the released ImageNet-only 6x6 pooling of 224px inputs; "
                              "CIFAR maps are 5x5: use --global_pooling true")
         self.av_pool = nn.AdaptiveAvgPool2d((1, 1))
-        if use_bn:
-            self.bn = nn.BatchNorm2d(feature_dim)
         self.linear = nn.Linear(feature_dim, num_labels)
         self.linear.weight.data.normal_(mean=0.0, std=0.01)
         self.linear.bias.data.zero_()
@@ -146,6 +154,8 @@ def main():
             fail(str(e))
     D.barrier(args.world_size)
     logger = create_logger(args.dump_path, args.rank)
+    logger.info(format_provenance(provenance(device, args.world_size)))
+    curves = CurveWriter(args.dump_path, args.tensorboard, args.rank)
     if args.rank == 0:
         logger.info("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
         save_params(args, args.dump_path)
@@ -172,6 +182,8 @@ def main():
         linear = RegLog(args.num_labels, model.feature_dim, args.global_pooling, args.use_bn).to(device)
     except ValueError as e:
         fail(str(e))
+    if args.use_bn:
+        logger.info("--use_bn true: no BatchNorm with global pooling (as released, it belongs to the 6x6 pooling)")
 
     if args.probe == "cached":
         from src.linear_probe import extract_frozen_features, train_linear_on_features
@@ -184,12 +196,13 @@ def main():
                                        seed=args.seed, device=device, log_fn=logger.info)
         stats = Stats(os.path.join(args.dump_path, f"stats{args.rank}"),
                       ["epoch", "loss", "prec1", "prec5", "loss_val", "prec1_val", "prec5_val"])
-        for row in res["stats"]:
+        for row, lr in zip(res["stats"], res["lrs"]):
             stats.update(row)
+            curves.scalars(row["epoch"], curve_values(row, lr))
         best, last1, last5 = res["best_top1"], res["last_top1"], res["last_top5"]
     else:
         best, last1, last5 = train_released(args, model, linear, train_images, train_labels, test_images,
-                                            test_labels, maxk, device, logger)
+                                            test_labels, maxk, device, logger, curves)
     seconds = time.time() - t_start
     logger.info("Training of the supervised linear classifier on frozen features completed.\n"
                 f"Top-1 test accuracy: {best:.1f}")
@@ -199,10 +212,18 @@ def main():
         write_json(os.path.join(args.dump_path, "results.json"),
                    {"best_top1": best, "last_top1": last1, "last_top5": last5, "epochs": args.epochs,
                     "mode": args.probe, "seconds": seconds}, indent=1)
+    curves.close()
     D.cleanup()
 
 
-def train_released(args, model, linear, train_images, train_labels, test_images, test_labels, maxk, device, logger):
+def curve_values(row, lr):
+    """TensorBoard tags of one epoch of the statistics table."""
+    return {"linear/train_loss": row["loss"], "linear/train_top1": row["prec1"], "linear/test_loss": row["loss_val"],
+            "linear/test_top1": row["prec1_val"], "linear/test_top5": row["prec5_val"], "linear/lr": lr}
+
+
+def train_released(args, model, linear, train_images, train_labels, test_images, test_labels, maxk, device, logger,
+                   curves):
     """The released loop: augmented crops, DDP classifier, test after every epoch, best-of-epochs top-1."""
     train_tf, test_tf = eval_transforms(args.crop_size)
     train_set = LabeledDataset(train_images, train_labels, train_tf)
@@ -278,8 +299,10 @@ def train_released(args, model, linear, train_images, train_labels, test_images,
         best_acc = max(best_acc, last1)
         logger.info(f"Test:\tLoss {loss_val:.4f}\tAcc@1 {last1:.3f}\tAcc@{maxk} {last5:.3f}\t"
                     f"Best Acc@1 so far {best_acc:.1f}")
-        stats.update({"epoch": epoch, "loss": losses.avg, "prec1": top1.avg, "prec5": top5.avg,
-                      "loss_val": loss_val, "prec1_val": last1, "prec5_val": last5})
+        row = {"epoch": epoch, "loss": losses.avg, "prec1": top1.avg, "prec5": top5.avg,
+               "loss_val": loss_val, "prec1_val": last1, "prec5_val": last5}
+        stats.update(row)
+        curves.scalars(epoch, curve_values(row, optimizer.param_groups[0]["lr"]))  # the lr of this epoch
         scheduler.step()
         if args.rank == 0:
             target_module = linear.module if hasattr(linear, "module") else linear

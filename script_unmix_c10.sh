@@ -26,10 +26,15 @@
 #   bash script_unmix_c10.sh              no Slurm: one process per visible GPU through torchrun
 #                                         (`python -m torch.distributed.run --standalone`); with no GPU,
 #                                         a single CPU process (`python main_swav_unmix.py`).
+#   bash script_unmix_c10.sh --help       this usage in short (-h too); starts nothing.
+#   Flags after the script name go to pretraining, after EXTRA_ARGS (the last one of a flag wins), e.g.
+#   bash script_unmix_c10.sh --knn_freq 10   or   sbatch script_unmix_c10.sh --epochs 200
 #
 # ENVIRONMENT OVERRIDES (defaults = released values)
 #   DATASET_PATH=cifar10     --data_path (keyword cifar10, or a folder with cifar-10-batches-py)
 #   EPOCHS=400  BATCH_SIZE=128  ARCH=resnet18  WORKERS=2  RUN_SWAV=False (True: plain SwAV)
+#   AUGMENT                  unset: the released pipeline (PIL crops in DataLoader workers);
+#                            AUGMENT=batched passes --augment batched (crops made on the GPU; see README, "Speed")
 #   EXPERIMENT_PATH          pretraining dump; default
 #                            ./experiments/unmix_swav_cifar_${BATCH_SIZE}_${ARCH}_${EPOCHS}ep_100prot_cifar10
 #                            (prefix swav_ instead of unmix_swav_ when RUN_SWAV is true; with the defaults

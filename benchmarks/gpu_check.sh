@@ -15,7 +15,8 @@
 #   bash benchmarks/gpu_check.sh --dry-run       # every phase in seconds on the CPU, tiny sizes
 #
 # Data for (c): DATA (train/ and test/ class folders, or a CIFAR folder); when missing, the CIFAR-10 JPEG
-# archive ARCHIVE is unpacked into DATA; without an archive the small fixture tests/data/cifar10_jpg_small.
+# archive ARCHIVE is unpacked into DATA; a dry run, or one without either, uses the 400 real images of
+# tests/data/cifar10_jpg_small. Golden vectors: tests/data/golden (UNMIX_GOLDEN names another copy).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DRY=0
@@ -30,7 +31,6 @@ BENCH_CONFIGS=${BENCH_CONFIGS:-}     # (b): subset of bench_train_step.py's conf
 PROBE=${PROBE:-1}
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
-[ -z "${UNMIX_GOLDEN:-}" ] && [ -f local_data/unmix_swav_golden.pt ] && export UNMIX_GOLDEN=local_data/unmix_swav_golden.pt
 mkdir -p "$OUT"
 LOG="$OUT/gpu_check.log"
 SUMMARY="$OUT/summary.md"

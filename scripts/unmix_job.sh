@@ -1,12 +1,50 @@
 #!/usr/bin/env bash
 # The body of script_unmix_c10.sh / script_unmix_c100.sh: pretraining, then linear evaluation.
-# Sourced by them after they set DATASET_NAME, NUM_LABELS, JOB_TAG and CODE_DIR; usage, environment
-# overrides and exit statuses are documented in script_unmix_c10.sh's header.
+# Sourced by them after they set DATASET_NAME, NUM_LABELS, JOB_TAG and CODE_DIR, with the script's
+# command-line arguments; usage, environment overrides and exit statuses are documented in
+# script_unmix_c10.sh's header and in `usage` below.
 
 log() { echo "[$JOB_TAG $(date '+%F %T')] $*"; }
 die() { echo "error: $*" >&2; exit 2; }
 
 is_uint() { [[ "$1" =~ ^[0-9]+$ ]]; }
+
+usage() {
+    cat <<USAGE
+usage: bash $JOB_TAG.sh [-h|--help] [PRETRAINING FLAGS...]
+       sbatch $JOB_TAG.sh [PRETRAINING FLAGS...]
+
+Un-Mix + SwAV on CIFAR-${DATASET_NAME#cifar}: pretraining (main_swav_unmix.py) with the released settings, then
+linear evaluation (eval_linear.py --num_labels $NUM_LABELS) of its checkpoint. Under Slurm srun starts
+one task per GPU; without Slurm, one process per visible GPU (torchrun), or one CPU process.
+Flags given on the command line go to pretraining, after EXTRA_ARGS (the last one of a flag wins).
+
+Environment (default):
+  DATASET_PATH     --data_path: keyword, CIFAR pickle folder or image folder ($DATASET_NAME)
+  EPOCHS           pretraining epochs (400)
+  BATCH_SIZE       batch size per process (128)
+  ARCH             architecture (resnet18)
+  WORKERS          data-loading workers per process (2)
+  RUN_SWAV         True: plain SwAV, no Un-Mix (False)
+  AUGMENT          --augment: released (PIL crops in workers) or batched (crops on the GPU, faster)
+                   (unset: the released pipeline)
+  EXPERIMENT_PATH  pretraining folder; evaluation writes \${EXPERIMENT_PATH}_linear_eval
+                   (./experiments/<unmix_swav|swav>_cifar_\${BATCH_SIZE}_\${ARCH}_\${EPOCHS}ep_100prot_$DATASET_NAME)
+  EVAL_EPOCHS      linear evaluation epochs (100)
+  EXTRA_ARGS       extra pretraining flags, split on white space (none)
+  EVAL_EXTRA_ARGS  extra evaluation flags, split on white space (none)
+  NPROC            processes outside Slurm (number of visible GPUs, 1 if none)
+  PYTHON           interpreter (python, else python3)
+  CODE_DIR         folder holding main_swav_unmix.py (found next to this script)
+
+Exit status: 0 done, 2 bad environment, 3 preempted (rerun to resume), 11 pretraining failed,
+21 evaluation failed.
+USAGE
+}
+
+for arg in "$@"; do
+    case "$arg" in -h|--help) usage; exit 0 ;; esac
+done
 
 DATASET_PATH=${DATASET_PATH:-$DATASET_NAME}
 EPOCHS=${EPOCHS:-400}
@@ -14,6 +52,7 @@ BATCH_SIZE=${BATCH_SIZE:-128}
 RUN_SWAV=${RUN_SWAV:-False}
 ARCH=${ARCH:-resnet18}
 WORKERS=${WORKERS:-2}
+AUGMENT=${AUGMENT:-}
 EVAL_EPOCHS=${EVAL_EPOCHS:-100}
 EXTRA_ARGS=${EXTRA_ARGS:-}
 EVAL_EXTRA_ARGS=${EVAL_EXTRA_ARGS:-}
@@ -32,6 +71,11 @@ EXPERIMENT_PATH=${EXPERIMENT_PATH:-./experiments/${PREFIX}_cifar_${BATCH_SIZE}_$
 [ -n "$EXPERIMENT_PATH" ] || die "EXPERIMENT_PATH is empty"
 [ "$EXPERIMENT_PATH" = "/" ] || EXPERIMENT_PATH=${EXPERIMENT_PATH%/}
 EVAL_PATH="${EXPERIMENT_PATH}_linear_eval"
+case "$AUGMENT" in
+    "") AUGMENT_ARGS=() ;;
+    released|batched|auto) AUGMENT_ARGS=(--augment "$AUGMENT") ;;
+    *) die "AUGMENT='$AUGMENT' is not released, batched or auto" ;;
+esac
 read -r -a EXTRA <<< "$EXTRA_ARGS"
 read -r -a EVAL_EXTRA <<< "$EVAL_EXTRA_ARGS"
 
@@ -126,7 +170,9 @@ PRETRAIN=(
     --temperature 0.1
     --epsilon 0.05
     --dump_path "$EXPERIMENT_PATH"
+    "${AUGMENT_ARGS[@]}"
     "${EXTRA[@]}"
+    "$@"
 )
 mkdir -p "$EXPERIMENT_PATH" || die "cannot create $EXPERIMENT_PATH"
 log "pretraining: ${PRETRAIN[*]}"

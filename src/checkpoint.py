@@ -2,8 +2,9 @@
 
 A kill at any instant leaves either the previous or the new file, never a torn one (temporary file in
 the same folder, flush + fsync, rename, fsync of the folder). Everything is loaded with
-`torch.load(weights_only=True)`: tensors, numbers, strings, lists and dicts only, so a downloaded or
-tampered file cannot run code, and nothing in a run folder is ever unpickled.
+`torch.load(weights_only=True)`: tensors, numbers, strings, lists and dicts only (plus NumPy float64
+scalars, which the released code's optimizer state holds), so a downloaded or tampered file cannot run
+code.
 """
 import glob
 import os
@@ -65,10 +66,25 @@ def remove_stale_temporaries(*folders):
     return removed
 
 
-def safe_load(path, map_location="cpu"):
-    """torch.load with weights_only=True; any failure becomes a one-line CheckpointError."""
+def numpy_scalar_globals():
+    """What a weights_only load needs beyond tensors for the released checkpoints: their optimizer's
+    `lr` is a NumPy float64 (set from a NumPy learning-rate schedule). Its pickle names the scalar
+    constructor (`numpy.core.multiarray.scalar` when written with NumPy 1, `numpy._core...` with NumPy 2),
+    `numpy.dtype` and the float64 dtype's class; nothing else is allowed."""
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        from numpy._core.multiarray import scalar  # NumPy >= 2
+    except ImportError:
+        from numpy.core.multiarray import scalar
+    return [(scalar, "numpy.core.multiarray.scalar"), (scalar, "numpy._core.multiarray.scalar"),
+            np.dtype, type(np.dtype(np.float64))]
+
+
+def safe_load(path, map_location="cpu"):
+    """torch.load with weights_only=True (and NumPy float64 scalars allowed, `numpy_scalar_globals`); any
+    failure becomes a one-line CheckpointError."""
+    try:
+        with torch.serialization.safe_globals(numpy_scalar_globals()):
+            return torch.load(path, map_location=map_location, weights_only=True)
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such file") from None
     except Exception as e:  # truncated zip, garbage, pickled code refused by weights_only, ...

@@ -1,6 +1,6 @@
 """LARC (layer-wise adaptive rate control) around an optimiser, with apex's semantics, no apex needed.
 
-Behaviour doc, item 10: for every parameter with a gradient, when ||p|| != 0 and ||g|| != 0,
+docs/released-behaviour.md, item 10: for every parameter with a gradient, when ||p|| != 0 and ||g|| != 0,
     a = trust * ||p|| / (||g|| + wd ||p|| + eps),   g <- (g + wd p) * a
 (with clip: a <- min(a / lr, 1)); the inner optimiser then steps with weight decay 0, which is restored
 afterwards. Biases and BN parameters are included, as released.

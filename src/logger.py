@@ -1,20 +1,29 @@
 """Logs, per-epoch statistics and run parameters, in the released file names.
 
 `train.log` (rank 0; `train.log-{rank}` for the others), `stats{rank}.pkl` (pandas), `params.pkl`.
-Alongside: `stats{rank}.csv` and `params.json`, which are what resuming and tools read (no pickle from a
-run folder is ever loaded back). Stats and parameter files are replaced atomically, so a kill while they
-are written leaves the previous complete version."""
+Alongside: `stats{rank}.csv` and `params.json`, which are what resuming and tools read. The one pickle
+ever read back is a released run's `stats{rank}.pkl` when resuming its folder (it has no CSV), through an
+unpickler that accepts only the classes of a pandas table of numbers. Stats and parameter files are
+replaced atomically, so a kill while they are written leaves the previous complete version."""
 import json
 import logging
+import math
 import os
 import pickle
+import platform
+import subprocess
 import sys
 import time
+import warnings
 from datetime import timedelta
+from pathlib import Path
 
 import pandas as pd
+import torch
+import torchvision
 
 from .checkpoint import atomic_write
+from .utils import fail
 
 
 class _ElapsedFormatter(logging.Formatter):
@@ -53,22 +62,37 @@ class Stats:
 
     On restart the rows are read back from the CSV and rows at or past the resumed epoch are dropped,
     so a resumed run's table has each epoch once. An unreadable CSV is reported (`log`), kept aside as
-    `{name}.csv.unreadable` and the table starts empty."""
+    `{name}.csv.unreadable` and the table starts empty. A folder of the released code has only the
+    pickle: its rows are read with `read_released_stats`; a pickle that this refuses is kept aside as
+    `{name}.pkl.released` (the table then starts empty), never overwritten."""
 
     def __init__(self, path_without_ext, columns, resume_before_epoch=None, log=print):
         self.pkl, self.csv = path_without_ext + ".pkl", path_without_ext + ".csv"
         self.columns = list(columns)
         self.df = pd.DataFrame(columns=self.columns)
-        if resume_before_epoch is not None and os.path.isfile(self.csv):
+        if resume_before_epoch is None:
+            return
+        if os.path.isfile(self.csv):
             try:
                 old = pd.read_csv(self.csv)
-                if "epoch" in old:
-                    old = old[pd.to_numeric(old["epoch"]) < resume_before_epoch]
-                self.df = old.reindex(columns=self.columns)
             except Exception as e:  # pandas raises several types for a damaged file
                 os.replace(self.csv, self.csv + ".unreadable")
                 log(f"{self.csv} is unreadable ({type(e).__name__}); moved to {self.csv}.unreadable, "
                     "the statistics table starts empty")
+                return
+        elif os.path.isfile(self.pkl):
+            try:
+                old = read_released_stats(self.pkl)
+            except ValueError as e:
+                os.replace(self.pkl, self.pkl + ".released")
+                log(f"{e}; kept as {self.pkl}.released, the statistics table starts empty")
+                return
+            log(f"{self.pkl}: {len(old)} rows of the released run's statistics read")
+        else:
+            return
+        if "epoch" in old:
+            old = old[pd.to_numeric(old["epoch"]) < resume_before_epoch]
+        self.df = old.reindex(columns=self.columns).reset_index(drop=True)
 
     def update(self, row):
         new = pd.DataFrame([[row.get(c, float("nan")) for c in self.columns]], columns=self.columns)
@@ -77,15 +101,140 @@ class Stats:
         atomic_write(self.csv, lambda f: f.write(self.df.to_csv(index=False).encode()))
 
     def last(self, column, default=0.0):
+        """The column's value in the last row; `default` when there is none or it is NaN (e.g. a column
+        the released code did not write)."""
         if self.df.empty or column not in self.df:
             return default
-        return float(self.df[column].iloc[-1])
+        value = float(self.df[column].iloc[-1])
+        return default if math.isnan(value) else value
+
+
+# What a pickled pandas table of numbers names, from pandas 1.x (the released code's) to today's: the
+# table, its block manager and indexes, NumPy arrays and dtypes. Nothing that can run other code.
+_STATS_PICKLE_GLOBALS = {
+    ("pandas.core.frame", "DataFrame"), ("pandas", "DataFrame"),
+    ("pandas.core.internals.managers", "BlockManager"),
+    ("pandas.core.internals.blocks", "new_block"), ("pandas._libs.internals", "_unpickle_block"),
+    ("pandas.core.indexes.base", "_new_Index"), ("pandas.core.indexes.base", "Index"), ("pandas", "Index"),
+    ("pandas.core.indexes.range", "RangeIndex"), ("pandas", "RangeIndex"),
+    ("pandas.core.indexes.numeric", "Int64Index"), ("pandas.core.indexes.numeric", "Float64Index"),
+    ("pandas.core.indexes.numeric", "UInt64Index"),
+    ("pandas", "StringDtype"), ("pandas.arrays", "StringArray"),
+    ("pandas._libs.arrays", "__pyx_unpickle_NDArrayBacked"),
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+    ("builtins", "slice"), ("builtins", "object"), ("copyreg", "_reconstructor"), ("functools", "partial"),
+    ("_codecs", "encode"),
+}
+
+
+def read_released_stats(path):
+    """The DataFrame in a `stats{rank}.pkl` written by the released code (pandas' `to_pickle`), read by an
+    unpickler that resolves only `_STATS_PICKLE_GLOBALS` (pandas' own compatibility unpickler underneath,
+    for tables written by older pandas). ValueError (one line) for anything else."""
+    try:
+        from pandas.compat.pickle_compat import Unpickler as PandasUnpickler
+    except ImportError:  # not every pandas has it; the plain unpickler reads tables of the same version
+        PandasUnpickler = pickle._Unpickler
+
+    class TableUnpickler(PandasUnpickler):
+        def find_class(self, module, name):
+            if (module, name) not in _STATS_PICKLE_GLOBALS:
+                raise pickle.UnpicklingError(f"{module}.{name} is not part of a statistics table")
+            return super().find_class(module, name)
+
+    try:
+        with open(path, "rb") as f, warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # NumPy 1 names (numpy.core) resolve with a warning
+            table = TableUnpickler(f).load()
+    except Exception as e:  # refused global, truncated or foreign file
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
+        raise ValueError(f"{path} is not a readable statistics table ({type(e).__name__}: {first})") from None
+    if not isinstance(table, pd.DataFrame):
+        raise ValueError(f"{path} is not a readable statistics table (a {type(table).__name__})")
+    return table
+
+
+class CurveWriter:
+    """Training curves for TensorBoard: event files in `<dump_path>/tensorboard/` (view with
+    `tensorboard --logdir <dump_path>`; a resumed run appends, TensorBoard joins them by step).
+    Writes only when `enabled` and on rank 0; otherwise every call does nothing. Enabled without the
+    tensorboard package installed: a one-line error (exit 2) on every rank, so that none waits for another."""
+
+    def __init__(self, dump_path, enabled, rank=0):
+        self.writer = None
+        if not enabled:
+            return
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # torch raises this when the tensorboard package is missing
+            fail("--tensorboard true needs the tensorboard package (pip install tensorboard)")
+        if rank == 0:
+            self.writer = SummaryWriter(log_dir=os.path.join(dump_path, "tensorboard"))
+
+    def scalars(self, step, values):
+        """Write `{tag: value}` at `step` (NaN and None skipped), then flush: curves stay current."""
+        if self.writer is None:
+            return
+        for tag, value in values.items():
+            if value is not None and not math.isnan(float(value)):
+                self.writer.add_scalar(tag, float(value), step)
+        self.writer.flush()
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
 
 
 def save_params(args, dump_path):
-    """`params.pkl` (released) and `params.json` (readable, compared on resume), each replaced atomically."""
+    """`params.pkl` (released) and `params.json` (readable, compared on resume), each replaced atomically.
+    `params.json` also records the run's `provenance` (code version, libraries, device, world size)."""
     atomic_write(os.path.join(dump_path, "params.pkl"), lambda f: pickle.dump(args, f))
-    write_json(os.path.join(dump_path, "params.json"), params_dict(args), indent=1, sort_keys=True)
+    params = dict(params_dict(args), provenance=provenance(getattr(args, "device", "cpu"),
+                                                          getattr(args, "world_size", 1)))
+    write_json(os.path.join(dump_path, "params.json"), params, indent=1, sort_keys=True)
+
+
+def git_commit(repo_dir):
+    """(commit hash, whether tracked files differ from it) of the checkout at `repo_dir`, or
+    ("unknown", None) when it is not a git checkout or git is missing."""
+    def git(*cmd):
+        return subprocess.run(["git", "-C", str(repo_dir), *cmd], capture_output=True, text=True, timeout=10)
+    try:
+        head = git("rev-parse", "HEAD")
+        if head.returncode != 0:
+            return "unknown", None
+        status = git("status", "--porcelain", "--untracked-files=no")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown", None
+    return head.stdout.strip(), bool(status.stdout.strip()) if status.returncode == 0 else None
+
+
+def provenance(device, world_size, repo_dir=Path(__file__).resolve().parents[1]):
+    """What produced a run: the code's git commit ("unknown" outside a checkout) and whether it had
+    uncommitted changes, Python/torch/torchvision versions, the CUDA and cuDNN versions torch was built
+    with, the device and the number of processes."""
+    commit, dirty = git_commit(repo_dir)
+    device = torch.device(device)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"{device.type} ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    return {"git_commit": commit, "git_dirty": dirty, "python": platform.python_version(),
+            "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
+            "device": name, "world_size": int(world_size)}
+
+
+def format_provenance(p):
+    """One log line from `provenance()`."""
+    dirty = " with uncommitted changes" if p["git_dirty"] else ""
+    return (f"Code: git {p['git_commit']}{dirty}; Python {p['python']}, torch {p['torch']}, torchvision "
+            f"{p['torchvision']}, CUDA {p['cuda']}, cuDNN {p['cudnn']}; device {p['device']}; "
+            f"world size {p['world_size']}")
 
 
 def write_json(path, obj, **kw):

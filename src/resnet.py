@@ -1,7 +1,7 @@
 """The released ResNet family for CIFAR, with SwAV's projection head and prototypes.
 
-Same constructor keywords and state-dict names as the released `resnet50.py` (behaviour doc, "Model"),
-so checkpoints load both ways. Two quirks are kept on purpose:
+Same constructor keywords and state-dict names as the released `resnet50.py`
+(docs/released-behaviour.md, "Model"), so checkpoints load both ways. Two quirks are kept on purpose:
 - `resnet18` is built from Bottleneck blocks (expansion 4), layers [2, 2, 2, 2]: its feature is 2048-d;
 - the stem pads the 32x32 input by one pixel and then runs a 3x3 stride-1 conv with padding 1 (34x34
   maps), no max-pool; Bottleneck width is `planes * width_per_group / 64`.

@@ -1,6 +1,6 @@
 """Sinkhorn-Knopp equipartition of prototype scores (the older SwAV form the released code uses).
 
-Behaviour doc, item 8: Q = exp(scores / epsilon).T is K x B; infinities are replaced by the largest
+docs/released-behaviour.md, item 8: Q = exp(scores / epsilon).T is K x B; infinities are replaced by the largest
 value; Q is normalised to sum 1 over all processes; then `iterations` rounds of row scaling (row sums
 all-reduced, target 1/K) and column scaling (target 1/(world_size * B)); the columns of the result are
 normalised to sum 1 and returned as B x K in float32.

@@ -1,5 +1,5 @@
-"""Un-Mix + SwAV training (behaviour doc, items 1-9): one object owns the method's hyper-parameters, the
-network with its prototypes, the optimiser, the queue and one training iteration,
+"""Un-Mix + SwAV training (docs/released-behaviour.md, items 1-9): one object owns the method's
+hyper-parameters, the network with its prototypes, the optimiser, the queue and one training iteration,
 `UnmixSwAV(...).step(crops, draws, lr, iteration)`. The golden tests and the training loop run it.
 
 An iteration asks the host for nothing: the learning rate and the Un-Mix draws come from the host, the

@@ -1,4 +1,4 @@
-"""Un-Mix image mixtures and the Un-Mix SwAV loss (behaviour doc, items 3-8).
+"""Un-Mix image mixtures and the Un-Mix SwAV loss (docs/released-behaviour.md, items 3-8).
 
 Un-Mix mixes each first crop of a pair with the same batch in reversed order (sample i meets sample
 B-1-i), globally (mixup, probability `unmix_prob`) or by a region (CutMix). The mixture must predict a

@@ -1,10 +1,9 @@
-"""Synthetic CIFAR data in torchvision's exact on-disk formats, and a subset of the real JPEG export.
+"""Synthetic CIFAR data in torchvision's exact on-disk formats, and where the small real-image set is.
 
 Images are random but class-dependent (a class colour and a class stripe pattern, plus noise), so a
 classifier can learn something from them.
 """
 import pickle
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -35,8 +34,8 @@ CIFAR100_COARSE = [
     "reptiles", "small_mammals", "trees", "vehicles_1", "vehicles_2",
 ]
 
-# the real JPEG export: ../shared/data/cifar10-jpg.tar.xz beside the repository root
-CIFAR10_JPG_ARCHIVE = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpg.tar.xz"
+# 400 real CIFAR-10 images (JPEG): train/<class>/ 30 each, test/<class>/ 10 each (tests/data/README.md)
+CIFAR10_JPG_SMALL = Path(__file__).resolve().parent / "data" / "cifar10_jpg_small"
 
 
 def class_images(labels, num_classes, rng, size=32, noise=24.0):
@@ -137,42 +136,3 @@ def write_image_folder(root, n_per_class_train, n_per_class_test, classes=("cat"
             for i, img in enumerate(images):
                 Image.fromarray(img[:h, :w]).save(d / f"{i:04d}.{fmt}")
     return root
-
-
-def extract_cifar10_jpg_subset(dest, n_train_per_class, n_test_per_class, archive=None):
-    """Extract the first N files (archive order) per class of `train/<class>/` and `test/<class>/`.
-
-    Streams through `../shared/data/cifar10-jpg.tar.xz` (members are grouped by split then class,
-    train first) and stops once every count is reached. Returns `dest`, or None when the archive is
-    absent.
-    """
-    archive = Path(archive) if archive is not None else CIFAR10_JPG_ARCHIVE
-    if not archive.is_file():
-        return None
-    dest = Path(dest)
-    want = {"train": n_train_per_class, "test": n_test_per_class}
-    counts = {(s, c): 0 for s in want for c in CIFAR10_CLASSES}
-    missing = sum(want[s] for s, _ in counts)
-    if missing == 0:
-        return dest
-    with tarfile.open(archive, mode="r:xz") as tar:
-        for m in tar:
-            parts = m.name.split("/")
-            if not m.isfile() or len(parts) != 3 or parts[0] not in want:
-                continue
-            split, cls, fname = parts
-            if cls in ("", ".", "..") or fname in ("", ".", ".."):
-                continue
-            key = (split, cls)
-            n = counts.get(key, 0)
-            if n >= want[split]:
-                continue
-            out = dest / split / cls
-            out.mkdir(parents=True, exist_ok=True)
-            (out / fname).write_bytes(tar.extractfile(m).read())
-            counts[key] = n + 1
-            if cls in CIFAR10_CLASSES:  # an unexpected class folder is extracted too, not counted
-                missing -= 1
-                if missing == 0:
-                    break
-    return dest

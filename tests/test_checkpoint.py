@@ -11,6 +11,7 @@ from src import checkpoint as ck
 from src.checkpoint import (CheckpointError, atomic_save, epoch_copies, find_resume_checkpoint, rng_state,
                             safe_load, set_rng_state, strip_module_prefix)
 from src.sampler import ResumableDistributedSampler
+from tests.released_format import APEX_AMP_STATE, released_checkpoint, save_like_numpy1
 
 
 def good_ckpt(epoch):
@@ -119,6 +120,39 @@ def test_malicious_pickle_is_refused_not_executed(tmp_path):
     f = torch.load(str(path), weights_only=False)["payload"]
     f.close()
     assert marker.exists()
+
+
+@pytest.mark.parametrize("numpy1_names", [True, False])
+def test_released_checkpoint_with_numpy_learning_rates_loads(tmp_path, numpy1_names):
+    """The released optimizer state holds NumPy float64 learning rates; weights_only loads allow exactly
+    those (named as NumPy 1 or NumPy 2 pickles them)."""
+    model = torch.nn.Linear(3, 2)
+    sgd = torch.optim.SGD(model.parameters(), lr=0.6, momentum=0.9)
+    model(torch.ones(1, 3)).sum().backward()
+    sgd.step()
+    ckpt = released_checkpoint(4, model.state_dict(), sgd.state_dict(), lr=0.123)
+    path = tmp_path / "released.pth.tar"
+    if numpy1_names:
+        save_like_numpy1(ckpt, path)
+        assert b"numpy.core.multiarray" in path.read_bytes()
+    else:
+        torch.save(ckpt, path)
+    with pytest.raises(Exception, match="numpy"):  # what a plain weights_only load says
+        torch.load(path, weights_only=True)
+    got = safe_load(str(path))
+    lr = got["optimizer"]["param_groups"][0]["lr"]
+    assert type(lr) is np.float64 and lr == 0.123
+    assert got["amp"] == APEX_AMP_STATE and set(got["state_dict"]) == {"module.weight", "module.bias"}
+    restored = torch.optim.SGD(torch.nn.Linear(3, 2).parameters(), lr=1.0, momentum=0.9)
+    restored.load_state_dict(got["optimizer"])
+    assert torch.equal(restored.state_dict()["state"][0]["momentum_buffer"], sgd.state_dict()["state"][0]["momentum_buffer"])
+
+
+@pytest.mark.parametrize("value", [np.int64(3), np.float32(0.5), np.arange(3)])
+def test_other_numpy_objects_stay_refused(tmp_path, value):
+    path = tmp_path / "x.pth"
+    torch.save({"epoch": 1, "state_dict": {}, "x": value}, path)
+    assert_one_line_error(path, "cannot be read")
 
 
 def test_strip_module_prefix():

@@ -12,9 +12,8 @@ from torchvision import transforms as T
 from src.data import (CIFAR_MEAN, EVAL_STD, PRETRAIN_STD, DataError, LabeledDataset,
                       MultiCropDataset, MultiCropTransform, eval_transforms, load_split,
                       plain_tensor)
-from tests.fake_cifar import (CIFAR10_CLASSES, CIFAR10_JPG_ARCHIVE, CIFAR100_CLASSES,
-                              extract_cifar10_jpg_subset, write_cifar10, write_cifar100,
-                              write_image_folder)
+from tests.fake_cifar import (CIFAR10_CLASSES, CIFAR10_JPG_SMALL, CIFAR100_CLASSES, write_cifar10,
+                              write_cifar100, write_image_folder)
 
 
 def _no_md5(monkeypatch):
@@ -376,16 +375,15 @@ def test_labeled_dataset():
 # real JPEG export
 # ------------------------------------------------------------------------------------------------
 
-def test_cifar10_jpg_subset(tmp_path):
-    root = extract_cifar10_jpg_subset(tmp_path / "jpg", n_train_per_class=3, n_test_per_class=2)
-    if root is None:
-        pytest.skip(f"real CIFAR-10 JPEG archive not found at {CIFAR10_JPG_ARCHIVE}")
-    for split, n in (("train", 3), ("test", 2)):
+def test_small_real_cifar10_image_folder():
+    """The committed real-image set (tests/data/cifar10_jpg_small) reads as an image folder."""
+    root = CIFAR10_JPG_SMALL
+    for split, n in (("train", 30), ("test", 10)):
         for c in CIFAR10_CLASSES:
             assert len(list((root / split / c).glob("*.jpg"))) == n
     images, labels, classes = load_split(root, train=True)
     assert classes == sorted(CIFAR10_CLASSES) == CIFAR10_CLASSES
-    assert images.shape == (30, 32, 32, 3) and np.bincount(labels).tolist() == [3] * 10
+    assert images.shape == (300, 32, 32, 3) and np.bincount(labels).tolist() == [30] * 10
     assert images.std() > 20  # real pictures, not blank
     timages, tlabels, _ = load_split(root, train=False)
-    assert timages.shape == (20, 32, 32, 3) and np.bincount(tlabels).tolist() == [2] * 10
+    assert timages.shape == (100, 32, 32, 3) and np.bincount(tlabels).tolist() == [10] * 10

@@ -1,10 +1,11 @@
 """End to end: the real entry scripts as subprocesses on tiny data in the real on-disk formats.
 
-CIFAR-10 and CIFAR-100 in torchvision's pickled-batch format, an image folder cut from the real CIFAR-10
-JPEG export (../shared/data), and a 2-process torchrun (gloo). Each run is a few seconds on 2 cores: a
+CIFAR-10 and CIFAR-100 in torchvision's pickled-batch format, the small real CIFAR-10 image folder
+(tests/data/cifar10_jpg_small), and a 2-process torchrun (gloo). Each run is a few seconds on 2 cores: a
 narrow network (--width_per_group 8) on a few hundred images."""
 import json
 import re
+import shutil
 import socket
 import subprocess
 import sys
@@ -14,7 +15,8 @@ import pandas as pd
 import pytest
 import torch
 
-from tests.fake_cifar import extract_cifar10_jpg_subset, write_cifar10, write_cifar100
+from tests.fake_cifar import CIFAR10_JPG_SMALL, write_cifar10, write_cifar100
+from tests.released_format import RELEASED_STATS_PKL, RELEASED_STATS_ROWS, released_checkpoint, save_like_numpy1
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--arch", "resnet18", "--width_per_group", "8", "--hidden_mlp", "32", "--feat_dim", "16",
@@ -44,6 +46,9 @@ def check_pretrain_dump(dump, epochs):
     assert (dump / "checkpoint.pth.tar").is_file()
     assert (dump / "params.pkl").is_file() and (dump / "params.json").is_file()
     assert (dump / "train.log").is_file()
+    recorded = json.loads((dump / "params.json").read_text())["provenance"]
+    assert recorded["torch"] == torch.__version__ and recorded["git_commit"]
+    assert f"Code: git {recorded['git_commit']}" in (dump / "train.log").read_text()
     ckpt = torch.load(dump / "checkpoint.pth.tar", weights_only=True)
     assert ckpt["epoch"] == epochs
     assert all(k.startswith("module.") for k in ckpt["state_dict"])  # released names, DDP prefix
@@ -97,9 +102,7 @@ def test_cifar100_pickles_swav_only(tmp_path):
 
 
 def test_jpeg_image_folder_with_knn_and_results_table(tmp_path):
-    root = extract_cifar10_jpg_subset(tmp_path / "jpg", n_train_per_class=30, n_test_per_class=10)
-    if root is None:
-        pytest.skip("../shared/data/cifar10-jpg.tar.xz is absent: no real CIFAR-10 images to run on")
+    root = CIFAR10_JPG_SMALL
     dump = tmp_path / "runs" / "unmix"
     out = run("main_swav_unmix.py", ["--data_path", root, "--dump_path", dump, "--epochs", 2,
                                      "--knn_freq", 1, "--knn_k", 20] + TINY, tmp_path)
@@ -115,6 +118,28 @@ def test_jpeg_image_folder_with_knn_and_results_table(tmp_path):
     table = (tmp_path / "report" / "results.md").read_text()
     assert "Un-Mix" in table and "cifar10" in table
     assert (tmp_path / "report" / "accuracy_vs_epochs.png").stat().st_size > 1000
+
+
+def test_linear_eval_tensorboard_curves(tmp_path):
+    """--tensorboard true: per-epoch train loss, test top-1/top-5 and lr of both probes, readable by
+    TensorBoard's own reader, equal to the stats table."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    write_cifar10(tmp_path / "c10", n_train_per_batch=20, n_test=40)
+    for probe in ("released", "cached"):
+        ev = tmp_path / f"ev_{probe}"
+        run("eval_linear.py", ["--data_path", tmp_path / "c10", "--pretrained", "", "--dump_path", ev,
+                               "--epochs", 2, "--probe", probe, "--tensorboard", "true"] + TINY_EVAL, tmp_path)
+        acc = EventAccumulator(str(ev / "tensorboard"))
+        acc.Reload()
+        stats = pd.read_csv(ev / "stats0.csv")
+        for tag, column in (("linear/train_loss", "loss"), ("linear/test_top1", "prec1_val"),
+                            ("linear/test_top5", "prec5_val")):
+            events = acc.Scalars(tag)
+            assert [e.step for e in events] == [0, 1], (probe, tag)
+            assert [e.value for e in events] == pytest.approx(stats[column].tolist(), rel=1e-6), (probe, tag)
+        lrs = [e.value for e in acc.Scalars("linear/lr")]
+        assert lrs[0] == pytest.approx(0.01) and lrs[1] < lrs[0]  # cosine over 2 epochs
 
 
 def free_port():
@@ -187,19 +212,35 @@ def test_linear_eval_preempted_saves_requeues_and_resumes(tmp_path):
 
 
 def test_resumes_from_a_released_format_checkpoint_and_evaluates_it(tmp_path):
-    """A checkpoint as the released code wrote it (only epoch, module.-prefixed state_dict, the optimizer,
-    apex's amp state) resumes pretraining here, and eval_linear.py loads it."""
+    """A run folder as the released code leaves it: `checkpoint.pth.tar` with only `epoch`, the
+    module.-prefixed `state_dict`, the optimizer with NumPy float64 learning rates and apex's `amp` state,
+    pickled with NumPy 1's names; `stats0.pkl` written by pandas 1.x; no params.json or stats0.csv.
+    Pretraining resumes from it and keeps the statistics history; eval_linear.py --pretrained loads it."""
     write_cifar10(tmp_path / "c10", n_train_per_batch=20, n_test=40)
     dump = tmp_path / "exp"
-    common = ["--data_path", tmp_path / "c10", "--dump_path", dump, "--epochs", 2] + TINY
-    run("main_swav_unmix.py", common + ["--epochs_run_limit", 1], tmp_path)
+    common = ["--data_path", tmp_path / "c10", "--dump_path", dump, "--epochs", 4] + TINY
+    run("main_swav_unmix.py", common + ["--epochs_run_limit", 2], tmp_path)
     ours = torch.load(dump / "checkpoint.pth.tar", weights_only=True)
-    released = {"epoch": ours["epoch"], "state_dict": ours["state_dict"], "optimizer": ours["optimizer"],
-                "amp": {"loss_scaler0": {"loss_scale": 65536.0, "unskipped": 0}}}
-    torch.save(released, dump / "checkpoint.pth.tar")
+    released = released_checkpoint(ours["epoch"], ours["state_dict"], ours["optimizer"],
+                                    lr=ours["optimizer"]["param_groups"][0]["lr"])
+    shutil.rmtree(dump / "checkpoints")
+    for name in ("checkpoint.pth.tar", "params.json", "stats0.csv"):
+        (dump / name).unlink()
+    save_like_numpy1(released, dump / "checkpoint.pth.tar")
+    shutil.copy(dump / "checkpoint.pth.tar", tmp_path / "released.pth.tar")
+    # its rows: epochs 0, 1 and 2; the checkpoint has 2 epochs done (killed between the two writes)
+    shutil.copy(RELEASED_STATS_PKL, dump / "stats0.pkl")
+
     out = run("main_swav_unmix.py", common, tmp_path)
-    assert "Resumed from" in out and "epoch 1, iteration 0" in out and "Pretraining done" in out
-    out = run("eval_linear.py", ["--data_path", tmp_path / "c10", "--pretrained", dump / "checkpoints" / "ckp-0.pth",
+    assert "Resumed from" in out and "epoch 2, iteration 0" in out and "Pretraining done" in out
+    assert "3 rows of the released run's statistics read" in out
+    for stats in (pd.read_pickle(dump / "stats0.pkl"), pd.read_csv(dump / "stats0.csv")):
+        assert stats["epoch"].tolist() == [0, 1, 2, 3]
+        assert stats["loss"].tolist()[:2] == [loss for _, loss in RELEASED_STATS_ROWS[:2]]
+        assert stats["loss"].tolist()[2] != RELEASED_STATS_ROWS[2][1] and stats["loss"].notna().all()
+    assert torch.load(dump / "checkpoint.pth.tar", weights_only=True)["epoch"] == 4
+
+    out = run("eval_linear.py", ["--data_path", tmp_path / "c10", "--pretrained", tmp_path / "released.pth.tar",
                                  "--dump_path", tmp_path / "ev", "--epochs", 1, "--probe", "cached"] + TINY_EVAL, tmp_path)
     assert "missing_keys=[]" in out
     top1_lines(out)

@@ -1,5 +1,5 @@
 """Every flag of the released entry scripts exists with the released name and default
-(../shared/docs/released-code-behaviour.md), and the help lists it."""
+(docs/released-behaviour.md), and the help lists it with its default."""
 import subprocess
 import sys
 from pathlib import Path
@@ -46,6 +46,7 @@ def test_released_flags_and_defaults(module, released):
 def test_new_flags_default_to_the_released_behaviour():
     a = main_swav_unmix.get_parser().parse_args([])
     assert (a.width_per_group, a.unmix_loss_form, a.knn_freq, a.compile, a.channels_last) == (64, "released", 0, False, False)
+    assert a.augment == "released"  # the released PIL pipeline on every device; batched only when asked
     e = eval_linear.get_parser().parse_args([])
     assert (e.probe, e.width_per_group) == ("released", 64)
 
@@ -73,3 +74,14 @@ def test_help_lists_every_released_flag(script, released):
     assert out.returncode == 0, out.stderr
     for name in released:
         assert f"--{name}" in out.stdout, name
+
+
+@pytest.mark.parametrize("module", [main_swav_unmix, eval_linear])
+def test_help_shows_every_default(module):
+    parser = module.get_parser()
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        if action.dest == "help":
+            continue
+        assert action.help, f"{action.option_strings} has no help text"
+        assert f"(default: {action.default})" in formatter._expand_help(action), action.option_strings

@@ -9,7 +9,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from src.logger import Stats, create_logger, format_eta, load_params_json, params_dict, save_params
+from src.logger import (CurveWriter, Stats, create_logger, format_eta, format_provenance, load_params_json,
+                        params_dict, provenance, read_released_stats, save_params)
+from tests.released_format import RELEASED_STATS_PKL, RELEASED_STATS_ROWS
 
 COLUMNS = ["epoch", "loss", "lr", "time", "knn_top1"]
 
@@ -66,17 +68,90 @@ def test_stats_resume_without_files_and_fresh_start_ignores_old_rows(tmp_path):
     assert fresh.df.empty
 
 
+def released_style_stats(path, rows):
+    """stats0.pkl as the released code writes it (SwAV's PD_Stats): rows appended with .loc, to_pickle."""
+    df = pd.DataFrame(columns=["epoch", "loss"])
+    for row in rows:
+        df.loc[len(df.index)] = row
+    df.to_pickle(path)
+
+
+@pytest.mark.parametrize("writer", ["pandas 1.1.5 (file)", "this pandas"])
+def test_resume_reads_the_released_stats_pickle(tmp_path, writer):
+    """A released run folder has stats0.pkl and no CSV: resuming keeps its rows before the resumed epoch."""
+    base = str(tmp_path / "stats0")
+    if writer == "this pandas":
+        released_style_stats(base + ".pkl", RELEASED_STATS_ROWS)
+    else:
+        Path(base + ".pkl").write_bytes(RELEASED_STATS_PKL.read_bytes())
+    logs = []
+    s = Stats(base, COLUMNS, resume_before_epoch=2, log=logs.append)  # the checkpoint says 2 epochs done
+    assert s.df["epoch"].tolist() == [0, 1] and s.df["loss"].tolist() == [9.2575, 9.0178]
+    assert "3 rows of the released run's statistics read" in logs[0]
+    assert s.last("time", 0.0) == 0.0  # the released table has no time column
+    s.update({"epoch": 2, "loss": 8.5, "lr": 0.1, "time": 60.0})
+    for df in (pd.read_csv(base + ".csv"), pd.read_pickle(base + ".pkl")):
+        assert list(df.columns) == COLUMNS
+        assert df["epoch"].tolist() == [0, 1, 2] and df["loss"].tolist() == [9.2575, 9.0178, 8.5]
+
+
+def test_released_stats_reader_refuses_other_pickles(tmp_path):
+    """A stats0.pkl that names anything but a table's classes is not executed, and is kept aside."""
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+
+    base = str(tmp_path / "stats0")
+    with open(base + ".pkl", "wb") as f:
+        pickle.dump({"epoch": Evil()}, f)
+    with pytest.raises(ValueError, match="not a readable statistics table.*io.open|builtins.open"):
+        read_released_stats(base + ".pkl")
+    logs = []
+    s = Stats(base, COLUMNS, resume_before_epoch=2, log=logs.append)
+    assert s.df.empty and not marker.exists()
+    assert not os.path.exists(base + ".pkl") and os.path.exists(base + ".pkl.released")
+    assert "kept as" in logs[0] and "\n" not in logs[0]
+    with open(base + ".pkl", "wb") as f:
+        pickle.dump([1, 2], f)
+    with pytest.raises(ValueError, match="a list"):
+        read_released_stats(base + ".pkl")
+
+
 def test_params_json_round_trip(tmp_path):
     args = argparse.Namespace(nmb_crops=[2, 6], size_crops=(32, 16), base_lr=0.6, arch="resnet18",
                               use_fp16=True, rank=0, sync_bn=None, dump_path=Path("/x/y"), nested=[[1, 2]])
     save_params(args, str(tmp_path))
     got = load_params_json(str(tmp_path))
+    assert got.pop("provenance")["git_commit"]  # see test_provenance
     assert got == {"nmb_crops": [2, 6], "size_crops": [32, 16], "base_lr": 0.6, "arch": "resnet18",
                    "use_fp16": True, "rank": 0, "sync_bn": None, "dump_path": "/x/y", "nested": "[[1, 2]]"}
     assert got == params_dict(args)
     with open(tmp_path / "params.pkl", "rb") as f:  # released file: the namespace itself
         assert pickle.load(f) == args
     assert load_params_json(str(tmp_path / "missing")) is None
+
+
+def test_provenance(tmp_path):
+    import subprocess
+
+    import torch
+    import torchvision
+    repo = Path(__file__).resolve().parents[1]
+    p = provenance(torch.device("cpu"), 3)
+    head = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True)
+    assert p["git_commit"] == (head.stdout.strip() if head.returncode == 0 else "unknown")
+    assert (p["torch"], p["torchvision"], p["cuda"]) == (torch.__version__, torchvision.__version__, torch.version.cuda)
+    assert p["device"].startswith("cpu") and p["world_size"] == 3
+    assert provenance("cpu", 1, repo_dir=tmp_path)["git_commit"] == "unknown"  # not a checkout
+    line = format_provenance(p)
+    assert "\n" not in line and p["git_commit"] in line and f"torch {torch.__version__}" in line
+    assert "world size 3" in line and "cuDNN" in line
+    args = argparse.Namespace(arch="resnet18", device=torch.device("cpu"), world_size=2)
+    save_params(args, str(tmp_path))
+    recorded = load_params_json(str(tmp_path))["provenance"]
+    assert recorded == dict(p, world_size=2)
 
 
 def read_log(path):
@@ -150,3 +225,47 @@ def test_load_params_json_unreadable(tmp_path):
                                           (-5, "0:00:00"), (90061.7, "1 day, 1:01:01")])
 def test_format_eta(seconds, text):
     assert format_eta(seconds) == text
+
+
+def read_curves(folder):
+    """{tag: [(step, value), ...]} from the TensorBoard event files in `folder`."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(folder))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def test_curve_writer_writes_event_files_tensorboard_reads(tmp_path):
+    pytest.importorskip("tensorboard")
+    curves = CurveWriter(str(tmp_path), enabled=True)
+    curves.scalars(0, {"train/loss": 9.25, "train/lr": 0.1, "knn/top1": float("nan")})
+    curves.scalars(1, {"train/loss": 9.0, "train/lr": 0.05, "knn/top1": 31.5})
+    got = read_curves(tmp_path / "tensorboard")  # flushed after each call: readable before close
+    assert got["train/loss"] == [(0, 9.25), (1, 9.0)]
+    assert got["knn/top1"] == [(1, 31.5)]  # NaN (not measured that epoch) is not written
+    assert [s for s, _ in got["train/lr"]] == [0, 1] and got["train/lr"][1][1] == pytest.approx(0.05)
+    curves.close()
+    resumed = CurveWriter(str(tmp_path), enabled=True)  # a resumed run appends a new event file
+    resumed.scalars(2, {"train/loss": 8.5})
+    resumed.close()
+    assert read_curves(tmp_path / "tensorboard")["train/loss"][-1] == (2, 8.5)
+
+
+@pytest.mark.parametrize("enabled, rank", [(False, 0), (True, 1)])
+def test_curve_writer_off_or_other_rank_writes_nothing(tmp_path, enabled, rank):
+    curves = CurveWriter(str(tmp_path), enabled=enabled, rank=rank)
+    curves.scalars(0, {"train/loss": 1.0})
+    curves.close()
+    assert os.listdir(tmp_path) == []
+
+
+def test_curve_writer_without_tensorboard_is_a_one_line_error(tmp_path, monkeypatch, capsys):
+    import sys
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # what a missing package gives
+    with pytest.raises(SystemExit) as e:
+        CurveWriter(str(tmp_path), enabled=True)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and "pip install tensorboard" in err
+    with pytest.raises(SystemExit):  # every rank stops, not only the one that writes
+        CurveWriter(str(tmp_path), enabled=True, rank=1)
+    assert CurveWriter(str(tmp_path), enabled=False).writer is None  # off: no import, no error

@@ -427,10 +427,18 @@ def test_every_torch_load_uses_weights_only():
 
 
 def test_resuming_reads_no_pickle_from_the_run_folder():
-    """Resuming code (the pretraining script and the checkpoint/logger modules) has no way to unpickle:
-    stats come back from the CSV, arguments from params.json, checkpoints via weights_only."""
+    """Resuming code (the pretraining script and the checkpoint/logger modules) has no way to unpickle
+    arbitrary objects: stats come back from the CSV, arguments from params.json, checkpoints via
+    weights_only. The one exception, the stats table of a released run folder, is read by
+    `read_released_stats`, whose unpickler resolves only an allow-list (tests/test_logger.py feeds it code)."""
     for name in ("main_swav_unmix.py", "src/checkpoint.py", "src/logger.py"):
         src = (REPO / name).read_text()
+        if name == "src/logger.py":
+            reader = next(n for n in ast.parse(src).body
+                          if isinstance(n, ast.FunctionDef) and n.name == "read_released_stats")
+            reader_src = ast.get_source_segment(src, reader)
+            assert "def find_class" in reader_src and "not in _STATS_PICKLE_GLOBALS" in reader_src
+            src = src.replace(reader_src, "")
         for pattern in (r"pickle\.loads?\(", r"read_pickle", r"Unpickler", r"\.pkl[\"']\s*\)\s*,\s*[\"']rb"):
             assert not re.search(pattern, src), f"{name} matches {pattern}"
     main_src = (REPO / "main_swav_unmix.py").read_text()

@@ -7,7 +7,7 @@ from src.sinkhorn import shoot_infs, sinkhorn
 
 
 def reference(scores, epsilon, iterations):
-    """Item 8 of the behaviour doc, written out with NumPy in float64 and explicit loops."""
+    """docs/released-behaviour.md, item 8, written out with NumPy in float64 and explicit loops."""
     s = np.asarray(scores, dtype=np.float64)
     b, k = s.shape
     q = np.exp(s / epsilon).T  # K x B

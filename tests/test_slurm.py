@@ -62,14 +62,15 @@ def fake(tmp_path):
     work.mkdir()
     log = tmp_path / "calls.log"
 
-    def run(script="c10", **env):
+    def run(script="c10", args=(), **env):
         full = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
         for k in ("DATASET_PATH", "EPOCHS", "BATCH_SIZE", "RUN_SWAV", "ARCH", "WORKERS", "EXPERIMENT_PATH",
-                  "EVAL_EPOCHS", "EXTRA_ARGS", "EVAL_EXTRA_ARGS", "NPROC", "CODE_DIR", "PYTHON"):
+                  "EVAL_EPOCHS", "EXTRA_ARGS", "EVAL_EXTRA_ARGS", "NPROC", "CODE_DIR", "PYTHON", "AUGMENT"):
             full.pop(k, None)
         full.update(PYTHON=str(py), CODE_DIR=str(code), FAKE_PY_LOG=str(log), CUDA_VISIBLE_DEVICES="")
         full.update(env)
-        r = subprocess.run(["bash", SCRIPTS[script]], cwd=work, env=full, capture_output=True, text=True, timeout=60)
+        r = subprocess.run(["bash", SCRIPTS[script], *args], cwd=work, env=full, capture_output=True, text=True,
+                           timeout=60)
         calls = log.read_text().splitlines() if log.exists() else []
         if log.exists():
             log.unlink()
@@ -104,6 +105,37 @@ def test_script_environment_overrides(fake):
     r, calls = fake(EXPERIMENT_PATH=run1 + "/")
     assert calls[0].endswith(f"--dump_path {run1}")
     assert calls[1].endswith(f"--pretrained {run1}/checkpoint.pth.tar --dump_path {run1}_linear_eval")
+
+
+@pytest.mark.parametrize("script", ["c10", "c100"])
+@pytest.mark.parametrize("flag", ["--help", "-h"])
+def test_script_help_prints_usage_and_starts_nothing(fake, script, flag):
+    r, calls = fake(script, args=["--epochs", "3", flag])
+    assert r.returncode == 0 and calls == [], r.stdout + r.stderr
+    assert r.stdout.startswith(f"usage: bash script_unmix_{script}.sh")
+    for name in ("DATASET_PATH", "EPOCHS", "BATCH_SIZE", "ARCH", "WORKERS", "RUN_SWAV", "AUGMENT",
+                 "EXPERIMENT_PATH", "EVAL_EPOCHS", "EXTRA_ARGS", "EVAL_EXTRA_ARGS", "NPROC", "PYTHON", "CODE_DIR"):
+        assert f"\n  {name} " in r.stdout, name
+    assert "(400)" in r.stdout and f"eval_linear.py --num_labels {10 if script == 'c10' else 100}" in r.stdout
+    assert not os.path.exists(os.path.join(os.path.dirname(fake.code), "work", "experiments"))
+
+
+def test_script_passes_command_line_flags_to_pretraining_after_extra_args(fake):
+    r, calls = fake(args=["--knn_freq", "10", "--epochs", "7"], EXTRA_ARGS="--epochs 5 --width_per_group 8")
+    assert r.returncode == 0, r.stderr
+    pre, ev = calls
+    assert pre.endswith("--epochs 5 --width_per_group 8 --knn_freq 10 --epochs 7")  # argparse: the last wins
+    assert "--knn_freq" not in ev
+
+
+def test_script_augment_switch(fake):
+    r, calls = fake()
+    assert "--augment" not in calls[0]  # the released pipeline (the default of main_swav_unmix.py)
+    r, calls = fake(AUGMENT="batched")
+    assert r.returncode == 0 and "--dump_path ./experiments/unmix_swav_cifar_128_resnet18_400ep_100prot_cifar10 " \
+        "--augment batched" in calls[0] and "--augment" not in calls[1]
+    r, calls = fake(AUGMENT="fast")
+    assert r.returncode == 2 and "AUGMENT='fast'" in r.stderr and calls == []
 
 
 @pytest.mark.parametrize("pre_rc, eval_rc, expected, n_calls", [

@@ -1,6 +1,6 @@
 """The published linear-evaluation top-1 accuracies (%) of the released Un-Mix + SwAV CIFAR code.
 
-Source: the "Results from this repo" tables of the seed README (../shared/seed/000_ff55425b8aa7eadc.txt):
+Source: the "Results from this repo" tables of the released README:
 ResNet-18 (Bottleneck variant), batch size 128, 1 GPU, linear evaluation with the released protocol
 (best test top-1 over 100 epochs). Keyed by data set, then method, then pretraining epochs.
 """
