@@ -150,3 +150,13 @@ def test_load_params_json_unreadable(tmp_path):
                                           (-5, "0:00:00"), (90061.7, "1 day, 1:01:01")])
 def test_format_eta(seconds, text):
     assert format_eta(seconds) == text
+
+
+def test_changed_params():
+    from src.logger import changed_params
+    old = {"lr": 0.1, "epochs": 20, "decay_epochs": [12, 16], "workers": 10, "only_old": 1}
+    new = {"lr": 0.1, "epochs": 20.0, "decay_epochs": (12, 16), "workers": 2, "only_new": 2}
+    assert changed_params(old, new, ignore={"workers"}) == []
+    assert changed_params(old, dict(new, lr=0.2, decay_epochs=(12,)), ignore={"workers"}) == [
+        "decay_epochs: [12, 16] -> [12]", "lr: 0.1 -> 0.2"]
+    assert changed_params(old, new) == ["workers: 10 -> 2"]
