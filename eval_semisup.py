@@ -202,6 +202,8 @@ def main():
     elif args.world_size > 1:
         logger.info("CPU: SyncBatchNorm needs CUDA, batch-norm statistics stay per process")
     model = model.to(device)
+    logger.info(f"Building model done: {args.arch}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
+                f"parameters, {len(classes)}-way classifier, device {device}.")
     if args.world_size > 1:
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)

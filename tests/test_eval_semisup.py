@@ -60,6 +60,22 @@ def load_ckpt(path):
     return torch.load(path, weights_only=True)
 
 
+# The released eval_semisup.py's flags and defaults (facebookresearch/swav, eval_semisup.py)
+RELEASED_SEMISUP = {
+    "labels_perc": "10", "dump_path": ".", "seed": 31, "data_path": "/path/to/imagenet", "workers": 10,
+    "arch": "resnet50", "pretrained": "", "epochs": 20, "batch_size": 32, "lr": 0.01, "lr_last_layer": 0.2,
+    "decay_epochs": [12, 16], "gamma": 0.2, "dist_url": "env://", "world_size": -1, "rank": 0, "local_rank": 0,
+}
+
+
+def test_released_flags_and_defaults():
+    parser = eval_semisup.get_parser()
+    args, text = vars(parser.parse_args([])), parser.format_help()
+    for name, default in RELEASED_SEMISUP.items():
+        assert args[name] == default and f"--{name}" in text, name
+    assert parser.parse_args(["--labels_perc", "1", "--local-rank=2"]).local_rank == 2
+
+
 def test_optimiser_groups_are_the_released_ones():
     model = eval_semisup.build_model("resnet18", output_dim=10, width_per_group=8)
     trunk, head = eval_semisup.trunk_and_head_groups(model, 0.01, 0.2)

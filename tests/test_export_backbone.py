@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -63,6 +64,8 @@ def test_export_and_load_as_the_readme_shows(pre, tmp_path):
 
 def test_released_format_checkpoint_exports_with_the_arch_read_from_its_weights(pre, tmp_path):
     ours = torch.load(pre, weights_only=True)
+    for group in ours["optimizer"]["param_groups"]:
+        group["lr"] = np.float64(group["lr"])  # the released schedule is a NumPy array
     torch.save({"epoch": ours["epoch"], "state_dict": ours["state_dict"], "optimizer": ours["optimizer"],
                 "amp": {}}, tmp_path / "released.pth.tar")
     meta = export_backbone.export_backbone(str(tmp_path / "released.pth.tar"), str(tmp_path / "bb.pth"))

@@ -60,7 +60,8 @@ def test_width_and_head_sizes_come_from_the_checkpoint(run):
 
 def test_released_checkpoint_and_plain_state_dicts_load(run, tmp_path):
     prefixed = {"module." + k: v for k, v in run["state"].items()}
-    released = {"epoch": 400, "state_dict": prefixed, "optimizer": {}, "amp": {"loss_scaler0": {}}}
+    released = {"epoch": 400, "state_dict": prefixed, "amp": {"loss_scaler0": {"loss_scale": 65536.0}},
+                "optimizer": {"state": {}, "param_groups": [{"lr": np.float64(0.6), "params": [0]}]}}  # NumPy lr
     for name, obj in (("released.pth.tar", released), ("module.pth", prefixed), ("plain.pth", run["state"])):
         torch.save(obj, tmp_path / name)
         with torch.no_grad():

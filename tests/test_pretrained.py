@@ -1,4 +1,5 @@
 """Reading pretrained weights: the file formats, telling the architecture from the weights, loading them."""
+import numpy as np
 import pytest
 import torch
 
@@ -40,8 +41,11 @@ def test_head_config_of_each_head_kind():
 def test_reads_every_checkpoint_form(tmp_path, form):
     net = pretraining_net()
     prefixed = {"module." + k: v for k, v in net.state_dict().items()}
+    # the released optimizer state holds NumPy learning rates (its schedule is a NumPy array)
+    released_optimizer = {"state": {}, "param_groups": [{"lr": np.float64(0.6), "momentum": 0.9, "params": [0]}]}
     obj = {"ours": {"epoch": 3, "state_dict": prefixed, "arch": "resnet18", "optimizer": {}},
-           "released": {"epoch": 3, "state_dict": prefixed, "optimizer": {}, "amp": {}},
+           "released": {"epoch": 3, "state_dict": prefixed, "optimizer": released_optimizer,
+                        "amp": {"loss_scaler0": {"loss_scale": 65536.0, "unskipped": 0}}},
            "plain": net.state_dict(), "plain_module": prefixed}[form]
     torch.save(obj, tmp_path / "w.pth")
     state, info = read_state_dict(tmp_path / "w.pth")
