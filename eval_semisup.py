@@ -126,8 +126,8 @@ def labelled_subset(train_labels, classes, args, logger):
             fail(f"{path} is unreadable ({type(e).__name__}); move it away to write it again")
         if old != record["indices"]:
             fail(f"{path} records another labelled subset than these data and flags give "
-                 f"({len(old)} vs {len(indices)} images); the training data changed? "
-                 "Use another --dump_path")
+                 f"({len(old)} vs {len(indices)} images): the training data, --labels_perc or --subset_seed "
+                 "changed; use another --dump_path")
     elif args.rank == 0:
         write_json(path, record)
     logger.info(f"Labelled subset: {len(indices)} of {len(train_labels)} training images "
@@ -194,7 +194,7 @@ def main():
         for note in notes:
             logger.info(note)
         logger.info(f"Loaded pretrained weights from {args.pretrained} (epoch {info['epoch']}); "
-                    f"{len(notes)} tensors kept as initialised (the classifier)")
+                    f"{len(notes)} tensors kept as initialised (listed above)")
     else:
         logger.info("No pretrained weights given => training from random weights")
     if args.world_size > 1 and device.type == "cuda":

@@ -165,6 +165,8 @@ def test_resume_after_preemption_is_bit_exact(env):
     assert json.loads((env["root"] / "whole" / "results.json").read_text())["last_top1"] == sa["prec1_val"].iloc[-1]
     res = env["runner"].run(SEMISUP, args_a + ["--labels_perc", "1"], cwd=env["root"])
     assert res.returncode == 2 and "labels_perc: '10' -> '1'" in res.stderr, res.explain()
+    res = env["runner"].run(SEMISUP, args_a + ["--subset_seed", 1, "--allow_changed_args", "true"], cwd=env["root"])
+    assert res.returncode == 2 and "records another labelled subset" in res.stderr, res.explain()
 
 
 @pytest.mark.parametrize("layout", ["image_folder", "cifar100"])
