@@ -20,7 +20,7 @@ import importlib.util
 import os
 import sys
 
-dependencies = ["torch"]
+dependencies = ["torch", "numpy"]
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
