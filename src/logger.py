@@ -273,3 +273,16 @@ def load_params_json(dump_path):
 def format_eta(seconds):
     seconds = max(0, int(seconds))
     return str(timedelta(seconds=seconds))
+
+
+def changed_params(old, new, ignore=()):
+    """`["name: old -> new", ...]` for the arguments whose values differ between the `params.json` dict
+    `old` and the dict `new` (names in `ignore`, or present in only one of them, are not compared;
+    tuples equal lists, and numbers are compared as numbers)."""
+    diffs = []
+    for k in sorted(set(old) & set(new) - set(ignore)):
+        a, b = old[k], list(new[k]) if isinstance(new[k], tuple) else new[k]
+        same_number = (isinstance(a, (int, float)) and isinstance(b, (int, float)) and float(a) == float(b))
+        if a != b and not same_number:
+            diffs.append(f"{k}: {a!r} -> {b!r}")
+    return diffs

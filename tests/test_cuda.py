@@ -102,3 +102,21 @@ def test_mixed_precision_stays_finite(amp_dtype):
     assert torch.isfinite(losses).all(), losses
     assert all(torch.isfinite(p).all() for p in method.net.parameters())
     assert not any(method.read_meter()["bad_steps"][:30])
+
+
+def test_semisup_fine_tuning_runs_on_cuda(tmp_path):
+    """eval_semisup.py on the GPU (tiny data, random weights, 2 epochs): finishes and reports."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+    from tests.fake_cifar import write_cifar10
+    write_cifar10(tmp_path / "c10", n_train_per_batch=40, n_test=40)
+    script = Path(__file__).resolve().parents[1] / "eval_semisup.py"
+    res = subprocess.run([sys.executable, str(script), "--data_path", str(tmp_path / "c10"), "--dump_path",
+                          str(tmp_path / "ft"), "--arch", "resnet18", "--width_per_group", "8", "--epochs", "2",
+                          "--batch_size", "8", "--workers", "2"], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert "device cuda:0" in res.stdout
+    assert json.loads((tmp_path / "ft" / "results.json").read_text())["epochs"] == 2

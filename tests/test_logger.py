@@ -269,3 +269,13 @@ def test_curve_writer_without_tensorboard_is_a_one_line_error(tmp_path, monkeypa
     with pytest.raises(SystemExit):  # every rank stops, not only the one that writes
         CurveWriter(str(tmp_path), enabled=True, rank=1)
     assert CurveWriter(str(tmp_path), enabled=False).writer is None  # off: no import, no error
+
+
+def test_changed_params():
+    from src.logger import changed_params
+    old = {"lr": 0.1, "epochs": 20, "decay_epochs": [12, 16], "workers": 10, "only_old": 1}
+    new = {"lr": 0.1, "epochs": 20.0, "decay_epochs": (12, 16), "workers": 2, "only_new": 2}
+    assert changed_params(old, new, ignore={"workers"}) == []
+    assert changed_params(old, dict(new, lr=0.2, decay_epochs=(12,)), ignore={"workers"}) == [
+        "decay_epochs: [12, 16] -> [12]", "lr: 0.1 -> 0.2"]
+    assert changed_params(old, new) == ["workers: 10 -> 2"]

@@ -166,3 +166,31 @@ def test_published_tables():
             assert all(published.PUBLISHED[ds]["Un-Mix"][e] > published.PUBLISHED[ds]["SwAV"][e]
                        for e in published.PUBLISHED[ds]["SwAV"])
     assert not math.isnan(sum(published.PUBLISHED["cifar10"]["SwAV"].values()))
+
+
+def test_semisup_table(tmp_path):
+    """eval_semisup.py folders get their own table (finished: results.json; unfinished: stats so far) and are
+    not taken for pretraining runs."""
+    exp = tmp_path / "exp"
+    _dump(exp / "unmix_c10", _pretrain_params(epochs=2), _pretrain_stats(2))
+    semi = dict(labels_perc="10", data_path="cifar10", epochs=20, pretrained=str(exp / "unmix_c10" / "checkpoint.pth.tar"))
+    done = exp / "unmix_c10_semisup_10pct"
+    _dump(done, semi, _eval_stats(20, [40.0 + e for e in range(20)]))
+    with open(done / "results.json", "w") as f:
+        json.dump({"best_top1": 59.0, "best_top5": 95.5, "last_top1": 59.0, "last_top5": 96.0, "epochs": 20,
+                   "mode": "semisup", "labels_perc": "10", "num_labelled": 5000, "seconds": 90.0}, f)
+    running = tmp_path / "elsewhere" / "ft1"
+    _dump(running, dict(semi, labels_perc="1", pretrained=str(exp / "unmix_c10" / "checkpoints" / "ckp-1.pth")),
+          _eval_stats(3, [20.0, 25.0, 24.0]))
+    out = tmp_path / "report"
+    runs, _ = results.write_report([str(exp), str(running)], str(out))
+    assert [r["name"] for r in runs] == ["unmix_c10"]
+    md = (out / "results.md").read_text()
+    section = md.split("## Semi-supervised fine-tuning")[1]
+    rows = {cells[0]: cells for cells in ([c.strip() for c in line.strip("|").split("|")]
+                                          for line in section.splitlines()[3:] if line.startswith("|"))}
+    assert rows["unmix_c10_semisup_10pct"] == ["unmix_c10_semisup_10pct", "unmix_c10", "cifar10", "10 %", "5000",
+                                               "20/20", "59.00", "95.50", "59.00", "1.5 min"]
+    # unfinished: best so far 25.0 at epoch 1, whose top-5 is 96.0 (95 + epoch)
+    assert rows["ft1"] == ["ft1", "unmix_c10", "cifar10", "1 %", "—", "3/20 (unfinished)", "25.00", "96.00",
+                           "24.00", "—"]

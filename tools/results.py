@@ -14,6 +14,10 @@ not end in `_linear_eval`) is a pretraining dump; its linear evaluation is the s
 - `OUT_DIR/accuracy_vs_epochs.png`: published curves per data set with our runs as points;
 - `OUT_DIR/<run>_curves.png`: training loss and kNN top-1 (and linear-eval test top-1 when present) per epoch.
 
+Semi-supervised fine-tunings (`eval_semisup.py` folders: `params.json` with `labels_perc`) get a table of
+their own in `results.md`, whatever their folder name: labels %, labelled images, epochs, top-1 (best,
+with its top-5, and last) and the pretraining run their `--pretrained` checkpoint comes from.
+
 Unfinished runs show what they have; anything missing is '—'. Only reads files, never loads checkpoints.
 """
 import argparse
@@ -72,8 +76,15 @@ def _truthy(v):
     return bool(v)
 
 
+def _is_semisup(path):
+    """An eval_semisup.py folder: its arguments name the labelled percentage."""
+    params_path = os.path.join(path, "params.json")
+    params = _read_json(params_path) if os.path.isfile(params_path) else None
+    return isinstance(params, dict) and "labels_perc" in params
+
+
 def _is_dump(path):
-    return (not os.path.basename(os.path.normpath(path)).endswith(EVAL_SUFFIX)
+    return (not os.path.basename(os.path.normpath(path)).endswith(EVAL_SUFFIX) and not _is_semisup(path)
             and (os.path.isfile(os.path.join(path, "params.json"))
                  or os.path.isfile(os.path.join(path, "stats0.pkl"))))
 
@@ -90,7 +101,9 @@ def find_runs(dirs):
     found = set()
     for top in dirs:
         for dirpath, dirnames, _ in os.walk(os.path.abspath(top)):
-            if _is_eval(dirpath):
+            if _is_semisup(dirpath):
+                dirnames[:] = []
+            elif _is_eval(dirpath):
                 found.add(os.path.normpath(dirpath)[:-len(EVAL_SUFFIX)])
                 dirnames[:] = []
             elif _is_dump(dirpath):
@@ -230,6 +243,53 @@ def load_runs(dirs):
     return runs
 
 
+def find_semisup(dirs):
+    """Absolute paths of the eval_semisup.py folders under `dirs`."""
+    found = set()
+    for top in dirs:
+        for dirpath, dirnames, _ in os.walk(os.path.abspath(top)):
+            if _is_semisup(dirpath):
+                found.add(os.path.normpath(dirpath))
+                dirnames[:] = []
+            dirnames.sort()
+    return sorted(found)
+
+
+def _run_of_checkpoint(path):
+    folder = os.path.dirname(os.path.abspath(path))
+    if os.path.basename(folder) == "checkpoints":
+        folder = os.path.dirname(folder)
+    return os.path.basename(folder)
+
+
+def load_semisup(path):
+    """What the semi-supervised table shows about one eval_semisup.py folder."""
+    params = _read_json(os.path.join(path, "params.json")) or {}
+    stats = _read_stats(os.path.join(path, "stats0.pkl"))
+    results = _read_json(os.path.join(path, "results.json")) or {}
+    subset = _read_json(os.path.join(path, "labelled_subset.json")) or {}
+    pretrained = str(params.get("pretrained") or "")
+    classes = {"num_labels": len(subset["classes"])} if isinstance(subset.get("classes"), list) else None
+    run = {"name": os.path.basename(os.path.normpath(path)), "path": path, "dataset": _dataset(params, classes),
+           "labels_perc": params.get("labels_perc"),
+           "num_labelled": results.get("num_labelled", subset.get("num_labelled")),
+           "epochs_planned": params.get("epochs"),
+           "epochs_done": int(stats["epoch"].max()) + 1 if stats is not None else 0,
+           # the pretraining dump is the folder of the checkpoint (checkpoint.pth.tar or checkpoints/ckp-N.pth)
+           "pretrained_run": _run_of_checkpoint(pretrained) if pretrained else "random init",
+           "finished": bool(results), "seconds": results.get("seconds")}
+    if results:
+        run.update(best_top1=results.get("best_top1"), best_top5=results.get("best_top5"),
+                   last_top1=results.get("last_top1"))
+    else:   # unfinished: what the stats have so far
+        p1 = pd.to_numeric(stats["prec1_val"], errors="coerce") if stats is not None and "prec1_val" in stats else None
+        best = int(p1.idxmax()) if p1 is not None and p1.notna().any() else None
+        run.update(best_top1=None if best is None else float(p1[best]),
+                   best_top5=None if best is None else _last_valid(stats.iloc[:best + 1], "prec5_val"),
+                   last_top1=_last_valid(stats, "prec1_val"))
+    return run
+
+
 # ----------------------------------------------------------------------------------------------- table
 
 def _pct(v, digits=2):
@@ -274,6 +334,26 @@ def table_rows(runs):
                      fmt_duration(r["wall_seconds"]), _eval_cell(r), _pct(r["published_top1"], 1),
                      DASH if delta is None else f"{delta:+.2f}"])
     return rows
+
+
+SEMISUP_HEADER = ["fine-tuning", "pretrained run", "data set", "labels", "labelled images", "epochs (done/planned)",
+                  "top-1 best", "top-5 at best", "top-1 last", "wall time"]
+
+
+def semisup_markdown(runs):
+    lines = ["## Semi-supervised fine-tuning", "",
+             "| " + " | ".join(SEMISUP_HEADER) + " |",
+             "|" + "|".join([":---"] * 3 + ["---:"] * 7) + "|"]
+    for r in runs:
+        planned = r["epochs_planned"] if r["epochs_planned"] is not None else "?"
+        done = f"{r['epochs_done']}/{planned}" + ("" if r["finished"] else " (unfinished)")
+        row = [r["name"], r["pretrained_run"], r["dataset"], f"{r['labels_perc']} %",
+               DASH if r["num_labelled"] is None else str(r["num_labelled"]), done, _pct(r["best_top1"]),
+               _pct(r["best_top5"]), _pct(r["last_top1"]), fmt_duration(r["seconds"])]
+        lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |")
+    lines += ["", "Whole network fine-tuned on a class-balanced labelled subset (eval_semisup.py); top-1 best is "
+              "the best test top-1 over the epochs (the released report), with the top-5 of that epoch.", ""]
+    return "\n".join(lines)
 
 
 def markdown(runs):
@@ -377,10 +457,11 @@ def write_report(dirs, out_dir):
     """Write results.md and the plots; returns (runs, list of written paths)."""
     os.makedirs(out_dir, exist_ok=True)
     runs = load_runs(dirs)
+    semisup = [load_semisup(p) for p in find_semisup(dirs)]
     written = []
     md = os.path.join(out_dir, "results.md")
     with open(md, "w") as f:
-        f.write(markdown(runs))
+        f.write(markdown(runs) + ("\n" + semisup_markdown(semisup) if semisup else ""))
     written.append(md)
     p = os.path.join(out_dir, "accuracy_vs_epochs.png")
     plot_accuracy_vs_epochs(runs, p)
@@ -398,7 +479,8 @@ def main(argv=None):
     parser.add_argument("--out", required=True, help="output folder for results.md and the PNG plots")
     args = parser.parse_args(argv)
     runs, written = write_report(args.dirs, args.out)
-    print(markdown(runs))
+    with open(written[0]) as f:
+        print(f.read())
     print(f"{len(runs)} run(s); wrote {len(written)} file(s) to {args.out}")
     return 0
 

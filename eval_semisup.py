@@ -1,0 +1,326 @@
+"""Semi-supervised evaluation: fine-tune the whole network with 1 % or 10 % of the labels (the released
+eval_semisup.py, on CIFAR).
+
+The released recipe: the pretrained backbone with a linear classifier `projection_head` on its pooled
+features (PyTorch's default init), trained end to end in train mode (batch norm included) with
+cross-entropy; SGD with momentum 0.9 and no weight decay, learning rate `--lr` for the trunk and
+`--lr_last_layer` for the classifier, both multiplied by `--gamma` at each of `--decay_epochs` (stepped
+once per epoch); training images `RandomResizedCrop` + horizontal flip, test images unchanged; the test
+split evaluated after every epoch and the best top-1 (with its top-5) reported. On CIFAR the labelled
+images are a class-balanced subset drawn from `--subset_seed` (src/subset.py; the released code
+downloads SimCLR's ImageNet lists), written to `labelled_subset.json`, and the normalisation is
+eval_linear.py's.
+Reads top to bottom: arguments -> data -> model -> optimiser -> resume -> epoch loop.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from src import distributed as D
+from src.checkpoint import (CheckpointError, atomic_save, find_resume_checkpoint, prepare_dump_path, rng_state,
+                            set_rng_state, strip_module_prefix)
+from src.data import DataError, LabeledDataset, eval_transforms, load_split
+from src.linear_probe import correct_counts
+from src.logger import (Stats, changed_params, create_logger, format_eta, load_params_json, params_dict,
+                        save_params, write_json)
+from src.pretrained import PretrainedError, load_weights, read_state_dict
+from src.resnet import ARCHS, build_model
+from src.subset import SubsetError, balanced_subset, images_per_class
+from src.train_step import unwrap
+from src.utils import AverageMeter, bool_flag, fail, fix_random_seeds
+
+SUBSET_FILE = "labelled_subset.json"
+STATS_COLUMNS = ["epoch", "loss", "prec1", "prec5", "loss_val", "prec1_val", "prec5_val"]
+# Flags that do not change what is computed: a resumed run may differ in these.
+OPERATIONAL_FLAGS = {"dump_path", "workers", "dist_url", "rank", "local_rank", "gpu_to_work_on", "device",
+                     "log_freq", "download", "allow_changed_args"}
+
+
+def get_parser():
+    p = argparse.ArgumentParser(description="Evaluate models: Fine-tuning with 1% or 10% labels on CIFAR")
+    # released flags
+    p.add_argument("--labels_perc", type=str, default="10", choices=["1", "10"],
+                   help="fine-tune on either 1%% or 10%% of labels")
+    p.add_argument("--dump_path", type=str, default=".", help="experiment dump path for checkpoints and log")
+    p.add_argument("--seed", type=int, default=31, help="seed")
+    p.add_argument("--data_path", type=str, default="/path/to/imagenet",
+                   help="cifar10 | cifar100 | a CIFAR pickle folder | an image folder with train/ and test/")
+    p.add_argument("--workers", default=10, type=int, help="number of data loading workers")
+    p.add_argument("--arch", default="resnet50", type=str, help=f"convnet architecture: {', '.join(ARCHS)}")
+    p.add_argument("--pretrained", default="", type=str, help="path to pretrained weights ('' = random weights)")
+    p.add_argument("--epochs", default=20, type=int, help="number of total epochs to run")
+    p.add_argument("--batch_size", default=32, type=int, help="batch size per process")
+    p.add_argument("--lr", default=0.01, type=float, help="initial learning rate - trunk")
+    p.add_argument("--lr_last_layer", default=0.2, type=float, help="initial learning rate - head")
+    p.add_argument("--decay_epochs", type=int, nargs="+", default=[12, 16],
+                   help="Epochs at which to decay learning rate.")
+    p.add_argument("--gamma", type=float, default=0.2, help="lr decay factor")
+    p.add_argument("--dist_url", default="env://", type=str, help="url used to set up distributed training")
+    p.add_argument("--world_size", default=-1, type=int, help="number of processes (set automatically)")
+    p.add_argument("--rank", default=0, type=int, help="rank of this process (set automatically)")
+    p.add_argument("--local_rank", "--local-rank", default=0, type=int,
+                   help="this argument is not used and should be ignored")
+    g = p.add_argument_group("new flags")
+    g.add_argument("--subset_seed", type=int, default=0,
+                   help="seed of the class-balanced labelled subset (independent of --seed, so runs that "
+                        "differ in --seed or in the pretrained weights fine-tune on the same images)")
+    g.add_argument("--crop_size", type=int, default=32, help="crop size of RandomResizedCrop")
+    g.add_argument("--width_per_group", type=int, default=64, help="ResNet width of the pretrained model")
+    g.add_argument("--allow_mismatched_weights", type=bool_flag, default=False,
+                   help="load --pretrained even when backbone weights are missing or mis-shaped "
+                        "(the released code only logged them)")
+    g.add_argument("--allow_changed_args", type=bool_flag, default=False,
+                   help="resume a dump path whose params.json differs from the given arguments")
+    g.add_argument("--download", type=bool_flag, default=True, help="download cifar10/cifar100 when missing")
+    g.add_argument("--log_freq", type=int, default=50, help="log every this many iterations")
+    return p
+
+
+def check_args(args):
+    if args.arch not in ARCHS:
+        fail(f"unknown --arch {args.arch!r}; choose one of {', '.join(ARCHS)}")
+    for name in ("epochs", "batch_size", "crop_size", "width_per_group", "log_freq"):
+        if getattr(args, name) < 1:
+            fail(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.workers < 0:
+        fail(f"--workers must not be negative, got {args.workers}")
+    if args.lr < 0 or args.lr_last_layer < 0 or args.gamma <= 0:
+        fail(f"--lr and --lr_last_layer must not be negative and --gamma must be positive "
+             f"(got {args.lr}, {args.lr_last_layer}, {args.gamma})")
+    if not 0 <= args.subset_seed < 2 ** 32:
+        fail(f"--subset_seed must be in [0, 2**32), got {args.subset_seed}")
+
+
+def trunk_and_head_groups(model, lr, lr_last_layer):
+    """The released optimiser groups: parameters whose name contains 'head' (the classifier
+    `projection_head`) at `lr_last_layer`, all others (the trunk) at the optimiser's `lr`."""
+    trunk, head = [], []
+    for name, param in model.named_parameters():
+        (head if "head" in name else trunk).append(param)
+    return [{"params": trunk}, {"params": head, "lr": lr_last_layer}]
+
+
+def labelled_subset(train_labels, classes, args, logger):
+    """The labelled indices; `labelled_subset.json` records them (and a resumed run checks them)."""
+    percent = float(args.labels_perc)
+    try:
+        indices = balanced_subset(train_labels, len(classes), percent, args.subset_seed)
+    except SubsetError as e:
+        fail(f"--labels_perc {args.labels_perc}: {e}")
+    record = {"labels_perc": args.labels_perc, "subset_seed": args.subset_seed,
+              "per_class": images_per_class(len(train_labels), len(classes), percent),
+              "num_labelled": len(indices), "num_train_images": len(train_labels), "classes": list(classes),
+              "indices": indices.tolist()}
+    path = os.path.join(args.dump_path, SUBSET_FILE)
+    if os.path.isfile(path):
+        try:
+            with open(path) as f:
+                old = json.load(f)["indices"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            fail(f"{path} is unreadable ({type(e).__name__}); move it away to write it again")
+        if old != record["indices"]:
+            fail(f"{path} records another labelled subset than these data and flags give "
+                 f"({len(old)} vs {len(indices)} images): the training data, --labels_perc or --subset_seed "
+                 "changed; use another --dump_path")
+    elif args.rank == 0:
+        write_json(path, record)
+    logger.info(f"Labelled subset: {len(indices)} of {len(train_labels)} training images "
+                f"({record['per_class']} per class, {len(classes)} classes, --subset_seed {args.subset_seed}), "
+                f"indices in {path}")
+    return indices
+
+
+def main():
+    args = get_parser().parse_args()
+    check_args(args)
+    try:
+        D.init_distributed(args)
+    except D.DistError as e:
+        fail(str(e))
+    device = args.device
+    fix_random_seeds(args.seed)
+    if args.rank == 0:
+        try:
+            prepare_dump_path(args.dump_path)
+            old = load_params_json(args.dump_path)
+        except (CheckpointError, ValueError) as e:
+            fail(str(e))
+        diffs = changed_params(old or {}, params_dict(args), OPERATIONAL_FLAGS)
+        if diffs and not args.allow_changed_args:
+            fail(f"{args.dump_path} holds a run with other arguments ({'; '.join(diffs)}); "
+                 "use another --dump_path, or --allow_changed_args true to resume it anyway")
+    D.barrier(args.world_size)
+    logger = create_logger(args.dump_path, args.rank)
+    if args.rank == 0:
+        logger.info("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
+    t_start = time.time()
+
+    # ============ data ============
+    try:
+        train_images, train_labels, classes = load_split(args.data_path, train=True, download=args.download)
+        test_images, test_labels, _ = load_split(args.data_path, train=False, download=args.download)
+    except DataError as e:
+        fail(str(e))
+    indices = labelled_subset(train_labels, classes, args, logger)
+    train_tf, test_tf = eval_transforms(args.crop_size)
+    train_set = LabeledDataset(train_images[indices], train_labels[indices], train_tf)
+    test_set = LabeledDataset(test_images, test_labels, test_tf)
+    sampler = torch.utils.data.distributed.DistributedSampler(train_set, num_replicas=args.world_size,
+                                                              rank=args.rank, seed=0)
+    pin = device.type == "cuda"
+    quiet = D.ignore_preemption_signals_in_worker if args.workers > 0 else None  # the main process handles them
+    train_loader = torch.utils.data.DataLoader(train_set, sampler=sampler, batch_size=args.batch_size,
+                                               num_workers=args.workers, pin_memory=pin, worker_init_fn=quiet)
+    test_loader = torch.utils.data.DataLoader(test_set, batch_size=args.batch_size, shuffle=False,
+                                              num_workers=args.workers, pin_memory=pin, worker_init_fn=quiet)
+    maxk = min(5, len(classes))
+    logger.info(f"Building data done with {len(train_set)} labelled images loaded "
+                f"({len(test_set)} test images, {len(classes)} classes).")
+
+    # ============ model ============
+    model = build_model(args.arch, output_dim=len(classes), width_per_group=args.width_per_group)
+    if args.pretrained:
+        try:
+            state, info = read_state_dict(args.pretrained)
+            notes = load_weights(model, state, allow_mismatch=args.allow_mismatched_weights)
+        except PretrainedError as e:
+            fail(f"--pretrained: {e}; check --arch/--width_per_group, or --allow_mismatched_weights true")
+        for note in notes:
+            logger.info(note)
+        logger.info(f"Loaded pretrained weights from {args.pretrained} (epoch {info['epoch']}); "
+                    f"{len(notes)} tensors kept as initialised (listed above)")
+    else:
+        logger.info("No pretrained weights given => training from random weights")
+    if args.world_size > 1 and device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    elif args.world_size > 1:
+        logger.info("CPU: SyncBatchNorm needs CUDA, batch-norm statistics stay per process")
+    model = model.to(device)
+    logger.info(f"Building model done: {args.arch}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
+                f"parameters, {len(classes)}-way classifier, device {device}.")
+    if args.world_size > 1:
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+
+    # ============ optimiser ============
+    optimizer = torch.optim.SGD(trunk_and_head_groups(model, args.lr, args.lr_last_layer), lr=args.lr,
+                                momentum=0.9, weight_decay=0)
+    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, args.decay_epochs, gamma=args.gamma)
+
+    # ============ resume ============
+    start_epoch, best_acc = 0, (0.0, 0.0)
+    try:
+        ckpt_path, ckpt = find_resume_checkpoint(args.dump_path, log=logger.info)
+    except CheckpointError as e:
+        fail(str(e))
+    if ckpt is not None:
+        try:
+            unwrap(model).load_state_dict(strip_module_prefix(ckpt["state_dict"]))
+            optimizer.load_state_dict(ckpt["optimizer"])
+            scheduler.load_state_dict(ckpt["scheduler"])
+            start_epoch, best_acc = int(ckpt["epoch"]), tuple(float(a) for a in ckpt["best_acc"])
+            if "rng" in ckpt:
+                set_rng_state(ckpt["rng"], np.random)
+        except (KeyError, RuntimeError, ValueError, TypeError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            fail(f"{ckpt_path}: cannot resume the fine-tuning ({type(e).__name__}: {first}); "
+                 "use another --dump_path")
+        logger.info(f"Resumed fine-tuning from epoch {start_epoch} (best top-1 so far {best_acc[0]:.1f})")
+    if args.rank == 0:
+        save_params(args, args.dump_path)
+    stats = Stats(os.path.join(args.dump_path, f"stats{args.rank}"), STATS_COLUMNS,
+                  resume_before_epoch=start_epoch if ckpt is not None else None, log=logger.info)
+    criterion = nn.CrossEntropyLoss()
+    last = (float("nan"), float("nan"))
+    t0 = time.time()
+
+    # ============ epoch loop ============
+    preempt = D.PreemptionHandler().install()  # acted on after the epoch's checkpoint (epochs are short)
+    for epoch in range(start_epoch, args.epochs):
+        logger.info(f"============ Starting epoch {epoch} ... ============")
+        sampler.set_epoch(epoch)
+        model.train()
+        batch_time, data_time = AverageMeter(), AverageMeter()
+        losses, top1, top5 = AverageMeter(), AverageMeter(), AverageMeter()
+        end = time.perf_counter()
+        for it, (inp, target) in enumerate(train_loader):
+            data_time.update(time.perf_counter() - end)
+            inp, target = inp.to(device, non_blocking=True), target.to(device, non_blocking=True)
+            output = model(inp)
+            loss = criterion(output, target)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            c1, c5 = correct_counts(output.detach(), target, maxk)
+            losses.update(loss.item(), inp.size(0))
+            top1.update(100.0 * c1 / inp.size(0), inp.size(0))
+            top5.update(100.0 * c5 / inp.size(0), inp.size(0))
+            batch_time.update(time.perf_counter() - end)
+            end = time.perf_counter()
+            if args.rank == 0 and it % args.log_freq == 0:
+                done = (epoch - start_epoch) * len(train_loader) + it + 1
+                remaining = (args.epochs - epoch) * len(train_loader) - it - 1
+                logger.info(f"Epoch[{epoch}] - Iter: [{it}/{len(train_loader)}]\t"
+                            f"Time {batch_time.val:.3f} ({batch_time.avg:.3f})\t"
+                            f"Data {data_time.val:.3f} ({data_time.avg:.3f})\t"
+                            f"Loss {losses.val:.4f} ({losses.avg:.4f})\tPrec {top1.val:.3f} ({top1.avg:.3f})\t"
+                            f"LR trunk {optimizer.param_groups[0]['lr']}\tLR head {optimizer.param_groups[1]['lr']}\t"
+                            f"ETA {format_eta((time.time() - t0) / done * remaining)}")
+        loss_val, *last = validate(test_loader, model, criterion, maxk, device)
+        if last[0] > best_acc[0]:
+            best_acc = tuple(last)
+        logger.info(f"Test:\tLoss {loss_val:.4f}\tAcc@1 {last[0]:.3f}\tAcc@{maxk} {last[1]:.3f}\t"
+                    f"Best Acc@1 so far {best_acc[0]:.1f}")
+        stats.update({"epoch": epoch, "loss": losses.avg, "prec1": top1.avg, "prec5": top5.avg,
+                      "loss_val": loss_val, "prec1_val": last[0], "prec5_val": last[1]})
+        scheduler.step()
+        if args.rank == 0:
+            atomic_save({"epoch": epoch + 1,
+                         "state_dict": {"module." + k: v for k, v in unwrap(model).state_dict().items()},
+                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                         "best_acc": list(best_acc), "rng": rng_state(np.random), "arch": args.arch},
+                        os.path.join(args.dump_path, "checkpoint.pth.tar"))
+        if epoch < args.epochs - 1 and preempt.should_stop(args.world_size, device):
+            logger.info(f"Preempted (signal {preempt.signum}): fine-tuning saved after epoch {epoch}.")
+            if args.rank == 0 and preempt.requeue():
+                logger.info("Job requeued with scontrol; it will resume from the checkpoint.")
+            sys.exit(D.PREEMPTED_EXIT_CODE)
+    if start_epoch >= args.epochs:  # already finished: report the stored numbers
+        last = (stats.last("prec1_val", float("nan")), stats.last("prec5_val", float("nan")))
+
+    seconds = time.time() - t_start
+    logger.info(f"Fine-tuning with {args.labels_perc}% of labels completed.\n"
+                f"Test accuracies: top-1 {best_acc[0]:.1f}, top-{maxk} {best_acc[1]:.1f}")
+    logger.info(f"Last-epoch test accuracy: top-1 {last[0]:.1f} top-{maxk} {last[1]:.1f} ({format_eta(seconds)})")
+    if args.rank == 0:
+        write_json(os.path.join(args.dump_path, "results.json"),
+                   {"best_top1": best_acc[0], "best_top5": best_acc[1], "last_top1": last[0],
+                    "last_top5": last[1], "epochs": args.epochs, "mode": "semisup",
+                    "labels_perc": args.labels_perc, "num_labelled": len(indices), "seconds": seconds}, indent=1)
+    D.cleanup()
+
+
+@torch.no_grad()
+def validate(loader, model, criterion, maxk, device):
+    """(loss, top-1, top-k) on the whole test split, network in eval mode (every rank evaluates all of it,
+    as released)."""
+    model.eval()
+    losses, top1, top5 = AverageMeter(), AverageMeter(), AverageMeter()
+    for inp, target in loader:
+        inp, target = inp.to(device, non_blocking=True), target.to(device, non_blocking=True)
+        output = model(inp)
+        c1, c5 = correct_counts(output, target, maxk)
+        losses.update(criterion(output, target).item(), inp.size(0))
+        top1.update(100.0 * c1 / inp.size(0), inp.size(0))
+        top5.update(100.0 * c5 / inp.size(0), inp.size(0))
+    return losses.avg, top1.avg, top5.avg
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,147 @@
+"""Pretrained weights: read them from any checkpoint this project or the released code writes, tell
+which network they belong to, and load them into one.
+
+Accepted files (all read with `torch.load(weights_only=True)`): a pretraining checkpoint (ours or the
+released one: the weights under `state_dict`, named `module.<name>`), a fine-tuning checkpoint of
+`eval_semisup.py`, and a plain state dict such as `tools/export_backbone.py` writes. The `module.` prefix
+is stripped. Errors are `PretrainedError` with a one-line message.
+"""
+import contextlib
+import os
+
+import numpy as np
+import torch
+
+from .checkpoint import CheckpointError, safe_load, strip_module_prefix
+
+# Blocks per stage and widening factor of each architecture of `src.resnet.ARCHS`, to recognise one from
+# its weights (tests/test_pretrained.py checks this table against the constructors).
+LAYOUTS = {
+    "resnet18": ([2, 2, 2, 2], 1),
+    "resnet50": ([3, 4, 6, 3], 1),
+    "resnet50w2": ([3, 4, 6, 3], 2),
+    "resnet50w4": ([3, 4, 6, 3], 4),
+    "resnet50w5": ([3, 4, 6, 3], 5),
+}
+
+# Parameters outside the backbone: the projection head (or a fine-tuning classifier) and the prototypes.
+HEAD_PREFIXES = ("projection_head.", "prototypes")
+
+
+class PretrainedError(ValueError):
+    """Weights that cannot be used; the message is one line."""
+
+
+def _numpy_scalars_allowed():
+    """A context in which `weights_only` loads accept pickled NumPy scalars (and nothing else more): the
+    released code's optimizer state holds np.float64 learning rates next to the weights."""
+    allow = getattr(torch.serialization, "safe_globals", None)
+    if allow is None:  # torch < 2.5
+        return contextlib.nullcontext()
+    core = getattr(np, "_core", None) or np.core
+    return allow([core.multiarray.scalar, np.dtype] + [type(np.dtype(t)) for t in ("float64", "float32", "int64")])
+
+
+def read_state_dict(path):
+    """`(state_dict, info)` from the file at `path`: tensors by name without the `module.` prefix, and
+    `info` = {"arch", "epoch"} as recorded in the checkpoint (None when it does not say)."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise PretrainedError(f"{path}: no such file")
+    try:
+        with _numpy_scalars_allowed():
+            ckpt = safe_load(path)
+    except CheckpointError as e:
+        raise PretrainedError(str(e)) from None
+    info = {"arch": None, "epoch": None}
+    state = ckpt
+    if isinstance(ckpt, dict) and isinstance(ckpt.get("state_dict"), dict):
+        state = ckpt["state_dict"]
+        info = {"arch": ckpt.get("arch"), "epoch": ckpt.get("epoch")}
+    if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
+        raise PretrainedError(f"{path}: holds no state dict (a dict of tensors, or one under 'state_dict')")
+    return strip_module_prefix(state), info
+
+
+def is_head_key(name):
+    return name.startswith(HEAD_PREFIXES)
+
+
+def _blocks(state, stage):
+    return len({k.split(".")[1] for k in state if k.startswith(f"layer{stage}.")})
+
+
+def infer_arch(state):
+    """`(arch, width_per_group)` of the backbone whose weights are in `state`; PretrainedError when no
+    architecture of LAYOUTS fits or several do."""
+    try:
+        stem = state["conv1.weight"].shape[0]
+        first = state["layer1.0.conv1.weight"].shape[0]
+    except KeyError:
+        raise PretrainedError("no ResNet backbone in these weights (no conv1.weight / layer1.0.conv1.weight)") from None
+    blocks = [_blocks(state, s) for s in range(1, 5)]
+    fits = []
+    for arch, (layout, widen) in LAYOUTS.items():
+        if layout != blocks or stem % widen:
+            continue
+        width = stem // widen
+        if int(width * widen * (width / 64.0)) == first:  # Bottleneck width of layer1 (src.resnet)
+            fits.append((arch, width))
+    if len(fits) != 1:
+        what = "no architecture" if not fits else "several architectures (" + ", ".join(a for a, _ in fits) + ")"
+        raise PretrainedError(f"{what} of {', '.join(LAYOUTS)} fits these weights "
+                              f"(stages of {blocks} blocks, stem width {stem})")
+    return fits[0]
+
+
+def head_config(state):
+    """The `hidden_mlp`, `output_dim` and `nmb_prototypes` keywords of the network that wrote `state`
+    (those it has: a backbone alone gives {})."""
+    out = {}
+    if "projection_head.0.weight" in state and "projection_head.3.weight" in state:
+        out["hidden_mlp"] = state["projection_head.0.weight"].shape[0]
+        out["output_dim"] = state["projection_head.3.weight"].shape[0]
+    elif "projection_head.weight" in state:
+        out["hidden_mlp"] = 0
+        out["output_dim"] = state["projection_head.weight"].shape[0]
+    if "prototypes.weight" in state:
+        out["nmb_prototypes"] = state["prototypes.weight"].shape[0]
+    else:
+        heads = sorted((int(k[len("prototypes.prototypes"):].split(".")[0]), v.shape[0])
+                       for k, v in state.items() if k.startswith("prototypes.prototypes"))
+        if heads:
+            out["nmb_prototypes"] = [n for _, n in heads]
+    return out
+
+
+def describe(state):
+    """'resnet18 at width 64' for weights whose architecture can be told, else 'unknown architecture'."""
+    try:
+        arch, width = infer_arch(state)
+        return f"{arch} at width {width}"
+    except PretrainedError:
+        return "an unknown architecture"
+
+
+def load_weights(model, state, optional=HEAD_PREFIXES, allow_mismatch=False):
+    """Copy the tensors of `state` into `model` by name.
+
+    Every parameter and buffer of `model` must be in `state` with the same shape, except those whose name
+    starts with one of `optional` (a missing or mis-shaped one keeps its initial value); with
+    `allow_mismatch` nothing is required (the released code's leniency). Returns the list of notes on what
+    was not loaded (for the log); raises PretrainedError when a required tensor is missing or mis-shaped."""
+    notes, problems, usable = [], [], {}
+    for name, value in model.state_dict().items():
+        if name not in state:
+            why = f'key "{name}" could not be found in provided state dict'
+        elif state[name].shape != value.shape:
+            why = f'key "{name}" is of different shape in model and provided state dict'
+        else:
+            usable[name] = state[name]
+            continue
+        (notes if name.startswith(tuple(optional)) or allow_mismatch else problems).append(why)
+    if problems:
+        raise PretrainedError(f"the weights ({describe(state)}) do not fit this network: {len(problems)} tensors "
+                              f"missing or mis-shaped, first: {problems[0]}")
+    model.load_state_dict(usable, strict=False)
+    return notes

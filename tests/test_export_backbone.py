@@ -1,0 +1,88 @@
+"""tools/export_backbone.py on a real pretraining checkpoint: a plain backbone state dict and its JSON
+description, loadable as the README shows (and through hubconf), with the pretraining network's features."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from src.resnet import build_model
+from tests.e2e_helpers import MAIN, RUN_ENV, make_fake_cifar10, run_script, tiny_args
+
+REPO = Path(__file__).resolve().parents[1]
+TOOL = REPO / "tools" / "export_backbone.py"
+sys.path.insert(0, str(REPO / "tools"))
+
+import export_backbone  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def pre(tmp_path_factory):
+    root = tmp_path_factory.mktemp("export")
+    data = make_fake_cifar10(root / "c10")
+    res = run_script(MAIN, tiny_args(data, root / "pre", 1), cwd=root)
+    assert res.returncode == 0, res.explain()
+    return root / "pre" / "checkpoint.pth.tar"
+
+
+def export(*args, cwd):
+    return subprocess.run([sys.executable, str(TOOL), *map(str, args)], cwd=cwd, capture_output=True, text=True,
+                          env=RUN_ENV, timeout=120)
+
+
+def pretraining_backbone(ckpt):
+    state = {k[len("module."):]: v for k, v in torch.load(ckpt, weights_only=True)["state_dict"].items()}
+    net = build_model("resnet18", normalize=True, hidden_mlp=32, output_dim=16, nmb_prototypes=10, width_per_group=8)
+    net.load_state_dict(state)
+    return net.eval()
+
+
+def test_export_and_load_as_the_readme_shows(pre, tmp_path):
+    res = export(pre, "--out", tmp_path / "backbone.pth", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    meta = json.loads((tmp_path / "backbone.json").read_text())
+    assert meta == {"arch": "resnet18", "width_per_group": 8, "feature_dim": 256, "source": str(pre), "epoch": 1}
+    state = torch.load(tmp_path / "backbone.pth", weights_only=True)
+    assert not any(k.startswith(("module.", "projection_head", "prototypes")) for k in state)
+    assert "bn1.running_mean" in state
+
+    # README: build the network named by the JSON and load the state dict (strict)
+    model = build_model(meta["arch"], width_per_group=meta["width_per_group"])
+    model.load_state_dict(state)
+    model.eval()
+    hub_model = torch.hub.load(str(REPO), meta["arch"], source="local", pretrained=str(tmp_path / "backbone.pth")).eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        ref = pretraining_backbone(pre).forward_backbone(x)
+        assert torch.equal(model(x), ref) and torch.equal(hub_model(x), ref)
+
+
+def test_released_format_checkpoint_exports_with_the_arch_read_from_its_weights(pre, tmp_path):
+    ours = torch.load(pre, weights_only=True)
+    for group in ours["optimizer"]["param_groups"]:
+        group["lr"] = np.float64(group["lr"])  # the released schedule is a NumPy array
+    torch.save({"epoch": ours["epoch"], "state_dict": ours["state_dict"], "optimizer": ours["optimizer"],
+                "amp": {}}, tmp_path / "released.pth.tar")
+    meta = export_backbone.export_backbone(str(tmp_path / "released.pth.tar"), str(tmp_path / "bb.pth"))
+    assert (meta["arch"], meta["width_per_group"], meta["epoch"]) == ("resnet18", 8, 1)
+    assert json.loads((tmp_path / "bb.json").read_text()) == meta
+
+
+def test_bad_input_is_one_line(pre, tmp_path, capsys):
+    torch.save({"epoch": 1, "state_dict": {"linear.weight": torch.zeros(10, 256), "linear.bias": torch.zeros(10)}},
+               tmp_path / "linear_eval.pth.tar")  # eval_linear.py's checkpoint: a classifier, no backbone
+    cases = [((pre, "--out", tmp_path / "x.json"), "needs another name"),
+             ((tmp_path / "none.pth", "--out", tmp_path / "x.pth"), "no such file"),
+             ((tmp_path / "linear_eval.pth.tar", "--out", tmp_path / "x.pth"), "no ResNet backbone"),
+             ((pre, "--out", tmp_path / "no" / "x.pth"), "does not exist")]
+    for args, phrase in cases:
+        with pytest.raises(SystemExit) as stop:
+            export_backbone.main([str(a) for a in args])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert stop.value.code == 2 and len(lines) == 1 and phrase in lines[0], (args, lines)
+    assert not (tmp_path / "x.pth").exists()

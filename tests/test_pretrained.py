@@ -1,0 +1,90 @@
+"""Reading pretrained weights: the file formats, telling the architecture from the weights, loading them."""
+import numpy as np
+import pytest
+import torch
+
+from src.pretrained import (LAYOUTS, PretrainedError, head_config, infer_arch, load_weights, read_state_dict)
+from src.resnet import ARCHS, build_model
+
+
+def pretraining_net(arch="resnet18", width=8, **kw):
+    torch.manual_seed(0)
+    args = dict(normalize=True, hidden_mlp=32, output_dim=16, nmb_prototypes=10, width_per_group=width)
+    args.update(kw)
+    return build_model(arch, **args)
+
+
+def test_layout_table_matches_the_constructors():
+    assert set(LAYOUTS) == set(ARCHS)
+    for arch in ARCHS:
+        for width in (8, 16) if arch == "resnet18" else (16,):
+            state = build_model(arch, width_per_group=width).state_dict()
+            assert infer_arch(state) == (arch, width), arch
+
+
+def test_infer_released_width():
+    state = build_model("resnet18", width_per_group=64).state_dict()
+    assert infer_arch(state) == ("resnet18", 64)
+    with pytest.raises(PretrainedError, match="no ResNet backbone"):
+        infer_arch({"linear.weight": torch.zeros(10, 2048)})
+
+
+def test_head_config_of_each_head_kind():
+    assert head_config(pretraining_net().state_dict()) == {"hidden_mlp": 32, "output_dim": 16, "nmb_prototypes": 10}
+    assert head_config(pretraining_net(hidden_mlp=0).state_dict()) == {"hidden_mlp": 0, "output_dim": 16,
+                                                                      "nmb_prototypes": 10}
+    assert head_config(pretraining_net(nmb_prototypes=[10, 7, 3]).state_dict())["nmb_prototypes"] == [10, 7, 3]
+    assert head_config(build_model("resnet18", width_per_group=8).state_dict()) == {}
+
+
+@pytest.mark.parametrize("form", ["ours", "released", "plain", "plain_module"])
+def test_reads_every_checkpoint_form(tmp_path, form):
+    net = pretraining_net()
+    prefixed = {"module." + k: v for k, v in net.state_dict().items()}
+    # the released optimizer state holds NumPy learning rates (its schedule is a NumPy array)
+    released_optimizer = {"state": {}, "param_groups": [{"lr": np.float64(0.6), "momentum": 0.9, "params": [0]}]}
+    obj = {"ours": {"epoch": 3, "state_dict": prefixed, "arch": "resnet18", "optimizer": {}},
+           "released": {"epoch": 3, "state_dict": prefixed, "optimizer": released_optimizer,
+                        "amp": {"loss_scaler0": {"loss_scale": 65536.0, "unskipped": 0}}},
+           "plain": net.state_dict(), "plain_module": prefixed}[form]
+    torch.save(obj, tmp_path / "w.pth")
+    state, info = read_state_dict(tmp_path / "w.pth")
+    assert state.keys() == net.state_dict().keys()
+    assert all(torch.equal(state[k], v) for k, v in net.state_dict().items())
+    assert info == {"ours": {"arch": "resnet18", "epoch": 3}, "released": {"arch": None, "epoch": 3}}.get(
+        form, {"arch": None, "epoch": None})
+
+
+def test_unusable_files_are_one_line_errors(tmp_path):
+    with pytest.raises(PretrainedError, match="no such file"):
+        read_state_dict(tmp_path / "missing.pth")
+    (tmp_path / "junk.pth").write_bytes(b"\x00junk" * 10)
+    with pytest.raises(PretrainedError, match="cannot be read"):
+        read_state_dict(tmp_path / "junk.pth")
+    torch.save({"epoch": 1}, tmp_path / "nostate.pth")
+    with pytest.raises(PretrainedError, match="holds no state dict"):
+        read_state_dict(tmp_path / "nostate.pth")
+
+
+def test_load_weights_copies_the_backbone_and_keeps_a_new_classifier():
+    source = pretraining_net()
+    torch.manual_seed(1)
+    target = build_model("resnet18", output_dim=10, width_per_group=8)
+    head_before = target.projection_head.weight.clone()
+    notes = load_weights(target, source.state_dict())
+    assert len(notes) == 2 and all("projection_head" in n for n in notes)
+    assert torch.equal(target.projection_head.weight, head_before)
+    src_state = source.state_dict()
+    for k, v in target.state_dict().items():
+        if not k.startswith("projection_head"):
+            assert torch.equal(v, src_state[k]), k
+
+
+def test_load_weights_refuses_another_width_unless_allowed():
+    source = pretraining_net(width=16).state_dict()
+    target = build_model("resnet18", width_per_group=8)
+    with pytest.raises(PretrainedError, match=r"resnet18 at width 16\) do not fit"):
+        load_weights(target, source)
+    assert len(load_weights(target, source, allow_mismatch=True)) > 0  # released leniency: logged only
+    with pytest.raises(PretrainedError):  # nothing optional: the head must be there too
+        load_weights(pretraining_net(), build_model("resnet18", width_per_group=8).state_dict(), optional=())

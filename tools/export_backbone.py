@@ -1,0 +1,69 @@
+#!/usr/bin/env python3
+"""Export the backbone of a checkpoint as a plain state dict, with a JSON file naming its architecture.
+
+    python tools/export_backbone.py experiments/run/checkpoint.pth.tar --out backbone.pth
+
+writes `backbone.pth` (the backbone's parameters and batch-norm buffers, names without `module.`, no
+projection head or prototypes; `torch.load(weights_only=True)` reads it) and `backbone.json`
+(`arch`, `width_per_group`, `feature_dim`, the source checkpoint and its epoch). Reads any checkpoint of
+this project or of the released code; the architecture and width are read from the weights (and checked
+against the checkpoint's own `arch` entry when it has one). Load the export with
+
+    meta = json.load(open("backbone.json"))
+    model = build_model(meta["arch"], width_per_group=meta["width_per_group"])   # from src.resnet
+    model.load_state_dict(torch.load("backbone.pth", weights_only=True))
+
+or `torch.hub.load(REPO, meta["arch"], source="local", pretrained="backbone.pth")`.
+"""
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from src.checkpoint import atomic_save  # noqa: E402
+from src.logger import write_json  # noqa: E402
+from src.pretrained import PretrainedError, infer_arch, load_weights, read_state_dict  # noqa: E402
+from src.resnet import build_model  # noqa: E402
+from src.utils import fail  # noqa: E402
+
+
+def export_backbone(checkpoint, out):
+    """Write the backbone of `checkpoint` to `out` and its description next to it (`out` with `.json`);
+    returns the description. Raises PretrainedError when the checkpoint holds no known backbone."""
+    state, info = read_state_dict(checkpoint)
+    arch, width = infer_arch(state)
+    if info["arch"] is not None and info["arch"] != arch:
+        raise PretrainedError(f"{checkpoint} says arch {info['arch']!r} but its weights are a {arch}")
+    model = build_model(arch, width_per_group=width)
+    load_weights(model, state, optional=())
+    meta = {"arch": arch, "width_per_group": width, "feature_dim": model.feature_dim,
+            "source": os.path.abspath(checkpoint), "epoch": info["epoch"]}
+    atomic_save(model.state_dict(), out)
+    write_json(os.path.splitext(out)[0] + ".json", meta, indent=1)
+    return meta
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("checkpoint", help="a pretraining (or fine-tuning) checkpoint, ours or the released one")
+    parser.add_argument("--out", default="backbone.pth",
+                        help="state-dict file to write; the description goes to the same name with .json")
+    args = parser.parse_args(argv)
+    folder = os.path.dirname(os.path.abspath(args.out))
+    if args.out.endswith(".json"):
+        fail(f"--out {args.out}: the state dict needs another name than its .json description (e.g. backbone.pth)")
+    if not os.path.isdir(folder):
+        fail(f"--out {args.out}: folder {folder} does not exist")
+    try:
+        meta = export_backbone(args.checkpoint, args.out)
+    except PretrainedError as e:
+        fail(str(e))
+    except OSError as e:
+        fail(f"--out {args.out}: cannot write ({e.strerror})")
+    print(f"wrote {args.out} and {os.path.splitext(args.out)[0]}.json: {meta['arch']}, width {meta['width_per_group']}, "
+          f"{meta['feature_dim']}-d features, from epoch {meta['epoch']} of {args.checkpoint}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
