@@ -34,6 +34,11 @@ EXPERIMENT_PATH=${EXPERIMENT_PATH:-./experiments/${PREFIX}_cifar_${BATCH_SIZE}_$
 EVAL_PATH="${EXPERIMENT_PATH}_linear_eval"
 read -r -a EXTRA <<< "$EXTRA_ARGS"
 read -r -a EVAL_EXTRA <<< "$EVAL_EXTRA_ARGS"
+PROBE=released  # eval_linear.py --probe; the last one given wins, as in argparse
+for ((i = 0; i < ${#EVAL_EXTRA[@]}; i++)); do
+    case "${EVAL_EXTRA[i]}" in --probe) PROBE=${EVAL_EXTRA[i + 1]:-} ;; --probe=*) PROBE=${EVAL_EXTRA[i]#*=} ;; esac
+done
+[ "$PROBE" != cached ] || EVAL_PATH="${EXPERIMENT_PATH}_linear_eval_cached"  # one folder per probe
 
 if [ -z "${PYTHON:-}" ]; then
     if command -v python >/dev/null 2>&1; then PYTHON=python; else PYTHON=python3; fi
