@@ -39,7 +39,8 @@
 # EXIT STATUS
 #   0 submitted / every cell done here / dry run / status; 1 some cell failed here (the report still
 #   lists every cell); 2 bad input (one line on stderr: unknown data set or method, epochs <= 0, a data
-#   path lacking a data set, a per-cell setting in the environment, sbatch refused the job)
+#   path lacking a data set, a per-cell setting in the environment, sbatch refused the job, squeue
+#   failed so that queued cells could not be told from interrupted ones)
 
 set -uo pipefail
 CODE_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)

@@ -94,6 +94,20 @@ def test_bad_input_through_the_script(tmp_path):
     assert r.returncode == 2 and r.stderr == "error: --epochs: 0 must be positive\n" and r.stdout == ""
 
 
+def test_no_submission_when_the_queue_cannot_be_read(tmp_path, capsys):
+    """squeue failing (controller busy): queued cells would look interrupted and be submitted twice."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in (("squeue", "exit 1"), ("sbatch", f"touch {tmp_path}/submitted")):
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    env = _clean_env(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    with pytest.raises(SystemExit) as e:
+        rt.main(["--datasets", "c10", "--epochs", "1", "--experiments", str(tmp_path / "exp")], env)
+    assert e.value.code == 2 and "squeue failed" in capsys.readouterr().err
+    assert not (tmp_path / "submitted").exists() and not (tmp_path / "exp").exists()
+
+
 def test_data_paths(tmp_path):
     both = tmp_path / "both"
     write_cifar10(both, n_train_per_batch=2, n_test=2)

@@ -272,7 +272,7 @@ def test_plan_report_tables_and_cell_statuses(tmp_path):
     assert grid["Un-Mix (ours)"]["200 ep"] == "86.50 ± 0.71 (2)"
     assert grid["Un-Mix (ours)"]["400 ep"] == "75.00 (1) *"        # a cached probe only, flagged
     assert grid["SwAV (published)"]["200 ep"] == "84.9" and grid["Un-Mix (published)"]["400 ep"] == "90.4"
-    assert "\\* from a cached linear probe" in md
+    assert "\\* from a cached linear probe" in md and "`--knn_k`" in md
     table = _parse_table(md, "## Cells")
     assert list(table) == [c.name for c in cells]
     status = {name: row["status"] for name, row in table.items()}

@@ -362,6 +362,9 @@ def main(argv=None, environ=None):
         print(f"dry run: would run {len(todo)} cell(s) {where}{how}, then write the report into {report}")
         return 0
 
+    if use_slurm and queue is None:  # a queued or running cell would look interrupted and run twice
+        fail("squeue failed, so the cells queued or running cannot be told apart; retry, or use --local")
+
     # ============ data, plan ============
     for ds, path in dataset_paths.items():
         if path in CIFAR_FOLDERS and any(c.dataset == ds for c in todo):

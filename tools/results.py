@@ -487,7 +487,7 @@ def markdown(runs, plan_lines=()):
               "Linear top-1 best is the maximum test top-1 over the evaluation epochs of the released probe "
               "(`<run>_linear_eval`; the released protocol, which selects on the test set); last is the final "
               "evaluation epoch. Other evaluations (cached probe, semi-supervised) have a column each. kNN top-1 "
-              "is the last weighted-kNN value (k=200, T=0.1) logged during pretraining. Wall time adds the "
+              "is the last weighted-kNN value logged during pretraining (`--knn_k`, `--knn_temperature`). Wall time adds the "
               "pretraining `time` and the evaluations' `seconds`. Published top-1: the released tables (ResNet-18, "
               f"batch 128) for the same method, data set and planned epochs; {DASH} when the table has no such row.",
               ""]
