@@ -78,6 +78,11 @@ case "$AUGMENT" in
 esac
 read -r -a EXTRA <<< "$EXTRA_ARGS"
 read -r -a EVAL_EXTRA <<< "$EVAL_EXTRA_ARGS"
+PROBE=released  # eval_linear.py --probe; the last one given wins, as in argparse
+for ((i = 0; i < ${#EVAL_EXTRA[@]}; i++)); do
+    case "${EVAL_EXTRA[i]}" in --probe) PROBE=${EVAL_EXTRA[i + 1]:-} ;; --probe=*) PROBE=${EVAL_EXTRA[i]#*=} ;; esac
+done
+[ "$PROBE" != cached ] || EVAL_PATH="${EXPERIMENT_PATH}_linear_eval_cached"  # one folder per probe
 
 if [ -z "${PYTHON:-}" ]; then
     if command -v python >/dev/null 2>&1; then PYTHON=python; else PYTHON=python3; fi

@@ -53,6 +53,14 @@ def _eval_stats(epochs, top1s):
     return pd.DataFrame(rows, columns=["epoch", "loss", "prec1", "prec5", "loss_val", "prec1_val", "prec5_val"])
 
 
+def _results(folder, best, last, epochs, mode=None, seconds=1.0):
+    res = {"best_top1": best, "last_top1": last, "last_top5": 99.4, "epochs": epochs, "seconds": seconds}
+    if mode is not None:
+        res["mode"] = mode
+    with open(os.path.join(folder, "results.json"), "w") as f:
+        json.dump(res, f)
+
+
 @pytest.fixture
 def experiments(tmp_path):
     exp = tmp_path / "experiments"
@@ -60,11 +68,16 @@ def experiments(tmp_path):
     swav = exp / "swav_c10_200ep"
     _dump(swav, _pretrain_params(run_swav=True, epochs=200), _pretrain_stats(200, knn_every=50))
     ev = str(swav) + "_linear_eval"
-    _dump(ev, dict(num_labels=10, data_path="cifar10", epochs=100, batch_size=32, lr=0.3), 
+    _dump(ev, dict(num_labels=10, data_path="cifar10", epochs=100, batch_size=32, lr=0.3, probe="released"),
           _eval_stats(100, [60.0 + 0.25 * e for e in range(98)] + [85.25, 84.5]))
-    with open(os.path.join(ev, "results.json"), "w") as f:
-        json.dump({"best_top1": 85.25, "last_top1": 84.5, "last_top5": 99.4, "epochs": 100, "mode": "fast",
-                   "seconds": 600.0}, f)
+    _results(ev, 85.25, 84.5, epochs=100, mode="released", seconds=600.0)
+    #    ... and the cached probe in its own folder, and a semi-supervised evaluation (another tool's folder)
+    _dump(ev + "_cached", dict(num_labels=10, data_path="cifar10", epochs=100, probe="cached"),
+          _eval_stats(100, [70.0] * 99 + [80.0]))
+    _results(ev + "_cached", 81.0, 80.0, epochs=100, mode="cached", seconds=60.0)
+    semisup = str(swav) + "_semisup_10pct"
+    os.makedirs(semisup)
+    _results(semisup, 70.5, 69.0, epochs=20, seconds=30.0)
     # 2. unfinished Un-Mix run on CIFAR-100 (data as a folder path), 37 of 400 epochs, no kNN, no evaluation;
     #    a restart wrote epoch 36 twice
     stats = _pretrain_stats(37, knn_every=None, seconds_per_epoch=60.0)
@@ -82,11 +95,33 @@ def experiments(tmp_path):
           _eval_stats(2, [31.0, 29.5]))
     # 4. SwAV CIFAR-100 run that has only written its arguments
     _dump(exp / "swav_c100_fresh", _pretrain_params(run_swav=True, data_path="cifar100", epochs=1000), None)
+    # 5. two seeds of one Un-Mix CIFAR-10 experiment (the data path and workers differ too), a third run with
+    #    another width, each with the released probe
+    for name, seed, width, best, data in (("unmix_c10_seed31", 31, 64, 80.0, "cifar10"),
+                                          ("unmix_c10_seed32", 32, 64, 82.0, "/elsewhere/cifar-10-batches-py"),
+                                          ("unmix_c10_w8_seed31", 31, 8, 50.0, "cifar10")):
+        _dump(exp / "seeds" / name, _pretrain_params(seed=seed, width_per_group=width, data_path=data, epochs=200,
+                                                     workers=seed - 30), _pretrain_stats(200, knn_every=100))
+        _dump(str(exp / "seeds" / name) + "_linear_eval", dict(num_labels=10, epochs=100), None)
+        _results(str(exp / "seeds" / name) + "_linear_eval", best, best - 1, epochs=100, mode="released")
+    # 6. a cached probe written into `<dump>_linear_eval` (as eval_linear.py --probe cached --dump_path ... can)
+    cached_only = exp / "cached_only"
+    _dump(cached_only, _pretrain_params(epochs=2), _pretrain_stats(2))
+    _dump(str(cached_only) + "_linear_eval", dict(num_labels=10, epochs=2, probe="cached"),
+          _eval_stats(2, [24.0, 22.0]))
+    _results(str(cached_only) + "_linear_eval", 24.0, 22.0, epochs=2, mode="cached")
     return exp
 
 
-def _parse_table(md):
-    lines = [l for l in md.splitlines() if l.startswith("|")]
+def _parse_table(md, section="## Runs"):
+    """The first Markdown table after the heading `section`: {first column: {header: cell}}."""
+    text = md.split(section + "\n", 1)[1]
+    lines = []
+    for line in text.splitlines()[1:]:
+        if line.startswith("|"):
+            lines.append(line)
+        elif lines:
+            break
     header = [c.strip() for c in lines[0].strip("|").split("|")]
     return {r[0]: dict(zip(header, r)) for r in
             ([c.strip() for c in l.strip("|").split("|")] for l in lines[2:])}
@@ -106,20 +141,25 @@ def test_table_and_plots(experiments, tmp_path):
     assert proc.returncode == 0, proc.stderr
     md = (out / "results.md").read_text()
     rows = _parse_table(md)
-    assert set(rows) == {"swav_c10_200ep", "unmix_c100_400ep", "tiny_unmix", "swav_c100_fresh"}
+    assert set(rows) == {"swav_c10_200ep", "unmix_c100_400ep", "tiny_unmix", "swav_c100_fresh", "unmix_c10_seed31",
+                         "unmix_c10_seed32", "unmix_c10_w8_seed31", "cached_only"}
 
+    # one run, three evaluations: the released probe in the linear columns, the others a column each
     r = rows["swav_c10_200ep"]
-    assert (r["method"], r["data set"], r["epochs (done/planned)"]) == ("SwAV", "cifar10", "200/200")
+    assert (r["method"], r["data set"], r["seed"], r["epochs (done/planned)"]) == ("SwAV", "cifar10", "31", "200/200")
     assert (r["linear top-1 best"], r["linear top-1 last"]) == ("85.25", "84.50")    # from results.json
+    assert r["linear eval"] == "released, 100 ep"
+    assert r["cached probe top-1 best / last"] == "81.00 / 80.00"
+    assert r["semi-sup 10pct top-1 best / last"] == "70.50 / 69.00"
     assert r["kNN top-1 (last)"] == f"{20.0 + 199 * 0.2:.2f}"
-    assert r["wall time"] == f"{(200 * 30.0 + 600.0) / 3600:.2f} h"
-    assert r["linear eval"] == "fast, 100 ep"
+    assert r["wall time"] == f"{(200 * 30.0 + 600.0 + 60.0 + 30.0) / 3600:.2f} h"
     assert r["published top-1"] == "84.9" and r["Δ best − published"] == "+0.35"
 
     r = rows["unmix_c100_400ep"]
     assert (r["method"], r["data set"], r["epochs (done/planned)"]) == ("Un-Mix", "cifar100", "37/400")
     assert r["linear top-1 best"] == r["linear top-1 last"] == r["kNN top-1 (last)"] == "—"
     assert r["linear eval"] == "—" and r["Δ best − published"] == "—"
+    assert r["cached probe top-1 best / last"] == r["semi-sup 10pct top-1 best / last"] == "—"
     assert r["published top-1"] == "66.1"
     assert r["wall time"] == "37.0 min"
 
@@ -128,15 +168,42 @@ def test_table_and_plots(experiments, tmp_path):
     assert (r["linear top-1 best"], r["linear top-1 last"]) == ("31.00", "29.50")    # from eval stats0.pkl
     assert r["kNN top-1 (last)"] == "20.40"
     assert r["published top-1"] == "—"                                             # no 3-epoch row
-    assert "2/5" in r["linear eval"] and "unfinished" in r["linear eval"]
+    assert r["linear eval"] == "released, 2/5 ep (unfinished)"
     assert r["wall time"] == "15 s"
 
     r = rows["swav_c100_fresh"]
     assert (r["method"], r["data set"], r["epochs (done/planned)"]) == ("SwAV", "cifar100", "0/1000")
     assert r["published top-1"] == "67.5" and r["wall time"] == "—"
 
+    # a cached probe is never put next to the published (released-protocol) numbers
+    r = rows["cached_only"]
+    assert r["linear top-1 best"] == "—" and r["linear eval"] == "—" and r["Δ best − published"] == "—"
+    assert r["cached probe top-1 best / last"] == "24.00 / 22.00"
+
+    # runs that differ only by seed: one row, mean ± sample std (n); the other width stays apart
+    seeds = _parse_table(md, "## Over seeds")
+    g = seeds["unmix_c10"]
+    assert (g["method"], g["data set"], g["epochs"], g["seeds"]) == ("Un-Mix", "cifar10", "200", "31, 32")
+    assert g["linear top-1 best"] == "81.00 ± 1.41 (2)" and g["linear top-1 last"] == "80.00 ± 1.41 (2)"
+    assert g["kNN top-1 (last)"] == f"{20.0 + 199 * 0.2:.2f} ± 0.00 (2)"
+    assert g["published top-1"] == "86.8" and g["Δ mean best − published"] == "-5.80"
+    assert seeds["unmix_c10_w8"]["linear top-1 best"] == "50.00 (1)" and seeds["unmix_c10_w8"]["seeds"] == "31"
+    assert seeds["swav_c10_200ep"]["semi-sup 10pct top-1 best"] == "70.50 (1)"
+
     for name in ["accuracy_vs_epochs"] + [f"{n}_curves" for n in rows]:
         _check_png(str(out / f"{name}.png"))
+    assert sorted(os.listdir(out)) == sorted(["results.md", "accuracy_vs_epochs.png"]
+                                             + [f"{n}_curves.png" for n in rows])     # no temporaries left
+
+
+def test_curves_number_epochs_as_the_logs(experiments):
+    run = results.load_run(str(experiments / "swav_c10_200ep"))
+    fig = results.run_curves_figure(run)
+    loss, knn, evaluation = fig.axes
+    assert list(loss.lines[0].get_xdata()) == list(range(200))              # stats epochs 0..199
+    assert list(knn.lines[0].get_xdata()) == [49, 99, 149, 199]               # kNN logged after epochs 49, ...
+    assert [line.get_xdata()[0] for line in evaluation.lines] == [0, 0, 0, 0]  # released and cached, test/train
+    assert [line.get_label() for line in evaluation.lines][::2] == ["linear: test top-1", "cached probe: test top-1"]
 
 
 def test_in_process_api_and_edge_cases(experiments, tmp_path):
@@ -168,29 +235,54 @@ def test_published_tables():
     assert not math.isnan(sum(published.PUBLISHED["cifar10"]["SwAV"].values()))
 
 
-def test_semisup_table(tmp_path):
-    """eval_semisup.py folders get their own table (finished: results.json; unfinished: stats so far) and are
-    not taken for pretraining runs."""
+def test_plan_report_tables_and_cell_statuses(tmp_path):
+    """A plan of scripts/reproduce_tables.sh: the published grid with ours as mean ± std over seeds, and every
+    cell with its status (finished, failed, interrupted, never started)."""
+    import reproduce_tables
     exp = tmp_path / "exp"
-    _dump(exp / "unmix_c10", _pretrain_params(epochs=2), _pretrain_stats(2))
-    semi = dict(labels_perc="10", data_path="cifar10", epochs=20, pretrained=str(exp / "unmix_c10" / "checkpoint.pth.tar"))
-    done = exp / "unmix_c10_semisup_10pct"
-    _dump(done, semi, _eval_stats(20, [40.0 + e for e in range(20)]))
-    with open(done / "results.json", "w") as f:
-        json.dump({"best_top1": 59.0, "best_top5": 95.5, "last_top1": 59.0, "last_top5": 96.0, "epochs": 20,
-                   "mode": "semisup", "labels_perc": "10", "num_labelled": 5000, "seconds": 90.0}, f)
-    running = tmp_path / "elsewhere" / "ft1"
-    _dump(running, dict(semi, labels_perc="1", pretrained=str(exp / "unmix_c10" / "checkpoints" / "ckp-1.pth")),
-          _eval_stats(3, [20.0, 25.0, 24.0]))
-    out = tmp_path / "report"
-    runs, _ = results.write_report([str(exp), str(running)], str(out))
-    assert [r["name"] for r in runs] == ["unmix_c10"]
-    md = (out / "results.md").read_text()
-    section = md.split("## Semi-supervised fine-tuning")[1]
-    rows = {cells[0]: cells for cells in ([c.strip() for c in line.strip("|").split("|")]
-                                          for line in section.splitlines()[3:] if line.startswith("|"))}
-    assert rows["unmix_c10_semisup_10pct"] == ["unmix_c10_semisup_10pct", "unmix_c10", "cifar10", "10 %", "5000",
-                                               "20/20", "59.00", "95.50", "59.00", "1.5 min"]
-    # unfinished: best so far 25.0 at epoch 1, whose top-5 is 96.0 (95 + epoch)
-    assert rows["ft1"] == ["ft1", "unmix_c10", "cifar10", "1 %", "—", "3/20 (unfinished)", "25.00", "96.00",
-                           "24.00", "—"]
+    cells = reproduce_tables.plan_cells(["cifar10"], ["swav", "unmix"], [200, 400], [31, 32], str(exp),
+                                        {"cifar10": "cifar10"}, "_linear_eval")
+    cells_dir = str(exp / "_cells")
+    os.makedirs(cells_dir)
+    plan = reproduce_tables.write_plan(cells_dir, cells)
+    by_name = {c.name: c for c in cells}
+    finished = {"c10_unmix_200ep_seed31": 86.0, "c10_unmix_200ep_seed32": 87.0, "c10_swav_200ep_seed31": 84.0,
+                "c10_swav_400ep_seed31": 88.0}
+    for name, best in finished.items():
+        c = by_name[name]
+        _dump(c.experiment_path, _pretrain_params(run_swav=c.method == "swav", epochs=c.epochs, seed=c.seed),
+              _pretrain_stats(c.epochs))
+        _dump(c.eval_path, dict(num_labels=10, epochs=100, probe="released"), None)
+        _results(c.eval_path, best, best - 1, epochs=100, mode="released")
+        reproduce_tables.write_state(cells_dir, c, f"exit 0 7_{c.index}")
+    # seed 32 of SwAV 200: pretraining failed; Un-Mix 400 seed 31: only a cached probe; seed 32: killed
+    reproduce_tables.write_state(cells_dir, by_name["c10_swav_200ep_seed32"], "exit 11 7_1")
+    c = by_name["c10_unmix_400ep_seed31"]
+    _dump(c.experiment_path, _pretrain_params(epochs=400), _pretrain_stats(400))
+    _dump(c.experiment_path + "_linear_eval_cached", dict(num_labels=10, epochs=100, probe="cached"), None)
+    _results(c.experiment_path + "_linear_eval_cached", 75.0, 74.0, epochs=100, mode="cached")
+    reproduce_tables.write_state(cells_dir, by_name["c10_unmix_400ep_seed32"], "running 7_7")
+
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "results.py"), "--plan", plan, "--out",
+                           str(tmp_path / "report")], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    md = (tmp_path / "report" / "results.md").read_text()
+    grid = _parse_table(md, "## cifar10: linear top-1 (%), ours (mean ± std over seeds, n) next to the published")
+    assert grid["SwAV (ours)"]["200 ep"] == "84.00 (1)" and grid["SwAV (ours)"]["400 ep"] == "88.00 (1)"
+    assert grid["Un-Mix (ours)"]["200 ep"] == "86.50 ± 0.71 (2)"
+    assert grid["Un-Mix (ours)"]["400 ep"] == "75.00 (1) *"        # a cached probe only, flagged
+    assert grid["SwAV (published)"]["200 ep"] == "84.9" and grid["Un-Mix (published)"]["400 ep"] == "90.4"
+    assert "\\* from a cached linear probe" in md and "`--knn_k`" in md
+    table = _parse_table(md, "## Cells")
+    assert list(table) == [c.name for c in cells]
+    status = {name: row["status"] for name, row in table.items()}
+    assert status["c10_swav_200ep_seed32"] == "failed (exit 11: pretraining failed, job 7_1)"
+    assert status["c10_unmix_400ep_seed32"].startswith("interrupted")          # no such job in any queue
+    assert status["c10_unmix_400ep_seed31"] == "interrupted (its folder exists)"
+    assert status["c10_swav_400ep_seed32"] == "missing"
+    assert [status[n] for n in finished] == ["done"] * 4
+    assert table["c10_unmix_200ep_seed32"]["linear top-1 best"] == "87.00"
+    assert table["c10_swav_400ep_seed32"]["log"] == "_cells/c10_swav_400ep_seed32.log"
+    assert "8 cells: 4 done, 1 failed, 2 interrupted, 1 missing." in md
+    runs = _parse_table(md)                                           # the runs that exist, nothing else
+    assert set(runs) == set(finished) | {"c10_unmix_400ep_seed31"}

@@ -1,22 +1,28 @@
 #!/usr/bin/env python3
 """Collect experiment folders into a results table and plots, side by side with the published numbers.
 
-    python tools/results.py EXPERIMENTS_DIR [MORE_DIRS ...] --out OUT_DIR
+    python tools/results.py EXPERIMENTS_DIR [MORE_DIRS ...] [--out OUT_DIR]
+    python tools/results.py --plan experiments/tables/_cells/plan-<hash>.tsv --out report/tables
 
-Every folder under the given directories that holds `params.json` and/or `stats0.pkl` (and whose name does
-not end in `_linear_eval`) is a pretraining dump; its linear evaluation is the sibling folder
-`<dump>_linear_eval` (formats: docs/CONTRACTS.md). Writes
+Every folder under the given directories that holds `params.json` and/or `stats0.pkl` is a pretraining
+dump; its evaluations are the sibling folders (formats: docs/CONTRACTS.md)
+- `<dump>_linear_eval` (the released probe) and `<dump>_linear_eval_<tag>` (`_cached`: the cached probe);
+  the probe is read from `results.json` `mode` or `params.json` `probe`;
+- `<dump>_semisup` / `<dump>_semisup<tag>` (semi-supervised evaluation, `results.json` of the same shape),
+so one run shows all of them. Writes into OUT_DIR (default `report/`)
 
-- `OUT_DIR/results.md`: one row per run: method (SwAV / Un-Mix from `run_swav`), data set, pretraining
-  epochs done / planned, linear top-1 best (max over evaluation epochs, the released number) and last,
-  last kNN top-1, wall time (pretraining `time` + evaluation `seconds`), evaluation mode, and the seed's
-  published top-1 for the same (method, data set, planned epochs), with the difference;
-- `OUT_DIR/accuracy_vs_epochs.png`: published curves per data set with our runs as points;
-- `OUT_DIR/<run>_curves.png`: training loss and kNN top-1 (and linear-eval test top-1 when present) per epoch.
-
-Semi-supervised fine-tunings (`eval_semisup.py` folders: `params.json` with `labels_perc`) get a table of
-their own in `results.md`, whatever their folder name: labels %, labelled images, epochs, top-1 (best,
-with its top-5, and last) and the pretraining run their `--pretrained` checkpoint comes from.
+- `results.md`:
+  - with `--plan` (written by scripts/reproduce_tables.sh): the published tables with ours next to them
+    (mean ± std over seeds (n)), and every cell of the plan with its status (done / running / pending /
+    failed / interrupted / missing);
+  - one row per run: method (SwAV / Un-Mix from `run_swav`), data set, seed, pretraining epochs done /
+    planned, released-probe linear top-1 best (max over evaluation epochs, the released number) and last,
+    one column per other evaluation (best / last), last kNN top-1, wall time (pretraining `time` plus the
+    evaluations' `seconds`), and the published top-1 for the same (method, data set, planned epochs);
+  - runs that differ only by seed, aggregated as mean ± std (n);
+- `accuracy_vs_epochs.png`: published curves per data set with our runs (and mean ± std over seeds);
+- `<run>_curves.png`: training loss and kNN top-1 per epoch, numbered from 0 as the logs number them (and
+  each evaluation's test top-1 when present).
 
 Unfinished runs show what they have; anything missing is '—'. Only reads files, never loads checkpoints.
 """
@@ -25,6 +31,8 @@ import json
 import math
 import os
 import re
+import socket
+import statistics
 import sys
 
 import matplotlib
@@ -34,13 +42,24 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+TOOLS = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, TOOLS)
+sys.path.insert(0, os.path.dirname(TOOLS))
+import reproduce_tables  # noqa: E402
 from published import DATASETS, METHODS, PUBLISHED, published_top1  # noqa: E402
+from src.checkpoint import atomic_write  # noqa: E402
 
-EVAL_SUFFIX = "_linear_eval"
+# `<dump>_linear_eval[<tag>]` / `<dump>_semisup[<tag>]`: the last such part of the name
+EVAL_FOLDER = re.compile(r"^(?P<dump>.+)_(?P<kind>linear_eval|semisup)(?P<tag>[^/]*)$")
+EVAL_FILES = ("params.json", "stats0.pkl", "results.json", "train.log")
 DASH = "—"
 MARKERS = {"SwAV": "o", "Un-Mix": "s"}
 COLOURS = {"SwAV": "tab:blue", "Un-Mix": "tab:orange"}
+# Arguments that do not change what a run computes (main_swav_unmix.OPERATIONAL_FLAGS), plus the seed and
+# the data path (the data set is compared instead): runs equal in everything else are one experiment.
+NOT_SETTINGS = {"dump_path", "workers", "dist_url", "rank", "local_rank", "gpu_to_work_on", "device",
+                "checkpoint_freq", "log_freq", "knn_freq", "download", "allow_changed_args",
+                "max_nonfinite_steps", "preempt_check_freq", "epochs_run_limit", "seed", "data_path", "pretrained"}
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -76,23 +95,17 @@ def _truthy(v):
     return bool(v)
 
 
-def _is_semisup(path):
-    """An eval_semisup.py folder: its arguments name the labelled percentage."""
-    params_path = os.path.join(path, "params.json")
-    params = _read_json(params_path) if os.path.isfile(params_path) else None
-    return isinstance(params, dict) and "labels_perc" in params
+def _eval_match(path):
+    """The name match of an evaluation folder (that holds evaluation files), else None."""
+    m = EVAL_FOLDER.match(os.path.basename(os.path.normpath(path)))
+    if m and any(os.path.isfile(os.path.join(path, f)) for f in EVAL_FILES):
+        return m
+    return None
 
 
 def _is_dump(path):
-    return (not os.path.basename(os.path.normpath(path)).endswith(EVAL_SUFFIX) and not _is_semisup(path)
-            and (os.path.isfile(os.path.join(path, "params.json"))
-                 or os.path.isfile(os.path.join(path, "stats0.pkl"))))
-
-
-def _is_eval(path):
-    return (os.path.basename(os.path.normpath(path)).endswith(EVAL_SUFFIX)
-            and any(os.path.isfile(os.path.join(path, f))
-                    for f in ("params.json", "stats0.pkl", "results.json", "train.log")))
+    return (os.path.isfile(os.path.join(path, "params.json"))
+            or os.path.isfile(os.path.join(path, "stats0.pkl")))
 
 
 def find_runs(dirs):
@@ -101,10 +114,9 @@ def find_runs(dirs):
     found = set()
     for top in dirs:
         for dirpath, dirnames, _ in os.walk(os.path.abspath(top)):
-            if _is_semisup(dirpath):
-                dirnames[:] = []
-            elif _is_eval(dirpath):
-                found.add(os.path.normpath(dirpath)[:-len(EVAL_SUFFIX)])
+            m = _eval_match(dirpath)
+            if m:
+                found.add(os.path.join(os.path.dirname(os.path.normpath(dirpath)), m.group("dump")))
                 dirnames[:] = []
             elif _is_dump(dirpath):
                 found.add(os.path.normpath(dirpath))
@@ -184,54 +196,98 @@ def _last_valid(df, column):
     return float(s.iloc[-1]) if len(s) else None
 
 
+def load_evaluation(folder, kind, tag):
+    """One evaluation folder: linear (`kind` 'linear_eval') or semi-supervised ('semisup')."""
+    params = _read_json(os.path.join(folder, "params.json"))
+    stats = _read_stats(os.path.join(folder, "stats0.pkl"))
+    results = _read_json(os.path.join(folder, "results.json"))
+    results = results if isinstance(results, dict) else None
+    best = last = top5 = seconds = mode = None
+    done = int(stats["epoch"].max()) + 1 if stats is not None else None
+    planned = int(params["epochs"]) if params and params.get("epochs") else None
+    if results:
+        best, last, top5 = results.get("best_top1"), results.get("last_top1"), results.get("last_top5")
+        seconds, mode = results.get("seconds"), results.get("mode")
+        if results.get("epochs") is not None:
+            done = int(results["epochs"])
+            planned = planned or done
+    elif stats is not None and "prec1_val" in stats.columns:
+        p1 = pd.to_numeric(stats["prec1_val"], errors="coerce").dropna()
+        if len(p1):
+            best, last = float(p1.max()), float(p1.iloc[-1])
+        top5 = _last_valid(stats, "prec5_val")
+    if mode is None and params and isinstance(params.get("probe"), str):  # unfinished: eval_linear.py --probe
+        mode = params["probe"]
+    tag = tag.lstrip("_-")
+    if kind == "linear_eval" and mode is None:
+        mode = tag or "released"   # `<dump>_linear_eval` is the released probe, `_linear_eval_cached` cached
+    return {"folder": folder, "kind": kind, "tag": tag, "mode": mode, "params": params, "stats": stats,
+            "best_top1": best, "last_top1": last, "last_top5": top5, "seconds": seconds, "finished": bool(results),
+            "epochs_done": done, "epochs_planned": planned}
+
+
+def find_evaluations(dump):
+    """The evaluations of `dump`, labelled: the first released linear probe is 'linear' (the published
+    protocol); others are '<mode> probe' and 'semi-sup[ <tag>]' (with ' (<tag>)' where labels repeat)."""
+    parent, base = os.path.split(os.path.normpath(dump))
+    try:
+        names = sorted(os.listdir(parent))
+    except OSError:
+        names = []
+    evals = []
+    for name in names:
+        m = EVAL_FOLDER.match(name)
+        folder = os.path.join(parent, name)
+        if m and m.group("dump") == base and _eval_match(folder):
+            evals.append(load_evaluation(folder, m.group("kind"), m.group("tag")))
+    evals.sort(key=lambda e: (e["kind"] != "linear_eval", e["mode"] != "released", e["tag"] != "", e["tag"]))
+    labels = set()
+    for e in evals:
+        if e["kind"] == "linear_eval":
+            label = "linear" if e["mode"] == "released" else f"{e['mode']} probe"
+        else:
+            label = "semi-sup" + (f" {e['tag']}" if e["tag"] else "")
+        if label in labels:
+            label += f" ({e['tag'] or 'default'})"
+        labels.add(label)
+        e["label"] = label
+    return evals
+
+
+def _settings(params):
+    return {k: v for k, v in (params or {}).items() if k not in NOT_SETTINGS}
+
+
 def load_run(path):
-    """Everything the table and plots need about one pretraining dump (and its evaluation)."""
+    """Everything the tables and plots need about one pretraining dump (and its evaluations)."""
     name = os.path.basename(os.path.normpath(path))
     params = _read_json(os.path.join(path, "params.json"))
     stats = _read_stats(os.path.join(path, "stats0.pkl"))
-    eval_dir = os.path.normpath(path) + EVAL_SUFFIX
-    eval_params = _read_json(os.path.join(eval_dir, "params.json"))
-    eval_stats = _read_stats(os.path.join(eval_dir, "stats0.pkl"))
-    results = _read_json(os.path.join(eval_dir, "results.json"))
+    evals = find_evaluations(path)
+    linear = next((e for e in evals if e["label"] == "linear"), None)
 
-    run = {"name": name, "path": path, "stats": stats, "eval_stats": eval_stats,
-           "method": _method(params, name), "dataset": _dataset(params, eval_params)}
+    run = {"name": name, "label": name, "path": os.path.normpath(path), "stats": stats, "evals": evals,
+           "linear": linear, "method": _method(params, name),
+           "dataset": _dataset(params, next((e["params"] for e in evals if e["params"]), None)),
+           "seed": params.get("seed") if params else None}
     run["epochs_planned"] = int(params["epochs"]) if params and params.get("epochs") is not None else None
     run["epochs_done"] = int(stats["epoch"].max()) + 1 if stats is not None else 0
     run["knn_top1"] = _last_valid(stats, "knn_top1")
     run["pretrain_seconds"] = _last_valid(stats, "time")
-
-    best = last = top5 = eval_seconds = None
-    mode = None
-    eval_epochs_done = int(eval_stats["epoch"].max()) + 1 if eval_stats is not None else None
-    eval_epochs_planned = int(eval_params["epochs"]) if eval_params and eval_params.get("epochs") else None
-    if results:
-        best, last, top5 = results.get("best_top1"), results.get("last_top1"), results.get("last_top5")
-        eval_seconds = results.get("seconds")
-        mode = results.get("mode")
-        if results.get("epochs") is not None:
-            eval_epochs_done = int(results["epochs"])
-            eval_epochs_planned = eval_epochs_planned or eval_epochs_done
-    elif eval_stats is not None and "prec1_val" in eval_stats.columns:
-        p1 = pd.to_numeric(eval_stats["prec1_val"], errors="coerce").dropna()
-        if len(p1):
-            best, last = float(p1.max()), float(p1.iloc[-1])
-        top5 = _last_valid(eval_stats, "prec5_val")
-    if mode is None and eval_params:   # an unfinished evaluation: the mode from its arguments, if named
-        if isinstance(eval_params.get("probe"), str):  # eval_linear.py --probe released|cached
-            mode = eval_params["probe"]
-    run.update(best_top1=best, last_top1=last, last_top5=top5, eval_seconds=eval_seconds, eval_mode=mode,
-               eval_finished=bool(results), has_eval=bool(results or eval_stats is not None or eval_params),
-               eval_epochs_done=eval_epochs_done, eval_epochs_planned=eval_epochs_planned)
-    secs = [s for s in (run["pretrain_seconds"], eval_seconds) if s is not None]
+    for k in ("best_top1", "last_top1", "last_top5"):
+        run[k] = linear[k] if linear else None
+    secs = [s for s in [run["pretrain_seconds"]] + [e["seconds"] for e in evals] if s is not None]
     run["wall_seconds"] = sum(secs) if secs else None
     ref_epochs = run["epochs_planned"] if run["epochs_planned"] is not None else run["epochs_done"]
     run["published_top1"] = published_top1(run["method"], run["dataset"], ref_epochs)
+    # runs whose pretraining arguments are equal apart from the seed are one experiment (without
+    # arguments: only itself); evaluations are not compared, so a seed whose evaluation failed still counts
+    run["experiment"] = json.dumps([run["method"], run["dataset"], _settings(params)] if params else run["path"],
+                                   sort_keys=True, default=str)
     return run
 
 
-def load_runs(dirs):
-    runs = [load_run(p) for p in find_runs(dirs)]
+def _order(runs):
     seen = {}
     for r in runs:   # unique names for the per-run plots
         k = seen.get(r["name"], 0)
@@ -243,57 +299,40 @@ def load_runs(dirs):
     return runs
 
 
-def find_semisup(dirs):
-    """Absolute paths of the eval_semisup.py folders under `dirs`."""
-    found = set()
-    for top in dirs:
-        for dirpath, dirnames, _ in os.walk(os.path.abspath(top)):
-            if _is_semisup(dirpath):
-                found.add(os.path.normpath(dirpath))
-                dirnames[:] = []
-            dirnames.sort()
-    return sorted(found)
+def load_runs(dirs, extra_paths=()):
+    """The runs under `dirs` plus the dumps `extra_paths` that exist (or have an evaluation)."""
+    paths = set(find_runs(dirs))
+    paths |= {os.path.normpath(p) for p in extra_paths if os.path.isdir(p) or find_evaluations(p)}
+    return _order([load_run(p) for p in sorted(paths)])
 
 
-def _run_of_checkpoint(path):
-    folder = os.path.dirname(os.path.abspath(path))
-    if os.path.basename(folder) == "checkpoints":
-        folder = os.path.dirname(folder)
-    return os.path.basename(folder)
-
-
-def load_semisup(path):
-    """What the semi-supervised table shows about one eval_semisup.py folder."""
-    params = _read_json(os.path.join(path, "params.json")) or {}
-    stats = _read_stats(os.path.join(path, "stats0.pkl"))
-    results = _read_json(os.path.join(path, "results.json")) or {}
-    subset = _read_json(os.path.join(path, "labelled_subset.json")) or {}
-    pretrained = str(params.get("pretrained") or "")
-    classes = {"num_labels": len(subset["classes"])} if isinstance(subset.get("classes"), list) else None
-    run = {"name": os.path.basename(os.path.normpath(path)), "path": path, "dataset": _dataset(params, classes),
-           "labels_perc": params.get("labels_perc"),
-           "num_labelled": results.get("num_labelled", subset.get("num_labelled")),
-           "epochs_planned": params.get("epochs"),
-           "epochs_done": int(stats["epoch"].max()) + 1 if stats is not None else 0,
-           # the pretraining dump is the folder of the checkpoint (checkpoint.pth.tar or checkpoints/ckp-N.pth)
-           "pretrained_run": _run_of_checkpoint(pretrained) if pretrained else "random init",
-           "finished": bool(results), "seconds": results.get("seconds")}
-    if results:
-        run.update(best_top1=results.get("best_top1"), best_top5=results.get("best_top5"),
-                   last_top1=results.get("last_top1"))
-    else:   # unfinished: what the stats have so far
-        p1 = pd.to_numeric(stats["prec1_val"], errors="coerce") if stats is not None and "prec1_val" in stats else None
-        best = int(p1.idxmax()) if p1 is not None and p1.notna().any() else None
-        run.update(best_top1=None if best is None else float(p1[best]),
-                   best_top5=None if best is None else _last_valid(stats.iloc[:best + 1], "prec5_val"),
-                   last_top1=_last_valid(stats, "prec1_val"))
-    return run
+def group_by_seed(runs):
+    """Runs that differ only by seed, as groups (run order kept); each group's label drops 'seed<N>'."""
+    groups = {}
+    for r in runs:
+        groups.setdefault(r["experiment"], []).append(r)
+    out = []
+    for members in groups.values():
+        label = re.sub(r"[_-]?seed\d+", "", members[0]["label"]) or members[0]["label"]
+        out.append({"label": label, "runs": members, **{k: members[0][k] for k in
+                                                         ("method", "dataset", "epochs_planned", "published_top1")}})
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- table
 
 def _pct(v, digits=2):
     return DASH if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
+
+
+def mean_std(values):
+    """'mean ± std (n)' of the values that exist (sample std, n - 1); 'v (1)' for one; '—' for none."""
+    vals = [float(v) for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not vals:
+        return DASH
+    if len(vals) == 1:
+        return f"{vals[0]:.2f} (1)"
+    return f"{statistics.mean(vals):.2f} ± {statistics.stdev(vals):.2f} ({len(vals)})"
 
 
 def fmt_duration(seconds):
@@ -306,78 +345,170 @@ def fmt_duration(seconds):
     return f"{seconds / 3600:.2f} h"
 
 
-def _eval_cell(r):
-    if not r["has_eval"]:
+def _eval_progress(e):
+    done, planned = e["epochs_done"], e["epochs_planned"]
+    if e["finished"]:
+        return f"{done if done is not None else planned} ep"
+    return f"{done or 0}/{planned if planned is not None else '?'} ep (unfinished)"
+
+
+def _linear_cell(r):
+    e = r["linear"]
+    return DASH if e is None else f"{e['mode']}, {_eval_progress(e)}"
+
+
+def _other_eval_cell(e):
+    if e is None:
         return DASH
-    mode = r["eval_mode"] or "?"
-    done, planned = r["eval_epochs_done"], r["eval_epochs_planned"]
-    if done is None and planned is None:
-        return mode
-    if r["eval_finished"]:
-        return f"{mode}, {done if done is not None else planned} ep"
-    return f"{mode}, {done or 0}/{planned if planned is not None else '?'} ep (unfinished)"
+    text = f"{_pct(e['best_top1'])} / {_pct(e['last_top1'])}"
+    return text if e["finished"] else f"{text} ({_eval_progress(e)})"
 
 
-HEADER = ["run", "method", "data set", "epochs (done/planned)", "linear top-1 best", "linear top-1 last",
-          "kNN top-1 (last)", "wall time", "linear eval", "published top-1", "Δ best − published"]
+def other_eval_labels(runs):
+    labels = []
+    for r in runs:
+        for e in r["evals"]:
+            if e["label"] != "linear" and e["label"] not in labels:
+                labels.append(e["label"])
+    return labels
 
 
-def table_rows(runs):
+def _delta(best, published):
+    return DASH if best is None or published is None else f"{best - published:+.2f}"
+
+
+def _md_table(header, align, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(align) + "|"]
+    for row in rows:
+        lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |")
+    if not rows:
+        lines.append("| " + " | ".join([DASH] * len(header)) + " |")
+    return lines
+
+
+def runs_table(runs):
+    others = other_eval_labels(runs)
+    header = (["run", "method", "data set", "seed", "epochs (done/planned)", "linear top-1 best", "linear top-1 last",
+               "linear eval"] + [f"{label} top-1 best / last" for label in others]
+              + ["kNN top-1 (last)", "wall time", "published top-1", "Δ best − published"])
     rows = []
     for r in runs:
-        delta = None
-        if r["best_top1"] is not None and r["published_top1"] is not None:
-            delta = r["best_top1"] - r["published_top1"]
+        by_label = {e["label"]: e for e in r["evals"]}
         planned = r["epochs_planned"] if r["epochs_planned"] is not None else "?"
-        rows.append([r["label"], r["method"], r["dataset"], f"{r['epochs_done']}/{planned}",
-                     _pct(r["best_top1"]), _pct(r["last_top1"]), _pct(r["knn_top1"]),
-                     fmt_duration(r["wall_seconds"]), _eval_cell(r), _pct(r["published_top1"], 1),
-                     DASH if delta is None else f"{delta:+.2f}"])
-    return rows
+        rows.append([r["label"], r["method"], r["dataset"], DASH if r["seed"] is None else r["seed"],
+                     f"{r['epochs_done']}/{planned}", _pct(r["best_top1"]), _pct(r["last_top1"]), _linear_cell(r)]
+                    + [_other_eval_cell(by_label.get(label)) for label in others]
+                    + [_pct(r["knn_top1"]), fmt_duration(r["wall_seconds"]), _pct(r["published_top1"], 1),
+                       _delta(r["best_top1"], r["published_top1"])])
+    align = [":---"] * 4 + ["---:"] * 3 + [":---"] + ["---:"] * (len(others) + 4)
+    return _md_table(header, align, rows)
 
 
-SEMISUP_HEADER = ["fine-tuning", "pretrained run", "data set", "labels", "labelled images", "epochs (done/planned)",
-                  "top-1 best", "top-5 at best", "top-1 last", "wall time"]
+def seeds_table(groups):
+    runs = [r for g in groups for r in g["runs"]]
+    others = other_eval_labels(runs)
+    header = (["experiment", "method", "data set", "epochs", "seeds", "linear top-1 best", "linear top-1 last"]
+              + [f"{label} top-1 best" for label in others]
+              + ["kNN top-1 (last)", "published top-1", "Δ mean best − published"])
+    rows = []
+    for g in groups:
+        best = [r["best_top1"] for r in g["runs"] if r["best_top1"] is not None]
+        other = [mean_std(next((e["best_top1"] for e in r["evals"] if e["label"] == label), None)
+                          for r in g["runs"]) for label in others]
+        epochs = DASH if g["epochs_planned"] is None else g["epochs_planned"]
+        rows.append([g["label"], g["method"], g["dataset"], epochs,
+                     ", ".join(DASH if r["seed"] is None else str(r["seed"]) for r in g["runs"]),
+                     mean_std(best), mean_std(r["last_top1"] for r in g["runs"])] + other
+                    + [mean_std(r["knn_top1"] for r in g["runs"]), _pct(g["published_top1"], 1),
+                       _delta(statistics.mean(best) if best else None, g["published_top1"])])
+    align = [":---"] * 3 + ["---:"] * (len(others) + 7)
+    return _md_table(header, align, rows)
 
 
-def semisup_markdown(runs):
-    lines = ["## Semi-supervised fine-tuning", "",
-             "| " + " | ".join(SEMISUP_HEADER) + " |",
-             "|" + "|".join([":---"] * 3 + ["---:"] * 7) + "|"]
-    for r in runs:
-        planned = r["epochs_planned"] if r["epochs_planned"] is not None else "?"
-        done = f"{r['epochs_done']}/{planned}" + ("" if r["finished"] else " (unfinished)")
-        row = [r["name"], r["pretrained_run"], r["dataset"], f"{r['labels_perc']} %",
-               DASH if r["num_labelled"] is None else str(r["num_labelled"]), done, _pct(r["best_top1"]),
-               _pct(r["best_top5"]), _pct(r["last_top1"]), fmt_duration(r["seconds"])]
-        lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |")
-    lines += ["", "Whole network fine-tuned on a class-balanced labelled subset (eval_semisup.py); top-1 best is "
-              "the best test top-1 over the epochs (the released report), with the top-5 of that epoch.", ""]
-    return "\n".join(lines)
+def _headline(run):
+    """The number put next to the published one: the released probe's best top-1; else another linear
+    probe's, flagged (it is not the published protocol)."""
+    if run["best_top1"] is not None:
+        return run["best_top1"], False
+    other = next((e for e in run["evals"] if e["kind"] == "linear_eval" and e["best_top1"] is not None), None)
+    return (other["best_top1"], True) if other else (None, False)
 
 
-def markdown(runs):
-    lines = ["# Results", "",
-             "| " + " | ".join(HEADER) + " |",
-             "|" + "|".join([":---"] * 3 + ["---:"] * 5 + [":---"] + ["---:"] * 2) + "|"]
-    for row in table_rows(runs):
-        lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in row) + " |")
-    if not runs:
-        lines.append("| " + " | ".join([DASH] * len(HEADER)) + " |")
+def plan_sections(cells, statuses, runs_by_path, cells_dir):
+    """The published tables with our cells next to them, then every cell with its status."""
+    lines = []
+    flagged_any = False
+    for ds in [d for d in reproduce_tables.DATASETS.values() if any(c.dataset == d for c in cells)]:
+        epochs = sorted({c.epochs for c in cells if c.dataset == ds})
+        lines += [f"## {ds}: linear top-1 (%), ours (mean ± std over seeds, n) next to the published", ""]
+        rows = []
+        for m in [m for m in reproduce_tables.METHODS if any(c.method == m and c.dataset == ds for c in cells)]:
+            name = reproduce_tables.METHODS[m]
+            ours = []
+            for ep in epochs:
+                values, flagged = [], False
+                for c in cells:
+                    run = runs_by_path.get(os.path.normpath(c.experiment_path))
+                    if (c.dataset, c.method, c.epochs) == (ds, m, ep) and run is not None:
+                        v, f = _headline(run)
+                        values.append(v)
+                        flagged |= f and v is not None
+                flagged_any |= flagged
+                ours.append(mean_std(values) + (" *" if flagged else "")
+                            if any(c.dataset == ds and c.method == m and c.epochs == ep for c in cells) else DASH)
+            rows.append([f"{name} (ours)"] + ours)
+            rows.append([f"{name} (published)"] + [_pct(published_top1(name, ds, ep), 1) for ep in epochs])
+        lines += _md_table(["method"] + [f"{ep} ep" for ep in epochs], [":---"] + ["---:"] * len(epochs), rows)
+        lines.append("")
+    if flagged_any:
+        lines += ["\\* from a cached linear probe (EVAL_EXTRA_ARGS=\"--probe cached\"), not the released protocol "
+                  "of the published numbers.", ""]
+    counts = {s: sum(1 for st, _ in statuses.values() if st == s) for s in reproduce_tables.STATUSES}
+    lines += ["## Cells", "", f"{len(cells)} cells: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n) + ".",
+              ""]
+    rows = []
+    for c in cells:
+        status, detail = statuses[c.name]
+        run = runs_by_path.get(os.path.normpath(c.experiment_path))
+        value, flagged = _headline(run) if run else (None, False)
+        rows.append([c.name, c.dataset, reproduce_tables.METHODS[c.method], c.epochs, c.seed,
+                     status + (f" ({detail})" if detail else ""), _pct(value) + (" *" if flagged else ""),
+                     os.path.relpath(os.path.join(cells_dir, f"{c.name}.log"), os.path.dirname(cells_dir))])
+    lines += _md_table(["cell", "data set", "method", "epochs", "seed", "status", "linear top-1 best", "log"],
+                       [":---"] * 3 + ["---:"] * 2 + [":---", "---:", ":---"], rows)
+    return lines + [""]
+
+
+def markdown(runs, plan_lines=()):
+    groups = group_by_seed(runs)
+    lines = ["# Results", ""] + list(plan_lines)
+    lines += ["## Runs", ""] + runs_table(runs)
     lines += ["",
-              "Linear top-1 best is the maximum test top-1 over the evaluation epochs (the released protocol, "
-              "which selects on the test set); last is the final evaluation epoch. kNN top-1 is the last "
-              "weighted-kNN value (k=200, T=0.1) logged during pretraining. Wall time adds the pretraining "
-              "`time` and the evaluation `seconds`. Published top-1: the seed's tables (ResNet-18, batch 128) "
-              f"for the same method, data set and planned epochs; {DASH} when the table has no such row.", ""]
+              "Linear top-1 best is the maximum test top-1 over the evaluation epochs of the released probe "
+              "(`<run>_linear_eval`; the released protocol, which selects on the test set); last is the final "
+              "evaluation epoch. Other evaluations (cached probe, semi-supervised) have a column each. kNN top-1 "
+              "is the last weighted-kNN value logged during pretraining (`--knn_k`, `--knn_temperature`). Wall time adds the "
+              "pretraining `time` and the evaluations' `seconds`. Published top-1: the released tables (ResNet-18, "
+              f"batch 128) for the same method, data set and planned epochs; {DASH} when the table has no such row.",
+              ""]
+    if any(len(g["runs"]) > 1 for g in groups):
+        lines += ["## Over seeds", "", "Runs whose pretraining arguments differ only in the seed (and the data path, "
+                  "worker and logging settings): mean ± sample standard deviation (number of runs with a value).", ""]
+        lines += seeds_table(groups) + [""]
     return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------------------------- plots
 
+def _save(fig, path):
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    plt.close(fig)
+
+
 def plot_accuracy_vs_epochs(runs, path):
     datasets = list(DATASETS) + sorted({r["dataset"] for r in runs} - set(DATASETS))
     fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4.2), squeeze=False)
+    groups = group_by_seed(runs)
     for ax, ds in zip(axes[0], datasets):
         for m in METHODS:
             pub = PUBLISHED.get(ds, {}).get(m)
@@ -390,11 +521,20 @@ def plot_accuracy_vs_epochs(runs, path):
             if not mine:
                 continue
             colour, marker = COLOURS.get(m, "tab:gray"), MARKERS.get(m, "^")
-            ax.scatter([r["epochs_done"] for r in mine], [r["best_top1"] for r in mine], s=70, marker=marker,
-                       color=colour, edgecolors="black", zorder=3, label=f"{m} (ours, best)")
+            ax.scatter([r["epochs_done"] for r in mine], [r["best_top1"] for r in mine], s=40, marker=marker,
+                       color=colour, edgecolors="black", alpha=0.7, zorder=3, label=f"{m} (ours, best)")
             last = [r for r in mine if r["last_top1"] is not None]
-            ax.scatter([r["epochs_done"] for r in last], [r["last_top1"] for r in last], s=70, marker=marker,
+            ax.scatter([r["epochs_done"] for r in last], [r["last_top1"] for r in last], s=40, marker=marker,
                        facecolors="none", edgecolors=colour, zorder=3, label=f"{m} (ours, last)")
+            label = f"{m} (ours, mean ± std over seeds)"
+            for g in groups:
+                best = [r for r in g["runs"] if r["best_top1"] is not None]
+                if g["dataset"] == ds and g["method"] == m and len(best) > 1:
+                    values = [r["best_top1"] for r in best]
+                    ax.errorbar(max(r["epochs_done"] for r in best), statistics.mean(values),
+                                yerr=statistics.stdev(values), fmt="_", markersize=16, capsize=5, color="black",
+                                zorder=4, label=label)
+                    label = None
         ax.set_title(ds)
         ax.set_xlabel("pretraining epochs")
         ax.set_ylabel("linear top-1 (%)")
@@ -402,20 +542,21 @@ def plot_accuracy_vs_epochs(runs, path):
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    _save(fig, path)
 
 
-def plot_run_curves(run, path):
-    stats, ev = run["stats"], run["eval_stats"]
-    panels = 3 if ev is not None and "prec1_val" in ev.columns else 2
+def run_curves_figure(run):
+    """Training loss, kNN top-1 and each evaluation's top-1 against the epoch numbers of the logs."""
+    stats = run["stats"]
+    evals = [e for e in run["evals"] if e["stats"] is not None and "prec1_val" in e["stats"].columns]
+    panels = 3 if evals else 2
     fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.8), squeeze=False)
     ax = axes[0][0]
     if stats is not None and "loss" in stats.columns:
-        ax.plot(stats["epoch"] + 1, pd.to_numeric(stats["loss"], errors="coerce"), marker=".", color="tab:red")
+        ax.plot(stats["epoch"], pd.to_numeric(stats["loss"], errors="coerce"), marker=".", color="tab:red")
     else:
         ax.text(0.5, 0.5, "no training stats yet", ha="center", va="center", transform=ax.transAxes)
-    ax.set_xlabel("epoch")
+    ax.set_xlabel("epoch (from 0, as logged)")
     ax.set_ylabel("training loss")
     ax.set_title(f"{run['label']}: loss")
     ax.grid(alpha=0.3)
@@ -425,60 +566,81 @@ def plot_run_curves(run, path):
         knn = stats[["epoch", "knn_top1"]].assign(knn_top1=pd.to_numeric(stats["knn_top1"], errors="coerce"))
         knn = knn.dropna()
     if knn is not None and len(knn):
-        ax.plot(knn["epoch"] + 1, knn["knn_top1"], marker="o", color="tab:green")
+        ax.plot(knn["epoch"], knn["knn_top1"], marker="o", color="tab:green")
     else:
         ax.text(0.5, 0.5, "no kNN values", ha="center", va="center", transform=ax.transAxes)
-    ax.set_xlabel("epoch")
+    ax.set_xlabel("epoch (from 0, as logged)")
     ax.set_ylabel("kNN top-1 (%)")
     ax.set_title("kNN monitor")
     ax.grid(alpha=0.3)
-    if panels == 3:
+    if evals:
         ax = axes[0][2]
-        ax.plot(ev["epoch"] + 1, pd.to_numeric(ev["prec1_val"], errors="coerce"), marker=".", label="test top-1")
-        if "prec1" in ev.columns:
-            ax.plot(ev["epoch"] + 1, pd.to_numeric(ev["prec1"], errors="coerce"), marker=".", label="train top-1")
-        ax.set_xlabel("linear-eval epoch")
+        for e in evals:
+            ev = e["stats"]
+            ax.plot(ev["epoch"], pd.to_numeric(ev["prec1_val"], errors="coerce"), marker=".",
+                    label=f"{e['label']}: test top-1")
+            if "prec1" in ev.columns:
+                ax.plot(ev["epoch"], pd.to_numeric(ev["prec1"], errors="coerce"), marker=".", linestyle=":",
+                        label=f"{e['label']}: train top-1")
+        ax.set_xlabel("evaluation epoch (from 0, as logged)")
         ax.set_ylabel("top-1 (%)")
-        ax.set_title("linear evaluation")
+        ax.set_title("evaluation")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     for ax in axes[0]:
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    return fig
 
 
 def _safe(name):
     return re.sub(r"[^A-Za-z0-9._-]+", "_", name) or "run"
 
 
-def write_report(dirs, out_dir):
-    """Write results.md and the plots; returns (runs, list of written paths)."""
+def write_report(dirs, out_dir, plan=None, queue=None):
+    """Write results.md and the plots; returns (runs, list of written paths). With `plan` (a plan file of
+    scripts/reproduce_tables.sh), its cells are reported too; `queue` ({job id: state}, see
+    reproduce_tables.slurm_queue) tells which of them are still pending or running."""
     os.makedirs(out_dir, exist_ok=True)
-    runs = load_runs(dirs)
-    semisup = [load_semisup(p) for p in find_semisup(dirs)]
+    plan_lines = []
+    if plan is not None:
+        cells = reproduce_tables.read_plan(plan)
+        cells_dir = os.path.dirname(os.path.abspath(plan))
+        runs = load_runs(dirs, [c.experiment_path for c in cells])
+        host = socket.gethostname()
+        statuses = {c.name: reproduce_tables.cell_status(c, cells_dir, queue, host) for c in cells}
+        plan_lines = plan_sections(cells, statuses, {r["path"]: r for r in runs}, cells_dir)
+    else:
+        runs = load_runs(dirs)
     written = []
     md = os.path.join(out_dir, "results.md")
-    with open(md, "w") as f:
-        f.write(markdown(runs) + ("\n" + semisup_markdown(semisup) if semisup else ""))
+    text = markdown(runs, plan_lines)
+    atomic_write(md, lambda f: f.write(text.encode()))
     written.append(md)
     p = os.path.join(out_dir, "accuracy_vs_epochs.png")
     plot_accuracy_vs_epochs(runs, p)
     written.append(p)
     for r in runs:
         p = os.path.join(out_dir, f"{_safe(r['label'])}_curves.png")
-        plot_run_curves(r, p)
+        _save(run_curves_figure(r), p)
         written.append(p)
     return runs, written
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("dirs", nargs="+", help="experiment folders (searched recursively)")
-    parser.add_argument("--out", required=True, help="output folder for results.md and the PNG plots")
+    parser.add_argument("dirs", nargs="*", help="experiment folders (searched recursively)")
+    parser.add_argument("--plan", help="a plan of scripts/reproduce_tables.sh (experiments/tables/_cells/plan-*.tsv): "
+                                       "report its cells, with their status")
+    parser.add_argument("--out", default="report", help="output folder for results.md and the PNG plots "
+                                                        "(default: report)")
     args = parser.parse_args(argv)
-    runs, written = write_report(args.dirs, args.out)
+    if not args.dirs and not args.plan:
+        parser.error("give experiment folders, or --plan")
+    if args.plan is not None and not os.path.isfile(args.plan):
+        parser.error(f"--plan {args.plan}: no such file")
+    queue = reproduce_tables.slurm_queue(dict(os.environ)) if args.plan else None
+    runs, written = write_report(args.dirs, args.out, args.plan, queue)
     with open(written[0]) as f:
         print(f.read())
     print(f"{len(runs)} run(s); wrote {len(written)} file(s) to {args.out}")

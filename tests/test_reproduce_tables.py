@@ -1,0 +1,283 @@
+"""scripts/reproduce_tables.sh (tools/reproduce_tables.py, scripts/table_cell.sh): the plan, bad input, cell
+statuses, and tiny tables run for real, here one cell after another and through a job array and a report job
+on a private one-node Slurm (tests/slurm_cluster.py; skipped with the reason when Slurm is missing)."""
+import os
+import re
+import socket
+import stat
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tools"))
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+
+import reproduce_tables as rt  # noqa: E402
+import slurm_cluster  # noqa: E402
+from fake_cifar import write_cifar10, write_cifar100, write_image_folder  # noqa: E402
+
+SCRIPT = os.path.join(ROOT, "scripts", "reproduce_tables.sh")
+TINY_ENV = {"BATCH_SIZE": "8", "WORKERS": "0", "EVAL_EPOCHS": "1", "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
+            "EXTRA_ARGS": "--width_per_group 8 --hidden_mlp 32 --nmb_prototypes 10 --feat_dim 16 --warmup_epochs 0 "
+                          "--freeze_prototypes_niters 2 --download false --log_freq 1",
+            "EVAL_EXTRA_ARGS": "--width_per_group 8 --batch_size 16 --download false"}
+PER_CELL = ("DATASET_PATH", "DATASET_PATH_C10", "DATASET_PATH_C100", "EPOCHS", "RUN_SWAV", "EXPERIMENT_PATH",
+            "EXTRA_ARGS", "EVAL_EXTRA_ARGS", "BATCH_SIZE", "WORKERS", "EVAL_EPOCHS", "NPROC", "SBATCH_ARGS")
+
+
+def _clean_env(**extra):
+    env = {k: v for k, v in os.environ.items() if k not in PER_CELL and not k.startswith("SLURM_")}
+    env.update(extra)
+    return env
+
+
+def _run(args, env, cwd, timeout=300):
+    return subprocess.run(["bash", SCRIPT, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+def _cell_lines(stdout):
+    return re.findall(r"^  (c1\d+_\w+_\d+ep_seed\d+) .* (done|running|pending|failed|interrupted|missing)\b",
+                      stdout, flags=re.M)
+
+
+def _sabotage(folder):
+    """A file where the cell's folder goes: the job body cannot create it and stops at once (exit 2)."""
+    os.makedirs(os.path.dirname(folder), exist_ok=True)
+    open(folder, "w").close()
+
+
+# --------------------------------------------------------------------------------------------------
+# plan, bad input
+# --------------------------------------------------------------------------------------------------
+
+def test_dry_run_lists_the_20_published_cells(tmp_path):
+    r = _run(["--dry-run", "--experiments", str(tmp_path / "exp")], _clean_env(), tmp_path)
+    assert r.returncode == 0, r.stderr
+    cells = _cell_lines(r.stdout)
+    assert [name for name, _ in cells] == [f"{d}_{m}_{e}ep_seed31" for d in ("c10", "c100") for m in ("swav", "unmix")
+                                           for e in (200, 400, 600, 800, 1000)]
+    assert {status for _, status in cells} == {"missing"}
+    assert "20 cells: 20 missing" in r.stdout and "dry run: would run 20 cell(s)" in r.stdout
+    assert not (tmp_path / "exp").exists()                        # nothing written, nothing submitted
+
+
+@pytest.mark.parametrize("argv, env, message", [
+    (["--datasets", "c10,svhn"], {}, "--datasets: unknown 'svhn' (choose from c10, c100)"),
+    (["--methods", "swav,simclr"], {}, "--methods: unknown 'simclr' (choose from swav, unmix)"),
+    (["--epochs", "200,0"], {}, "--epochs: 0 must be positive"),
+    (["--epochs", "-400"], {}, "--epochs: -400 must be positive"),
+    (["--epochs", "ten"], {}, "--epochs: 'ten' is not an integer"),
+    (["--seeds", "31,x"], {}, "--seeds: 'x' is not an integer"),
+    ([], {"DATASET_PATH": "c10only"}, "DATASET_PATH=c10only lacks cifar100: expected cifar-100-python/ in it"),
+    (["--datasets", "c100"], {"DATASET_PATH_C100": "c10only"}, "DATASET_PATH_C100=c10only lacks cifar100"),
+    (["--datasets", "c10"], {"DATASET_PATH": "cifar100"}, "DATASET_PATH=cifar100 lacks cifar10"),
+    ([], {"DATASET_PATH": "/nonexistent"}, "DATASET_PATH=/nonexistent is not a folder"),
+    ([], {"EPOCHS": "400"}, "EPOCHS is set per cell (by --epochs); unset it"),
+    ([], {"RUN_SWAV": "true"}, "RUN_SWAV is set per cell (by --methods)"),
+    ([], {"EXTRA_ARGS": "--width_per_group 8 --seed=3"}, "EXTRA_ARGS sets --seed, which each cell sets itself"),
+])
+def test_bad_input_is_one_line(tmp_path, capsys, monkeypatch, argv, env, message):
+    write_cifar10(tmp_path / "c10only", n_train_per_batch=2, n_test=2)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as e:
+        rt.main(argv + ["--dry-run", "--experiments", str(tmp_path / "exp")], env)
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1 and message in err, err
+    assert not (tmp_path / "exp").exists()
+
+
+def test_bad_input_through_the_script(tmp_path):
+    r = _run(["--datasets", "c10", "--epochs", "0"], _clean_env(), tmp_path)
+    assert r.returncode == 2 and r.stderr == "error: --epochs: 0 must be positive\n" and r.stdout == ""
+
+
+def test_no_submission_when_the_queue_cannot_be_read(tmp_path, capsys):
+    """squeue failing (controller busy): queued cells would look interrupted and be submitted twice."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in (("squeue", "exit 1"), ("sbatch", f"touch {tmp_path}/submitted")):
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    env = _clean_env(PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+    with pytest.raises(SystemExit) as e:
+        rt.main(["--datasets", "c10", "--epochs", "1", "--experiments", str(tmp_path / "exp")], env)
+    assert e.value.code == 2 and "squeue failed" in capsys.readouterr().err
+    assert not (tmp_path / "submitted").exists() and not (tmp_path / "exp").exists()
+
+
+def test_data_paths(tmp_path):
+    both = tmp_path / "both"
+    write_cifar10(both, n_train_per_batch=2, n_test=2)
+    write_cifar100(both, n_train=4, n_test=2)
+    env = {"DATASET_PATH": str(both)}
+    assert rt.dataset_path_for("cifar10", env) == str(both / "cifar-10-batches-py")   # each its own folder
+    assert rt.dataset_path_for("cifar100", env) == str(both / "cifar-100-python")
+    c100 = str(both / "cifar-100-python")
+    assert rt.dataset_path_for("cifar100", {"DATASET_PATH": c100}) == c100               # the folder itself
+    assert rt.dataset_path_for("cifar10", {}) == "cifar10"                               # the scripts' default
+    assert rt.dataset_path_for("cifar100", {"DATASET_PATH": "cifar100"}) == "cifar100"
+    jpg = write_image_folder(tmp_path / "jpg", 1, 1, classes=[f"c{i}" for i in range(10)])
+    env = {"DATASET_PATH": str(jpg), "DATASET_PATH_C100": str(both)}
+    assert rt.dataset_path_for("cifar10", env) == str(jpg)                              # 10 class folders
+    assert rt.dataset_path_for("cifar100", env) == str(both / "cifar-100-python")       # own variable first
+    with pytest.raises(ValueError, match="lacks cifar100.*set DATASET_PATH_C100"):
+        rt.dataset_path_for("cifar100", {"DATASET_PATH": str(jpg)})
+
+
+def test_plan_file_and_helpers(tmp_path):
+    cells = rt.plan_cells(["cifar10", "cifar100"], ["swav", "unmix"], [200, 400], [31, 32], str(tmp_path),
+                          {"cifar10": "cifar10", "cifar100": "/data/cifar 100"}, "_linear_eval_cached")
+    assert len(cells) == 16 and [c.index for c in cells] == list(range(16))
+    assert cells[5].name == "c10_unmix_200ep_seed32"
+    assert cells[5].eval_path == str(tmp_path / cells[5].name) + "_linear_eval_cached"
+    path = rt.write_plan(str(tmp_path), cells)
+    assert rt.write_plan(str(tmp_path), cells) == path                    # same cells, same file
+    assert rt.read_plan(path) == cells                                    # a path with a space survives
+    assert rt.array_spec([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8" and rt.array_spec([3]) == "3"
+    assert rt.eval_folder_suffix("") == rt.eval_folder_suffix("--probe released") == "_linear_eval"
+    assert rt.eval_folder_suffix("--batch_size 4 --probe cached") == "_linear_eval_cached"
+    assert rt.eval_folder_suffix("--probe=cached --probe released") == "_linear_eval"   # the last one wins
+
+
+def test_cell_status(tmp_path):
+    cells = rt.plan_cells(["cifar10"], ["unmix"], [1], list(range(8)), str(tmp_path), {"cifar10": "cifar10"},
+                          "_linear_eval")
+    cells_dir, host = str(tmp_path / "_cells"), socket.gethostname()
+    os.makedirs(cells_dir)
+    done, failed, preempted, killed, here, queued, started, missing = cells
+    os.makedirs(done.eval_path)
+    open(os.path.join(done.eval_path, "results.json"), "w").close()
+    rt.write_state(cells_dir, done, "exit 21 5_0")                         # results.json decides
+    rt.write_state(cells_dir, failed, "exit 11 5_1")
+    rt.write_state(cells_dir, preempted, "exit 3 5_2")
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    rt.write_state(cells_dir, killed, f"running local:{dead.pid}@{host}")
+    rt.write_state(cells_dir, here, f"running local:{os.getpid()}@{host}")
+    rt.write_state(cells_dir, queued, "queued 6_5")
+    os.makedirs(started.experiment_path)                                  # started by hand, no record
+    status = {c.name: rt.cell_status(c, cells_dir, {"6_5": "pending", "5_2": "pending"}, host) for c in cells}
+    assert [status[c.name][0] for c in cells] == ["done", "failed", "pending", "interrupted", "running", "pending",
+                                                  "interrupted", "missing"]
+    assert status[failed.name][1] == "exit 11: pretraining failed, job 5_1"
+    assert rt.cell_status(preempted, cells_dir, None, host)[0] == "interrupted"    # not requeued (no queue)
+    assert rt.cell_status(queued, cells_dir, {}, host)[0] == "interrupted"         # gone from the queue
+
+
+FAKE_PYTHON = """#!/usr/bin/env bash
+echo "$*" >> "$FAKE_PY_LOG"
+"""
+
+
+def test_job_body_gives_the_cached_probe_its_own_folder(tmp_path):
+    py = tmp_path / "python"
+    py.write_text(FAKE_PYTHON)
+    py.chmod(py.stat().st_mode | stat.S_IEXEC)
+    for i, (probe, folder) in enumerate((("", "_linear_eval"), ("--probe cached", "_linear_eval_cached"),
+                                         ("--probe=cached", "_linear_eval_cached"),
+                                         ("--probe cached --probe released", "_linear_eval"))):
+        log = tmp_path / f"calls{i}.log"
+        env = _clean_env(PYTHON=str(py), FAKE_PY_LOG=str(log), CUDA_VISIBLE_DEVICES="", EXPERIMENT_PATH="exp/run",
+                         EVAL_EXTRA_ARGS=probe)
+        r = subprocess.run(["bash", os.path.join(ROOT, "script_unmix_c10.sh")], env=env, cwd=tmp_path,
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert f"--dump_path exp/run{folder}" in log.read_text().splitlines()[1], probe
+
+
+# --------------------------------------------------------------------------------------------------
+# tiny tables, for real
+# --------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def cifar(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cifar")
+    write_cifar10(root, n_train_per_batch=16, n_test=20)   # 80 train images: 10 iterations of 8
+    return str(root)
+
+
+def _report_cells(report):
+    """{cell: status} and the grid's 'ours' rows of results.md."""
+    md = open(report).read()
+    cells = dict(re.findall(r"^\| (c10_\w+) \| cifar10 \| [^|]+ \| \d+ \| \d+ \| (\w+)", md, flags=re.M))
+    ours = dict(re.findall(r"^\| (SwAV|Un-Mix) \(ours\) \| ([^|]+) \|", md, flags=re.M))
+    return cells, {k: v.strip() for k, v in ours.items()}, md
+
+
+@pytest.mark.slow
+def test_local_table_reports_a_failing_cell_and_the_others(cifar, tmp_path):
+    exp = tmp_path / "exp"
+    _sabotage(exp / "c10_unmix_1ep_seed32")
+    args = ["--local", "--datasets", "c10", "--methods", "unmix", "--epochs", "1", "--seeds", "31,32",
+            "--experiments", str(exp), "--report", str(tmp_path / "report")]
+    env = _clean_env(DATASET_PATH=cifar, **TINY_ENV)
+    r = _run(args, env, tmp_path)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert "[2/2] c10_unmix_1ep_seed32: failed (exit 2: bad input" in r.stdout
+    cells, ours, md = _report_cells(tmp_path / "report" / "results.md")
+    assert cells == {"c10_unmix_1ep_seed31": "done", "c10_unmix_1ep_seed32": "failed"}, md
+    assert re.fullmatch(r"\d+\.\d\d \(1\)", ours["Un-Mix"]), md          # the seed that finished
+    assert "cannot create" in (exp / "_cells" / "c10_unmix_1ep_seed32.log").read_text()
+    r = _run(args + ["--status"], env, tmp_path)
+    assert r.returncode == 0 and _cell_lines(r.stdout) == [("c10_unmix_1ep_seed31", "done"),
+                                                           ("c10_unmix_1ep_seed32", "failed")]
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    reason = slurm_cluster.missing_reason()
+    if reason:
+        pytest.skip(reason)
+    with slurm_cluster.SlurmCluster.start() as c:
+        yield c
+
+
+@pytest.mark.slurm
+def test_slurm_tiny_table_array_report_failure_and_rerun(cluster, cifar, tmp_path):
+    t0 = time.time()
+    exp, report = tmp_path / "exp", tmp_path / "report"
+    _sabotage(exp / "c10_swav_1ep_seed32")
+    args = ["--datasets", "c10", "--epochs", "1", "--seeds", "31,32", "--experiments", str(exp),
+            "--report", str(report)]
+    env = dict(cluster.env, DATASET_PATH=cifar, **TINY_ENV,
+               SBATCH_ARGS="--cpus-per-task=1 --gres=none --mem=500M --time=10", REPORT_SBATCH_ARGS="--mem=500M")
+
+    def submit():
+        r = _run(args, env, tmp_path, timeout=120)
+        assert r.returncode == 0, r.stdout + r.stderr
+        job = re.search(r"^submitted report job (\d+)", r.stdout, flags=re.M).group(1)
+        state = cluster.wait(job, timeout=150)
+        assert state == "COMPLETED", r.stdout + open(next((exp / "_cells").glob(f"report-{job}.out"))).read()
+        return r.stdout
+
+    # 1. the array runs every cell; the report job, after all of them, reports the failed one too
+    out = submit()
+    array = re.search(r"^submitted job array (\d+): 4 cell\(s\)", out, flags=re.M).group(1)
+    assert f"(after {array})" in out
+    cells, ours, md = _report_cells(report / "results.md")
+    assert cells == {"c10_swav_1ep_seed31": "done", "c10_swav_1ep_seed32": "failed",
+                     "c10_unmix_1ep_seed31": "done", "c10_unmix_1ep_seed32": "done"}, md
+    assert re.search(rf"\| failed \(exit 2: bad input, job {array}_1\) \|", md)
+    assert re.fullmatch(r"\d+\.\d\d (± \d+\.\d\d \(2\))", ours["Un-Mix"]), md
+    assert re.fullmatch(r"\d+\.\d\d \(1\)", ours["SwAV"]), md
+    log = (exp / "_cells" / "c10_unmix_1ep_seed31.log").read_text()
+    assert f"job {array}_2 (restart 0)" in log and re.search(r"slurm job \d+ \(restart 0\), 1 task\(s\)", log)
+    assert "Top-1 test accuracy" in log
+    first = time.time() - t0
+
+    # 2. rerun after the cause is gone: only the failed cell runs again, the finished ones are skipped
+    os.remove(exp / "c10_swav_1ep_seed32")
+    out = submit()
+    assert re.search(r"^submitted job array \d+: 1 cell\(s\)", out, flags=re.M), out
+    assert dict(_cell_lines(out)) == {"c10_swav_1ep_seed31": "done", "c10_swav_1ep_seed32": "failed",
+                                      "c10_unmix_1ep_seed31": "done", "c10_unmix_1ep_seed32": "done"}
+    cells, ours, md = _report_cells(report / "results.md")
+    assert set(cells.values()) == {"done"}, md
+    assert all(re.fullmatch(r"\d+\.\d\d ± \d+\.\d\d \(2\)", v) for v in ours.values()), md
+    for name in ("c10_swav_1ep_seed31", "c10_unmix_1ep_seed31", "c10_unmix_1ep_seed32"):
+        assert (exp / "_cells" / f"{name}.log").read_text().count("==== cell") == 1      # ran once
+    assert (exp / "_cells" / "c10_swav_1ep_seed32.log").read_text().count("==== cell") == 2
+    print(f"\n[tiny table through Slurm: first submission {first:.0f}s, rerun {time.time() - t0 - first:.0f}s]")
