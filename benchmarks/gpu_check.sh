@@ -99,7 +99,7 @@ if want c; then
     if [ "$PROBE" = 1 ]; then
         phase "c: cached linear probe" 90 "$PY" eval_linear.py --num_labels 10 --crop_size 32 --workers 2 \
             --arch resnet18 "${SIZE[@]:0:2}" --data_path "$DATA" --pretrained "$RUN/checkpoint.pth.tar" \
-            --dump_path "${RUN}_linear_eval" --probe cached --epochs 20
+            --dump_path "${RUN}_linear_eval" --probe cached --epochs $([ $DRY -eq 1 ] && echo 2 || echo 20)
         grep -hiE "test accuracy" "${RUN}_linear_eval"/train.log 2>/dev/null | tail -n 2 >> "$SUMMARY"
     fi
     tar -czf "$OUT/runs.tar.gz" -C "$WORK" --exclude='*.pth' --exclude='*.pth.tar' . 2>/dev/null
