@@ -241,7 +241,8 @@ def test_semisup_table(tmp_path):
     one is also a column of its run, and a fine-tuning is never taken for a pretraining run."""
     exp = tmp_path / "exp"
     _dump(exp / "unmix_c10", _pretrain_params(epochs=2), _pretrain_stats(2))
-    semi = dict(labels_perc="10", data_path="cifar10", epochs=20, pretrained=str(exp / "unmix_c10" / "checkpoint.pth.tar"))
+    semi = dict(labels_perc="10", data_path="cifar10", epochs=20,
+                pretrained=str(exp / "unmix_c10" / "checkpoint.pth.tar"))
     done = exp / "unmix_c10_semisup_10pct"
     _dump(done, semi, _eval_stats(20, [40.0 + e for e in range(20)]))
     with open(done / "results.json", "w") as f:
