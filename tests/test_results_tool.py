@@ -235,6 +235,41 @@ def test_published_tables():
     assert not math.isnan(sum(published.PUBLISHED["cifar10"]["SwAV"].values()))
 
 
+def test_semisup_table(tmp_path):
+    """Semi-supervised fine-tunings get a table of their own wherever their folder is (finished: results.json;
+    unfinished: stats so far), under the pretraining run of their --pretrained checkpoint; a `<run>_semisup*`
+    one is also a column of its run, and a fine-tuning is never taken for a pretraining run."""
+    exp = tmp_path / "exp"
+    _dump(exp / "unmix_c10", _pretrain_params(epochs=2), _pretrain_stats(2))
+    semi = dict(labels_perc="10", data_path="cifar10", epochs=20,
+                pretrained=str(exp / "unmix_c10" / "checkpoint.pth.tar"))
+    done = exp / "unmix_c10_semisup_10pct"
+    _dump(done, semi, _eval_stats(20, [40.0 + e for e in range(20)]))
+    with open(done / "results.json", "w") as f:
+        json.dump({"best_top1": 59.0, "best_top5": 95.5, "last_top1": 59.0, "last_top5": 96.0, "epochs": 20,
+                   "mode": "semisup", "labels_perc": "10", "num_labelled": 5000, "seconds": 90.0}, f)
+    running = tmp_path / "elsewhere" / "ft1"
+    _dump(running, dict(semi, labels_perc="1", pretrained=str(exp / "unmix_c10" / "checkpoints" / "ckp-1.pth")),
+          _eval_stats(3, [20.0, 25.0, 24.0]))
+    scratch = tmp_path / "elsewhere" / "scratch"      # random init, CIFAR-100 told by its recorded classes
+    _dump(scratch, dict(semi, pretrained="", data_path=str(tmp_path / "data")), None)
+    with open(scratch / "labelled_subset.json", "w") as f:
+        json.dump({"classes": [f"c{i}" for i in range(100)], "num_labelled": 500}, f)
+    out = tmp_path / "report"
+    runs, _ = results.write_report([str(exp), str(tmp_path / "elsewhere")], str(out))
+    assert [r["name"] for r in runs] == ["unmix_c10"]
+    md = (out / "results.md").read_text()
+    assert _parse_table(md)["unmix_c10"]["semi-sup 10pct top-1 best / last"] == "59.00 / 59.00"
+    rows = {name: list(row.values()) for name, row in _parse_table(md, "## Semi-supervised fine-tuning").items()}
+    assert list(rows) == ["scratch", "ft1", "unmix_c10_semisup_10pct"]
+    assert rows["unmix_c10_semisup_10pct"] == ["unmix_c10_semisup_10pct", "unmix_c10", "cifar10", "10 %", "5000",
+                                               "20/20", "59.00", "95.50", "59.00", "1.5 min"]
+    # unfinished: best so far 25.0 at epoch 1, whose top-5 is 96.0 (95 + epoch)
+    assert rows["ft1"] == ["ft1", "unmix_c10", "cifar10", "1 %", "—", "3/20 (unfinished)", "25.00", "96.00",
+                           "24.00", "—"]
+    assert rows["scratch"][:6] == ["scratch", "random init", "cifar100", "10 %", "500", "0/20 (unfinished)"]
+
+
 def test_plan_report_tables_and_cell_statuses(tmp_path):
     """A plan of scripts/reproduce_tables.sh: the published grid with ours as mean ± std over seeds, and every
     cell with its status (finished, failed, interrupted, never started)."""

@@ -5,7 +5,8 @@
     python tools/results.py --plan experiments/tables/_cells/plan-<hash>.tsv --out report/tables
 
 Every folder under the given directories that holds `params.json` and/or `stats0.pkl` is a pretraining
-dump; its evaluations are the sibling folders (formats: docs/CONTRACTS.md)
+dump, unless it is a semi-supervised fine-tuning (an eval_semisup.py folder: `params.json` with
+`labels_perc`); a dump's evaluations are the sibling folders (formats: docs/CONTRACTS.md)
 - `<dump>_linear_eval` (the released probe) and `<dump>_linear_eval_<tag>` (`_cached`: the cached probe);
   the probe is read from `results.json` `mode` or `params.json` `probe`;
 - `<dump>_semisup` / `<dump>_semisup<tag>` (semi-supervised evaluation, `results.json` of the same shape),
@@ -20,6 +21,9 @@ so one run shows all of them. Writes into OUT_DIR (default `report/`)
     one column per other evaluation (best / last), last kNN top-1, wall time (pretraining `time` plus the
     evaluations' `seconds`), and the published top-1 for the same (method, data set, planned epochs);
   - runs that differ only by seed, aggregated as mean ± std (n);
+  - every semi-supervised fine-tuning, wherever its folder is, under the pretraining run its `--pretrained`
+    checkpoint comes from: labels %, labelled images, epochs, top-1 best (with the top-5 of that epoch) and
+    last, wall time;
 - `accuracy_vs_epochs.png`: published curves per data set with our runs (and mean ± std over seeds);
 - `<run>_curves.png`: training loss and kNN top-1 per epoch, numbered from 0 as the logs number them (and
   each evaluation's test top-1 when present).
@@ -95,35 +99,50 @@ def _truthy(v):
     return bool(v)
 
 
-def _eval_match(path):
-    """The name match of an evaluation folder (that holds evaluation files), else None."""
-    m = EVAL_FOLDER.match(os.path.basename(os.path.normpath(path)))
-    if m and any(os.path.isfile(os.path.join(path, f)) for f in EVAL_FILES):
-        return m
-    return None
+def classify(path):
+    """What an experiment folder is, as (kind, dump, tag): kind 'semisup' for a semi-supervised fine-tuning
+    (an eval_semisup.py folder, whose params.json names `labels_perc`, whatever its name; or a
+    `<dump>_semisup[<tag>]` folder with evaluation files), 'linear_eval' for `<dump>_linear_eval[<tag>]`,
+    'pretraining' for a folder with params.json or stats0.pkl, else None; dump is the pretraining dump the
+    folder's name attaches it to (evaluations only), else None."""
+    path = os.path.normpath(path)
+    params_path = os.path.join(path, "params.json")
+    params = _read_json(params_path) if os.path.isfile(params_path) else None
+    m = EVAL_FOLDER.match(os.path.basename(path))
+    if m and not any(os.path.isfile(os.path.join(path, f)) for f in EVAL_FILES):
+        m = None
+    if isinstance(params, dict) and "labels_perc" in params:
+        kind = "semisup"
+    elif m:
+        kind = m.group("kind")
+    elif params is not None or os.path.isfile(os.path.join(path, "stats0.pkl")):
+        kind = "pretraining"
+    else:
+        return None, None, ""
+    if m and m.group("kind") == kind:
+        return kind, os.path.join(os.path.dirname(path), m.group("dump")), m.group("tag")
+    return kind, None, ""
 
 
-def _is_dump(path):
-    return (os.path.isfile(os.path.join(path, "params.json"))
-            or os.path.isfile(os.path.join(path, "stats0.pkl")))
-
-
-def find_runs(dirs):
-    """Absolute paths of the pretraining dumps under `dirs` (a dump given directly counts; an evaluation
-    folder whose dump is missing yields the dump path too, so its numbers still appear)."""
-    found = set()
+def find_folders(dirs):
+    """Absolute paths of the pretraining dumps and of the semi-supervised fine-tunings under `dirs` (a
+    folder given directly counts). An evaluation folder yields the dump its name attaches it to, even a
+    missing one, so its numbers still appear; a fine-tuning is never a pretraining dump."""
+    dumps, finetunings = set(), set()
     for top in dirs:
         for dirpath, dirnames, _ in os.walk(os.path.abspath(top)):
-            m = _eval_match(dirpath)
-            if m:
-                found.add(os.path.join(os.path.dirname(os.path.normpath(dirpath)), m.group("dump")))
-                dirnames[:] = []
-            elif _is_dump(dirpath):
-                found.add(os.path.normpath(dirpath))
-                dirnames[:] = []   # checkpoints/ etc.
-            else:
+            kind, dump, _ = classify(dirpath)
+            if kind is None:
                 dirnames.sort()
-    return sorted(found)
+                continue
+            dirnames[:] = []   # checkpoints/ etc.
+            if kind == "pretraining":
+                dumps.add(os.path.normpath(dirpath))
+            if dump is not None:
+                dumps.add(dump)
+            if kind == "semisup":
+                finetunings.add(os.path.normpath(dirpath))
+    return sorted(dumps), sorted(finetunings)
 
 
 def _method(params, name):
@@ -201,12 +220,13 @@ def load_evaluation(folder, kind, tag):
     params = _read_json(os.path.join(folder, "params.json"))
     stats = _read_stats(os.path.join(folder, "stats0.pkl"))
     results = _read_json(os.path.join(folder, "results.json"))
-    results = results if isinstance(results, dict) else None
-    best = last = top5 = seconds = mode = None
+    results = results if isinstance(results, dict) else {}
+    best = last = top5 = best_top5 = seconds = mode = None
     done = int(stats["epoch"].max()) + 1 if stats is not None else None
     planned = int(params["epochs"]) if params and params.get("epochs") else None
     if results:
         best, last, top5 = results.get("best_top1"), results.get("last_top1"), results.get("last_top5")
+        best_top5 = results.get("best_top5")
         seconds, mode = results.get("seconds"), results.get("mode")
         if results.get("epochs") is not None:
             done = int(results["epochs"])
@@ -215,6 +235,7 @@ def load_evaluation(folder, kind, tag):
         p1 = pd.to_numeric(stats["prec1_val"], errors="coerce").dropna()
         if len(p1):
             best, last = float(p1.max()), float(p1.iloc[-1])
+            best_top5 = _last_valid(stats.loc[:p1.idxmax()], "prec5_val")   # the top-5 of the best epoch
         top5 = _last_valid(stats, "prec5_val")
     if mode is None and params and isinstance(params.get("probe"), str):  # unfinished: eval_linear.py --probe
         mode = params["probe"]
@@ -222,7 +243,8 @@ def load_evaluation(folder, kind, tag):
     if kind == "linear_eval" and mode is None:
         mode = tag or "released"   # `<dump>_linear_eval` is the released probe, `_linear_eval_cached` cached
     return {"folder": folder, "kind": kind, "tag": tag, "mode": mode, "params": params, "stats": stats,
-            "best_top1": best, "last_top1": last, "last_top5": top5, "seconds": seconds, "finished": bool(results),
+            "results": results, "best_top1": best, "best_top5": best_top5, "last_top1": last, "last_top5": top5,
+            "seconds": seconds, "finished": bool(results),
             "epochs_done": done, "epochs_planned": planned}
 
 
@@ -236,10 +258,12 @@ def find_evaluations(dump):
         names = []
     evals = []
     for name in names:
-        m = EVAL_FOLDER.match(name)
+        if not name.startswith(base + "_"):
+            continue
         folder = os.path.join(parent, name)
-        if m and m.group("dump") == base and _eval_match(folder):
-            evals.append(load_evaluation(folder, m.group("kind"), m.group("tag")))
+        kind, of_dump, tag = classify(folder)
+        if of_dump == os.path.join(parent, base):
+            evals.append(load_evaluation(folder, kind, tag))
     evals.sort(key=lambda e: (e["kind"] != "linear_eval", e["mode"] != "released", e["tag"] != "", e["tag"]))
     labels = set()
     for e in evals:
@@ -299,11 +323,38 @@ def _order(runs):
     return runs
 
 
-def load_runs(dirs, extra_paths=()):
-    """The runs under `dirs` plus the dumps `extra_paths` that exist (or have an evaluation)."""
-    paths = set(find_runs(dirs))
-    paths |= {os.path.normpath(p) for p in extra_paths if os.path.isdir(p) or find_evaluations(p)}
+def load_runs(dumps):
+    """The runs of the pretraining dumps `dumps` that exist (or have an evaluation)."""
+    paths = {os.path.normpath(p) for p in dumps if os.path.isdir(p) or find_evaluations(p)}
     return _order([load_run(p) for p in sorted(paths)])
+
+
+def _dump_of_checkpoint(path):
+    """The pretraining dump a checkpoint comes from: its folder (`<dump>/checkpoint.pth.tar`), or the folder
+    above `checkpoints/` (`<dump>/checkpoints/ckp-N.pth`)."""
+    folder = os.path.dirname(os.path.normpath(path))
+    return os.path.dirname(folder) if os.path.basename(folder) == "checkpoints" else folder
+
+
+def load_finetuning(folder):
+    """One semi-supervised fine-tuning (load_evaluation) with its labelled subset, and `dump`: the pretraining
+    dump of its `--pretrained` checkpoint, or without arguments the dump its name attaches it to."""
+    _, name_dump, tag = classify(folder)
+    e = load_evaluation(folder, "semisup", tag)
+    params = e["params"] if isinstance(e["params"], dict) else {}
+    subset = _read_json(os.path.join(folder, "labelled_subset.json"))
+    subset = subset if isinstance(subset, dict) else {}
+    classes = subset.get("classes")
+    pretrained = params.get("pretrained")   # '' is a random init, None unknown (no arguments)
+    if pretrained is None:
+        dump = name_dump
+    else:
+        dump = _dump_of_checkpoint(str(pretrained)) if pretrained else None
+    e.update(name=os.path.basename(os.path.normpath(folder)), pretrained=pretrained, dump=dump,
+             labels_perc=params.get("labels_perc", e["results"].get("labels_perc")),
+             num_labelled=e["results"].get("num_labelled", subset.get("num_labelled")),
+             dataset=_dataset(params, {"num_labels": len(classes)} if isinstance(classes, list) else None))
+    return e
 
 
 def group_by_seed(runs):
@@ -425,6 +476,27 @@ def seeds_table(groups):
     return _md_table(header, align, rows)
 
 
+def finetunings_table(finetunings, runs):
+    """One row per semi-supervised fine-tuning, under the label of its pretraining run (the run's folder name
+    when that run is not in the report)."""
+    labels = {r["path"]: r["label"] for r in runs}
+    rows = []
+    for f in finetunings:
+        if f["dump"] is not None:
+            pretrained = labels.get(os.path.normpath(f["dump"]), os.path.basename(f["dump"]))
+        else:
+            pretrained = "random init" if f["pretrained"] == "" else DASH
+        planned = f["epochs_planned"] if f["epochs_planned"] is not None else "?"
+        epochs = f"{f['epochs_done'] or 0}/{planned}" + ("" if f["finished"] else " (unfinished)")
+        rows.append([f["name"], pretrained, f["dataset"], DASH if f["labels_perc"] is None else f"{f['labels_perc']} %",
+                     DASH if f["num_labelled"] is None else f["num_labelled"], epochs, _pct(f["best_top1"]),
+                     _pct(f["best_top5"]), _pct(f["last_top1"]), fmt_duration(f["seconds"])])
+    rows.sort(key=lambda row: (row[1], row[0]))
+    header = ["fine-tuning", "pretrained run", "data set", "labels", "labelled images", "epochs (done/planned)",
+              "top-1 best", "top-5 at best", "top-1 last", "wall time"]
+    return _md_table(header, [":---"] * 3 + ["---:"] * 7, rows)
+
+
 def _headline(run):
     """The number put next to the published one: the released probe's best top-1; else another linear
     probe's, flagged (it is not the published protocol)."""
@@ -479,7 +551,7 @@ def plan_sections(cells, statuses, runs_by_path, cells_dir):
     return lines + [""]
 
 
-def markdown(runs, plan_lines=()):
+def markdown(runs, plan_lines=(), finetunings=()):
     groups = group_by_seed(runs)
     lines = ["# Results", ""] + list(plan_lines)
     lines += ["## Runs", ""] + runs_table(runs)
@@ -495,6 +567,12 @@ def markdown(runs, plan_lines=()):
         lines += ["## Over seeds", "", "Runs whose pretraining arguments differ only in the seed (and the data path, "
                   "worker and logging settings): mean ± sample standard deviation (number of runs with a value).", ""]
         lines += seeds_table(groups) + [""]
+    if finetunings:
+        lines += ["## Semi-supervised fine-tuning", ""] + finetunings_table(finetunings, runs)
+        lines += ["", "Every semi-supervised fine-tuning found (eval_semisup.py folders wherever they are, and "
+                  "`<run>_semisup*` folders), under the pretraining run its `--pretrained` checkpoint comes from: the "
+                  "whole network fine-tuned on a class-balanced labelled subset. Top-1 best "
+                  "is the best test top-1 over the epochs (the released report), with the top-5 of that epoch.", ""]
     return "\n".join(lines)
 
 
@@ -602,19 +680,21 @@ def write_report(dirs, out_dir, plan=None, queue=None):
     scripts/reproduce_tables.sh), its cells are reported too; `queue` ({job id: state}, see
     reproduce_tables.slurm_queue) tells which of them are still pending or running."""
     os.makedirs(out_dir, exist_ok=True)
+    dumps, finetuning_paths = find_folders(dirs)
     plan_lines = []
     if plan is not None:
         cells = reproduce_tables.read_plan(plan)
         cells_dir = os.path.dirname(os.path.abspath(plan))
-        runs = load_runs(dirs, [c.experiment_path for c in cells])
+        runs = load_runs(dumps + [c.experiment_path for c in cells])
         host = socket.gethostname()
         statuses = {c.name: reproduce_tables.cell_status(c, cells_dir, queue, host) for c in cells}
         plan_lines = plan_sections(cells, statuses, {r["path"]: r for r in runs}, cells_dir)
     else:
-        runs = load_runs(dirs)
+        runs = load_runs(dumps)
+    finetunings = [load_finetuning(p) for p in finetuning_paths]
     written = []
     md = os.path.join(out_dir, "results.md")
-    text = markdown(runs, plan_lines)
+    text = markdown(runs, plan_lines, finetunings)
     atomic_write(md, lambda f: f.write(text.encode()))
     written.append(md)
     p = os.path.join(out_dir, "accuracy_vs_epochs.png")
