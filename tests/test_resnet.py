@@ -212,3 +212,13 @@ def test_unknown_arch_is_a_value_error():
     with pytest.raises(ValueError, match="resnet101"):
         build_model("resnet101")
     assert set(ARCHS) == {"resnet18", "resnet50", "resnet50w2", "resnet50w4", "resnet50w5"}
+
+
+def test_forward_compiles_without_graph_breaks():
+    """Grouping crops by resolution is plain Python on shapes: torch.compile traces one graph."""
+    import torch._dynamo
+    torch._dynamo.reset()
+    net = resnet18(width_per_group=8, output_dim=16, hidden_mlp=32, nmb_prototypes=10, normalize=True)
+    explained = torch._dynamo.explain(net)([torch.randn(4, 3, 16, 16) for _ in range(3)] + [torch.randn(4, 3, 8, 8)])
+    assert explained.graph_break_count == 0, explained.break_reasons
+    assert explained.graph_count == 1
