@@ -31,9 +31,14 @@ def env(tmp_path_factory):
     (root / "badlayout" / "images" / "a.txt").write_text("not an image")
     (root / "afile").write_text("a regular file: nothing can be created below it")
     (root / "garbage.pth").write_bytes(b"\x00not a checkpoint\n" * 20)
-    for name in ("corrupt_ckpt", "eval_corrupt"):
+    for name in ("corrupt_ckpt", "eval_unknown"):
         (root / name).mkdir()
         (root / name / "checkpoint.pth.tar").write_bytes(b"\x00not a checkpoint\n" * 20)
+    # an evaluation of this checkpoint whose own checkpoint is then damaged
+    script, args = ev(e, dump="eval_corrupt")
+    res = runner.run(script, args, cwd=root)
+    assert res.returncode == 0, res.explain()
+    (root / "eval_corrupt" / "checkpoint.pth.tar").write_bytes(b"\x00not a checkpoint\n" * 20)
     (root / "bad_params").mkdir()
     (root / "bad_params" / "params.json").write_text('{"arch": "resnet18", "epo')
     yield e
@@ -76,6 +81,7 @@ CASES = {
     "eval_num_labels_mismatch": (lambda e: ev(e, "--num_labels", 100), "--num_labels 100 but"),
     "eval_unwritable_dump_path": (lambda e: ev(e, dump="afile/sub"), "is not writable"),
     "eval_corrupt_checkpoint": (lambda e: ev(e, dump="eval_corrupt"), "cannot resume the linear classifier"),
+    "eval_checkpoint_of_unknown_origin": (lambda e: ev(e, dump="eval_unknown"), "without params.json"),
     "eval_global_pooling_off": (lambda e: ev(e, "--global_pooling", "false"), "--global_pooling false"),
 }
 REAL = {"unknown_arch", "eval_num_labels_mismatch"}  # run as a real interpreter
@@ -96,14 +102,19 @@ def test_bad_input_gives_one_clear_line(env, case):
     assert lines[0].startswith("error: ") and phrase in lines[0], res.explain()
 
 
+def files_and_times(folder):
+    """Modification times of a run folder's files (run.lock names the last run that held it: not compared)."""
+    return {p.name: p.stat().st_mtime_ns for p in Path(folder).rglob("*") if p.name != "run.lock"}
+
+
 def test_dump_holding_other_run_names_what_differs_and_is_left_alone(env):
-    before = {p.name: p.stat().st_mtime_ns for p in env["prior"].iterdir()}
+    before = files_and_times(env["prior"])
     script, args = pre(env, "--base_lr", 0.3, "--nmb_prototypes", 12, dump="prior")
     res = env["runner"].run(script, args, cwd=env["root"])
     line = res.stderr.strip()
     assert res.returncode != 0 and "base_lr: 0.6 -> 0.3" in line and "nmb_prototypes: 10 -> 12" in line, line
     assert "--allow_changed_args true" in line
-    assert {p.name: p.stat().st_mtime_ns for p in env["prior"].iterdir()} == before
+    assert files_and_times(env["prior"]) == before
 
 
 def test_allow_changed_args_resumes_anyway(env):
