@@ -234,6 +234,9 @@ BAD = {
     "missing_data": (lambda e, b: semisup_args(e, "x", data=e["root"] / "nothing"), "does not exist"),
     "corrupt_checkpoint": (lambda e, b: semisup_args(e, "corrupt", epochs=1), "no readable checkpoint"),
     "unwritable_dump_path": (lambda e, b: semisup_args(e, "afile/sub"), "is not writable"),
+    "into_the_pretraining_folder": (lambda e, b: semisup_args(e, "pre"),
+                                    "holds a pretraining run, not a semi-supervised fine-tuning"),
+    "seed_too_large": (lambda e, b: semisup_args(e, "x", "--seed", 2 ** 32), "--seed must be in [0, 2**32)"),
 }
 
 
