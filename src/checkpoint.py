@@ -50,8 +50,10 @@ def atomic_write(path, write):
             os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException as e:
-        if os.path.exists(tmp):
+        try:
             os.unlink(tmp)
+        except OSError:  # never created, or the folder became read-only
+            pass
         cause = _write_error(e)
         if cause is not None:
             raise OSError(cause.errno, cause.strerror, path) from None

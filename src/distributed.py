@@ -446,9 +446,11 @@ def first_disagreement(values: Mapping[str, int], world_size: int, device=None) 
     for j, name in enumerate(names):
         seen = [r[j] for r in rows]
         if len(set(seen)) > 1:
-            odd = [rank for rank, v in enumerate(seen) if v != seen[0]]
-            shown = ", ".join(f"rank {rank}: {v}" for rank, v in enumerate(seen)) if max(seen) < 2**32 \
-                else f"rank{'s' * (len(odd) > 1)} {', '.join(map(str, odd))} differ{'s' * (len(odd) == 1)} from rank 0"
+            if max(seen) < 2 ** 32:  # a count: show it
+                shown = ", ".join(f"rank {rank}: {v}" for rank, v in enumerate(seen))
+            else:  # a hash
+                odd = [str(rank) for rank, v in enumerate(seen) if v != seen[0]]
+                shown = f"rank {', '.join(odd)} differ{'s' if len(odd) == 1 else ''} from rank 0"
             return (f"the processes disagree on {name} ({shown}); every process needs the same arguments "
                     "and the same data")
     return None

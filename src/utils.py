@@ -77,11 +77,24 @@ def check_seed(name, value):
 
 def lost_peer(e):
     """True for the errors of a collective whose peers are gone: a process of the job died (gloo:
-    "Connection closed by peer") or hung past the process group's timeout ("Timed out waiting")."""
+    "Connection closed by peer") or hung past the process group's timeout ("Timed out waiting ...",
+    "Application timeout caused pair closure")."""
     if isinstance(e, getattr(dist, "DistError", ())):
         return True
     return isinstance(e, RuntimeError) and dist.is_available() and dist.is_initialized() and bool(
-        re.search(r"Connection (closed|reset) by peer|Timed out waiting|Broken pipe|NCCL error|gloo", str(e)))
+        re.search(r"Connection (closed|reset) by peer|Timed out waiting|[Tt]imeout|pair closure|Broken pipe|"
+                  r"NCCL error|gloo", str(e)))
+
+
+def leave_process_group():
+    """Destroy the process group before the process exits (a one-line error, a preemption, a lost peer):
+    left to the interpreter's shutdown, gloo's threads can abort the process ("terminate called without
+    an active exception"), turning status 2 or 3 into 134."""
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # a group whose peers are gone: the exit goes on
+            pass
 
 
 def run_main(main):
@@ -89,6 +102,13 @@ def run_main(main):
     documented status instead of a traceback: a collective that failed because another process died or
     hung (5), a file that could not be written (6; atomic writes keep the previous complete files), Ctrl-C
     before the stop-signal handler is installed (130). Anything else keeps its traceback."""
+    try:
+        _run_main(main)
+    finally:
+        leave_process_group()
+
+
+def _run_main(main):
     try:
         main()
     except KeyboardInterrupt:
