@@ -16,17 +16,23 @@ import torch
 import torch.nn as nn
 
 from src import distributed as D
-from src.checkpoint import CheckpointError, atomic_save, prepare_dump_path, safe_load, strip_module_prefix
+from src.checkpoint import CheckpointError, atomic_save, safe_load, strip_module_prefix
 from src.data import CIFAR_MEAN, EVAL_STD, DataError, LabeledDataset, eval_transforms, load_split, plain_tensor
 from src.logger import (CurveWriter, Stats, create_logger, format_eta, format_provenance, provenance, save_params,
                         write_json)
 from src.resnet import ARCHS, build_model
-from src.utils import AverageMeter, bool_flag, fail, fix_random_seeds
+from src.run_folder import LINEAR, claim_evaluation_folder
+from src.utils import AverageMeter, ArgumentParser, bool_flag, check_seed, fail, fix_random_seeds, run_main
+
+# Flags that do not change what is computed (the checkpoint is compared by its content, not its path).
+OPERATIONAL_FLAGS = {"dump_path", "workers", "dist_url", "rank", "local_rank", "gpu_to_work_on", "device",
+                     "log_freq", "download", "allow_changed_args", "tensorboard", "pretrained", "dist_timeout"}
+MAX_EPOCHS = 10000  # a bound that catches typos
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description="Evaluate models: Linear classification on CIFAR",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description="Evaluate models: Linear classification on CIFAR",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # released flags
     p.add_argument("--dump_path", type=str, default=".", help="experiment dump path for checkpoints and log")
     p.add_argument("--seed", type=int, default=31, help="seed")
@@ -68,7 +74,30 @@ def get_parser():
     g.add_argument("--tensorboard", type=bool_flag, default=False,
                    help="write the curves (train loss, test top-1/top-5, lr per epoch) for TensorBoard to "
                         "<dump_path>/tensorboard (needs the tensorboard package)")
+    g.add_argument("--allow_changed_args", type=bool_flag, default=False,
+                   help="when --dump_path holds an evaluation of another checkpoint or with other arguments, "
+                        "move it to <dump_path>/replaced-<time>/ and evaluate afresh (default: stop)")
+    g.add_argument("--dist_timeout", type=float, default=D.DEFAULT_TIMEOUT_S,
+                   help="seconds a process waits for the others before the job stops, and after a stop "
+                        "signal for the end of the epoch")
     return p
+
+
+def check_args(args):
+    if args.arch not in ARCHS:
+        fail(f"unknown --arch {args.arch!r}; choose one of {', '.join(ARCHS)}")
+    if not 0 < args.epochs <= MAX_EPOCHS:
+        fail(f"--epochs must be positive, got {args.epochs}" if args.epochs <= 0 else
+             f"--epochs {args.epochs} is more than {MAX_EPOCHS}; a typo?")
+    check_seed("seed", args.seed)
+    for name in ("batch_size", "crop_size", "width_per_group", "log_freq", "num_labels"):
+        if getattr(args, name) < 1:
+            fail(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.workers < 0 or args.dist_timeout <= 0:
+        fail(f"--workers must not be negative and --dist_timeout must be positive "
+             f"(got {args.workers}, {args.dist_timeout})")
+    if args.pretrained and not os.path.isfile(args.pretrained):
+        fail(f"--pretrained {args.pretrained}: no such file (pass '' to evaluate random weights)")
 
 
 class RegLog(nn.Module):
@@ -137,28 +166,9 @@ def accuracy(output, target, topk=(1,)):
 
 def main():
     args = get_parser().parse_args()
-    if args.arch not in ARCHS:
-        fail(f"unknown --arch {args.arch!r}; choose one of {', '.join(ARCHS)}")
-    if args.epochs <= 0:
-        fail(f"--epochs must be positive, got {args.epochs}")
-    try:
-        D.init_distributed(args)
-    except D.DistError as e:
-        fail(str(e))
+    check_args(args)
+    logger, preempt, identity, run_lock = set_up(args)  # the folder stays locked until the process ends
     device = args.device
-    fix_random_seeds(args.seed)
-    if args.rank == 0:
-        try:
-            prepare_dump_path(args.dump_path)
-        except CheckpointError as e:
-            fail(str(e))
-    D.barrier(args.world_size)
-    logger = create_logger(args.dump_path, args.rank)
-    logger.info(format_provenance(provenance(device, args.world_size)))
-    curves = CurveWriter(args.dump_path, args.tensorboard, args.rank)
-    if args.rank == 0:
-        logger.info("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
-        save_params(args, args.dump_path)
     t_start = time.time()
 
     # ============ data ============
@@ -184,6 +194,9 @@ def main():
         fail(str(e))
     if args.use_bn:
         logger.info("--use_bn true: no BatchNorm with global pooling (as released, it belongs to the 6x6 pooling)")
+    if args.rank == 0:  # every check passed: the folder is this evaluation's, of this checkpoint
+        save_params(args, args.dump_path, extra={"pretrained_file": identity})
+    curves = CurveWriter(args.dump_path, args.tensorboard, args.rank)
 
     if args.probe == "cached":
         from src.linear_probe import extract_frozen_features, train_linear_on_features
@@ -202,7 +215,7 @@ def main():
         best, last1, last5 = res["best_top1"], res["last_top1"], res["last_top5"]
     else:
         best, last1, last5 = train_released(args, model, linear, train_images, train_labels, test_images,
-                                            test_labels, maxk, device, logger, curves)
+                                            test_labels, maxk, device, logger, curves, preempt)
     seconds = time.time() - t_start
     logger.info("Training of the supervised linear classifier on frozen features completed.\n"
                 f"Top-1 test accuracy: {best:.1f}")
@@ -216,6 +229,33 @@ def main():
     D.cleanup()
 
 
+def set_up(args):
+    """Distributed set-up, the stop signals' handler, seeds, the evaluation folder (locked; refused when it
+    holds another kind of run, or an evaluation of another checkpoint or with other arguments unless
+    --allow_changed_args), the processes' agreement on the arguments, the log. Returns the log, the stop
+    signals' handler, the identity of --pretrained and the folder's lock."""
+    try:
+        D.init_distributed(args)
+    except D.DistError as e:
+        fail(str(e))
+    preempt = D.PreemptionHandler(grace_s=args.dist_timeout).install()  # acted on after each epoch
+    fix_random_seeds(args.seed)
+    lock, identity, moved, problem = (claim_evaluation_folder(args, LINEAR, OPERATIONAL_FLAGS) if args.rank == 0
+                                      else (None, None, None, None))
+    problem = D.first_problem(problem, args.world_size, args.device) or \
+        D.first_disagreement(D.flag_fingerprints(args), args.world_size, args.device)
+    if problem:
+        fail(problem)
+    logger = create_logger(args.dump_path, args.rank)
+    logger.info(format_provenance(provenance(args.device, args.world_size)))
+    if moved:
+        logger.info(f"The earlier evaluation in this folder (another checkpoint or other arguments) is kept in "
+                    f"{moved}; evaluating afresh.")
+    if args.rank == 0:
+        logger.info("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
+    return logger, preempt, identity, lock
+
+
 def curve_values(row, lr):
     """TensorBoard tags of one epoch of the statistics table."""
     return {"linear/train_loss": row["loss"], "linear/train_top1": row["prec1"], "linear/test_loss": row["loss_val"],
@@ -223,7 +263,7 @@ def curve_values(row, lr):
 
 
 def train_released(args, model, linear, train_images, train_labels, test_images, test_labels, maxk, device, logger,
-                   curves):
+                   curves, preempt):
     """The released loop: augmented crops, DDP classifier, test after every epoch, best-of-epochs top-1."""
     train_tf, test_tf = eval_transforms(args.crop_size)
     train_set = LabeledDataset(train_images, train_labels, train_tf)
@@ -248,20 +288,7 @@ def train_released(args, model, linear, train_images, train_labels, test_images,
         scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.epochs, eta_min=args.final_lr)
 
     # ============ resume ============
-    start_epoch, best_acc = 0, 0.0
-    ckpt_path = os.path.join(args.dump_path, "checkpoint.pth.tar")
-    if os.path.isfile(ckpt_path):
-        try:
-            ckpt = safe_load(ckpt_path)
-            target = linear.module if hasattr(linear, "module") else linear
-            target.load_state_dict(strip_module_prefix(ckpt["state_dict"]))
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
-            start_epoch, best_acc = int(ckpt["epoch"]), float(ckpt["best_acc"])
-        except (CheckpointError, KeyError, RuntimeError) as e:
-            fail(f"{ckpt_path}: cannot resume the linear classifier ({str(e).splitlines()[0]}); "
-                 "move it away to start the evaluation afresh")
-        logger.info(f"Resumed linear evaluation from epoch {start_epoch} (best so far {best_acc:.1f})")
+    start_epoch, best_acc = resume_classifier(args, linear, optimizer, scheduler, logger)
     stats = Stats(os.path.join(args.dump_path, f"stats{args.rank}"),
                   ["epoch", "loss", "prec1", "prec5", "loss_val", "prec1_val", "prec5_val"],
                   resume_before_epoch=start_epoch if start_epoch else None, log=logger.info)
@@ -270,7 +297,6 @@ def train_released(args, model, linear, train_images, train_labels, test_images,
     t0 = time.time()
 
     # ============ epoch loop ============
-    preempt = D.PreemptionHandler().install()  # acted on after the epoch's checkpoint (epochs are short)
     for epoch in range(start_epoch, args.epochs):
         sampler.set_epoch(epoch)
         linear.train()
@@ -320,6 +346,27 @@ def train_released(args, model, linear, train_images, train_labels, test_images,
     return best_acc, last1, last5
 
 
+def resume_classifier(args, linear, optimizer, scheduler, logger):
+    """(first epoch, best top-1 so far) from the evaluation's checkpoint; (0, 0.0) without one."""
+    ckpt_path = os.path.join(args.dump_path, "checkpoint.pth.tar")
+    if not os.path.isfile(ckpt_path):
+        return 0, 0.0
+    try:
+        ckpt = safe_load(ckpt_path)
+        target = linear.module if hasattr(linear, "module") else linear
+        target.load_state_dict(strip_module_prefix(ckpt["state_dict"]))
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        start_epoch, best_acc = int(ckpt["epoch"]), float(ckpt["best_acc"])
+    except (CheckpointError, KeyError, RuntimeError, TypeError, ValueError) as e:
+        fail(f"{ckpt_path}: cannot resume the linear classifier ({(str(e).splitlines() or [type(e).__name__])[0]}); "
+             "move it away to start the evaluation afresh")
+    if start_epoch < 0:
+        fail(f"{ckpt_path}: epoch {start_epoch} cannot be negative; move it away to start the evaluation afresh")
+    logger.info(f"Resumed linear evaluation from epoch {start_epoch} (best so far {best_acc:.1f})")
+    return start_epoch, best_acc
+
+
 @torch.no_grad()
 def validate(loader, model, linear, criterion, maxk, device):
     linear.eval()
@@ -336,4 +383,4 @@ def validate(loader, model, linear, criterion, maxk, device):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -12,7 +12,6 @@ downloads SimCLR's ImageNet lists), written to `labelled_subset.json`, and the n
 eval_linear.py's.
 Reads top to bottom: arguments -> data -> model -> optimiser -> resume -> epoch loop.
 """
-import argparse
 import json
 import os
 import sys
@@ -23,27 +22,28 @@ import torch
 import torch.nn as nn
 
 from src import distributed as D
-from src.checkpoint import (CheckpointError, atomic_save, find_resume_checkpoint, prepare_dump_path, rng_state,
-                            set_rng_state, strip_module_prefix)
+from src.checkpoint import (CheckpointError, atomic_save, find_resume_checkpoint, rng_state, set_rng_state,
+                            strip_module_prefix)
 from src.data import DataError, LabeledDataset, eval_transforms, load_split
 from src.linear_probe import correct_counts
-from src.logger import (Stats, changed_params, create_logger, format_eta, load_params_json, params_dict,
-                        save_params, write_json)
+from src.logger import Stats, create_logger, format_eta, save_params, write_json
 from src.pretrained import PretrainedError, load_weights, read_state_dict
 from src.resnet import ARCHS, build_model
+from src.run_folder import FINE_TUNING, claim_evaluation_folder
 from src.subset import SubsetError, balanced_subset, images_per_class
 from src.train_step import unwrap
-from src.utils import AverageMeter, bool_flag, fail, fix_random_seeds
+from src.utils import AverageMeter, ArgumentParser, bool_flag, check_seed, fail, fix_random_seeds, run_main
 
 SUBSET_FILE = "labelled_subset.json"
 STATS_COLUMNS = ["epoch", "loss", "prec1", "prec5", "loss_val", "prec1_val", "prec5_val"]
-# Flags that do not change what is computed: a resumed run may differ in these.
+# Flags that do not change what is computed (the checkpoint is compared by its content, not its path).
 OPERATIONAL_FLAGS = {"dump_path", "workers", "dist_url", "rank", "local_rank", "gpu_to_work_on", "device",
-                     "log_freq", "download", "allow_changed_args"}
+                     "log_freq", "download", "allow_changed_args", "pretrained", "dist_timeout"}
+MAX_EPOCHS = 10000  # a bound that catches typos
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description="Evaluate models: Fine-tuning with 1% or 10% labels on CIFAR")
+    p = ArgumentParser(description="Evaluate models: Fine-tuning with 1% or 10% labels on CIFAR")
     # released flags
     p.add_argument("--labels_perc", type=str, default="10", choices=["1", "10"],
                    help="fine-tune on either 1%% or 10%% of labels")
@@ -76,7 +76,11 @@ def get_parser():
                    help="load --pretrained even when backbone weights are missing or mis-shaped "
                         "(the released code only logged them)")
     g.add_argument("--allow_changed_args", type=bool_flag, default=False,
-                   help="resume a dump path whose params.json differs from the given arguments")
+                   help="when --dump_path holds a fine-tuning of another checkpoint or with other arguments, "
+                        "move it to <dump_path>/replaced-<time>/ and fine-tune afresh (default: stop)")
+    g.add_argument("--dist_timeout", type=float, default=D.DEFAULT_TIMEOUT_S,
+                   help="seconds a process waits for the others before the job stops, and after a stop "
+                        "signal for the end of the epoch")
     g.add_argument("--download", type=bool_flag, default=True, help="download cifar10/cifar100 when missing")
     g.add_argument("--log_freq", type=int, default=50, help="log every this many iterations")
     return p
@@ -88,6 +92,13 @@ def check_args(args):
     for name in ("epochs", "batch_size", "crop_size", "width_per_group", "log_freq"):
         if getattr(args, name) < 1:
             fail(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.epochs > MAX_EPOCHS:
+        fail(f"--epochs {args.epochs} is more than {MAX_EPOCHS}; a typo?")
+    check_seed("seed", args.seed)
+    if args.dist_timeout <= 0:
+        fail(f"--dist_timeout must be positive, got {args.dist_timeout}")
+    if args.pretrained and not os.path.isfile(args.pretrained):
+        fail(f"--pretrained {args.pretrained}: no such file (pass '' to fine-tune random weights)")
     if args.workers < 0:
         fail(f"--workers must not be negative, got {args.workers}")
     if args.lr < 0 or args.lr_last_layer < 0 or args.gamma <= 0:
@@ -136,29 +147,37 @@ def labelled_subset(train_labels, classes, args, logger):
     return indices
 
 
-def main():
-    args = get_parser().parse_args()
-    check_args(args)
+def set_up(args):
+    """Distributed set-up, the stop signals' handler, seeds, the run folder (locked; refused when it holds
+    another kind of run, or a fine-tuning of another checkpoint or with other arguments unless
+    --allow_changed_args), the processes' agreement on the arguments, the log. Returns the log, the stop
+    signals' handler, the identity of --pretrained and the folder's lock."""
     try:
         D.init_distributed(args)
     except D.DistError as e:
         fail(str(e))
-    device = args.device
+    preempt = D.PreemptionHandler(grace_s=args.dist_timeout).install()  # acted on after each epoch
     fix_random_seeds(args.seed)
-    if args.rank == 0:
-        try:
-            prepare_dump_path(args.dump_path)
-            old = load_params_json(args.dump_path)
-        except (CheckpointError, ValueError) as e:
-            fail(str(e))
-        diffs = changed_params(old or {}, params_dict(args), OPERATIONAL_FLAGS)
-        if diffs and not args.allow_changed_args:
-            fail(f"{args.dump_path} holds a run with other arguments ({'; '.join(diffs)}); "
-                 "use another --dump_path, or --allow_changed_args true to resume it anyway")
-    D.barrier(args.world_size)
+    lock, identity, moved, problem = (claim_evaluation_folder(args, FINE_TUNING, OPERATIONAL_FLAGS)
+                                      if args.rank == 0 else (None, None, None, None))
+    problem = D.first_problem(problem, args.world_size, args.device) or \
+        D.first_disagreement(D.flag_fingerprints(args), args.world_size, args.device)
+    if problem:
+        fail(problem)
     logger = create_logger(args.dump_path, args.rank)
+    if moved:
+        logger.info(f"The earlier fine-tuning in this folder (another checkpoint or other arguments) is kept in "
+                    f"{moved}; fine-tuning afresh.")
     if args.rank == 0:
         logger.info("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
+    return logger, preempt, identity, lock
+
+
+def main():
+    args = get_parser().parse_args()
+    check_args(args)
+    logger, preempt, identity, run_lock = set_up(args)  # the folder stays locked until the process ends
+    device = args.device
     t_start = time.time()
 
     # ============ data ============
@@ -231,9 +250,11 @@ def main():
             first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
             fail(f"{ckpt_path}: cannot resume the fine-tuning ({type(e).__name__}: {first}); "
                  "use another --dump_path")
+        if start_epoch < 0:
+            fail(f"{ckpt_path}: epoch {start_epoch} cannot be negative; use another --dump_path")
         logger.info(f"Resumed fine-tuning from epoch {start_epoch} (best top-1 so far {best_acc[0]:.1f})")
     if args.rank == 0:
-        save_params(args, args.dump_path)
+        save_params(args, args.dump_path, extra={"pretrained_file": identity})
     stats = Stats(os.path.join(args.dump_path, f"stats{args.rank}"), STATS_COLUMNS,
                   resume_before_epoch=start_epoch if ckpt is not None else None, log=logger.info)
     criterion = nn.CrossEntropyLoss()
@@ -241,7 +262,6 @@ def main():
     t0 = time.time()
 
     # ============ epoch loop ============
-    preempt = D.PreemptionHandler().install()  # acted on after the epoch's checkpoint (epochs are short)
     for epoch in range(start_epoch, args.epochs):
         logger.info(f"============ Starting epoch {epoch} ... ============")
         sampler.set_epoch(epoch)
@@ -323,4 +343,4 @@ def validate(loader, model, criterion, maxk, device):
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

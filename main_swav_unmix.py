@@ -22,23 +22,25 @@ from src.data import (CIFAR_MEAN, PRETRAIN_STD, DataError, MultiCropDataset, Mul
                       plain_tensor)
 from src.gpu_augment import BatchedCrops, DistributedBatchSampler, GPUMultiCrop
 from src.larc import build_optimizer
-from src.logger import (Stats, create_logger, format_eta, format_provenance, load_params_json, provenance,
-                        save_params)
+from src.logger import (Stats, changed_params, create_logger, format_eta, format_provenance, load_params_json,
+                        provenance, save_params)
 from src.resnet import ARCHS, build_model
+from src.run_folder import PRETRAINING, folder_kind
 from src.sampler import ResumableDistributedSampler
 from src.train_step import UnmixSwAV, cosine_schedule
 from src.unmix import LOSS_FORMS, SwavConfig, draw_unmix, pair_sizes
-from src.utils import AverageMeter, bool_flag, fail, fix_random_seeds
+from src.utils import AverageMeter, ArgumentParser, bool_flag, check_seed, fail, fix_random_seeds, run_main
 
 # Flags that do not change what is computed: a resumed run may differ in these.
 OPERATIONAL_FLAGS = {"dump_path", "workers", "dist_url", "rank", "local_rank", "gpu_to_work_on", "device",
                      "checkpoint_freq", "log_freq", "knn_freq", "download", "allow_changed_args",
-                     "max_nonfinite_steps", "preempt_check_freq", "epochs_run_limit"}
+                     "max_nonfinite_steps", "preempt_check_freq", "epochs_run_limit", "dist_timeout"}
+MAX_EPOCHS = 10000  # a bound that catches typos (the published table stops at 1000)
 
 
 def get_parser():
-    p = argparse.ArgumentParser(description="Implementation of Un-Mix + SwAV on CIFAR",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = ArgumentParser(description="Implementation of Un-Mix + SwAV on CIFAR",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     # data (released)
     p.add_argument("--data_path", type=str, default="/path/to/data",
                    help="cifar10 | cifar100 (torchvision data under data/CIFAR-10 | data/CIFAR-100), a folder "
@@ -119,6 +121,9 @@ def get_parser():
                    help="resume a dump path whose params.json differs from these arguments")
     g.add_argument("--epochs_run_limit", type=int, default=0,
                    help="stop (resumably) after this many epochs in this process; 0: no limit")
+    g.add_argument("--dist_timeout", type=float, default=D.DEFAULT_TIMEOUT_S,
+                   help="seconds a process waits for the others (rendezvous, every collective) before the job "
+                        "stops, and after a stop signal for the next point where it can save")
     return p
 
 
@@ -138,14 +143,16 @@ def check_args(args):
         fail(f"Un-Mix mixes crops in pairs: --nmb_crops total must be even, got {total} (or --run_swav true)")
     if args.batch_size < 2:
         fail(f"--batch_size {args.batch_size} is too small: batch norm and Un-Mix need at least 2 per process")
-    if args.epochs <= 0:
-        fail(f"--epochs must be positive, got {args.epochs}")
+    if not 0 < args.epochs <= MAX_EPOCHS:
+        fail(f"--epochs must be positive, got {args.epochs}" if args.epochs <= 0 else
+             f"--epochs {args.epochs} is more than {MAX_EPOCHS}; a typo?")
+    check_seed("seed", args.seed)
     if args.sync_bn not in ("pytorch", "apex"):
         fail(f"--sync_bn must be pytorch or apex, got {args.sync_bn!r}")
     if not 0 <= args.unmix_prob <= 1 or args.unmix_beta <= 0:
         fail(f"--unmix_prob must be in [0, 1] and --unmix_beta > 0 (got {args.unmix_prob}, {args.unmix_beta})")
-    for name in ("feat_dim", "nmb_prototypes", "width_per_group", "checkpoint_freq", "log_freq",
-                 "preempt_check_freq"):
+    for name in ("feat_dim", "width_per_group", "checkpoint_freq", "log_freq", "preempt_check_freq",
+                 "sinkhorn_iterations", "knn_k"):
         if getattr(args, name) < 1:
             fail(f"--{name} must be at least 1, got {getattr(args, name)}")
     for name in ("hidden_mlp", "queue_length", "epoch_queue_starts", "warmup_epochs", "workers", "knn_freq",
@@ -155,38 +162,39 @@ def check_args(args):
     if min(args.size_crops) < 1 or not all(0 < lo <= hi <= 1 for lo, hi in zip(args.min_scale_crops,
                                                                                 args.max_scale_crops)):
         fail("--size_crops must be positive and 0 < --min_scale_crops <= --max_scale_crops <= 1")
-    if args.temperature <= 0 or args.epsilon <= 0:
-        fail(f"--temperature and --epsilon must be positive (got {args.temperature}, {args.epsilon})")
+    if args.temperature <= 0 or args.epsilon <= 0 or args.knn_temperature <= 0:
+        fail(f"--temperature, --epsilon and --knn_temperature must be positive (got {args.temperature}, "
+             f"{args.epsilon}, {args.knn_temperature})")
+    if args.nmb_prototypes < 2:
+        fail(f"--nmb_prototypes must be at least 2, got {args.nmb_prototypes}: with one prototype every code "
+             "is the same and the loss is 0")
+    if args.dist_timeout <= 0:
+        fail(f"--dist_timeout must be positive, got {args.dist_timeout}")
 
 
 def compare_with_previous_run(args):
-    """A dump path that holds a run with other arguments is not resumed silently."""
+    """A dump path that holds another kind of run, or a pretraining with other arguments, is not resumed
+    silently: a one-line problem, else None."""
     try:
-        old = load_params_json(args.dump_path)
+        kind, old = folder_kind(args.dump_path), load_params_json(args.dump_path)
     except ValueError as e:
         if args.allow_changed_args:
-            return []
-        fail(f"{e}; cannot check that {args.dump_path} holds a run with these arguments; "
-             "use --allow_changed_args true to resume it anyway")
-    if old is None:
-        return []
-    new = {k: v for k, v in vars(args).items()}
-    diffs = []
-    for k in sorted(set(old) | set(new)):
-        if k in OPERATIONAL_FLAGS or k not in old or k not in new:
-            continue
-        a, b = old[k], new[k]
-        if isinstance(b, tuple):
-            b = list(b)
-        if a != b and not (isinstance(a, (int, float)) and isinstance(b, (int, float)) and float(a) == float(b)):
-            diffs.append(f"{k}: {a!r} -> {b!r}")
-    return diffs
+            return None
+        return (f"{e}; cannot check that {args.dump_path} holds a run with these arguments; "
+                "use --allow_changed_args true to resume it anyway")
+    if kind not in (None, PRETRAINING):
+        return f"{args.dump_path} holds a {kind} run, not a pretraining: nothing was written there; use another --dump_path"
+    diffs = changed_params(old or {}, vars(args), OPERATIONAL_FLAGS)
+    if diffs and not args.allow_changed_args:
+        return (f"{args.dump_path} holds a run with other arguments ({'; '.join(diffs)}); "
+                "use another --dump_path, or --allow_changed_args true to resume it anyway")
+    return None
 
 
 def main():
     args = get_parser().parse_args()
     check_args(args)
-    logger, np_rng = set_up(args)
+    logger, np_rng, preempt, run_lock = set_up(args)  # the run folder stays locked until the process ends
 
     # ============ data ============
     data = build_data(args, logger)
@@ -197,7 +205,7 @@ def main():
     logger.info("Building optimizer done.")
 
     # ============ resume ============
-    restart = resume(args, method, np_rng, logger)
+    restart = resume(args, method, np_rng, data.iters_per_epoch, logger)
     if args.rank == 0:
         save_params(args, args.dump_path)
     stats = Stats(os.path.join(args.dump_path, f"stats{args.rank}"), STATS_COLUMNS,
@@ -205,7 +213,6 @@ def main():
     save = Saver(args, method, np_rng)
 
     # ============ epoch loop ============
-    preempt = D.PreemptionHandler().install()
     start_epoch, start_iter = (restart.epoch, restart.iteration) if restart else (0, 0)
     clock = Clock(stats.last("time", 0.0), start_epoch * data.iters_per_epoch + start_iter)
     if start_epoch >= args.epochs:
@@ -228,8 +235,7 @@ def main():
             break
     if guard.unsaved_epoch is not None:
         print(f"error: training stopped with non-finite losses at epoch {guard.unsaved_epoch}; its checkpoint was "
-              "not written, the last good checkpoint is kept (lower --base_lr or check the data)",
-              file=sys.stderr, flush=True)
+              f"not written, {guard.kept()} (lower --base_lr or check the data)", file=sys.stderr, flush=True)
         sys.exit(4)
     logger.info("Pretraining done." if epoch >= args.epochs - 1 else "Pretraining paused.")
     D.cleanup()
@@ -238,23 +244,22 @@ def main():
 # ------------------------------------------------------------------ set-up
 
 def set_up(args):
-    """Distributed set-up, seeds, the run folder (checked against an earlier run's arguments), the log."""
+    """Distributed set-up, the stop signals' handler (from here on SIGTERM, SIGINT and SIGUSR1 stop the
+    run at its next checkpoint), seeds, the run folder (locked; checked against an earlier run's kind and
+    arguments), the processes' agreement on the arguments, the log. Returns the log, the Un-Mix draws'
+    random stream, the stop signals' handler and the folder's lock."""
     try:
         D.init_distributed(args)
     except D.DistError as e:
         fail(str(e))
+    preempt = D.PreemptionHandler(grace_s=args.dist_timeout).install()
     fix_random_seeds(args.seed)
     np_rng = np.random.RandomState(args.seed)  # the released code drew lam, r and box centres here
-    if args.rank == 0:
-        try:
-            prepare_dump_path(args.dump_path, "checkpoints")
-        except CheckpointError as e:
-            fail(str(e))
-        diffs = compare_with_previous_run(args)
-        if diffs and not args.allow_changed_args:
-            fail(f"{args.dump_path} holds a run with other arguments ({'; '.join(diffs)}); "
-                 "use another --dump_path, or --allow_changed_args true to resume it anyway")
-    D.barrier(args.world_size)
+    lock, problem = claim_run_folder(args) if args.rank == 0 else (None, None)
+    problem = D.first_problem(problem, args.world_size, args.device) or \
+        D.first_disagreement(D.flag_fingerprints(args), args.world_size, args.device)
+    if problem:
+        fail(problem)
     logger = create_logger(args.dump_path, args.rank)
     logger.info(f"Process rank {args.rank} of world size {args.world_size} (local rank {args.local_rank}) "
                 f"on {args.device}")
@@ -266,7 +271,26 @@ def set_up(args):
         logger.info("CPU: training in float32 (--use_fp16 applies on CUDA only)")
     if args.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as released: fixed input shapes
-    return logger, np_rng
+    return logger, np_rng, preempt, lock
+
+
+def claim_run_folder(args):
+    """Rank 0: lock the dump path (a second run on it stops before touching a file), then check that it
+    is new or holds this very run. Returns (lock, None), or (None, a one-line problem)."""
+    try:
+        lock = prepare_dump_path(args.dump_path, "checkpoints")
+    except CheckpointError as e:
+        return None, str(e)
+    problem = compare_with_previous_run(args)
+    if problem is None:
+        try:
+            os.makedirs(os.path.join(args.dump_path, "checkpoints"), exist_ok=True)
+        except OSError as e:
+            problem = f"--dump_path {args.dump_path!r} is not writable ({e.strerror})"
+    if problem is not None:
+        lock.close()
+        return None, problem
+    return lock, None
 
 
 def effective_queue_length(args):
@@ -326,6 +350,11 @@ def build_data(args, logger):
                 torch.set_rng_state(torch_rng)
             for crops in batches:
                 yield [c.to(device, non_blocking=True) for c in crops]
+    if args.world_size > 1:  # e.g. a node-local copy of the data with fewer images: stop, not hang
+        problem = D.first_disagreement(data_fingerprint(train_images, train_labels, classes, iters_per_epoch),
+                                       args.world_size, device)
+        if problem:
+            fail(problem)
     logger.info(f"Building data done with {len(train_dataset)} images loaded ({len(classes)} classes, "
                 f"{iters_per_epoch} iterations per epoch, {augment} augmentation).")
     knn = None
@@ -337,6 +366,14 @@ def build_data(args, logger):
         knn = (plain_tensor(train_images, CIFAR_MEAN, PRETRAIN_STD), train_labels,
                plain_tensor(test_images, CIFAR_MEAN, PRETRAIN_STD), test_labels, len(classes))
     return TrainData(iters_per_epoch, epoch_crops, knn)
+
+
+def data_fingerprint(images, labels, classes, iters_per_epoch):
+    """What every process must see alike: counts, and hashes of the class names, labels and pixels."""
+    return {"the number of training images": len(images), "the number of classes": len(classes),
+            "the iterations per epoch": iters_per_epoch, "the class names": D.fingerprint(list(classes)),
+            "the labels": D.fingerprint(np.ascontiguousarray(labels).tobytes()),
+            "the training images": D.fingerprint(np.ascontiguousarray(images).data)}
 
 
 # ------------------------------------------------------------------ model
@@ -395,15 +432,18 @@ def wrap_for_training(net, args):
 
 # ------------------------------------------------------------------ resume and checkpoints
 
-def resume(args, method, np_rng, logger):
+def resume(args, method, np_rng, iters_per_epoch, logger):
     """Weights, optimiser, scaler, RNG streams and queue from the run's checkpoint; None for a fresh run."""
     try:
         restart = restart_from_checkpoint(args.dump_path, method.net, method.optimizer, method.scaler, np_rng,
-                                          what=f"--arch {args.arch}", log=logger.info)
+                                          what=f"--arch {args.arch}", log=logger.info, rank=args.rank)
     except CheckpointError as e:
         fail(str(e))
     if restart is None:
         return None
+    if restart.iteration > iters_per_epoch:
+        fail(f"{restart.path} stopped at iteration {restart.iteration} of an epoch, but an epoch has "
+             f"{iters_per_epoch} iterations here (other data, --batch_size or number of processes?)")
     queue_path = os.path.join(args.dump_path, f"queue{args.rank}.pth")
     if restart.queues is not None and len(restart.queues) == args.world_size:
         method.set_queue(restart.queues[args.rank])
@@ -432,7 +472,7 @@ class Saver:
         copy_path = os.path.join(a.dump_path, "checkpoints", f"ckp-{epoch - 1}.pth") if copy else None
         save_checkpoint(a.dump_path, epoch, iteration, m.net, m.optimizer, self.np_rng, a.arch, scaler=m.scaler,
                         queue=None if m.queue is None else m.queue.tensor, rank=a.rank, world_size=a.world_size,
-                        loop=loop, copy_path=copy_path)
+                        loop=loop, copy_path=copy_path, device=a.device)
 
 
 # ------------------------------------------------------------------ training
@@ -480,12 +520,15 @@ class NonfiniteWatch:
         self.checked = max(self.checked, upto)
         return meter
 
-    def stop(self, epoch, it):
+    def kept(self):
+        """What the run leaves to resume from (no promise of a checkpoint that does not exist)."""
         path = os.path.join(self.args.dump_path, "checkpoint.pth.tar")
-        self.logger.info(f"error: {self.streak} consecutive non-finite losses; stopping. The last good "
-                         f"checkpoint is untouched: {path}")
+        return f"last good checkpoint kept ({path})" if os.path.isfile(path) else "no checkpoint was written yet"
+
+    def stop(self, epoch, it):
+        self.logger.info(f"error: {self.streak} consecutive non-finite losses; stopping, {self.kept()}")
         print(f"error: {self.streak} consecutive non-finite losses at epoch {epoch} iteration {it}; stopped, "
-              "last good checkpoint kept (lower --base_lr or check the data)", file=sys.stderr, flush=True)
+              f"{self.kept()} (lower --base_lr or check the data)", file=sys.stderr, flush=True)
         sys.exit(4)
 
 
@@ -563,17 +606,19 @@ def end_of_epoch(args, epoch, meter, data, method, guard, stats, save, clock, lo
         net.train()
         logger.info(f"kNN monitor (k={args.knn_k}): top-1 {row['knn_top1']:.2f}% at epoch {epoch}")
     stats.update(row)
+    if meter["kept"] == 0:
+        logger.info(f"Epoch {epoch}: no finite step, its loss is recorded as NaN")
     knn_text = f"kNN top-1 {row['knn_top1']:.2f}%, " if "knn_top1" in row else ""
     logger.info(f"Epoch {epoch} done: loss {meter['loss']:.4f}, {knn_text}{row['images_per_s']:.0f} img/s, "
                 f"elapsed {format_eta(row['time'])}")
     if guard.streak > 0:
         guard.unsaved_epoch = epoch
         logger.info(f"Epoch {epoch} ends with {guard.streak} non-finite losses in a row: its checkpoint is not "
-                    "written, the last good one is kept.")
+                    f"written, {guard.kept()}.")
     else:
         guard.unsaved_epoch = None
         save(epoch + 1, 0, copy=epoch % args.checkpoint_freq == 0 or epoch == args.epochs - 1)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(main)

@@ -39,8 +39,11 @@
 #                            ./experiments/unmix_swav_cifar_${BATCH_SIZE}_${ARCH}_${EPOCHS}ep_100prot_cifar10
 #                            (prefix swav_ instead of unmix_swav_ when RUN_SWAV is true; with the defaults
 #                            this is the released folder name). Relative paths are relative to the
-#                            directory sbatch/bash was started from. Evaluation writes ${EXPERIMENT_PATH}_linear_eval.
-#   EVAL_EPOCHS=100          linear evaluation epochs
+#                            directory sbatch/bash was started from. Evaluation writes ${EXPERIMENT_PATH}_linear_eval
+#                            (with --allow_changed_args true: a new checkpoint, or other evaluation flags, is
+#                            evaluated afresh, the earlier evaluation moved to replaced-<time>/ inside it).
+#   EVAL_EPOCHS=100          linear evaluation epochs (EPOCHS and EVAL_EPOCHS must be >= 1; the data's classes
+#                            must match the evaluation's --num_labels: both checked before pretraining)
 #   EXTRA_ARGS, EVAL_EXTRA_ARGS  extra flags appended to pretraining / evaluation (split on white space,
 #                            no quoting; later flags win, e.g. EXTRA_ARGS="--batch_size 8 --nmb_prototypes 10")
 #   NPROC                    processes per node outside Slurm (default: number of visible GPUs, 1 if none)
@@ -51,12 +54,12 @@
 #
 # EXIT STATUS
 #   0   pretraining and evaluation finished
-#   2   bad environment override or code not found (nothing ran)
+#   2   bad environment override, code not found, or data whose classes do not match (nothing ran)
 #   3   preempted (PREEMPTED_EXIT_CODE in src/distributed.py): a checkpoint was written and, under Slurm,
 #       the job was requeued; running the same command again resumes from checkpoint.pth.tar. Also used
-#       when a step was stopped because this shell got SIGTERM (scancel, requeue, time limit), and when a
-#       step was killed by SIGUSR1 (status 138: a process without a handler, e.g. linear evaluation);
-#       then, under Slurm, this script runs `scontrol requeue` itself.
+#       when a step was stopped because this shell got SIGTERM or SIGINT (scancel, requeue, time limit,
+#       docker stop, timeout, Ctrl-C; no later step starts), and when a step was killed by SIGUSR1
+#       (status 138: a process without a handler); then, under Slurm, this script runs `scontrol requeue`.
 #   11  pretraining failed          (evaluation not started)
 #   21  linear evaluation failed
 #   Under Slurm, once the job has been requeued Slurm terminates this script; its status then does not
@@ -68,8 +71,10 @@
 #   (src/distributed.PreemptionHandler). "B:USR1" would signal only this batch shell, which would then have
 #   to forward it. The same happens on `scancel --signal=USR1 <jobid>` and on SIGTERM. Rank 0 calls
 #   `scontrol requeue`; --requeue allows it and --open-mode=append keeps the logs of all runs in one file.
-#   A step killed by the signal instead (status 138, no handler installed yet or linear evaluation) makes
-#   this script requeue the job itself; both steps resume from their last checkpoint.
+#   A step killed by the signal instead (status 138, no handler installed yet) makes this script requeue
+#   the job itself; both steps resume from their last checkpoint.
+#   Without Slurm, SIGTERM, SIGINT and SIGUSR1 sent to this script are passed on to the running step (it
+#   saves and exits 3), and no evaluation starts after a stopped pretraining.
 #
 # CPU TEST RUN ON A CLUSTER WITHOUT GPUS (as tests/test_slurm.py does)
 #   DATASET_PATH=/data/cifar EPOCHS=2 EVAL_EPOCHS=1 WORKERS=0 EXTRA_ARGS="--width_per_group 8 ..." \

@@ -37,8 +37,8 @@ Environment (default):
   PYTHON           interpreter (python, else python3)
   CODE_DIR         folder holding main_swav_unmix.py (found next to this script)
 
-Exit status: 0 done, 2 bad environment, 3 preempted (rerun to resume), 11 pretraining failed,
-21 evaluation failed.
+Exit status: 0 done, 2 bad environment, 3 preempted or stopped by a signal (rerun to resume),
+11 pretraining failed, 21 evaluation failed.
 USAGE
 }
 
@@ -60,7 +60,9 @@ EVAL_EXTRA_ARGS=${EVAL_EXTRA_ARGS:-}
 for v in EPOCHS BATCH_SIZE WORKERS EVAL_EPOCHS; do
     is_uint "${!v}" || die "$v='${!v}' is not a non-negative integer"
 done
-[ "$BATCH_SIZE" -gt 0 ] || die "BATCH_SIZE must be > 0"
+for v in EPOCHS BATCH_SIZE EVAL_EPOCHS; do
+    [ "${!v}" -gt 0 ] || die "$v must be > 0"
+done
 [[ "$ARCH" =~ ^[A-Za-z0-9_]+$ ]] || die "ARCH='$ARCH' is not an architecture name"
 case "${RUN_SWAV,,}" in
     true|on|1) PREFIX=swav ;;
@@ -83,6 +85,34 @@ for ((i = 0; i < ${#EVAL_EXTRA[@]}; i++)); do
     case "${EVAL_EXTRA[i]}" in --probe) PROBE=${EVAL_EXTRA[i + 1]:-} ;; --probe=*) PROBE=${EVAL_EXTRA[i]#*=} ;; esac
 done
 [ "$PROBE" != cached ] || EVAL_PATH="${EXPERIMENT_PATH}_linear_eval_cached"  # one folder per probe
+EVAL_LABELS=$NUM_LABELS  # eval_linear.py --num_labels, the last one given wins
+for ((i = 0; i < ${#EVAL_EXTRA[@]}; i++)); do
+    case "${EVAL_EXTRA[i]}" in
+        --num_labels) EVAL_LABELS=${EVAL_EXTRA[i + 1]:-} ;; --num_labels=*) EVAL_LABELS=${EVAL_EXTRA[i]#*=} ;;
+    esac
+done
+
+# The number of classes of a data path, when the layout tells it without reading the data (a keyword,
+# a CIFAR pickle folder, an image folder's train/<class>/ folders); nothing otherwise (python decides).
+classes_of() {
+    local p=$1
+    case "$p" in cifar10) echo 10; return ;; cifar100) echo 100; return ;; esac
+    [ -d "$p" ] || return 0
+    if [ -d "$p/cifar-10-batches-py" ] && [ -d "$p/cifar-100-python" ]; then return 0; fi
+    if [ -d "$p/cifar-10-batches-py" ] || [ "$(basename "$p")" = cifar-10-batches-py ] \
+        || [ -f "$p/batches.meta" ] || [ -f "$p/data_batch_1" ]; then echo 10; return; fi
+    if [ -d "$p/cifar-100-python" ] || [ "$(basename "$p")" = cifar-100-python ] \
+        || { [ -f "$p/meta" ] && [ -f "$p/train" ]; }; then echo 100; return; fi
+    if [ -d "$p/train" ] && [ -d "$p/test" ]; then
+        find -L "$p/train" -mindepth 1 -maxdepth 1 -type d 2>/dev/null | wc -l
+    fi
+}
+# Checked now, not after a pretraining of hours: the evaluation would refuse other numbers of classes.
+DATA_CLASSES=$(classes_of "$DATASET_PATH")
+if [ -n "$DATA_CLASSES" ] && [ "$DATA_CLASSES" != "$EVAL_LABELS" ]; then
+    die "$DATASET_PATH has $DATA_CLASSES classes, but the linear evaluation would use --num_labels $EVAL_LABELS" \
+        "(CIFAR-100: script_unmix_c100.sh; or set --num_labels in EVAL_EXTRA_ARGS)"
+fi
 
 if [ -z "${PYTHON:-}" ]; then
     if command -v python >/dev/null 2>&1; then PYTHON=python; else PYTHON=python3; fi
@@ -124,10 +154,43 @@ else
     WHERE="no Slurm, $NPROC process(es) on $(hostname)"
 fi
 
-# The python tasks handle SIGUSR1/SIGTERM themselves; this shell only notes them and keeps waiting.
+# Each step runs in the background while this shell waits for it, so that a signal reaches the shell at
+# once (bash runs no trap while a foreground command runs). Under Slurm the steps' tasks get the signals
+# from Slurm itself (--signal=USR1@120, scancel, the time limit); this shell only notes them. Elsewhere
+# (bash, docker stop, timeout, Ctrl-C) it passes SIGTERM, SIGINT and SIGUSR1 on to the running step,
+# which saves a checkpoint and stops (status 3); no step starts after a signal.
 TERMINATED=0
-trap 'TERMINATED=1; log "batch shell received SIGTERM (job requeued, cancelled or at its time limit)"' TERM
-trap 'log "batch shell received SIGUSR1 (the python tasks handle preemption)"' USR1
+STEP_PID=
+SIGNALLED=0
+on_signal() {  # $1 = signal name
+    SIGNALLED=1
+    [ "$1" = USR1 ] || TERMINATED=1
+    if [ -n "${SLURM_JOB_ID:-}" ]; then
+        log "batch shell received SIG$1 (the python tasks handle it: preemption, requeue, cancel or time limit)"
+    elif [ -n "$STEP_PID" ]; then
+        log "received SIG$1: passed on to the running step, which saves a checkpoint and stops"
+        kill -s "$1" "$STEP_PID" 2>/dev/null || true
+    else
+        log "received SIG$1"
+    fi
+}
+trap 'on_signal TERM' TERM
+trap 'on_signal INT' INT
+trap 'on_signal USR1' USR1
+
+run_step() {  # run "$@" in the background and return its exit status (signals pass, see above)
+    local rc
+    "$@" &
+    STEP_PID=$!
+    while :; do
+        SIGNALLED=0
+        wait "$STEP_PID"
+        rc=$?
+        [ "$SIGNALLED" -eq 1 ] || break  # wait was cut short by a signal: the step may still run
+    done
+    STEP_PID=
+    return "$rc"
+}
 
 log "$WHERE; code in $CODE_DIR; dump $EXPERIMENT_PATH"
 
@@ -181,13 +244,16 @@ PRETRAIN=(
 )
 mkdir -p "$EXPERIMENT_PATH" || die "cannot create $EXPERIMENT_PATH"
 log "pretraining: ${PRETRAIN[*]}"
-"${PRETRAIN[@]}"
+run_step "${PRETRAIN[@]}"
 rc=$?
 if [ "$rc" -ne 0 ] && stopped_early pretraining "$rc"; then
     exit 3
 elif [ "$rc" -ne 0 ]; then
     log "pretraining failed (status $rc); linear evaluation not started"
     exit 11
+elif [ "$TERMINATED" -eq 1 ]; then
+    log "stopped by a signal after pretraining ended; linear evaluation not started (rerun to evaluate)"
+    exit 3
 fi
 
 EVAL=(
@@ -200,11 +266,14 @@ EVAL=(
     --epochs "$EVAL_EPOCHS"
     --pretrained "$EXPERIMENT_PATH/checkpoint.pth.tar"
     --dump_path "$EVAL_PATH"
+    # a new pretraining checkpoint or other evaluation flags: evaluate afresh (the earlier evaluation is
+    # moved to $EVAL_PATH/replaced-<time>/); the same ones: resume, or report the finished evaluation
+    --allow_changed_args true
     "${EVAL_EXTRA[@]}"
 )
 mkdir -p "$EVAL_PATH" || die "cannot create $EVAL_PATH"
 log "linear evaluation: ${EVAL[*]}"
-"${EVAL[@]}"
+run_step "${EVAL[@]}"
 rc=$?
 if [ "$rc" -ne 0 ] && stopped_early "linear evaluation" "$rc"; then
     exit 3

@@ -1,16 +1,24 @@
-"""Checkpoints that survive kills and disks: atomic writes, safe loads, RNG state, resume discovery.
+"""Checkpoints that survive kills and disks: atomic writes, safe loads, RNG state, resume discovery, and
+the lock that keeps one run per folder.
 
 A kill at any instant leaves either the previous or the new file, never a torn one (temporary file in
 the same folder, flush + fsync, rename, fsync of the folder). Everything is loaded with
 `torch.load(weights_only=True)`: tensors, numbers, strings, lists and dicts only (plus NumPy float64
 scalars, which the released code's optimizer state holds), so a downloaded or tampered file cannot run
-code.
+code; and the CRC-32 that a checkpoint's zip archive keeps of every record is checked first, so that
+flipped bits inside a tensor are found instead of trained on.
 """
+import errno
+import fcntl
 import glob
+import hashlib
 import os
 import random
 import re
+import socket
+import time
 import uuid
+import zipfile
 
 import numpy as np
 import torch
@@ -23,10 +31,16 @@ class CheckpointError(Exception):
 TMP_SUFFIX = ".tmp"
 
 
+# What a full disk, a quota, a read-only or unwritable folder, or a file-size limit give when writing.
+WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO}
+
+
 def atomic_write(path, write):
     """Call `write(f)` on a binary file that becomes `path` only once complete: a temporary file in the
     same folder (`.<name>.<pid>.<random>.tmp`, permissions as for a plain `open`), flush + fsync, rename
-    over `path`, fsync of the folder. A kill at any instant leaves the old `path` or the new one."""
+    over `path`, fsync of the folder. A kill at any instant leaves the old `path` or the new one. When the
+    disk is full or the folder unwritable, the temporary file is removed and a plain OSError naming `path`
+    is raised (torch.save buries it under its own RuntimeError)."""
     folder = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}{TMP_SUFFIX}")
     try:
@@ -35,15 +49,30 @@ def atomic_write(path, write):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
+    except BaseException as e:
+        try:
             os.unlink(tmp)
+        except OSError:  # never created, or the folder became read-only
+            pass
+        cause = _write_error(e)
+        if cause is not None:
+            raise OSError(cause.errno, cause.strerror, path) from None
         raise
     dir_fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def _write_error(e):
+    """The OSError of a full disk or an unwritable folder in `e` or the exceptions it was raised from."""
+    seen = 0
+    while e is not None and seen < 10:
+        if isinstance(e, OSError) and e.errno in WRITE_ERRNOS:
+            return e
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return None
 
 
 def atomic_save(obj, path):
@@ -79,9 +108,26 @@ def numpy_scalar_globals():
             np.dtype, type(np.dtype(np.float64))]
 
 
+def verify_records(path):
+    """Recompute the CRC-32 that torch's zip format keeps of every record (the pickle and each tensor's
+    bytes); CheckpointError naming the first record that fails. Files in the legacy format (torch < 1.6,
+    e.g. the released checkpoints) carry no checksum and pass, as do archives written with torch's CRC-32
+    switched off (every stored checksum 0)."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            if not any(info.CRC for info in archive.infolist() if info.file_size):
+                return
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError):
+        return  # not a complete zip archive: torch.load says what it is
+    if bad is not None:
+        raise CheckpointError(f"{path}: record {bad} fails its CRC-32 check (the file is corrupted)")
+
+
 def safe_load(path, map_location="cpu"):
-    """torch.load with weights_only=True (and NumPy float64 scalars allowed, `numpy_scalar_globals`); any
-    failure becomes a one-line CheckpointError."""
+    """torch.load with weights_only=True (and NumPy float64 scalars allowed, `numpy_scalar_globals`), after
+    checking the records' CRC-32 (`verify_records`); any failure becomes a one-line CheckpointError."""
+    verify_records(path)
     try:
         with torch.serialization.safe_globals(numpy_scalar_globals()):
             return torch.load(path, map_location=map_location, weights_only=True)
@@ -161,28 +207,111 @@ def find_resume_checkpoint(dump_path, log=print):
                           "move the folder away to start afresh")
 
 
-def prepare_dump_path(dump_path, *subfolders):
-    """Create the run folder (and subfolders), prove it writable (CheckpointError if not) and remove the
-    temporaries of atomic writes that a kill interrupted. Call before any process of the run writes."""
+LOCK_FILE = "run.lock"
+# Files a run writes in its folder: something else in their place (a folder, say) stops the run at start.
+RUN_FILES = ("checkpoint.pth.tar", "params.json", "params.pkl", "stats0.csv", "stats0.pkl", "results.json",
+             "train.log")
+
+
+def lock_run_folder(dump_path, wait_for_dead_holder_s=10.0):
+    """Take an exclusive `flock` on `<dump_path>/run.lock` and hold it for the life of this process (the
+    returned file object; it is released when the process ends, however it ends), so that two runs never
+    write one folder. The file names the holder (host, pid). CheckpointError (one line) when another run
+    holds it. A holder on this host that has died (its DataLoader workers may hold the lock a few seconds
+    longer) is waited for up to `wait_for_dead_holder_s`. On a file system without locks: a warning, no lock."""
+    path = os.path.join(dump_path, LOCK_FILE)
     try:
-        for folder in (dump_path,) + tuple(os.path.join(dump_path, s) for s in subfolders):
-            os.makedirs(folder, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    except OSError as e:
+        raise CheckpointError(f"--dump_path {dump_path!r} is not writable ({e.strerror})") from None
+    lock = os.fdopen(fd, "r+")
+    deadline = time.time() + wait_for_dead_holder_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            break
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read(200).split()
+            if _holder_is_dead(holder) and time.time() < deadline:
+                time.sleep(0.2)
+                continue
+            lock.close()
+            who = f"process {holder[1]} on {holder[0]}" if len(holder) == 2 else "another process"
+            raise CheckpointError(f"{dump_path} is in use by another run ({who} holds {path}); wait for it to "
+                                  "end, or use another --dump_path") from None
+        except OSError as e:
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+                raise
+            print(f"warning: cannot lock {path} ({e.strerror}): nothing keeps another run out of this folder",
+                  flush=True)
+            return lock
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"{socket.gethostname()} {os.getpid()}\n")
+    lock.flush()
+    return lock
+
+
+def _holder_is_dead(holder):
+    """`holder` = [host, pid] from a lock file: True when that process is on this host and has ended."""
+    if len(holder) != 2 or holder[0] != socket.gethostname() or not holder[1].isdigit():
+        return False
+    try:
+        os.kill(int(holder[1]), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:
+        return False
+    return False
+
+
+def prepare_dump_path(dump_path, *subfolders):
+    """Create the run folder, lock it (`lock_run_folder`), prove it writable, check that the run's files
+    are files, and remove the temporaries of atomic writes that a kill interrupted, there and in the
+    existing `subfolders` (only now: under the lock, no other run is writing them). Call on rank 0 before
+    any process of the run writes; returns the lock, to be kept for the life of the run. CheckpointError
+    (one line) otherwise."""
+    try:
+        os.makedirs(dump_path, exist_ok=True)
+    except OSError as e:
+        raise CheckpointError(f"--dump_path {dump_path!r} is not writable ({e.strerror})") from None
+    lock = lock_run_folder(dump_path)
+    try:
         probe = os.path.join(dump_path, f".write_test.{os.getpid()}.{os.urandom(4).hex()}.tmp")
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)
     except OSError as e:
+        lock.close()
         raise CheckpointError(f"--dump_path {dump_path!r} is not writable ({e.strerror})") from None
-    remove_stale_temporaries(dump_path, *(os.path.join(dump_path, s) for s in subfolders))
+    for name in RUN_FILES:
+        path = os.path.join(dump_path, name)
+        if os.path.lexists(path) and not os.path.isfile(path):
+            lock.close()
+            raise CheckpointError(f"{path} is not a regular file (a folder?); move it away")
+    remove_stale_temporaries(dump_path, *(os.path.join(dump_path, s) for s in subfolders
+                                          if os.path.isdir(os.path.join(dump_path, s))))
+    return lock
+
+
+def file_sha256(path, chunk=1 << 20):
+    """Hex SHA-256 of a file's bytes (what binds an evaluation to the checkpoint it evaluates)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 # ------------------------------------------------------------------ training checkpoints
 
 def save_checkpoint(dump_path, epoch, iteration, net, optimizer, np_rng, arch, scaler=None, queue=None,
-                    rank=0, world_size=1, loop=None, copy_path=None):
+                    rank=0, world_size=1, loop=None, copy_path=None, device="cpu"):
     """The released checkpoint (`epoch`, `state_dict` with the `module.` prefix, `optimizer`, `amp`) plus
     what an exact restart needs: `iteration` (0 = epoch boundary), every RNG stream, every rank's queue
-    ("queues": None without one) and `loop` (mid-epoch state). Collective with several processes.
+    ("queues": None without one) and every rank's mid-epoch `loop` state ("loops"; "loop" is rank 0's).
+    Collective with several processes (`device`: where this rank's collectives run).
 
     Rank 0 writes `checkpoint.pth.tar`, and first the epoch copy `copy_path` if asked, so a kill between
     the two never leaves an epoch without its copy; each rank also writes its `queue{rank}.pth` (released)."""
@@ -194,6 +323,7 @@ def save_checkpoint(dump_path, epoch, iteration, net, optimizer, np_rng, arch, s
         else:
             queues = [queue]
         atomic_save({"queue": queue}, os.path.join(dump_path, f"queue{rank}.pth"))
+    loops = None if loop is None else gather_loop_states(loop, world_size, device)
     if rank == 0:
         save_dict = {"epoch": epoch, "iteration": iteration,
                      # clone: the buffers may be views into one flat tensor (see BufferGuard)
@@ -202,8 +332,8 @@ def save_checkpoint(dump_path, epoch, iteration, net, optimizer, np_rng, arch, s
                      "queues": None if queues is None else [q.cpu() for q in queues]}
         if scaler is not None:
             save_dict["amp"] = scaler.state_dict()
-        if loop is not None:
-            save_dict["loop"] = loop
+        if loops is not None:
+            save_dict["loop"], save_dict["loops"] = loops[0], loops
         if copy_path is not None:
             atomic_save(save_dict, copy_path)
         atomic_save(save_dict, os.path.join(dump_path, "checkpoint.pth.tar"))
@@ -211,19 +341,53 @@ def save_checkpoint(dump_path, epoch, iteration, net, optimizer, np_rng, arch, s
         torch.distributed.barrier()
 
 
-class Restart:
-    """What a resumed run continues from (see `restart_from_checkpoint`)."""
+def gather_loop_states(loop, world_size, device="cpu"):
+    """Every rank's mid-epoch state `{"loss_sum": 0-d float32 tensor, "loss_count": int, "queue_in_use":
+    bool}`, in rank order (collective with several processes): each rank resumes its own running loss."""
+    if world_size <= 1:
+        return [loop]
+    mine = torch.tensor([float(loop["loss_sum"]), loop["loss_count"], float(loop["queue_in_use"])],
+                        dtype=torch.float64, device=device)  # float64 holds the float32 sum exactly
+    every = [torch.empty_like(mine) for _ in range(world_size)]
+    torch.distributed.all_gather(every, mine)
+    return [{"loss_sum": torch.tensor(float(t[0]), dtype=torch.float32), "loss_count": int(t[1]),
+             "queue_in_use": bool(t[2])} for t in (x.cpu() for x in every)]
 
-    def __init__(self, path, ckpt):
+
+class Restart:
+    """What a resumed run continues from (see `restart_from_checkpoint`); `rank` picks its own mid-epoch
+    state. CheckpointError for fields that make no sense (a negative epoch or iteration)."""
+
+    def __init__(self, path, ckpt, rank=0):
         self.path = path
-        self.epoch, self.iteration = int(ckpt["epoch"]), int(ckpt.get("iteration", 0))
+        try:
+            self.epoch, self.iteration = int(ckpt["epoch"]), int(ckpt.get("iteration", 0))
+        except (TypeError, ValueError):
+            raise CheckpointError(f"{path}: epoch {ckpt['epoch']!r} / iteration {ckpt.get('iteration')!r} "
+                                  "are not whole numbers") from None
+        if self.epoch < 0 or self.iteration < 0:
+            raise CheckpointError(f"{path}: epoch {self.epoch} / iteration {self.iteration} cannot be negative "
+                                  "(a damaged or foreign checkpoint)")
         self.torch_rng = ckpt["rng"]["torch"] if "rng" in ckpt else None
         self.has_queues = "queues" in ckpt  # our checkpoints say so even when there was no queue
         self.queues = ckpt.get("queues")
-        self.loop = ckpt.get("loop") if self.iteration > 0 else None
+        loops = ckpt.get("loops")
+        own = loops[rank] if isinstance(loops, list) and rank < len(loops) else ckpt.get("loop")
+        self.loop = own if self.iteration > 0 else None
 
 
-def restart_from_checkpoint(dump_path, net, optimizer, scaler=None, np_rng=None, what="the model", log=print):
+def check_optimizer_state(optimizer, path):
+    """Every momentum buffer has its parameter's shape (optimizer.load_state_dict does not check)."""
+    for i, p in enumerate(p for group in optimizer.param_groups for p in group["params"]):
+        buf = optimizer.state.get(p, {}).get("momentum_buffer")
+        if buf is not None and (not isinstance(buf, torch.Tensor) or buf.shape != p.shape):
+            shape = tuple(buf.shape) if isinstance(buf, torch.Tensor) else type(buf).__name__
+            raise CheckpointError(f"{path}: the optimizer's momentum buffer {i} is {shape}, its parameter "
+                                  f"{tuple(p.shape)} (a damaged checkpoint, or one of another model)")
+
+
+def restart_from_checkpoint(dump_path, net, optimizer, scaler=None, np_rng=None, what="the model", log=print,
+                            rank=0):
     """Load the run's checkpoint into `net`, `optimizer` (keeping its own implementation choice, e.g. the
     fused kernel), `scaler` and the RNG streams (like swav's `restart_from_checkpoint`). Returns a
     `Restart`, or None for a fresh run; a checkpoint that does not fit raises a one-line CheckpointError.
@@ -240,11 +404,12 @@ def restart_from_checkpoint(dump_path, net, optimizer, scaler=None, np_rng=None,
         optimizer.load_state_dict(ckpt["optimizer"])
         for group, flags in zip(optimizer.param_groups, impl):
             group.update(flags)
+        check_optimizer_state(optimizer, path)
         if scaler is not None and isinstance(ckpt.get("amp"), dict) and "scale" in ckpt["amp"]:
             scaler.load_state_dict(ckpt["amp"])
         elif scaler is not None and ckpt.get("amp"):  # a released checkpoint: apex's loss-scaler state
             log("apex loss-scaler state in the checkpoint not used: the GradScaler starts afresh")
-        restart = Restart(path, ckpt)
+        restart = Restart(path, ckpt, rank)
         if "rng" in ckpt and np_rng is not None:
             set_rng_state(ckpt["rng"], np_rng)
     except (KeyError, RuntimeError, ValueError, TypeError, AttributeError, IndexError) as e:

@@ -175,9 +175,27 @@ def _class_folders(split_dir):
 
 
 def _image_files(class_dir):
-    """Image files under `class_dir`, in torchvision `make_dataset` order."""
+    """Image files under `class_dir`, in torchvision `make_dataset` order. Links to folders are followed
+    only when they stay inside the class folder and do not loop: one that leads out of it (to another
+    class, say) or back to a folder above it would give other images this class's label (DataError)."""
+    top = os.path.realpath(class_dir)
+    walked = []
+    for root, dirs, fnames in os.walk(class_dir, followlinks=True):
+        here = os.path.realpath(root)
+        for d in dirs:
+            link = os.path.join(root, d)
+            if not os.path.islink(link):
+                continue
+            target = os.path.realpath(link)
+            if not (target == top or target.startswith(top + os.sep)):
+                raise DataError(f"image folder: {link} links to {target}, outside its class folder {class_dir}; "
+                                "remove the link or copy the images in")
+            if here == target or here.startswith(target + os.sep):
+                raise DataError(f"image folder: {link} links to {target}, a folder that contains it (a loop); "
+                                "remove the link")
+        walked.append((root, fnames))
     out = []
-    for root, _, fnames in sorted(os.walk(class_dir, followlinks=True)):
+    for root, fnames in sorted(walked):
         for fname in sorted(fnames):
             if fname.lower().endswith(_IMG_EXTENSIONS):
                 out.append(os.path.join(root, fname))

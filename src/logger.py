@@ -63,8 +63,9 @@ class Stats:
     On restart the rows are read back from the CSV and rows at or past the resumed epoch are dropped,
     so a resumed run's table has each epoch once. An unreadable CSV is reported (`log`), kept aside as
     `{name}.csv.unreadable` and the table starts empty. A folder of the released code has only the
-    pickle: its rows are read with `read_released_stats`; a pickle that this refuses is kept aside as
-    `{name}.pkl.released` (the table then starts empty), never overwritten."""
+    pickle: its rows are read with `read_released_stats` and the original file is first copied to
+    `{name}.pkl.released` (our writes then replace `{name}.pkl`); a pickle that this refuses is moved
+    there (the table then starts empty). The released file is never lost."""
 
     def __init__(self, path_without_ext, columns, resume_before_epoch=None, log=print):
         self.pkl, self.csv = path_without_ext + ".pkl", path_without_ext + ".csv"
@@ -87,7 +88,12 @@ class Stats:
                 os.replace(self.pkl, self.pkl + ".released")
                 log(f"{e}; kept as {self.pkl}.released, the statistics table starts empty")
                 return
-            log(f"{self.pkl}: {len(old)} rows of the released run's statistics read")
+            if not os.path.exists(self.pkl + ".released"):
+                with open(self.pkl, "rb") as f:
+                    original = f.read()
+                atomic_write(self.pkl + ".released", lambda f: f.write(original))
+            log(f"{self.pkl}: {len(old)} rows of the released run's statistics read (the file is kept as "
+                f"{self.pkl}.released)")
         else:
             return
         if "epoch" in old:
@@ -189,12 +195,13 @@ class CurveWriter:
             self.writer = None
 
 
-def save_params(args, dump_path):
+def save_params(args, dump_path, extra=None):
     """`params.pkl` (released) and `params.json` (readable, compared on resume), each replaced atomically.
-    `params.json` also records the run's `provenance` (code version, libraries, device, world size)."""
+    `params.json` also records the run's `provenance` (code version, libraries, device, world size) and
+    the entries of `extra` (e.g. the checkpoint an evaluation evaluates)."""
     atomic_write(os.path.join(dump_path, "params.pkl"), lambda f: pickle.dump(args, f))
     params = dict(params_dict(args), provenance=provenance(getattr(args, "device", "cpu"),
-                                                          getattr(args, "world_size", 1)))
+                                                          getattr(args, "world_size", 1)), **(extra or {}))
     write_json(os.path.join(dump_path, "params.json"), params, indent=1, sort_keys=True)
 
 

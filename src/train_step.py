@@ -207,15 +207,17 @@ class UnmixSwAV:
     # ------------------------------------------------------------------ what the loop reads
 
     def read_meter(self):
-        """The epoch so far, on the host (one device sync): mean loss of the kept steps, kept steps, and
-        per iteration whether the guard undid the step (None without a guard). When steps were undone,
-        the queue's fill is counted again from the tensor."""
+        """The epoch so far, on the host (one device sync): mean loss of the kept steps (NaN when none was
+        kept), kept steps, and per iteration whether the guard undid the step (None without a guard). When
+        steps were undone, the queue's fill is counted again from the tensor."""
         parts = [self.meter] if self.bad_steps is None else [self.meter, self.bad_steps]
         values = torch.cat(parts).tolist()
         bad_steps = values[2:] if self.bad_steps is not None else None
         if bad_steps and any(bad_steps) and self.queue is not None:
             self.queue.recount()
-        return {"loss": values[0] / max(values[1], 1.0), "kept": int(values[1]), "bad_steps": bad_steps}
+        # no kept step (every one non-finite): no mean loss, not 0.0
+        loss = values[0] / values[1] if values[1] > 0 else float("nan")
+        return {"loss": loss, "kept": int(values[1]), "bad_steps": bad_steps}
 
     def loop_state(self):
         """Mid-epoch state for a checkpoint: the epoch's running loss and the queue flag."""

@@ -1,10 +1,21 @@
-"""Small helpers shared by the entry scripts: boolean flags, running averages, seeding."""
+"""Small helpers shared by the entry scripts: boolean flags, one-line errors, running averages, seeding,
+and how an entry script ends (`run_main`)."""
 import argparse
 import random
+import re
 import sys
 
 import numpy as np
 import torch
+import torch.distributed as dist
+
+from .checkpoint import WRITE_ERRNOS
+
+# Exit statuses of the entry scripts besides 0, 2 (bad input, `fail`), 3 (preempted, see
+# src/distributed.PREEMPTED_EXIT_CODE) and 4 (non-finite losses).
+LOST_PEER_EXIT_CODE = 5     # a collective failed: another process of the job died or hung past --dist_timeout
+CANNOT_WRITE_EXIT_CODE = 6  # disk full, read-only or unwritable folder
+INTERRUPTED_EXIT_CODE = 130  # Ctrl-C before the stop-signal handler was installed (128 + SIGINT)
 
 _TRUE = {"on", "true", "1"}
 _FALSE = {"off", "false", "0"}
@@ -44,7 +55,74 @@ def fix_random_seeds(seed):
     random.seed(seed)
 
 
-def fail(msg):
-    """Bad input: one line on stderr, exit status 2, no traceback."""
+def fail(msg, status=2):
+    """Bad input: one line on stderr, exit status 2 (or `status`), no traceback."""
     print(f"error: {msg}", file=sys.stderr, flush=True)
-    sys.exit(2)
+    sys.exit(status)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line (`error: argument --epochs: invalid int value: '2e9' ...`,
+    status 2) instead of the usage block."""
+
+    def error(self, message):
+        fail(f"{message} (see {self.prog} --help)")
+
+
+def check_seed(name, value):
+    """Seeds go to NumPy's RandomState, which takes [0, 2**32)."""
+    if not 0 <= value < 2 ** 32:
+        fail(f"--{name} must be in [0, 2**32), got {value}")
+
+
+def lost_peer(e):
+    """True for the errors of a collective whose peers are gone: a process of the job died (gloo:
+    "Connection closed by peer") or hung past the process group's timeout ("Timed out waiting ...",
+    "Application timeout caused pair closure")."""
+    if isinstance(e, getattr(dist, "DistError", ())):
+        return True
+    return isinstance(e, RuntimeError) and dist.is_available() and dist.is_initialized() and bool(
+        re.search(r"Connection (closed|reset) by peer|Timed out waiting|[Tt]imeout|pair closure|Broken pipe|"
+                  r"NCCL error|gloo", str(e)))
+
+
+def leave_process_group():
+    """Destroy the process group before the process exits (a one-line error, a preemption, a lost peer):
+    left to the interpreter's shutdown, gloo's threads can abort the process ("terminate called without
+    an active exception"), turning status 2 or 3 into 134."""
+    if dist.is_available() and dist.is_initialized():
+        try:
+            dist.destroy_process_group()
+        except Exception:  # a group whose peers are gone: the exit goes on
+            pass
+
+
+def run_main(main):
+    """Run an entry script's `main()`, turning what a user can meet into one line on stderr and a
+    documented status instead of a traceback: a collective that failed because another process died or
+    hung (5), a file that could not be written (6; atomic writes keep the previous complete files), Ctrl-C
+    before the stop-signal handler is installed (130). Anything else keeps its traceback."""
+    try:
+        _run_main(main)
+    finally:
+        leave_process_group()
+
+
+def _run_main(main):
+    try:
+        main()
+    except KeyboardInterrupt:
+        fail("interrupted (SIGINT) during start-up, before anything was trained; nothing to save",
+             INTERRUPTED_EXIT_CODE)
+    except OSError as e:
+        if e.errno not in WRITE_ERRNOS:
+            raise
+        fail(f"cannot write {e.filename or 'a file'}: {e.strerror}; the files written before are complete and "
+             "kept (free some space or fix the permissions, then rerun to resume)", CANNOT_WRITE_EXIT_CODE)
+    except RuntimeError as e:
+        if not lost_peer(e):
+            raise
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        first = re.sub(r"^\[[^\]]*\]\s*", "", first)[:200]
+        fail(f"another process of the job stopped or hung ({first}); see its log. A rerun resumes from the "
+             "last checkpoint", LOST_PEER_EXIT_CODE)

@@ -2,7 +2,8 @@
 
 Usage: python -m torch.distributed.run --nproc_per_node=2 tests/dist_worker_sinkhorn.py OUT_PREFIX
 Joins the group through src.distributed.init_distributed (torchrun variables), takes its slice of a
-fixed score matrix, runs sinkhorn(world_size=2) and writes OUT_PREFIX.rank{r}.pt.
+fixed score matrix, runs sinkhorn(world_size=2), then the start-up agreement helpers on values that
+agree and disagree, and writes OUT_PREFIX.rank{r}.pt.
 """
 import argparse
 import os
@@ -44,8 +45,19 @@ def main():
     if args.rank == 1:
         handler.requested = True  # as if only rank 1 got SIGUSR1
     agreed = handler.should_stop(args.world_size, args.device)
-    torch.save({"env": vars(env), "results": results, "sum": flag.item(), "agreed_stop": agreed},
-               f"{out_prefix}.rank{args.rank}.pt")
+    flags = argparse.Namespace(base_lr=0.6, nmb_crops=[2], rank=args.rank, data_path=f"/node{args.rank}/data")
+    agreement = {
+        "same": D.first_disagreement({"images": 100, "pixels": D.fingerprint(b"same")}, args.world_size),
+        "count": D.first_disagreement({"images": 100 - 10 * args.rank, "pixels": 7}, args.world_size),
+        "hash": D.first_disagreement({"images": 100, "pixels": D.fingerprint(bytes([args.rank]))}, args.world_size),
+        "per_process_flags": D.first_disagreement(D.flag_fingerprints(flags), args.world_size),
+        "flags": D.first_disagreement(D.flag_fingerprints(argparse.Namespace(**dict(
+            vars(flags), base_lr=0.6 + args.rank))), args.world_size),
+        "no_problem": D.first_problem(None, args.world_size),
+        "problem": D.first_problem("refused by rank 1" if args.rank == 1 else None, args.world_size),
+    }
+    torch.save({"env": vars(env), "results": results, "sum": flag.item(), "agreed_stop": agreed,
+                "agreement": agreement}, f"{out_prefix}.rank{args.rank}.pt")
     D.barrier(args.world_size)
     D.cleanup()
 

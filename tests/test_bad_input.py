@@ -6,9 +6,11 @@ the modules are imported (warnings) can hide from the check.
 """
 import json
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.e2e_helpers import EVAL, MAIN, ForkRunner, make_fake_cifar10, run_script, tiny_args
 
@@ -31,11 +33,26 @@ def env(tmp_path_factory):
     (root / "badlayout" / "images" / "a.txt").write_text("not an image")
     (root / "afile").write_text("a regular file: nothing can be created below it")
     (root / "garbage.pth").write_bytes(b"\x00not a checkpoint\n" * 20)
-    for name in ("corrupt_ckpt", "eval_corrupt"):
+    for name in ("corrupt_ckpt", "eval_unknown"):
         (root / name).mkdir()
         (root / name / "checkpoint.pth.tar").write_bytes(b"\x00not a checkpoint\n" * 20)
+    # an evaluation of this checkpoint whose own checkpoint is then damaged
+    script, args = ev(e, dump="eval_corrupt")
+    res = runner.run(script, args, cwd=root)
+    assert res.returncode == 0, res.explain()
+    (root / "eval_corrupt" / "checkpoint.pth.tar").write_bytes(b"\x00not a checkpoint\n" * 20)
     (root / "bad_params").mkdir()
     (root / "bad_params" / "params.json").write_text('{"arch": "resnet18", "epo')
+    # checkpoints whose fields make no sense, in copies of the finished run
+    for name, damage in (("negative_epoch", lambda c: c.update(epoch=-3)),
+                         ("wrong_momentum", lambda c: c["optimizer"]["state"][0].update(
+                             momentum_buffer=torch.zeros(7)))):
+        shutil.copytree(e["prior"], root / name, ignore=shutil.ignore_patterns("checkpoints"))
+        ckpt = torch.load(e["ckpt"], weights_only=True)
+        damage(ckpt)
+        torch.save(ckpt, root / name / "checkpoint.pth.tar")
+    for name in ("ckpt_is_a_folder", "eval_ckpt_is_a_folder"):
+        (root / name / "checkpoint.pth.tar").mkdir(parents=True)
     yield e
     runner.close()
 
@@ -76,9 +93,29 @@ CASES = {
     "eval_num_labels_mismatch": (lambda e: ev(e, "--num_labels", 100), "--num_labels 100 but"),
     "eval_unwritable_dump_path": (lambda e: ev(e, dump="afile/sub"), "is not writable"),
     "eval_corrupt_checkpoint": (lambda e: ev(e, dump="eval_corrupt"), "cannot resume the linear classifier"),
+    "eval_checkpoint_of_unknown_origin": (lambda e: ev(e, dump="eval_unknown"), "without params.json"),
     "eval_global_pooling_off": (lambda e: ev(e, "--global_pooling", "false"), "--global_pooling false"),
+    "negative_seed": (lambda e: pre(e, "--seed", -1), "--seed must be in [0, 2**32), got -1"),
+    "seed_too_large": (lambda e: pre(e, "--seed", 2 ** 32), "--seed must be in [0, 2**32), got 4294967296"),
+    "epochs_not_an_int": (lambda e: pre(e, epochs="2e9"), "argument --epochs: invalid int value: '2e9'"),
+    "epochs_too_many": (lambda e: pre(e, epochs=2_000_000_000), "--epochs 2000000000 is more than 10000"),
+    "knn_k_zero": (lambda e: pre(e, "--knn_k", 0), "--knn_k must be at least 1"),
+    "knn_temperature_zero": (lambda e: pre(e, "--knn_temperature", 0), "--knn_temperature must be positive"),
+    "sinkhorn_iterations_zero": (lambda e: pre(e, "--sinkhorn_iterations", 0), "--sinkhorn_iterations must be at"),
+    "sinkhorn_iterations_negative": (lambda e: pre(e, "--sinkhorn_iterations", -2), "--sinkhorn_iterations must"),
+    "one_prototype": (lambda e: pre(e, "--nmb_prototypes", 1), "--nmb_prototypes must be at least 2"),
+    "zero_dist_timeout": (lambda e: pre(e, "--dist_timeout", 0), "--dist_timeout must be positive"),
+    "checkpoint_negative_epoch": (lambda e: pre(e, dump="negative_epoch"), "epoch -3 / iteration 0 cannot be negative"),
+    "checkpoint_wrong_momentum_shape": (lambda e: pre(e, dump="wrong_momentum"), "momentum buffer 0 is (7,)"),
+    "checkpoint_is_a_folder": (lambda e: pre(e, dump="ckpt_is_a_folder"), "checkpoint.pth.tar is not a regular file"),
+    "eval_checkpoint_is_a_folder": (lambda e: ev(e, dump="eval_ckpt_is_a_folder"), "is not a regular file"),
+    "eval_seed_too_large": (lambda e: ev(e, "--seed", 2 ** 32), "--seed must be in [0, 2**32)"),
+    "eval_epochs_too_many": (lambda e: ev(e, "--epochs", 10 ** 6), "is more than 10000"),
+    "eval_into_the_pretraining_folder": (lambda e: ev(e, dump="prior"), "holds a pretraining run, not a linear"),
+    "pretraining_into_an_evaluation_folder": (lambda e: pre(e, dump="eval_corrupt"),
+                                              "holds a linear evaluation run, not a pretraining"),
 }
-REAL = {"unknown_arch", "eval_num_labels_mismatch"}  # run as a real interpreter
+REAL = {"unknown_arch", "eval_num_labels_mismatch", "epochs_not_an_int"}  # run as a real interpreter
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -96,14 +133,19 @@ def test_bad_input_gives_one_clear_line(env, case):
     assert lines[0].startswith("error: ") and phrase in lines[0], res.explain()
 
 
+def files_and_times(folder):
+    """Modification times of a run folder's files (run.lock names the last run that held it: not compared)."""
+    return {p.name: p.stat().st_mtime_ns for p in Path(folder).rglob("*") if p.name != "run.lock"}
+
+
 def test_dump_holding_other_run_names_what_differs_and_is_left_alone(env):
-    before = {p.name: p.stat().st_mtime_ns for p in env["prior"].iterdir()}
+    before = files_and_times(env["prior"])
     script, args = pre(env, "--base_lr", 0.3, "--nmb_prototypes", 12, dump="prior")
     res = env["runner"].run(script, args, cwd=env["root"])
     line = res.stderr.strip()
     assert res.returncode != 0 and "base_lr: 0.6 -> 0.3" in line and "nmb_prototypes: 10 -> 12" in line, line
     assert "--allow_changed_args true" in line
-    assert {p.name: p.stat().st_mtime_ns for p in env["prior"].iterdir()} == before
+    assert files_and_times(env["prior"]) == before
 
 
 def test_allow_changed_args_resumes_anyway(env):
@@ -122,3 +164,114 @@ def test_mismatched_weights_load_when_explicitly_allowed(env):
     assert res.returncode == 0, res.explain()
     assert "is of different shape in model and provided state dict" in res.stdout
     assert Path(env["root"] / "eval_allowed" / "results.json").is_file()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# an evaluation bound to its checkpoint; one run per folder
+# ----------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("probe", ["released", "cached"])
+def test_evaluation_pointed_at_the_pretraining_folder_writes_nothing(env, probe):
+    before = {p: p.read_bytes() for p in env["prior"].rglob("*") if p.is_file() and p.name != "run.lock"}
+    script, args = ev(env, "--probe", probe, dump="prior")
+    res = env["runner"].run(script, args, cwd=env["root"])
+    assert res.returncode == 2 and "holds a pretraining run, not a linear evaluation" in res.stderr, res.explain()
+    after = {p: p.read_bytes() for p in env["prior"].rglob("*") if p.is_file() and p.name != "run.lock"}
+    assert after == before
+
+
+def test_evaluation_resumes_only_its_own_checkpoint_and_arguments(env):
+    """An evaluation of checkpoint A; then checkpoint B (same path, new content) or another --lr in the same
+    folder is refused, naming the difference; --allow_changed_args true evaluates B afresh there, with
+    A's evaluation moved aside whole. The same command reports the finished evaluation again."""
+    root, runner = env["root"], env["runner"]
+    ckpt = root / "moving" / "checkpoint.pth.tar"
+    ckpt.parent.mkdir()
+    shutil.copy(env["ckpt"], ckpt)
+    folder = root / "moving_linear_eval"
+    script, args = ev(env, dump="moving_linear_eval", pretrained=ckpt)
+    res = runner.run(script, args, cwd=root)
+    assert res.returncode == 0, res.explain()
+    recorded = json.loads((folder / "params.json").read_text())["pretrained_file"]
+    assert recorded["path"] == str(ckpt) and len(recorded["sha256"]) == 64
+    best_a = json.loads((folder / "results.json").read_text())["best_top1"]
+    res = runner.run(script, args, cwd=root)  # the same: reported again, not retrained
+    assert res.returncode == 0 and "Resumed linear evaluation from epoch 1" in res.stdout, res.explain()
+    results_a = (folder / "results.json").read_text()
+    assert json.loads(results_a)["best_top1"] == best_a
+
+    res = runner.run(script, args + ["--lr", 0.05], cwd=root)
+    assert res.returncode == 2 and "holds another evaluation (lr: 0.3 -> 0.05)" in res.stderr, res.explain()
+    other = torch.load(ckpt, weights_only=True)  # a new pretraining at the same path
+    other["state_dict"] = {k: v + 1 if v.is_floating_point() else v for k, v in other["state_dict"].items()}
+    torch.save(other, ckpt)
+    res = runner.run(script, args, cwd=root)
+    assert res.returncode == 2 and f"it evaluated {ckpt} (sha256 {recorded['sha256'][:12]}), now {ckpt}" in res.stderr
+    assert (folder / "results.json").read_text() == results_a
+
+    res = runner.run(script, args + ["--allow_changed_args", "true"], cwd=root)
+    assert res.returncode == 0 and "Resumed" not in res.stdout and "evaluating afresh" in res.stdout, res.explain()
+    kept = next(folder.glob("replaced-*"))
+    assert (kept / "results.json").read_text() == results_a
+    assert {p.name for p in kept.iterdir()} >= {"checkpoint.pth.tar", "params.json", "stats0.csv", "stats0.pkl"}
+    assert json.loads((folder / "params.json").read_text())["pretrained_file"]["sha256"] != recorded["sha256"]
+
+
+@pytest.mark.parametrize("which", ["pretraining", "linear", "semisup"])
+def test_a_folder_in_use_is_refused_at_once(env, which):
+    """Another run holds the folder's lock: a second run exits 2 before touching any file (the holder's
+    temporary file stays)."""
+    from src.checkpoint import lock_run_folder
+    from tests.e2e_helpers import REPO
+    folder = env["root"] / f"busy_{which}"
+    folder.mkdir()
+    held = lock_run_folder(str(folder))
+    stale = folder / ".checkpoint.pth.tar.999.0a1b2c3d.tmp"
+    stale.write_bytes(b"the holder is writing this")
+    try:
+        if which == "pretraining":
+            script, args = pre(env, dump=folder.name)
+        elif which == "linear":
+            script, args = ev(env, dump=folder.name)
+        else:
+            script = REPO / "eval_semisup.py"
+            args = ["--data_path", env["data"], "--dump_path", folder, "--arch", "resnet18", "--width_per_group", 8,
+                    "--pretrained", env["ckpt"], "--workers", 0]
+        res = env["runner"].run(script, args, cwd=env["root"])
+    finally:
+        held.close()
+    assert res.returncode == 2, res.explain()
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "is in use by another run" in lines[0], res.explain()
+    assert sorted(p.name for p in folder.iterdir()) == [stale.name, "run.lock"]
+
+
+def test_a_second_pretraining_on_a_running_folder_stops_and_the_first_finishes(env):
+    from tests.e2e_helpers import pid_alive, wait_for_log
+    script, args = pre(env, "--log_freq", 1, dump="running", epochs=2)
+    first = env["runner"].start(script, args, cwd=env["root"])
+    wait_for_log(env["root"] / "running" / "train.log", "Epoch: [0][1/6]", alive=lambda: pid_alive(first.pid))
+    second = env["runner"].run(script, args, cwd=env["root"])
+    assert second.returncode == 2 and f"process {first.pid} on" in second.stderr, second.explain()
+    res = env["runner"].wait(first)
+    assert res.returncode == 0 and "Pretraining done" in res.stdout, res.explain()
+    assert pd_rows(env["root"] / "running") == [0, 1]
+
+
+def pd_rows(dump):
+    import pandas as pd
+    return pd.read_csv(Path(dump) / "stats0.csv")["epoch"].tolist()
+
+
+def test_sigint_saves_and_stops_like_sigterm(env):
+    """Ctrl-C during training: a checkpoint at the next iteration, status 3, no traceback."""
+    from tests.e2e_helpers import pid_alive, wait_for_log
+    script, args = pre(env, "--log_freq", 1, dump="interrupted", epochs=2)
+    h = env["runner"].start(script, args, cwd=env["root"])
+    wait_for_log(env["root"] / "interrupted" / "train.log", "Epoch: [0][1/6]", alive=lambda: pid_alive(h.pid))
+    from tests.e2e_helpers import kill
+    kill(h.pid, signal.SIGINT)
+    res = env["runner"].wait(h)
+    assert res.returncode == 3 and "Traceback" not in res.stderr + res.stdout, res.explain()
+    assert "Preempted (signal 2): checkpoint saved at epoch 0" in res.stdout
+    assert torch.load(env["root"] / "interrupted" / "checkpoint.pth.tar", weights_only=True)["iteration"] >= 2

@@ -1,6 +1,9 @@
 """Atomic saves, safe loads, RNG state, resume discovery; the resumable distributed sampler."""
 import os
 import random
+import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -279,3 +282,135 @@ def test_sampler_set_epoch_changes_order_and_resets_start():
     e1 = list(s)
     assert len(e0) == 40 and sorted(e0) == list(range(40))
     assert e0 != e1 and sorted(e1) == sorted(e0)
+
+
+# ---------------------------------------------------------------- integrity: CRC-32 of every record
+
+def flip_a_bit_inside(path, tensor):
+    """Flip the lowest bit of one element of `tensor`'s bytes where the file stores them."""
+    data = bytearray(path.read_bytes())
+    at = data.find(tensor.numpy().tobytes()[16:24])
+    assert at > 0
+    data[at] ^= 1
+    path.write_bytes(bytes(data))
+
+
+def test_flipped_bit_inside_a_tensor_is_found_and_the_epoch_copy_used(tmp_path):
+    weights = torch.linspace(-1, 1, 64)
+    ckpt = {"epoch": 3, "state_dict": {"w": weights}, "optimizer": {}}
+    atomic_save(ckpt, str(tmp_path / "checkpoint.pth.tar"))
+    write_epoch_copy(tmp_path, 2)
+    flip_a_bit_inside(tmp_path / "checkpoint.pth.tar", weights)
+    # torch itself loads it, one weight slightly off: what the check is for
+    loaded = torch.load(tmp_path / "checkpoint.pth.tar", weights_only=True)["state_dict"]["w"]
+    assert not torch.equal(loaded, weights) and torch.allclose(loaded, weights)
+    assert_one_line_error(tmp_path / "checkpoint.pth.tar", "fails its CRC-32 check")
+    logs = []
+    path, found = find_resume_checkpoint(str(tmp_path), log=logs.append)
+    assert path.endswith("ckp-2.pth") and found["epoch"] == 2
+    assert "CRC-32" in logs[0] and "resuming from the epoch copy" in logs[1]
+
+
+def test_legacy_format_without_checksums_still_loads(tmp_path):
+    """The released code's torch wrote the pre-zip format, which keeps no checksum."""
+    path = tmp_path / "released.pth.tar"
+    torch.save(good_ckpt(7), str(path), _use_new_zipfile_serialization=False)
+    assert safe_load(str(path))["epoch"] == 7
+
+
+# ---------------------------------------------------------------- checkpoint fields
+
+def tiny_training_state():
+    net = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9)
+    net(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    return net, opt
+
+
+@pytest.mark.parametrize("damage, match", [
+    (lambda c: c.update(epoch=-1), "epoch -1 / iteration 0 cannot be negative"),
+    (lambda c: c.update(iteration=-5), "cannot be negative"),
+    (lambda c: c.update(epoch="two"), "are not whole numbers"),
+    (lambda c: c["optimizer"]["state"][0].update(momentum_buffer=torch.zeros(5)), "momentum buffer 0 is (5,)"),
+])
+def test_checkpoint_fields_that_make_no_sense_are_one_line_errors(tmp_path, damage, match):
+    net, opt = tiny_training_state()
+    ckpt = {"epoch": 2, "iteration": 0, "state_dict": net.state_dict(), "optimizer": opt.state_dict()}
+    damage(ckpt)
+    atomic_save(ckpt, str(tmp_path / "checkpoint.pth.tar"))
+    fresh_net, fresh_opt = tiny_training_state()
+    with pytest.raises(CheckpointError, match=re.escape(match)) as info:
+        ck.restart_from_checkpoint(str(tmp_path), fresh_net, fresh_opt, log=lambda m: None)
+    assert "\n" not in str(info.value)
+
+
+def test_every_rank_resumes_its_own_mid_epoch_loss(tmp_path):
+    net, opt = tiny_training_state()
+    loops = [{"loss_sum": torch.tensor(1.5), "loss_count": 3, "queue_in_use": False},
+             {"loss_sum": torch.tensor(7.25), "loss_count": 3, "queue_in_use": True}]
+    atomic_save({"epoch": 0, "iteration": 3, "state_dict": net.state_dict(), "optimizer": opt.state_dict(),
+                 "loop": loops[0], "loops": loops}, str(tmp_path / "checkpoint.pth.tar"))
+    for rank in (0, 1):
+        restart = ck.restart_from_checkpoint(str(tmp_path), *tiny_training_state(), log=lambda m: None, rank=rank)
+        assert float(restart.loop["loss_sum"]) == float(loops[rank]["loss_sum"])
+        assert restart.loop["queue_in_use"] is loops[rank]["queue_in_use"]
+
+
+# ---------------------------------------------------------------- one run per folder
+
+def test_a_locked_folder_is_refused_before_anything_is_touched(tmp_path):
+    held = ck.prepare_dump_path(str(tmp_path))
+    stale = tmp_path / ".checkpoint.pth.tar.12345.0a1b2c3d.tmp"  # as if the holder were writing it
+    stale.write_bytes(b"being written")
+    with pytest.raises(CheckpointError) as info:
+        ck.prepare_dump_path(str(tmp_path))
+    msg = str(info.value)
+    assert "\n" not in msg and "in use by another run" in msg and f"process {os.getpid()} on " in msg
+    assert stale.exists(), "a refused run removed the holder's temporary file"
+    held.close()  # what the end of the holding process does
+    lock = ck.prepare_dump_path(str(tmp_path))
+    assert not stale.exists()
+    assert (tmp_path / "run.lock").read_text().split()[1] == str(os.getpid())
+    lock.close()
+
+
+def test_the_lock_goes_with_its_process(tmp_path):
+    """A holder that was killed leaves the lock free at once (the kernel drops it with the process)."""
+    code = (f"import sys, time; sys.path.insert(0, {str(ck.__file__.rsplit('/src/', 1)[0])!r}); "
+            f"from src.checkpoint import lock_run_folder; lock = lock_run_folder({str(tmp_path)!r}); "
+            "print('locked', flush=True); time.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        with pytest.raises(CheckpointError, match=f"process {proc.pid} on "):
+            ck.lock_run_folder(str(tmp_path), wait_for_dead_holder_s=0)
+    finally:
+        proc.kill()
+        proc.wait()
+    ck.lock_run_folder(str(tmp_path)).close()
+
+
+@pytest.mark.parametrize("name", ["checkpoint.pth.tar", "params.json", "stats0.csv"])
+def test_a_folder_in_place_of_a_run_file_stops_at_start(tmp_path, name):
+    (tmp_path / name).mkdir()
+    with pytest.raises(CheckpointError, match=f"{name} is not a regular file"):
+        ck.prepare_dump_path(str(tmp_path))
+    ck.lock_run_folder(str(tmp_path)).close()  # the refused run let go of the lock
+
+
+def test_a_full_disk_is_one_plain_error_and_leaves_the_old_file(tmp_path):
+    """A file-size limit (what a full disk looks like to a writer): torch.save's RuntimeError becomes the
+    OSError naming the file, no temporary file stays, the old checkpoint is intact. In a child process,
+    whose limit goes with it."""
+    path = tmp_path / "checkpoint.pth.tar"
+    atomic_save(good_ckpt(1), str(path))
+    before = path.read_bytes()
+    code = ("import resource, sys, torch; sys.path.insert(0, sys.argv[1]); from src.checkpoint import atomic_save\n"
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (20000, resource.RLIM_INFINITY))\n"
+            "try:\n    atomic_save({'w': torch.zeros(100000)}, sys.argv[2])\n"
+            "except OSError as e:\n    print(e.errno, e.strerror, e.filename, e.__suppress_context__)\n")
+    out = subprocess.run([sys.executable, "-c", code, ck.__file__.rsplit("/src/", 1)[0], str(path)],
+                         capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["27", "File", "too", "large", str(path), "True"], out.stdout + out.stderr
+    assert os.listdir(tmp_path) == ["checkpoint.pth.tar"] and path.read_bytes() == before

@@ -1,5 +1,7 @@
 """src/data.py: CIFAR pickles (torchvision's format), keywords, image folders, transforms."""
+import os
 import pickle
+import shutil
 
 import numpy as np
 import pytest
@@ -270,6 +272,27 @@ def test_image_folder_jpg_and_errors(tmp_path):
     with pytest.raises(DataError) as e:
         load_split(root, train=True)
     assert "no image files" in _one_line_error(e)
+
+
+def test_image_folder_links_out_of_a_class_or_in_a_loop_are_refused(tmp_path):
+    """A link to a folder is followed inside its class folder; one that leads to another class (the
+    images would take this class's label) or loops back above itself stops with one line."""
+    root = write_image_folder(tmp_path, 2, 1, classes=("a", "b"), fmt="png")
+    (root / "train" / "a" / "more").mkdir()
+    write_image_folder(tmp_path / "extra", 1, 1, classes=("a",), fmt="png")
+    shutil.copy(tmp_path / "extra" / "train" / "a" / "0000.png", root / "train" / "a" / "more" / "x.png")
+    os.symlink("more", root / "train" / "a" / "alias")  # inside the class folder: followed, as torchvision does
+    images, labels, _ = load_split(root, train=True)
+    assert labels.tolist() == [0, 0, 0, 0, 1, 1]
+    for name, target, phrase in (("loop", "..", "outside its class folder"),  # a/loop -> train/: all classes
+                                 ("self", ".", "a folder that contains it (a loop)"),
+                                 ("other", "../b", "outside its class folder")):
+        link = root / "train" / "a" / "more" / name if name == "self" else root / "train" / "a" / name
+        os.symlink(target, link)
+        with pytest.raises(DataError) as e:
+            load_split(root, train=True)
+        assert phrase in _one_line_error(e) and str(link) in str(e.value)
+        link.unlink()
 
 
 # ------------------------------------------------------------------------------------------------

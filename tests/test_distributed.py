@@ -7,6 +7,7 @@ import socket
 import stat
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -319,6 +320,65 @@ def test_preemption_flag_from_signal(sig):
     assert signal.getsignal(sig) == before
 
 
+def test_sigint_is_a_stop_signal_too():
+    h = D.PreemptionHandler().install()
+    try:
+        os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: a flag, no KeyboardInterrupt
+        for _ in range(100):
+            if h.requested:
+                break
+        assert h.requested and h.signum == signal.SIGINT
+    finally:
+        h.uninstall()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+# A process whose main thread is blocked in C code, as in a collective whose peer is gone: Python signal
+# handlers set the flag but the loop never gets to read it.
+BLOCKED = """import os, sys; sys.path.insert(0, sys.argv[1])
+from src.distributed import PreemptionHandler
+PreemptionHandler(grace_s=float(sys.argv[2])).install()
+r, w = os.pipe()
+print("blocked", flush=True)
+os.read(r, 1)
+"""
+
+
+def _blocked_process(grace_s):
+    proc = subprocess.Popen([sys.executable, "-c", BLOCKED, ROOT, str(grace_s)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "blocked"
+    return proc
+
+
+def test_a_blocked_process_stops_after_the_grace_period():
+    proc = _blocked_process(1.0)
+    t0 = time.time()
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == D.PREEMPTED_EXIT_CODE and 0.9 < time.time() - t0 < 10
+    assert err.strip().splitlines() == ["error: not stopped 1 s after SIGTERM (blocked waiting for another "
+                                        "process?): stopped at once, without a new checkpoint (a rerun resumes "
+                                        "from the last one, if any)"]
+
+
+def test_a_second_signal_stops_at_once_and_a_copy_of_the_first_does_not():
+    proc = _blocked_process(120.0)
+    try:
+        proc.send_signal(signal.SIGINT)
+        time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)  # the same Ctrl-C, forwarded by the launching shell
+        time.sleep(1.5)
+        assert proc.poll() is None, "a copy of the first signal counted as a second one"
+        t0 = time.time()
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == D.PREEMPTED_EXIT_CODE and time.time() - t0 < 5
+    assert err.startswith("error: SIGTERM received again: stopped at once") and len(err.splitlines()) == 1
+
+
 def test_requeue_outside_slurm_is_false():
     assert D.PreemptionHandler().requeue(environ={}) is False
 
@@ -352,7 +412,8 @@ def test_requeue_failure_is_false(tmp_path, monkeypatch, capsys):
 def test_worker_helper_ignores_signals():
     code = ("import os, signal, sys; sys.path.insert(0, sys.argv[1]);"
             "from src.distributed import ignore_preemption_signals_in_worker as f; f(0);"
-            "os.kill(os.getpid(), signal.SIGUSR1); os.kill(os.getpid(), signal.SIGTERM); print('alive')")
+            "os.kill(os.getpid(), signal.SIGUSR1); os.kill(os.getpid(), signal.SIGTERM); "
+            "os.kill(os.getpid(), signal.SIGINT); print('alive')")
     r = subprocess.run([sys.executable, "-c", code, ROOT], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "alive" in r.stdout, r.stderr
 
@@ -397,3 +458,105 @@ def test_two_process_sinkhorn_equals_one_process(tmp_path):
                             "source": "torchrun"}
         assert o["sum"] == 3.0
         assert o["agreed_stop"] is True  # only rank 1 was flagged; both stop
+    # start-up agreement: every rank gets the same one-line verdict
+    a, b = (o["agreement"] for o in outs)
+    assert a == b
+    assert a["same"] is None and a["per_process_flags"] is None and a["no_problem"] is None
+    assert a["count"].startswith("the processes disagree on images (rank 0: 100, rank 1: 90)")
+    assert a["hash"].startswith("the processes disagree on pixels (rank 1 differs from rank 0)")
+    assert a["flags"].startswith("the processes disagree on --base_lr")
+    assert a["problem"] == "refused by rank 1"
+
+
+# --------------------------------------------------------------------------------------------------
+# 2 processes of the pretraining script (started one by one, as on two nodes): they agree or stop
+# --------------------------------------------------------------------------------------------------
+
+def _two_ranks(tmp_path, args_of_rank, tag):
+    """Start `main_swav_unmix.py` as ranks 0 and 1 of one job (file:// rendezvous); returns the processes."""
+    from tests.e2e_helpers import MAIN, RUN_ENV
+    env = {k: v for k, v in RUN_ENV.items()
+           if not k.startswith("SLURM_") and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
+                                                       "MASTER_PORT")}
+    store = tmp_path / f"rendezvous_{tag}"
+    return [subprocess.Popen([sys.executable, str(MAIN), *map(str, args_of_rank(r)), "--dist_url", f"file://{store}",
+                              "--world_size", "2", "--rank", str(r)], cwd=tmp_path, env=env, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE) for r in range(2)]
+
+
+def _finish(procs, timeout=180):
+    outs = [p.communicate(timeout=timeout) for p in procs]
+    return [(p.returncode, out, err) for p, (out, err) in zip(procs, outs)]
+
+
+@pytest.fixture(scope="module")
+def data10(tmp_path_factory):
+    from tests.e2e_helpers import make_fake_cifar10
+    from tests.fake_cifar import write_cifar10
+    root = tmp_path_factory.mktemp("two_ranks")
+    make_fake_cifar10(root / "c10")
+    write_cifar10(root / "c10_fewer", n_train_per_batch=16, n_test=20)  # a node-local copy with 80 images
+    return root
+
+
+def _tiny(data, dump, *extra):
+    from tests.e2e_helpers import tiny_args
+    return tiny_args(data, dump, 1, "--batch_size", 8, "--log_freq", 1, *extra)
+
+
+@pytest.mark.slow
+def test_ranks_given_different_data_stop_at_start_with_one_line(data10, tmp_path):
+    procs = _two_ranks(tmp_path, lambda r: _tiny(data10 / ("c10" if r == 0 else "c10_fewer"), tmp_path / "run"), "data")
+    for rc, out, err in _finish(procs):
+        assert rc == 2, err[-2000:]
+        assert err.strip().splitlines() == [
+            "error: the processes disagree on the number of training images (rank 0: 100, rank 1: 80); every "
+            "process needs the same arguments and the same data"], err
+    assert not (tmp_path / "run" / "checkpoint.pth.tar").exists()
+
+
+@pytest.mark.slow
+def test_a_stopped_rank_ends_the_job_after_the_timeout(data10, tmp_path):
+    """Rank 1 is SIGSTOPped mid-epoch: rank 0 waits in its collective for --dist_timeout seconds, then
+    stops with one line and status 5 instead of hanging."""
+    from tests.e2e_helpers import wait_for_log
+    procs = _two_ranks(tmp_path, lambda r: _tiny(data10 / "c10", tmp_path / "run", "--dist_timeout", 5), "stop")
+    try:
+        wait_for_log(tmp_path / "run" / "train.log", "Epoch: [0][1/6]", alive=lambda: procs[0].poll() is None)
+        procs[1].send_signal(signal.SIGSTOP)
+        t0 = time.time()
+        rc, _, err = _finish(procs[:1], timeout=120)[0]
+        waited = time.time() - t0
+    finally:
+        procs[1].send_signal(signal.SIGKILL)
+        procs[1].send_signal(signal.SIGCONT)
+        procs[1].communicate()
+    assert rc == 5 and 3 < waited < 60, (rc, waited, err[-2000:])
+    errors = [ln for ln in err.splitlines() if ln.startswith("error:")]  # besides torch's DDP warning
+    assert "Traceback" not in err and len(errors) == 1, err
+    assert errors[0].startswith("error: another process of the job stopped or hung ("), err
+    assert "Timed out" in errors[0] or "timeout" in errors[0], err  # gloo words it either way
+
+
+@pytest.mark.slow
+def test_after_sigterm_of_one_rank_both_save_and_resume_their_own_statistics(data10, tmp_path):
+    """SIGTERM to rank 0 only, mid-epoch: both ranks agree, save and exit 3; the rerun finishes the epoch,
+    and each rank's stats file holds its own loss, the uninterrupted run's to the bit."""
+    from tests.e2e_helpers import wait_for_log
+    args = lambda dump: (lambda r: _tiny(data10 / "c10", tmp_path / dump, "--preempt_check_freq", 1))  # noqa: E731
+    for rc, _, err in _finish(_two_ranks(tmp_path, args("reference"), "ref")):
+        assert rc == 0, err[-2000:]
+    procs = _two_ranks(tmp_path, args("stopped"), "stop")
+    wait_for_log(tmp_path / "stopped" / "train.log", "Epoch: [0][2/6]", alive=lambda: procs[0].poll() is None)
+    procs[0].send_signal(signal.SIGTERM)
+    for rc, _, err in _finish(procs):
+        assert rc == D.PREEMPTED_EXIT_CODE, err[-2000:]
+    saved = torch.load(tmp_path / "stopped" / "checkpoint.pth.tar", weights_only=True)
+    assert 3 <= saved["iteration"] < 6 and [lp["loss_count"] for lp in saved["loops"]] == [saved["iteration"]] * 2
+    for rc, _, err in _finish(_two_ranks(tmp_path, args("stopped"), "resume")):
+        assert rc == 0, err[-2000:]
+    import pandas as pd
+    for rank in (0, 1):
+        ref = pd.read_csv(tmp_path / "reference" / f"stats{rank}.csv")["loss"].tolist()
+        assert pd.read_csv(tmp_path / "stopped" / f"stats{rank}.csv")["loss"].tolist() == ref
+    assert pd.read_csv(tmp_path / "reference" / "stats0.csv")["loss"].tolist() != ref  # each rank its own

@@ -165,8 +165,13 @@ def test_resume_after_preemption_is_bit_exact(env):
     assert json.loads((env["root"] / "whole" / "results.json").read_text())["last_top1"] == sa["prec1_val"].iloc[-1]
     res = env["runner"].run(SEMISUP, args_a + ["--labels_perc", "1"], cwd=env["root"])
     assert res.returncode == 2 and "labels_perc: '10' -> '1'" in res.stderr, res.explain()
-    res = env["runner"].run(SEMISUP, args_a + ["--subset_seed", 1, "--allow_changed_args", "true"], cwd=env["root"])
-    assert res.returncode == 2 and "records another labelled subset" in res.stderr, res.explain()
+    # allowed: the earlier fine-tuning moves to replaced-<time>/ whole, and this one starts afresh
+    before = {p.name: p.read_bytes() for p in (env["root"] / "whole").iterdir() if p.is_file() and p.name != "train.log"}
+    res = run_ok(env, args_a + ["--subset_seed", 1, "--allow_changed_args", "true"])
+    assert "Resumed" not in res.stdout and "fine-tuning afresh" in res.stdout
+    kept = next((env["root"] / "whole").glob("replaced-*"))
+    assert {p.name: p.read_bytes() for p in kept.iterdir()} == {k: v for k, v in before.items() if k != "run.lock"}
+    assert json.loads((env["root"] / "whole" / "labelled_subset.json").read_text())["subset_seed"] == 1
 
 
 @pytest.mark.parametrize("layout", ["image_folder", "cifar100"])
@@ -211,7 +216,7 @@ def bad(env):
     data = write_image_folder(root / "uneven", 60, 2, classes=("cat", "dog", "frog"), fmt="png")
     for f in sorted((data / "train" / "frog").iterdir())[2:]:
         f.unlink()  # 60 + 60 + 2 images: 10 % takes 4 of each class
-    (root / "corrupt").mkdir()
+    run_ok(env, semisup_args(env, "corrupt", epochs=1))  # a fine-tuning whose checkpoint is then damaged
     (root / "corrupt" / "checkpoint.pth.tar").write_bytes(b"\x00not a checkpoint\n" * 20)
     (root / "afile").write_text("a regular file: nothing can be created below it")
     return {"uneven": data}
@@ -227,8 +232,11 @@ BAD = {
     "class_too_small": (lambda e, b: semisup_args(e, "x", data=b["uneven"], pretrained=""),
                         "class 2 has 2 training images, fewer than the 4 per class"),
     "missing_data": (lambda e, b: semisup_args(e, "x", data=e["root"] / "nothing"), "does not exist"),
-    "corrupt_checkpoint": (lambda e, b: semisup_args(e, "corrupt"), "no readable checkpoint"),
+    "corrupt_checkpoint": (lambda e, b: semisup_args(e, "corrupt", epochs=1), "no readable checkpoint"),
     "unwritable_dump_path": (lambda e, b: semisup_args(e, "afile/sub"), "is not writable"),
+    "into_the_pretraining_folder": (lambda e, b: semisup_args(e, "pre"),
+                                    "holds a pretraining run, not a semi-supervised fine-tuning"),
+    "seed_too_large": (lambda e, b: semisup_args(e, "x", "--seed", 2 ** 32), "--seed must be in [0, 2**32)"),
 }
 
 

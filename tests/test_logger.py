@@ -84,6 +84,7 @@ def test_resume_reads_the_released_stats_pickle(tmp_path, writer):
         released_style_stats(base + ".pkl", RELEASED_STATS_ROWS)
     else:
         Path(base + ".pkl").write_bytes(RELEASED_STATS_PKL.read_bytes())
+    original = Path(base + ".pkl").read_bytes()
     logs = []
     s = Stats(base, COLUMNS, resume_before_epoch=2, log=logs.append)  # the checkpoint says 2 epochs done
     assert s.df["epoch"].tolist() == [0, 1] and s.df["loss"].tolist() == [9.2575, 9.0178]
@@ -93,6 +94,8 @@ def test_resume_reads_the_released_stats_pickle(tmp_path, writer):
     for df in (pd.read_csv(base + ".csv"), pd.read_pickle(base + ".pkl")):
         assert list(df.columns) == COLUMNS
         assert df["epoch"].tolist() == [0, 1, 2] and df["loss"].tolist() == [9.2575, 9.0178, 8.5]
+    # the released file itself, with its row of epoch 2, is kept as it was
+    assert Path(base + ".pkl.released").read_bytes() == original and "stats0.pkl.released" in logs[0]
 
 
 def test_released_stats_reader_refuses_other_pickles(tmp_path):

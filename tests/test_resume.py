@@ -443,3 +443,61 @@ def test_resuming_reads_no_pickle_from_the_run_folder():
             assert not re.search(pattern, src), f"{name} matches {pattern}"
     main_src = (REPO / "main_swav_unmix.py").read_text()
     assert "params.pkl" not in main_src and "stats0.pkl" not in main_src
+
+
+# ----------------------------------------------------------------------------------------------------------
+# exact on every path; records that tell the truth; a full disk
+# ----------------------------------------------------------------------------------------------------------
+
+def test_batched_crops_preempted_mid_epoch_resume_bit_exact(work, data, runner):
+    """--augment batched: the crops of a chunk of iterations come from a generator seeded per chunk, so a
+    run preempted inside a chunk (SIGTERM) resumes with the very crops of the uninterrupted run."""
+    ref, dump = work / "batched_ref", work / "batched_preempted"
+    res = runner.run(MAIN, tiny_args(data, ref, 2, "--augment", "batched"), cwd=work)
+    assert res.returncode == 0, res.explain()
+    args = tiny_args(data, dump, 2, "--augment", "batched", "--log_freq", 1)
+    h = runner.start(MAIN, args, cwd=work)
+    wait_for_log(dump / "train.log", "Epoch: [0][1/6]", alive=lambda: pid_alive(h.pid))
+    kill(h.pid, signal.SIGTERM)
+    res = runner.wait(h)
+    assert res.returncode == PREEMPTED_EXIT_CODE, res.explain()
+    ck = load(dump)
+    assert ck["epoch"] * ITERS + ck["iteration"] < 2 * ITERS and ck["iteration"] % 8 != 0  # inside a chunk of 8
+    res = runner.run(MAIN, args, cwd=work)
+    assert res.returncode == 0 and f"iteration {ck['iteration']}." in res.stdout, res.explain()
+    assert_same_run(dump, ref)
+
+
+def test_an_epoch_without_a_finite_step_is_recorded_as_nan(work, data, runner):
+    """A Sinkhorn epsilon of 1e-30 overflows from the first step: no step is kept. The epoch's loss is NaN
+    (not 0.0), and nothing promises a checkpoint, for there is none."""
+    dump = work / "all_nonfinite"
+    res = runner.run(MAIN, tiny_args(data, dump, 1, "--epsilon", 1e-30, "--max_nonfinite_steps", 100), cwd=work)
+    assert res.returncode == 4, res.explain()
+    assert "Epoch 0: no finite step, its loss is recorded as NaN" in res.stdout
+    assert stats(dump)["loss"].isna().tolist() == [True]
+    line = one_line(res)
+    assert "no checkpoint was written yet" in line and "kept" not in line, line
+    assert not (dump / "checkpoint.pth.tar").exists()
+
+
+def test_a_full_disk_is_one_line_and_the_last_checkpoint_is_intact(work, data, stopped):
+    """A file-size limit (what a full disk looks like to the writer) hits the checkpoint of epoch 1: one
+    line, status 6, no temporary file, and the checkpoint of epoch 0 unchanged; without the limit the same
+    command resumes."""
+    import resource
+    import subprocess
+    import sys
+    from tests.e2e_helpers import RUN_ENV
+    dump = copy_run(stopped[0], work / "disk_full")
+    before = file_state(dump / "checkpoint.pth.tar")
+    limit = (dump / "checkpoint.pth.tar").stat().st_size // 2
+    p = subprocess.run([sys.executable, str(MAIN), *map(str, tiny_args(data, dump, 2))], cwd=work, env=RUN_ENV,
+                       capture_output=True, text=True, timeout=300,
+                       preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit)))
+    assert p.returncode == 6, p.stdout[-2000:] + p.stderr[-2000:]
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: cannot write ") and "File too large" in lines[0], p.stderr
+    assert file_state(dump / "checkpoint.pth.tar") == before
+    leftovers = [q.name for q in list(dump.glob(".*")) + list((dump / "checkpoints").glob(".*"))]
+    assert not leftovers, leftovers

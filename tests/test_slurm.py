@@ -9,6 +9,7 @@ pytest with -s to see them).
 import os
 import re
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -30,7 +31,8 @@ RELEASED_PRETRAIN = ("--arch resnet18 --hidden_mlp 512 --data_path {data} --min_
                      "--dump_path ./experiments/unmix_swav_cifar_128_resnet18_400ep_100prot_{data}")
 RELEASED_EVAL = ("--num_labels {labels} --crop_size 32 --workers 2 --arch resnet18 --data_path {data} --epochs 100 "
                  "--pretrained ./experiments/unmix_swav_cifar_128_resnet18_400ep_100prot_{data}/checkpoint.pth.tar "
-                 "--dump_path ./experiments/unmix_swav_cifar_128_resnet18_400ep_100prot_{data}_linear_eval")
+                 "--dump_path ./experiments/unmix_swav_cifar_128_resnet18_400ep_100prot_{data}_linear_eval "
+                 "--allow_changed_args true")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -100,11 +102,12 @@ def test_script_environment_overrides(fake):
         assert part in pre
     assert pre.endswith("--nmb_prototypes 10")   # extra flags come last, so they win in argparse
     assert ev.endswith(f"--epochs 3 --pretrained {dump}/checkpoint.pth.tar --dump_path {dump}_linear_eval "
-                       "--batch_size 4")
+                       "--allow_changed_args true --batch_size 4")
     run1 = os.path.join(os.path.dirname(fake.code), "runs", "run1")
     r, calls = fake(EXPERIMENT_PATH=run1 + "/")
     assert calls[0].endswith(f"--dump_path {run1}")
-    assert calls[1].endswith(f"--pretrained {run1}/checkpoint.pth.tar --dump_path {run1}_linear_eval")
+    assert calls[1].endswith(f"--pretrained {run1}/checkpoint.pth.tar --dump_path {run1}_linear_eval "
+                             "--allow_changed_args true")
 
 
 @pytest.mark.parametrize("script", ["c10", "c100"])
@@ -149,10 +152,67 @@ def test_script_exit_status_says_which_step(fake, pre_rc, eval_rc, expected, n_c
 
 @pytest.mark.parametrize("env, match", [({"EPOCHS": "ten"}, "EPOCHS"), ({"RUN_SWAV": "maybe"}, "RUN_SWAV"),
                                         ({"BATCH_SIZE": "0"}, "BATCH_SIZE"), ({"NPROC": "-1"}, "NPROC"),
-                                        ({"CODE_DIR": "/nonexistent"}, "main_swav_unmix.py not found")])
+                                        ({"CODE_DIR": "/nonexistent"}, "main_swav_unmix.py not found"),
+                                        ({"EVAL_EPOCHS": "0"}, "EVAL_EPOCHS must be > 0"),
+                                        ({"DATASET_PATH": "cifar100"}, "cifar100 has 100 classes"),
+                                        ({"EVAL_EXTRA_ARGS": "--num_labels 5"}, "--num_labels 5")])
 def test_script_bad_overrides(fake, env, match):
     r, calls = fake(**env)
     assert r.returncode == 2 and match in r.stderr and calls == []
+
+
+def test_script_checks_the_data_classes_before_pretraining(fake, tmp_path):
+    """Three class folders under train/: the CIFAR-10 script stops before pretraining (not 12 h later at
+    the evaluation); with --num_labels 3 for the evaluation it runs."""
+    for split in ("train", "test"):
+        for c in ("cat", "dog", "frog"):
+            (tmp_path / "imgs" / split / c).mkdir(parents=True)
+    r, calls = fake(DATASET_PATH=str(tmp_path / "imgs"))
+    assert r.returncode == 2 and "has 3 classes, but the linear evaluation would use --num_labels 10" in r.stderr
+    assert calls == []
+    r, calls = fake(DATASET_PATH=str(tmp_path / "imgs"), EVAL_EXTRA_ARGS="--num_labels 3")
+    assert r.returncode == 0 and len(calls) == 2, r.stderr
+
+
+# A stand-in for python whose pretraining runs until a stop signal, then exits 3 like main_swav_unmix.py.
+SIGNALLED_PYTHON = """#!/usr/bin/env python3
+import os, signal, sys, time
+log = os.environ["FAKE_PY_LOG"]
+with open(log, "a") as f:
+    f.write(" ".join(sys.argv[1:]) + "\\n")
+if "main_swav_unmix.py" in " ".join(sys.argv):
+    def stop(signum, frame):
+        with open(log, "a") as f:
+            f.write(f"got {signal.Signals(signum).name}\\n")
+        sys.exit(3)
+    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1):
+        signal.signal(s, stop)
+    open(os.environ["FAKE_STARTED"], "w").close()
+    time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_script_outside_slurm_passes_stop_signals_on_and_does_not_evaluate(fake, tmp_path, sig):
+    """`bash script_unmix_c10.sh` killed with SIGTERM (docker stop, timeout) or SIGINT: the running
+    pretraining gets the signal (it saves and exits 3), the script exits 3 and starts no evaluation."""
+    py = tmp_path / "signalled_python"
+    py.write_text(SIGNALLED_PYTHON)
+    py.chmod(py.stat().st_mode | stat.S_IEXEC)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(PYTHON=str(py), CODE_DIR=fake.code, FAKE_PY_LOG=str(tmp_path / "calls.log"),
+               FAKE_STARTED=str(tmp_path / "started"), CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.Popen(["bash", SCRIPTS["c10"]], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 30
+    while not (tmp_path / "started").exists() and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=30)
+    calls = (tmp_path / "calls.log").read_text().splitlines()
+    assert proc.returncode == 3, out
+    assert calls[1:] == [f"got {sig.name}"], calls
+    assert "eval_linear.py" not in "".join(calls) and "passed on to the running step" in out
 
 
 def test_script_outside_slurm_uses_torchrun_for_several_processes(fake):
