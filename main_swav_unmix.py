@@ -5,6 +5,7 @@ legacy `python -m torch.distributed.launch`, or `srun` (see README, "Running on 
 Reads top to bottom: arguments -> data -> model -> optimiser -> resume -> epoch loop.
 """
 import argparse
+import logging
 import os
 import sys
 import time
@@ -22,8 +23,8 @@ from src.data import (CIFAR_MEAN, PRETRAIN_STD, DataError, MultiCropDataset, Mul
                       plain_tensor)
 from src.gpu_augment import BatchedCrops, DistributedBatchSampler, GPUMultiCrop
 from src.larc import build_optimizer
-from src.logger import (Stats, changed_params, create_logger, format_eta, format_provenance, load_params_json,
-                        provenance, save_params)
+from src.logger import (CurveWriter, Stats, changed_params, create_logger, format_eta, format_provenance,
+                        load_params_json, provenance, save_params)
 from src.resnet import ARCHS, build_model
 from src.run_folder import PRETRAINING, folder_kind
 from src.sampler import ResumableDistributedSampler
@@ -34,7 +35,8 @@ from src.utils import AverageMeter, ArgumentParser, bool_flag, check_seed, fail,
 # Flags that do not change what is computed: a resumed run may differ in these.
 OPERATIONAL_FLAGS = {"dump_path", "workers", "dist_url", "rank", "local_rank", "gpu_to_work_on", "device",
                      "checkpoint_freq", "log_freq", "knn_freq", "download", "allow_changed_args",
-                     "max_nonfinite_steps", "preempt_check_freq", "epochs_run_limit", "dist_timeout"}
+                     "max_nonfinite_steps", "preempt_check_freq", "epochs_run_limit", "dist_timeout",
+                     "tensorboard"}
 MAX_EPOCHS = 10000  # a bound that catches typos (the published table stops at 1000)
 
 
@@ -119,6 +121,9 @@ def get_parser():
                    help="with several processes, agree on preemption every this many iterations")
     g.add_argument("--allow_changed_args", type=bool_flag, default=False,
                    help="resume a dump path whose params.json differs from these arguments")
+    g.add_argument("--tensorboard", type=bool_flag, default=False,
+                   help="write the curves (loss, lr, kNN top-1, images/s, peak memory per epoch; the loss at "
+                        "each log line) for TensorBoard to <dump_path>/tensorboard (needs the tensorboard package)")
     g.add_argument("--epochs_run_limit", type=int, default=0,
                    help="stop (resumably) after this many epochs in this process; 0: no limit")
     g.add_argument("--dist_timeout", type=float, default=D.DEFAULT_TIMEOUT_S,
@@ -210,14 +215,15 @@ def main():
         save_params(args, args.dump_path)
     stats = Stats(os.path.join(args.dump_path, f"stats{args.rank}"), STATS_COLUMNS,
                   resume_before_epoch=restart.epoch if restart else None, log=logger.info)
-    save = Saver(args, method, np_rng)
 
     # ============ epoch loop ============
     start_epoch, start_iter = (restart.epoch, restart.iteration) if restart else (0, 0)
-    clock = Clock(stats.last("time", 0.0), start_epoch * data.iters_per_epoch + start_iter)
+    clock = Clock(stats.last("time", 0.0), first_iteration=start_epoch * data.iters_per_epoch + start_iter)
+    loop = Loop(args, data, method, np_rng, lr_schedule, guard=NonfiniteWatch(args, logger), preempt=preempt,
+                save=Saver(args, method, np_rng), clock=clock, stats=stats,
+                curves=CurveWriter(args.dump_path, args.tensorboard, args.rank), logger=logger)
     if start_epoch >= args.epochs:
         logger.info(f"Nothing to do: the checkpoint is at epoch {start_epoch} of {args.epochs}.")
-    guard = NonfiniteWatch(args, logger)
     epoch, epochs_this_process = start_epoch - 1, 0
     for epoch in range(start_epoch, args.epochs):
         resumed_here = restart is not None and epoch == restart.epoch and restart.iteration > 0
@@ -226,13 +232,14 @@ def main():
         if resumed_here and restart.loop is not None:
             method.load_loop_state(restart.loop)
         crops = data.epoch_crops(epoch, first_iter, restart.torch_rng if resumed_here else None)
-        meter = train_one_epoch(args, epoch, first_iter, crops, data.iters_per_epoch, method, np_rng,
-                                lr_schedule, guard, preempt, save, clock, logger)
-        end_of_epoch(args, epoch, meter, data, method, guard, stats, save, clock, logger)
+        meter = train_one_epoch(loop, epoch, first_iter, crops)
+        end_of_epoch(loop, epoch, meter)
         epochs_this_process += 1
         if args.epochs_run_limit and epochs_this_process >= args.epochs_run_limit and epoch < args.epochs - 1:
             logger.info(f"Stopping after {epochs_this_process} epochs (--epochs_run_limit); rerun to resume.")
             break
+    loop.curves.close()
+    guard = loop.guard
     if guard.unsaved_epoch is not None:
         print(f"error: training stopped with non-finite losses at epoch {guard.unsaved_epoch}; its checkpoint was "
               f"not written, {guard.kept()} (lower --base_lr or check the data)", file=sys.stderr, flush=True)
@@ -532,10 +539,28 @@ class NonfiniteWatch:
         sys.exit(4)
 
 
-def train_one_epoch(args, epoch, first_iter, crops_of_epoch, iters_per_epoch, method, np_rng, lr_schedule,
-                    guard, preempt, save, clock, logger):
+@dataclass
+class Loop:
+    """What the epoch loop works with, built once by main()."""
+    args: argparse.Namespace
+    data: TrainData
+    method: UnmixSwAV
+    np_rng: np.random.RandomState
+    lr_schedule: np.ndarray
+    guard: NonfiniteWatch
+    preempt: D.PreemptionHandler
+    save: Saver
+    clock: Clock
+    stats: Optional[Stats] = None
+    curves: Optional[CurveWriter] = None
+    logger: logging.Logger = logging.getLogger("unmix")
+
+
+def train_one_epoch(loop, epoch, first_iter, crops_of_epoch):
     """One epoch of training from iteration `first_iter` (like swav's `train()`). Returns the meter read
     at its end, with the epoch's images/s; exits the process (status 3) after saving when preempted."""
+    args, method, guard, clock, logger = loop.args, loop.method, loop.guard, loop.clock, loop.logger
+    iters_per_epoch = loop.data.iters_per_epoch
     batch_time, data_time = AverageMeter(), AverageMeter()
     if args.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(args.device)
@@ -546,8 +571,9 @@ def train_one_epoch(args, epoch, first_iter, crops_of_epoch, iters_per_epoch, me
     for it, crops in enumerate(crops_of_epoch, start=first_iter):
         data_time.update(time.time() - end)
         iteration = epoch * iters_per_epoch + it
-        draws = draw_unmix(np_rng, args.unmix_beta, args.unmix_prob, [] if args.run_swav else pair_sizes(crops))
-        out = method.step(crops, draws, lr=float(lr_schedule[iteration]), iteration=iteration)
+        draws = draw_unmix(loop.np_rng, args.unmix_beta, args.unmix_prob,
+                           [] if args.run_swav else pair_sizes(crops))
+        out = method.step(crops, draws, lr=float(loop.lr_schedule[iteration]), iteration=iteration)
         window += 1
         if it % args.log_freq == 0:
             # the only wait for the device in an iteration: the time per iteration is averaged over
@@ -558,15 +584,19 @@ def train_one_epoch(args, epoch, first_iter, crops_of_epoch, iters_per_epoch, me
             window_start, window = now, 0
             if args.rank == 0:
                 remaining = args.epochs * iters_per_epoch - iteration - 1
+                loss = out.loss.item()
+                if loop.curves is not None:
+                    loop.curves.scalars(iteration, {"pretrain/loss_per_iteration": loss})
                 logger.info(
                     f"Epoch: [{epoch}][{it}/{iters_per_epoch}]\t"
                     f"Time {batch_time.val:.3f} ({batch_time.avg:.3f})\t"
                     f"Data {data_time.val:.3f} ({data_time.avg:.3f})\t"
-                    f"Loss {out.loss.item():.4f} ({meter['loss']:.4f})\t"
+                    f"Loss {loss:.4f} ({meter['loss']:.4f})\t"
                     f"Lr: {method.optimizer.param_groups[0]['lr']:.4f}\t"
                     f"{images / max(batch_time.avg, 1e-9):.0f} img/s\t"
                     f"ETA {format_eta(clock.per_iteration(iteration) * remaining)}")
         end = time.time()
+        preempt = loop.preempt
         stop = preempt.requested if args.world_size == 1 else (
             it % args.preempt_check_freq == 0 and preempt.should_stop(args.world_size, args.device))
         if stop:
@@ -575,7 +605,7 @@ def train_one_epoch(args, epoch, first_iter, crops_of_epoch, iters_per_epoch, me
                 logger.info(f"Preempted (signal {preempt.signum}) during non-finite losses: no checkpoint "
                             "written, a rerun resumes from the last good one.")
             else:
-                save(epoch, it + 1, loop=method.loop_state())
+                loop.save(epoch, it + 1, loop=method.loop_state())
                 logger.info(f"Preempted (signal {preempt.signum}): checkpoint saved at epoch {epoch}, "
                             f"iteration {it + 1}.")
             if args.rank == 0 and preempt.requeue():
@@ -589,10 +619,11 @@ def train_one_epoch(args, epoch, first_iter, crops_of_epoch, iters_per_epoch, me
 STATS_COLUMNS = ["epoch", "loss", "lr", "time", "knn_top1", "images_per_s", "max_memory_mb"]
 
 
-def end_of_epoch(args, epoch, meter, data, method, guard, stats, save, clock, logger):
-    """Stats, the kNN monitor, and the checkpoint (not over weights in a run of non-finite losses)."""
+def end_of_epoch(loop, epoch, meter):
+    """Stats, curves, the kNN monitor, and the checkpoint (not over weights in a run of non-finite losses)."""
+    args, method, guard, logger, data = loop.args, loop.method, loop.guard, loop.logger, loop.data
     row = {"epoch": epoch, "loss": meter["loss"], "lr": method.optimizer.param_groups[0]["lr"],
-           "time": clock.elapsed(), "images_per_s": meter["images_per_s"]}
+           "time": loop.clock.elapsed(), "images_per_s": meter["images_per_s"]}
     if args.device.type == "cuda":
         row["max_memory_mb"] = torch.cuda.max_memory_allocated(args.device) / 2**20
     if data.knn is not None and ((epoch + 1) % args.knn_freq == 0 or epoch == args.epochs - 1):
@@ -605,7 +636,8 @@ def end_of_epoch(args, epoch, meter, data, method, guard, stats, save, clock, lo
                                       k=args.knn_k, temperature=args.knn_temperature)
         net.train()
         logger.info(f"kNN monitor (k={args.knn_k}): top-1 {row['knn_top1']:.2f}% at epoch {epoch}")
-    stats.update(row)
+    loop.stats.update(row)
+    loop.curves.scalars(epoch, {f"pretrain/{k}": v for k, v in row.items() if k != "epoch"})
     if meter["kept"] == 0:
         logger.info(f"Epoch {epoch}: no finite step, its loss is recorded as NaN")
     knn_text = f"kNN top-1 {row['knn_top1']:.2f}%, " if "knn_top1" in row else ""
@@ -617,7 +649,7 @@ def end_of_epoch(args, epoch, meter, data, method, guard, stats, save, clock, lo
                     f"written, {guard.kept()}.")
     else:
         guard.unsaved_epoch = None
-        save(epoch + 1, 0, copy=epoch % args.checkpoint_freq == 0 or epoch == args.epochs - 1)
+        loop.save(epoch + 1, 0, copy=epoch % args.checkpoint_freq == 0 or epoch == args.epochs - 1)
 
 
 if __name__ == "__main__":

@@ -62,10 +62,9 @@ class Setup:
         self.data = M.build_data(args, logger)
         net = M.build_network(args, logger)
         self.method, self.lr_schedule = M.build_method(args, net, self.data.iters_per_epoch)
-        self.np_rng = np.random.RandomState(args.seed)
-        self.guard = M.NonfiniteWatch(args, logger)
-        self.clock = M.Clock(0.0, 0)
-        self.logger = logger
+        self.loop = M.Loop(args, self.data, self.method, np.random.RandomState(args.seed), self.lr_schedule,
+                           guard=M.NonfiniteWatch(args, logger), preempt=_NoPreemption(), save=None,
+                           clock=M.Clock(0.0, 0), logger=logger)
         self.epoch, self.crops = 0, iter(())
         self.method.start_epoch(0, self.data.iters_per_epoch)
 
@@ -80,15 +79,13 @@ class Setup:
     def window(self, n):
         """Seconds for n iterations of train_one_epoch (its final meter read waits for the device)."""
         t0 = time.perf_counter()
-        M.train_one_epoch(self.args, self.epoch, 0, itertools.islice(self.stream(), n), self.data.iters_per_epoch,
-                          self.method, self.np_rng, self.lr_schedule, self.guard, _NoPreemption(), None, self.clock,
-                          self.logger)
+        M.train_one_epoch(self.loop, self.epoch, 0, itertools.islice(self.stream(), n))
         return time.perf_counter() - t0
 
     def flops_per_iteration(self):
         from torch.utils.flop_counter import FlopCounterMode
         crops = next(self.stream())
-        draws = draw_unmix(self.np_rng, 1.0, 0.5, pair_sizes(crops))
+        draws = draw_unmix(self.loop.np_rng, 1.0, 0.5, pair_sizes(crops))
         with FlopCounterMode(display=False) as fc:
             self.method.step(crops, draws, lr=0.1, iteration=10**7)
         return fc.get_total_flops()

@@ -142,6 +142,27 @@ def test_linear_eval_tensorboard_curves(tmp_path):
         assert lrs[0] == pytest.approx(0.01) and lrs[1] < lrs[0]  # cosine over 2 epochs
 
 
+def test_pretraining_tensorboard_curves(tmp_path):
+    """--tensorboard true in pretraining: one point per epoch of each stats column, equal to the stats
+    table, and the loss of each log line against the global iteration."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    write_cifar10(tmp_path / "c10", n_train_per_batch=20, n_test=40)
+    dump = tmp_path / "pre"
+    run("main_swav_unmix.py", ["--data_path", tmp_path / "c10", "--dump_path", dump, "--epochs", 2, "--knn_freq", 1,
+                               "--knn_k", 10, "--log_freq", 2, "--tensorboard", "true"] + TINY, tmp_path)
+    acc = EventAccumulator(str(dump / "tensorboard"))
+    acc.Reload()
+    stats = pd.read_csv(dump / "stats0.csv")
+    for column in ("loss", "lr", "knn_top1", "images_per_s"):
+        events = acc.Scalars(f"pretrain/{column}")
+        assert [e.step for e in events] == [0, 1], column
+        assert [e.value for e in events] == pytest.approx(stats[column].tolist(), rel=1e-6), column
+    per_iteration = acc.Scalars("pretrain/loss_per_iteration")
+    assert [e.step for e in per_iteration] == [0, 2, 4, 6, 8, 10]  # 6 iterations per epoch, every 2nd logged
+    assert "pretrain/max_memory_mb" not in acc.Tags()["scalars"]  # CPU: not measured, not written
+
+
 def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
