@@ -139,7 +139,9 @@ class EmbeddingQueue:
     the rest of the epoch) the queue's scores are put in front of the batch's before Sinkhorn. After the
     check the queue shifts down by bs rows and takes the batch's embeddings on top. Here the check is
     made from a count of the rows written so far, kept on the host, so that no iteration waits for the
-    device to answer; `recount()` reads the tensor once instead (a queue loaded from a file)."""
+    device to answer; `recount()` reads the tensor once instead (a queue loaded from a file, or after
+    steps that the non-finite guard undid: until the loop's next check the count runs ahead of the tensor
+    by those steps' rows, which matters only while the queue is still filling)."""
 
     def __init__(self, tensor: torch.Tensor, in_use: bool = False, filled: Optional[List[int]] = None):
         self.tensor = tensor
