@@ -14,7 +14,6 @@ Reads top to bottom: arguments -> data -> model -> optimiser -> resume -> epoch 
 """
 import json
 import os
-import sys
 import time
 
 import numpy as np
@@ -24,36 +23,27 @@ import torch.nn as nn
 from src import distributed as D
 from src.checkpoint import (CheckpointError, atomic_save, find_resume_checkpoint, rng_state, set_rng_state,
                             strip_module_prefix)
-from src.data import DataError, LabeledDataset, eval_transforms, load_split
+from src.data import LabeledDataset, eval_transforms
+from src.evaluation import (OPERATIONAL_FLAGS, STATS_COLUMNS, Eta, add_shared_new_flags, add_shared_released_flags,
+                            check_shared_args, data_loaders, load_splits, set_up, stop_if_preempted)
 from src.linear_probe import correct_counts
-from src.logger import Stats, create_logger, format_eta, save_params, write_json
+from src.logger import Stats, format_eta, save_params, write_json
 from src.pretrained import PretrainedError, load_weights, read_state_dict
-from src.resnet import ARCHS, build_model
-from src.run_folder import FINE_TUNING, claim_evaluation_folder
+from src.resnet import build_model
+from src.run_folder import FINE_TUNING
 from src.subset import SubsetError, balanced_subset, images_per_class
 from src.train_step import unwrap
-from src.utils import AverageMeter, ArgumentParser, bool_flag, check_seed, fail, fix_random_seeds, run_main
+from src.utils import AverageMeter, ArgumentParser, bool_flag, fail, run_main
 
 SUBSET_FILE = "labelled_subset.json"
-STATS_COLUMNS = ["epoch", "loss", "prec1", "prec5", "loss_val", "prec1_val", "prec5_val"]
-# Flags that do not change what is computed (the checkpoint is compared by its content, not its path).
-OPERATIONAL_FLAGS = {"dump_path", "workers", "dist_url", "rank", "local_rank", "gpu_to_work_on", "device",
-                     "log_freq", "download", "allow_changed_args", "pretrained", "dist_timeout"}
-MAX_EPOCHS = 10000  # a bound that catches typos
 
 
 def get_parser():
     p = ArgumentParser(description="Evaluate models: Fine-tuning with 1% or 10% labels on CIFAR")
-    # released flags
+    add_shared_released_flags(p, workers=10)  # --dump_path ... --pretrained, --dist_url ... --local_rank
+    # released flags of the fine-tuning
     p.add_argument("--labels_perc", type=str, default="10", choices=["1", "10"],
                    help="fine-tune on either 1%% or 10%% of labels")
-    p.add_argument("--dump_path", type=str, default=".", help="experiment dump path for checkpoints and log")
-    p.add_argument("--seed", type=int, default=31, help="seed")
-    p.add_argument("--data_path", type=str, default="/path/to/imagenet",
-                   help="cifar10 | cifar100 | a CIFAR pickle folder | an image folder with train/ and test/")
-    p.add_argument("--workers", default=10, type=int, help="number of data loading workers")
-    p.add_argument("--arch", default="resnet50", type=str, help=f"convnet architecture: {', '.join(ARCHS)}")
-    p.add_argument("--pretrained", default="", type=str, help="path to pretrained weights ('' = random weights)")
     p.add_argument("--epochs", default=20, type=int, help="number of total epochs to run")
     p.add_argument("--batch_size", default=32, type=int, help="batch size per process")
     p.add_argument("--lr", default=0.01, type=float, help="initial learning rate - trunk")
@@ -61,44 +51,23 @@ def get_parser():
     p.add_argument("--decay_epochs", type=int, nargs="+", default=[12, 16],
                    help="Epochs at which to decay learning rate.")
     p.add_argument("--gamma", type=float, default=0.2, help="lr decay factor")
-    p.add_argument("--dist_url", default="env://", type=str, help="url used to set up distributed training")
-    p.add_argument("--world_size", default=-1, type=int, help="number of processes (set automatically)")
-    p.add_argument("--rank", default=0, type=int, help="rank of this process (set automatically)")
-    p.add_argument("--local_rank", "--local-rank", default=0, type=int,
-                   help="this argument is not used and should be ignored")
-    g = p.add_argument_group("new flags")
+    g = add_shared_new_flags(p)  # --width_per_group, --allow_mismatched_weights, --dist_timeout, --download, --log_freq
     g.add_argument("--subset_seed", type=int, default=0,
                    help="seed of the class-balanced labelled subset (independent of --seed, so runs that "
                         "differ in --seed or in the pretrained weights fine-tune on the same images)")
     g.add_argument("--crop_size", type=int, default=32, help="crop size of RandomResizedCrop")
-    g.add_argument("--width_per_group", type=int, default=64, help="ResNet width of the pretrained model")
-    g.add_argument("--allow_mismatched_weights", type=bool_flag, default=False,
-                   help="load --pretrained even when backbone weights are missing or mis-shaped "
-                        "(the released code only logged them)")
     g.add_argument("--allow_changed_args", type=bool_flag, default=False,
                    help="when --dump_path holds a fine-tuning of another checkpoint or with other arguments, "
                         "move it to <dump_path>/replaced-<time>/ and fine-tune afresh (default: stop)")
-    g.add_argument("--dist_timeout", type=float, default=D.DEFAULT_TIMEOUT_S,
-                   help="seconds a process waits for the others before the job stops, and after a stop "
-                        "signal for the end of the epoch")
-    g.add_argument("--download", type=bool_flag, default=True, help="download cifar10/cifar100 when missing")
-    g.add_argument("--log_freq", type=int, default=50, help="log every this many iterations")
     return p
 
 
 def check_args(args):
-    if args.arch not in ARCHS:
-        fail(f"unknown --arch {args.arch!r}; choose one of {', '.join(ARCHS)}")
-    for name in ("epochs", "batch_size", "crop_size", "width_per_group", "log_freq"):
-        if getattr(args, name) < 1:
-            fail(f"--{name} must be at least 1, got {getattr(args, name)}")
-    if args.epochs > MAX_EPOCHS:
-        fail(f"--epochs {args.epochs} is more than {MAX_EPOCHS}; a typo?")
-    check_seed("seed", args.seed)
+    if args.epochs < 1:
+        fail(f"--epochs must be at least 1, got {args.epochs}")
+    check_shared_args(args, FINE_TUNING)
     if args.dist_timeout <= 0:
         fail(f"--dist_timeout must be positive, got {args.dist_timeout}")
-    if args.pretrained and not os.path.isfile(args.pretrained):
-        fail(f"--pretrained {args.pretrained}: no such file (pass '' to fine-tune random weights)")
     if args.workers < 0:
         fail(f"--workers must not be negative, got {args.workers}")
     if args.lr < 0 or args.lr_last_layer < 0 or args.gamma <= 0:
@@ -147,85 +116,24 @@ def labelled_subset(train_labels, classes, args, logger):
     return indices
 
 
-def set_up(args):
-    """Distributed set-up, the stop signals' handler, seeds, the run folder (locked; refused when it holds
-    another kind of run, or a fine-tuning of another checkpoint or with other arguments unless
-    --allow_changed_args), the processes' agreement on the arguments, the log. Returns the log, the stop
-    signals' handler, the identity of --pretrained and the folder's lock."""
-    try:
-        D.init_distributed(args)
-    except D.DistError as e:
-        fail(str(e))
-    preempt = D.PreemptionHandler(grace_s=args.dist_timeout).install()  # acted on after each epoch
-    fix_random_seeds(args.seed)
-    lock, identity, moved, problem = (claim_evaluation_folder(args, FINE_TUNING, OPERATIONAL_FLAGS)
-                                      if args.rank == 0 else (None, None, None, None))
-    problem = D.first_problem(problem, args.world_size, args.device) or \
-        D.first_disagreement(D.flag_fingerprints(args), args.world_size, args.device)
-    if problem:
-        fail(problem)
-    logger = create_logger(args.dump_path, args.rank)
-    if moved:
-        logger.info(f"The earlier fine-tuning in this folder (another checkpoint or other arguments) is kept in "
-                    f"{moved}; fine-tuning afresh.")
-    if args.rank == 0:
-        logger.info("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
-    return logger, preempt, identity, lock
-
-
 def main():
     args = get_parser().parse_args()
     check_args(args)
-    logger, preempt, identity, run_lock = set_up(args)  # the folder stays locked until the process ends
-    device = args.device
+    logger, preempt, identity, run_lock = set_up(args, FINE_TUNING, OPERATIONAL_FLAGS)  # locked until the end
     t_start = time.time()
 
     # ============ data ============
-    try:
-        train_images, train_labels, classes = load_split(args.data_path, train=True, download=args.download)
-        test_images, test_labels, _ = load_split(args.data_path, train=False, download=args.download)
-    except DataError as e:
-        fail(str(e))
+    (train_images, train_labels, classes), (test_images, test_labels, _) = load_splits(args.data_path, args.download)
     indices = labelled_subset(train_labels, classes, args, logger)
     train_tf, test_tf = eval_transforms(args.crop_size)
-    train_set = LabeledDataset(train_images[indices], train_labels[indices], train_tf)
-    test_set = LabeledDataset(test_images, test_labels, test_tf)
-    sampler = torch.utils.data.distributed.DistributedSampler(train_set, num_replicas=args.world_size,
-                                                              rank=args.rank, seed=0)
-    pin = device.type == "cuda"
-    quiet = D.ignore_preemption_signals_in_worker if args.workers > 0 else None  # the main process handles them
-    train_loader = torch.utils.data.DataLoader(train_set, sampler=sampler, batch_size=args.batch_size,
-                                               num_workers=args.workers, pin_memory=pin, worker_init_fn=quiet)
-    test_loader = torch.utils.data.DataLoader(test_set, batch_size=args.batch_size, shuffle=False,
-                                              num_workers=args.workers, pin_memory=pin, worker_init_fn=quiet)
+    train_loader, test_loader = data_loaders(LabeledDataset(train_images[indices], train_labels[indices], train_tf),
+                                             LabeledDataset(test_images, test_labels, test_tf), args)
     maxk = min(5, len(classes))
-    logger.info(f"Building data done with {len(train_set)} labelled images loaded "
-                f"({len(test_set)} test images, {len(classes)} classes).")
+    logger.info(f"Building data done with {len(train_loader.dataset)} labelled images loaded "
+                f"({len(test_loader.dataset)} test images, {len(classes)} classes).")
 
     # ============ model ============
-    model = build_model(args.arch, output_dim=len(classes), width_per_group=args.width_per_group)
-    if args.pretrained:
-        try:
-            state, info = read_state_dict(args.pretrained)
-            notes = load_weights(model, state, allow_mismatch=args.allow_mismatched_weights)
-        except PretrainedError as e:
-            fail(f"--pretrained: {e}; check --arch/--width_per_group, or --allow_mismatched_weights true")
-        for note in notes:
-            logger.info(note)
-        logger.info(f"Loaded pretrained weights from {args.pretrained} (epoch {info['epoch']}); "
-                    f"{len(notes)} tensors kept as initialised (listed above)")
-    else:
-        logger.info("No pretrained weights given => training from random weights")
-    if args.world_size > 1 and device.type == "cuda":
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    elif args.world_size > 1:
-        logger.info("CPU: SyncBatchNorm needs CUDA, batch-norm statistics stay per process")
-    model = model.to(device)
-    logger.info(f"Building model done: {args.arch}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
-                f"parameters, {len(classes)}-way classifier, device {device}.")
-    if args.world_size > 1:
-        model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+    model = build_network(args, len(classes), logger)
 
     # ============ optimiser ============
     optimizer = torch.optim.SGD(trunk_and_head_groups(model, args.lr, args.lr_last_layer), lr=args.lr,
@@ -233,71 +141,25 @@ def main():
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, args.decay_epochs, gamma=args.gamma)
 
     # ============ resume ============
-    start_epoch, best_acc = 0, (0.0, 0.0)
-    try:
-        ckpt_path, ckpt = find_resume_checkpoint(args.dump_path, log=logger.info)
-    except CheckpointError as e:
-        fail(str(e))
-    if ckpt is not None:
-        try:
-            unwrap(model).load_state_dict(strip_module_prefix(ckpt["state_dict"]))
-            optimizer.load_state_dict(ckpt["optimizer"])
-            scheduler.load_state_dict(ckpt["scheduler"])
-            start_epoch, best_acc = int(ckpt["epoch"]), tuple(float(a) for a in ckpt["best_acc"])
-            if "rng" in ckpt:
-                set_rng_state(ckpt["rng"], np.random)
-        except (KeyError, RuntimeError, ValueError, TypeError) as e:
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-            fail(f"{ckpt_path}: cannot resume the fine-tuning ({type(e).__name__}: {first}); "
-                 "use another --dump_path")
-        if start_epoch < 0:
-            fail(f"{ckpt_path}: epoch {start_epoch} cannot be negative; use another --dump_path")
-        logger.info(f"Resumed fine-tuning from epoch {start_epoch} (best top-1 so far {best_acc[0]:.1f})")
+    start_epoch, best_acc, resumed = resume_fine_tuning(args, model, optimizer, scheduler, logger)
     if args.rank == 0:
         save_params(args, args.dump_path, extra={"pretrained_file": identity})
     stats = Stats(os.path.join(args.dump_path, f"stats{args.rank}"), STATS_COLUMNS,
-                  resume_before_epoch=start_epoch if ckpt is not None else None, log=logger.info)
-    criterion = nn.CrossEntropyLoss()
+                  resume_before_epoch=start_epoch if resumed else None, log=logger.info)
     last = (float("nan"), float("nan"))
-    t0 = time.time()
+    eta = Eta(start_epoch, args.epochs, len(train_loader))
 
     # ============ epoch loop ============
     for epoch in range(start_epoch, args.epochs):
         logger.info(f"============ Starting epoch {epoch} ... ============")
-        sampler.set_epoch(epoch)
-        model.train()
-        batch_time, data_time = AverageMeter(), AverageMeter()
-        losses, top1, top5 = AverageMeter(), AverageMeter(), AverageMeter()
-        end = time.perf_counter()
-        for it, (inp, target) in enumerate(train_loader):
-            data_time.update(time.perf_counter() - end)
-            inp, target = inp.to(device, non_blocking=True), target.to(device, non_blocking=True)
-            output = model(inp)
-            loss = criterion(output, target)
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            c1, c5 = correct_counts(output.detach(), target, maxk)
-            losses.update(loss.item(), inp.size(0))
-            top1.update(100.0 * c1 / inp.size(0), inp.size(0))
-            top5.update(100.0 * c5 / inp.size(0), inp.size(0))
-            batch_time.update(time.perf_counter() - end)
-            end = time.perf_counter()
-            if args.rank == 0 and it % args.log_freq == 0:
-                done = (epoch - start_epoch) * len(train_loader) + it + 1
-                remaining = (args.epochs - epoch) * len(train_loader) - it - 1
-                logger.info(f"Epoch[{epoch}] - Iter: [{it}/{len(train_loader)}]\t"
-                            f"Time {batch_time.val:.3f} ({batch_time.avg:.3f})\t"
-                            f"Data {data_time.val:.3f} ({data_time.avg:.3f})\t"
-                            f"Loss {losses.val:.4f} ({losses.avg:.4f})\tPrec {top1.val:.3f} ({top1.avg:.3f})\t"
-                            f"LR trunk {optimizer.param_groups[0]['lr']}\tLR head {optimizer.param_groups[1]['lr']}\t"
-                            f"ETA {format_eta((time.time() - t0) / done * remaining)}")
-        loss_val, *last = validate(test_loader, model, criterion, maxk, device)
+        train_loader.sampler.set_epoch(epoch)
+        loss, top1, top5 = train(model, optimizer, train_loader, epoch, maxk, args, logger, eta)
+        loss_val, *last = validate(test_loader, model, maxk, args.device)
         if last[0] > best_acc[0]:
             best_acc = tuple(last)
         logger.info(f"Test:\tLoss {loss_val:.4f}\tAcc@1 {last[0]:.3f}\tAcc@{maxk} {last[1]:.3f}\t"
                     f"Best Acc@1 so far {best_acc[0]:.1f}")
-        stats.update({"epoch": epoch, "loss": losses.avg, "prec1": top1.avg, "prec5": top5.avg,
+        stats.update({"epoch": epoch, "loss": loss, "prec1": top1, "prec5": top5,
                       "loss_val": loss_val, "prec1_val": last[0], "prec5_val": last[1]})
         scheduler.step()
         if args.rank == 0:
@@ -306,11 +168,7 @@ def main():
                          "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                          "best_acc": list(best_acc), "rng": rng_state(np.random), "arch": args.arch},
                         os.path.join(args.dump_path, "checkpoint.pth.tar"))
-        if epoch < args.epochs - 1 and preempt.should_stop(args.world_size, device):
-            logger.info(f"Preempted (signal {preempt.signum}): fine-tuning saved after epoch {epoch}.")
-            if args.rank == 0 and preempt.requeue():
-                logger.info("Job requeued with scontrol; it will resume from the checkpoint.")
-            sys.exit(D.PREEMPTED_EXIT_CODE)
+        stop_if_preempted(preempt, epoch, args, logger, "fine-tuning")
     if start_epoch >= args.epochs:  # already finished: report the stored numbers
         last = (stats.last("prec1_val", float("nan")), stats.last("prec5_val", float("nan")))
 
@@ -326,11 +184,98 @@ def main():
     D.cleanup()
 
 
+def build_network(args, num_classes, logger):
+    """The released network with a `num_classes`-way `projection_head`, --pretrained loaded (the head keeps
+    its initialisation), SyncBatchNorm with several CUDA processes, on the device, in DDP with several."""
+    model = build_model(args.arch, output_dim=num_classes, width_per_group=args.width_per_group)
+    if args.pretrained:
+        try:
+            state, info = read_state_dict(args.pretrained)
+            notes = load_weights(model, state, allow_mismatch=args.allow_mismatched_weights)
+        except PretrainedError as e:
+            fail(f"--pretrained: {e}; check --arch/--width_per_group, or --allow_mismatched_weights true")
+        for note in notes:
+            logger.info(note)
+        logger.info(f"Loaded pretrained weights from {args.pretrained} (epoch {info['epoch']}); "
+                    f"{len(notes)} tensors kept as initialised (listed above)")
+    else:
+        logger.info("No pretrained weights given => training from random weights")
+    device = args.device
+    if args.world_size > 1 and device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    elif args.world_size > 1:
+        logger.info("CPU: SyncBatchNorm needs CUDA, batch-norm statistics stay per process")
+    model = model.to(device)
+    logger.info(f"Building model done: {args.arch}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
+                f"parameters, {num_classes}-way classifier, device {device}.")
+    if args.world_size > 1:
+        model = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
+    return model
+
+
+def resume_fine_tuning(args, model, optimizer, scheduler, logger):
+    """(first epoch, (top-1, top-5) of the best epoch so far, whether a checkpoint was found) from the
+    fine-tuning's checkpoint, with the NumPy random state; (0, (0.0, 0.0), False) without one."""
+    try:
+        ckpt_path, ckpt = find_resume_checkpoint(args.dump_path, log=logger.info)
+    except CheckpointError as e:
+        fail(str(e))
+    if ckpt is None:
+        return 0, (0.0, 0.0), False
+    try:
+        unwrap(model).load_state_dict(strip_module_prefix(ckpt["state_dict"]))
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        start_epoch, best_acc = int(ckpt["epoch"]), tuple(float(a) for a in ckpt["best_acc"])
+        if "rng" in ckpt:
+            set_rng_state(ckpt["rng"], np.random)
+    except (KeyError, RuntimeError, ValueError, TypeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        fail(f"{ckpt_path}: cannot resume the fine-tuning ({type(e).__name__}: {first}); use another --dump_path")
+    if start_epoch < 0:
+        fail(f"{ckpt_path}: epoch {start_epoch} cannot be negative; use another --dump_path")
+    logger.info(f"Resumed fine-tuning from epoch {start_epoch} (best top-1 so far {best_acc[0]:.1f})")
+    return start_epoch, best_acc, True
+
+
+def train(model, optimizer, loader, epoch, maxk, args, logger, eta):
+    """One epoch of fine-tuning, network in train mode; returns its (loss, top-1, top-k) averages."""
+    model.train()
+    criterion = nn.CrossEntropyLoss()
+    batch_time, data_time = AverageMeter(), AverageMeter()
+    losses, top1, top5 = AverageMeter(), AverageMeter(), AverageMeter()
+    end = time.perf_counter()
+    for it, (inp, target) in enumerate(loader):
+        data_time.update(time.perf_counter() - end)
+        inp, target = inp.to(args.device, non_blocking=True), target.to(args.device, non_blocking=True)
+        output = model(inp)
+        loss = criterion(output, target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        c1, c5 = correct_counts(output.detach(), target, maxk)
+        losses.update(loss.item(), inp.size(0))
+        top1.update(100.0 * c1 / inp.size(0), inp.size(0))
+        top5.update(100.0 * c5 / inp.size(0), inp.size(0))
+        batch_time.update(time.perf_counter() - end)
+        end = time.perf_counter()
+        if args.rank == 0 and it % args.log_freq == 0:
+            logger.info(f"Epoch[{epoch}] - Iter: [{it}/{len(loader)}]\t"
+                        f"Time {batch_time.val:.3f} ({batch_time.avg:.3f})\t"
+                        f"Data {data_time.val:.3f} ({data_time.avg:.3f})\t"
+                        f"Loss {losses.val:.4f} ({losses.avg:.4f})\tPrec {top1.val:.3f} ({top1.avg:.3f})\t"
+                        f"LR trunk {optimizer.param_groups[0]['lr']}\tLR head {optimizer.param_groups[1]['lr']}\t"
+                        f"ETA {eta(epoch, it)}")
+    return losses.avg, top1.avg, top5.avg
+
+
 @torch.no_grad()
-def validate(loader, model, criterion, maxk, device):
+def validate(loader, model, maxk, device):
     """(loss, top-1, top-k) on the whole test split, network in eval mode (every rank evaluates all of it,
     as released)."""
     model.eval()
+    criterion = nn.CrossEntropyLoss()
     losses, top1, top5 = AverageMeter(), AverageMeter(), AverageMeter()
     for inp, target in loader:
         inp, target = inp.to(device, non_blocking=True), target.to(device, non_blocking=True)

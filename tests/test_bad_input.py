@@ -33,6 +33,7 @@ def env(tmp_path_factory):
     (root / "badlayout" / "images" / "a.txt").write_text("not an image")
     (root / "afile").write_text("a regular file: nothing can be created below it")
     (root / "garbage.pth").write_bytes(b"\x00not a checkpoint\n" * 20)
+    torch.save({"epoch": 3, "state_dict": {}}, root / "no_weights.pth")  # a checkpoint, but no tensor in it
     for name in ("corrupt_ckpt", "eval_unknown"):
         (root / name).mkdir()
         (root / name / "checkpoint.pth.tar").write_bytes(b"\x00not a checkpoint\n" * 20)
@@ -88,6 +89,8 @@ CASES = {
     "eval_zero_epochs": (lambda e: ev(e, "--epochs", 0), "--epochs must be positive"),
     "eval_pretrained_missing": (lambda e: ev(e, pretrained=e["root"] / "none.pth"), "no such file"),
     "eval_pretrained_garbage": (lambda e: ev(e, pretrained=e["root"] / "garbage.pth"), "cannot be read"),
+    "eval_pretrained_without_weights": (lambda e: ev(e, pretrained=e["root"] / "no_weights.pth"),
+                                        "no_weights.pth: holds no state dict"),
     "eval_pretrained_other_arch": (lambda e: ev(e, "--arch", "resnet50"), "does not fit --arch"),
     "eval_pretrained_other_width": (lambda e: ev(e, "--width_per_group", 16), "does not fit --arch"),
     "eval_num_labels_mismatch": (lambda e: ev(e, "--num_labels", 100), "--num_labels 100 but"),

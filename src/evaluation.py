@@ -1,0 +1,148 @@
+"""What the two evaluations share: eval_linear.py (a linear classifier on frozen features) and
+eval_semisup.py (fine-tuning with 1 % or 10 % of the labels).
+
+Their common flags and checks, the start-up phase (processes, seeds, the evaluation folder, the log), the
+train/test splits and their loaders, the ETA of the log lines, and stopping after an epoch on a signal.
+"""
+import os
+import sys
+import time
+
+import torch
+
+from . import distributed as D
+from .data import DataError, load_split
+from .logger import create_logger, format_eta, format_provenance, provenance
+from .resnet import ARCHS
+from .run_folder import FINE_TUNING, LINEAR, claim_evaluation_folder
+from .utils import bool_flag, check_seed, fail, fix_random_seeds
+
+STATS_COLUMNS = ["epoch", "loss", "prec1", "prec5", "loss_val", "prec1_val", "prec5_val"]  # released
+# Flags that do not change what is computed (the checkpoint is compared by its content, not its path).
+OPERATIONAL_FLAGS = frozenset({"dump_path", "workers", "dist_url", "rank", "local_rank", "gpu_to_work_on", "device",
+                               "log_freq", "download", "allow_changed_args", "pretrained", "dist_timeout"})
+MAX_EPOCHS = 10000  # a bound that catches typos
+# How the messages name each evaluation: the run, running it, to run it.
+WORDS = {LINEAR: ("evaluation", "evaluating", "evaluate"), FINE_TUNING: ("fine-tuning", "fine-tuning", "fine-tune")}
+
+
+def add_shared_released_flags(parser, workers):
+    """Add the released flags that both evaluations have (their released defaults differ only in
+    `workers`)."""
+    parser.add_argument("--dump_path", type=str, default=".", help="experiment dump path for checkpoints and log")
+    parser.add_argument("--seed", type=int, default=31, help="seed")
+    parser.add_argument("--data_path", type=str, default="/path/to/imagenet",
+                        help="cifar10 | cifar100 | a CIFAR pickle folder | an image folder with train/ and test/")
+    parser.add_argument("--workers", default=workers, type=int, help="number of data loading workers")
+    parser.add_argument("--arch", default="resnet50", type=str, help=f"convnet architecture: {', '.join(ARCHS)}")
+    parser.add_argument("--pretrained", default="", type=str, help="path to pretrained weights ('' = random weights)")
+    parser.add_argument("--dist_url", default="env://", type=str, help="url used to set up distributed training")
+    parser.add_argument("--world_size", default=-1, type=int, help="number of processes (set automatically)")
+    parser.add_argument("--rank", default=0, type=int, help="rank of this process (set automatically)")
+    parser.add_argument("--local_rank", "--local-rank", default=0, type=int,
+                        help="this argument is not used and should be ignored")
+
+
+def add_shared_new_flags(parser):
+    """Add a group of the new flags that both evaluations have; returns it, for the script's own."""
+    g = parser.add_argument_group("new flags (defaults keep the released behaviour)")
+    g.add_argument("--width_per_group", type=int, default=64, help="ResNet width of the pretrained model")
+    g.add_argument("--allow_mismatched_weights", type=bool_flag, default=False,
+                   help="load --pretrained even when backbone weights are missing or mis-shaped "
+                        "(the released code only logged them)")
+    g.add_argument("--dist_timeout", type=float, default=D.DEFAULT_TIMEOUT_S,
+                   help="seconds a process waits for the others before the job stops, and after a stop "
+                        "signal for the end of the epoch")
+    g.add_argument("--download", type=bool_flag, default=True, help="download cifar10/cifar100 when missing")
+    g.add_argument("--log_freq", type=int, default=50, help="log every this many iterations")
+    return g
+
+
+def check_shared_args(args, kind):
+    """The checks of the flags both evaluations have; each script checks the lower bound of --epochs,
+    --workers and --dist_timeout in its own words."""
+    if args.arch not in ARCHS:
+        fail(f"unknown --arch {args.arch!r}; choose one of {', '.join(ARCHS)}")
+    if args.epochs > MAX_EPOCHS:
+        fail(f"--epochs {args.epochs} is more than {MAX_EPOCHS}; a typo?")
+    check_seed("seed", args.seed)
+    for name in ("batch_size", "crop_size", "width_per_group", "log_freq"):
+        if getattr(args, name) < 1:
+            fail(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.pretrained and not os.path.isfile(args.pretrained):
+        fail(f"--pretrained {args.pretrained}: no such file (pass '' to {WORDS[kind][2]} random weights)")
+
+
+def set_up(args, kind, operational_flags):
+    """Distributed set-up, the stop signals' handler (acted on after each epoch), seeds, the evaluation
+    folder (locked; refused when it holds another kind of run, or an evaluation of another checkpoint or
+    with other arguments unless --allow_changed_args), the processes' agreement on the arguments, the
+    log (headed by the run's provenance). Returns the log, the stop signals' handler, the identity of --pretrained and the folder's lock
+    (held until the process ends)."""
+    try:
+        D.init_distributed(args)
+    except D.DistError as e:
+        fail(str(e))
+    preempt = D.PreemptionHandler(grace_s=args.dist_timeout).install()
+    fix_random_seeds(args.seed)
+    lock, identity, moved, problem = (claim_evaluation_folder(args, kind, operational_flags) if args.rank == 0
+                                      else (None, None, None, None))
+    problem = D.first_problem(problem, args.world_size, args.device) or \
+        D.first_disagreement(D.flag_fingerprints(args), args.world_size, args.device)
+    if problem:
+        fail(problem)
+    logger = create_logger(args.dump_path, args.rank)
+    logger.info(format_provenance(provenance(args.device, args.world_size)))
+    if moved:
+        run, running, _ = WORDS[kind]
+        logger.info(f"The earlier {run} in this folder (another checkpoint or other arguments) is kept in "
+                    f"{moved}; {running} afresh.")
+    if args.rank == 0:
+        logger.info("\n".join(f"{k}: {v}" for k, v in sorted(vars(args).items())))
+    return logger, preempt, identity, lock
+
+
+def load_splits(data_path, download):
+    """((train images, labels, classes), (test images, labels, classes)); bad data is a one-line error."""
+    try:
+        return (load_split(data_path, train=True, download=download),
+                load_split(data_path, train=False, download=download))
+    except DataError as e:
+        fail(str(e))
+
+
+def data_loaders(train_set, test_set, args):
+    """The training loader (this process's share of `train_set`, reshuffled by `sampler.set_epoch`) and
+    the test loader (all of `test_set` in every process, as released)."""
+    sampler = torch.utils.data.distributed.DistributedSampler(train_set, num_replicas=args.world_size,
+                                                              rank=args.rank)
+    pin = args.device.type == "cuda"
+    quiet = D.ignore_preemption_signals_in_worker if args.workers > 0 else None  # the main process handles them
+    train_loader = torch.utils.data.DataLoader(train_set, sampler=sampler, batch_size=args.batch_size,
+                                               num_workers=args.workers, pin_memory=pin, worker_init_fn=quiet)
+    test_loader = torch.utils.data.DataLoader(test_set, batch_size=args.batch_size, shuffle=False,
+                                              num_workers=args.workers, pin_memory=pin, worker_init_fn=quiet)
+    return train_loader, test_loader
+
+
+class Eta:
+    """Time left, from the mean time per iteration since this process started training."""
+
+    def __init__(self, start_epoch, epochs, iterations_per_epoch):
+        self.start, self.start_epoch = time.time(), start_epoch
+        self.epochs, self.per_epoch = epochs, iterations_per_epoch
+
+    def __call__(self, epoch, it):
+        done = (epoch - self.start_epoch) * self.per_epoch + it + 1
+        remaining = (self.epochs - epoch) * self.per_epoch - it - 1
+        return format_eta((time.time() - self.start) / done * remaining)
+
+
+def stop_if_preempted(preempt, epoch, args, logger, saved):
+    """After the checkpoint of `epoch` (not the last one): exit with status 3, requeued under Slurm, when a
+    stop signal reached any process. `saved` names what the checkpoint holds."""
+    if epoch < args.epochs - 1 and preempt.should_stop(args.world_size, args.device):
+        logger.info(f"Preempted (signal {preempt.signum}): {saved} saved after epoch {epoch}.")
+        if args.rank == 0 and preempt.requeue():
+            logger.info("Job requeued with scontrol; it will resume from the checkpoint.")
+        sys.exit(D.PREEMPTED_EXIT_CODE)

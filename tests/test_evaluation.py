@@ -1,0 +1,92 @@
+"""What the two evaluations share (src/evaluation.py): their common flags, the checks of those flags, the
+train/test loaders of each process, and the ETA of the log lines. The set-up phase and stopping on a
+signal run in the end-to-end tests of both scripts (tests/test_e2e.py, tests/test_eval_semisup.py)."""
+import argparse
+import time
+
+import pytest
+import torch
+
+import eval_linear
+import eval_semisup
+from src import distributed as D
+from src.data import LabeledDataset, eval_transforms
+from src.evaluation import Eta, check_shared_args, data_loaders
+from src.run_folder import FINE_TUNING, LINEAR
+
+SHARED = ["dump_path", "seed", "data_path", "arch", "pretrained", "dist_url", "world_size", "rank", "local_rank",
+          "width_per_group", "allow_mismatched_weights", "dist_timeout", "download", "log_freq"]
+
+
+def definitions(parser):
+    return {a.dest: (a.option_strings, a.default, a.type, a.help) for a in parser._actions}
+
+
+def test_both_evaluations_define_the_shared_flags_alike():
+    linear, semisup = definitions(eval_linear.get_parser()), definitions(eval_semisup.get_parser())
+    for name in SHARED:
+        assert linear[name] == semisup[name], name
+    # the released scripts' one difference among them
+    assert (linear["workers"][1], semisup["workers"][1]) == (20, 10)
+
+
+def args_for(*argv):
+    args = eval_semisup.get_parser().parse_args(["--arch", "resnet18", *argv])
+    args.world_size, args.rank, args.device = 1, 0, torch.device("cpu")
+    return args
+
+
+@pytest.mark.parametrize("argv,kind,message", [
+    (["--arch", "vgg"], LINEAR, "unknown --arch 'vgg'"),
+    (["--epochs", "10001"], FINE_TUNING, "--epochs 10001 is more than 10000; a typo?"),
+    (["--seed", "-1"], LINEAR, "--seed must be in [0, 2**32), got -1"),
+    (["--crop_size", "0"], FINE_TUNING, "--crop_size must be at least 1, got 0"),
+    (["--pretrained", "none.pth"], LINEAR, "--pretrained none.pth: no such file (pass '' to evaluate random weights)"),
+    (["--pretrained", "none.pth"], FINE_TUNING, "(pass '' to fine-tune random weights)"),
+])
+def test_shared_checks_stop_with_one_line(argv, kind, message, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        check_shared_args(args_for(*argv), kind)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1 and message in err
+
+
+def test_good_shared_flags_pass():
+    check_shared_args(args_for("--epochs", "10000", "--seed", str(2 ** 32 - 1)), LINEAR)
+
+
+def labelled(n):
+    images = torch.randint(0, 256, (n, 32, 32, 3), dtype=torch.uint8).numpy()
+    labels = torch.arange(n) % 10
+    train_tf, test_tf = eval_transforms(32)
+    return LabeledDataset(images, labels.numpy(), train_tf), LabeledDataset(images, labels.numpy(), test_tf)
+
+
+def test_each_process_trains_on_its_share_and_tests_on_everything():
+    train_set, test_set = labelled(30)
+    seen, tested = [], []
+    for rank in (0, 1):
+        args = argparse.Namespace(world_size=2, rank=rank, batch_size=4, workers=0, device=torch.device("cpu"))
+        train_loader, test_loader = data_loaders(train_set, test_set, args)
+        train_loader.sampler.set_epoch(3)
+        seen.append(list(train_loader.sampler))
+        tested.append(torch.cat([target for _, target in test_loader]).tolist())
+        assert train_loader.worker_init_fn is None and not train_loader.pin_memory
+    assert sorted(seen[0] + seen[1]) == list(range(30)) and len(seen[0]) == len(seen[1]) == 15
+    assert tested[0] == tested[1] == [i % 10 for i in range(30)]  # the whole test split, in order, everywhere
+
+
+def test_loader_workers_leave_stop_signals_to_the_main_process():
+    train_set, test_set = labelled(8)
+    args = argparse.Namespace(world_size=1, rank=0, batch_size=4, workers=1, device=torch.device("cpu"))
+    train_loader, test_loader = data_loaders(train_set, test_set, args)
+    assert train_loader.worker_init_fn is test_loader.worker_init_fn is D.ignore_preemption_signals_in_worker
+    assert len(next(iter(train_loader))[0]) == 4
+
+
+def test_eta_from_the_time_per_iteration_since_the_start():
+    eta = Eta(start_epoch=2, epochs=4, iterations_per_epoch=5)
+    eta.start = time.time() - 40  # 40 s for the first 4 iterations of epoch 2: 10 s each
+    assert eta(2, 3) == "0:01:00"  # 6 iterations left
+    assert eta(3, 4) == "0:00:00"  # the last one
