@@ -30,7 +30,8 @@ from src.run_folder import PRETRAINING, folder_kind
 from src.sampler import ResumableDistributedSampler
 from src.train_step import UnmixSwAV, cosine_schedule
 from src.unmix import LOSS_FORMS, SwavConfig, draw_unmix, pair_sizes
-from src.utils import AverageMeter, ArgumentParser, bool_flag, check_seed, fail, fix_random_seeds, run_main
+from src.utils import (AverageMeter, ArgumentParser, agree_or_fail, bool_flag, check_seed, fail, run_main,
+                       start_processes)
 
 # Flags that do not change what is computed: a resumed run may differ in these.
 OPERATIONAL_FLAGS = {"dump_path", "workers", "dist_url", "rank", "local_rank", "gpu_to_work_on", "device",
@@ -255,18 +256,10 @@ def set_up(args):
     run at its next checkpoint), seeds, the run folder (locked; checked against an earlier run's kind and
     arguments), the processes' agreement on the arguments, the log. Returns the log, the Un-Mix draws'
     random stream, the stop signals' handler and the folder's lock."""
-    try:
-        D.init_distributed(args)
-    except D.DistError as e:
-        fail(str(e))
-    preempt = D.PreemptionHandler(grace_s=args.dist_timeout).install()
-    fix_random_seeds(args.seed)
+    preempt = start_processes(args)
     np_rng = np.random.RandomState(args.seed)  # the released code drew lam, r and box centres here
     lock, problem = claim_run_folder(args) if args.rank == 0 else (None, None)
-    problem = D.first_problem(problem, args.world_size, args.device) or \
-        D.first_disagreement(D.flag_fingerprints(args), args.world_size, args.device)
-    if problem:
-        fail(problem)
+    agree_or_fail(args, problem)
     logger = create_logger(args.dump_path, args.rank)
     logger.info(f"Process rank {args.rank} of world size {args.world_size} (local rank {args.local_rank}) "
                 f"on {args.device}")

@@ -15,7 +15,7 @@ from .data import DataError, load_split
 from .logger import create_logger, format_eta, format_provenance, provenance
 from .resnet import ARCHS
 from .run_folder import FINE_TUNING, LINEAR, claim_evaluation_folder
-from .utils import bool_flag, check_seed, fail, fix_random_seeds
+from .utils import agree_or_fail, bool_flag, check_seed, fail, start_processes
 
 STATS_COLUMNS = ["epoch", "loss", "prec1", "prec5", "loss_val", "prec1_val", "prec5_val"]  # released
 # Flags that do not change what is computed (the checkpoint is compared by its content, not its path).
@@ -77,20 +77,12 @@ def set_up(args, kind, operational_flags):
     """Distributed set-up, the stop signals' handler (acted on after each epoch), seeds, the evaluation
     folder (locked; refused when it holds another kind of run, or an evaluation of another checkpoint or
     with other arguments unless --allow_changed_args), the processes' agreement on the arguments, the
-    log (headed by the run's provenance). Returns the log, the stop signals' handler, the identity of --pretrained and the folder's lock
-    (held until the process ends)."""
-    try:
-        D.init_distributed(args)
-    except D.DistError as e:
-        fail(str(e))
-    preempt = D.PreemptionHandler(grace_s=args.dist_timeout).install()
-    fix_random_seeds(args.seed)
+    log (headed by the run's provenance). Returns the log, the stop signals' handler, the identity of
+    --pretrained and the folder's lock (held until the process ends)."""
+    preempt = start_processes(args)
     lock, identity, moved, problem = (claim_evaluation_folder(args, kind, operational_flags) if args.rank == 0
                                       else (None, None, None, None))
-    problem = D.first_problem(problem, args.world_size, args.device) or \
-        D.first_disagreement(D.flag_fingerprints(args), args.world_size, args.device)
-    if problem:
-        fail(problem)
+    agree_or_fail(args, problem)
     logger = create_logger(args.dump_path, args.rank)
     logger.info(format_provenance(provenance(args.device, args.world_size)))
     if moved:

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from . import distributed as D
 from .checkpoint import WRITE_ERRNOS
 
 # Exit statuses of the entry scripts besides 0, 2 (bad input, `fail`), 3 (preempted, see
@@ -59,6 +60,28 @@ def fail(msg, status=2):
     """Bad input: one line on stderr, exit status 2 (or `status`), no traceback."""
     print(f"error: {msg}", file=sys.stderr, flush=True)
     sys.exit(status)
+
+
+def start_processes(args):
+    """The start of every entry script: join the job's processes (a bad launch is one line), install the
+    stop signals' handler (acted on at the next checkpoint; a blocked collective past --dist_timeout ends
+    the process with status 3), seed. Returns the handler."""
+    try:
+        D.init_distributed(args)
+    except D.DistError as e:
+        fail(str(e))
+    preempt = D.PreemptionHandler(grace_s=args.dist_timeout).install()
+    fix_random_seeds(args.seed)
+    return preempt
+
+
+def agree_or_fail(args, problem):
+    """Every process stops with the same one line when rank 0 found `problem` in the run folder, or when the
+    processes were given different arguments."""
+    problem = D.first_problem(problem, args.world_size, args.device) or \
+        D.first_disagreement(D.flag_fingerprints(args), args.world_size, args.device)
+    if problem:
+        fail(problem)
 
 
 class ArgumentParser(argparse.ArgumentParser):
