@@ -24,7 +24,6 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
-from torchvision import transforms
 
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 PRETRAIN_STD = (0.2023, 0.1994, 0.2010)
@@ -319,6 +318,7 @@ class MultiCropTransform:
             if not 0 <= lo <= hi:
                 raise ValueError(f"crop scales {i}: need 0 <= min_scale_crops <= max_scale_crops "
                                  f"(got {lo} and {hi})")
+        from torchvision import transforms  # here, not at the top: importing torchvision takes ~2 s
         color = [transforms.RandomApply([transforms.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
                  transforms.RandomGrayscale(p=0.2)]
         self.transforms = []
@@ -355,6 +355,7 @@ class MultiCropDataset(Dataset):
 
 def eval_transforms(crop_size, mean=CIFAR_MEAN, std=EVAL_STD):
     """Released linear-evaluation transforms: `(train_tf, test_tf)`."""
+    from torchvision import transforms  # here, not at the top: importing torchvision takes ~2 s
     train_tf = transforms.Compose([
         transforms.RandomResizedCrop(crop_size),
         transforms.RandomHorizontalFlip(),

@@ -5,12 +5,15 @@ Alongside: `stats{rank}.csv` and `params.json`, which are what resuming and tool
 ever read back is a released run's `stats{rank}.pkl` when resuming its folder (it has no CSV), through an
 unpickler that accepts only the classes of a pandas table of numbers. Stats and parameter files are
 replaced atomically, so a kill while they are written leaves the previous complete version."""
+import importlib.metadata
+import importlib.util
 import json
 import logging
 import math
 import os
 import pickle
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -20,7 +23,6 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-import torchvision
 
 from .checkpoint import atomic_write
 from .utils import fail
@@ -231,9 +233,26 @@ def provenance(device, world_size, repo_dir=Path(__file__).resolve().parents[1])
     else:
         name = f"{device.type} ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
     return {"git_commit": commit, "git_dirty": dirty, "python": platform.python_version(),
-            "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "torch": torch.__version__, "torchvision": torchvision_version(),
             "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version(),
             "device": name, "world_size": int(world_size)}
+
+
+def torchvision_version():
+    """torchvision's `__version__` without importing it (the import takes ~2 s, which `--help` and the
+    one-line errors of every entry script would pay)."""
+    module = sys.modules.get("torchvision")
+    if module is not None:
+        return module.__version__
+    try:
+        spec = importlib.util.find_spec("torchvision")
+        text = Path(spec.submodule_search_locations[0], "version.py").read_text()
+        return re.search(r"__version__\s*=\s*['\"]([^'\"]+)", text).group(1)
+    except Exception:  # a build without version.py: its distribution's version
+        try:
+            return importlib.metadata.version("torchvision")
+        except importlib.metadata.PackageNotFoundError:
+            return "not installed"
 
 
 def format_provenance(p):

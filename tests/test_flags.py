@@ -85,3 +85,14 @@ def test_help_shows_every_default(module):
             continue
         assert action.help, f"{action.option_strings} has no help text"
         assert f"(default: {action.default})" in formatter._expand_help(action), action.option_strings
+
+
+def test_entry_scripts_start_without_importing_torchvision():
+    """`--help` and the one-line errors of bad input come before any torchvision transform is needed;
+    importing torchvision costs ~2 s per process, so the entry scripts import it only where they build
+    transforms."""
+    code = ("import sys, main_swav_unmix, eval_linear, eval_semisup, hubconf; "
+            "from src.logger import provenance; provenance('cpu', 1); "
+            "print('torchvision' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
