@@ -292,7 +292,7 @@ def _key_lines(text):
 
 
 @pytest.mark.slurm
-def test_sbatch_script_two_tasks_pretrain_then_linear_eval(cluster, cifar, tmp_path):
+def test_sbatch_script_two_tasks_pretrain_then_linear_eval_then_semisup_under_srun(cluster, cifar, tmp_path):
     t0 = time.time()
     exp = str(tmp_path / "exp" / "unmix_swav_tiny")
     out, err = str(tmp_path / "job_%j.out"), str(tmp_path / "job_%j.err")
@@ -315,6 +315,25 @@ def test_sbatch_script_two_tasks_pretrain_then_linear_eval(cluster, cifar, tmp_p
     assert os.path.isfile(os.path.join(exp, "checkpoint.pth.tar"))
     assert os.path.isfile(os.path.join(exp, "train.log-1"))           # rank 1 logged to its own file
     assert os.path.isfile(exp + "_linear_eval/results.json")
+
+    # the semi-supervised fine-tuning of that checkpoint, its 2 processes started by srun
+    semisup = exp + "_semisup_10pct"
+    cmd = " ".join([sys.executable, os.path.join(ROOT, "eval_semisup.py"), "--labels_perc 10", "--data_path", cifar,
+                    "--pretrained", os.path.join(exp, "checkpoint.pth.tar"), "--dump_path", semisup,
+                    "--arch resnet18 --width_per_group 8 --epochs 1 --batch_size 4 --workers 0 --download false"])
+    out, err = str(tmp_path / "semisup_%j.out"), str(tmp_path / "semisup_%j.err")
+    job = cluster.sbatch(SBATCH_CPU + [f"--output={out}", f"--error={err}", f"--wrap=srun {cmd}"],
+                         env={"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}, cwd=str(tmp_path))
+    out, err = out.replace("%j", job), err.replace("%j", job)
+    state = cluster.wait(job, timeout=90)
+    assert state == "COMPLETED", _report(cluster, out, err)
+    text = _read(out)
+    for r in range(2):
+        assert re.search(rf"distributed: rank {r}/2 .*\(slurm, gloo", text), _report(cluster, out, err)
+    assert "world_size: 2" in _read(os.path.join(semisup, "train.log"))
+    assert "10 of 80 training images" in _read(os.path.join(semisup, "train.log-1"))  # rank 1: the same subset
+    assert "Test accuracies: top-1" in text, _report(cluster, out, err)
+    assert os.path.isfile(os.path.join(semisup, "results.json"))
 
 
 def _submit(cluster, tmp_path, env):
