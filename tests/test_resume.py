@@ -501,3 +501,62 @@ def test_a_full_disk_is_one_line_and_the_last_checkpoint_is_intact(work, data, s
     assert file_state(dump / "checkpoint.pth.tar") == before
     leftovers = [q.name for q in list(dump.glob(".*")) + list((dump / "checkpoints").glob(".*"))]
     assert not leftovers, leftovers
+
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    """A real file system of a given size (tmpfs; needs root, as on CI), unmounted afterwards."""
+    import subprocess
+    mounted = []
+
+    def mount(size_kb):
+        point = tmp_path / f"fs{len(mounted)}"
+        point.mkdir()
+        p = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(point)],
+                           capture_output=True, text=True)
+        if p.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here ({p.stderr.strip() or 'mount failed'})")
+        mounted.append(point)
+        return point
+
+    def remount(point, options):
+        subprocess.run(["mount", "-o", f"remount,{options}", str(point)], check=True)
+
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small file system needs root")
+    yield mount, remount
+    for point in mounted:
+        subprocess.run(["umount", "-l", str(point)], capture_output=True)
+
+
+def test_a_really_full_disk_then_a_read_only_folder_lose_nothing(work, data, stopped, reference, small_tmpfs, runner):
+    """On a real file system with room for half a checkpoint (ENOSPC, not a size limit): one line, status 6,
+    the checkpoint of epoch 0 unchanged, no temporary file. The same folder read-only: one line, status 2,
+    before any training. Writable and larger again: the same command resumes and ends exactly as the
+    uninterrupted run."""
+    mount, remount = small_tmpfs
+    pages = lambda p: -(-p.stat().st_size // 4096) * 4096  # noqa: E731 (tmpfs counts whole pages)
+    used = sum(pages(p) for p in stopped[0].rglob("*") if p.is_file())
+    ckpt_size = (stopped[0] / "checkpoint.pth.tar").stat().st_size
+    fs = mount((used + ckpt_size // 2) // 1024)
+    dump = copy_run(stopped[0], fs / "run")
+    before = file_state(dump / "checkpoint.pth.tar")
+
+    full = runner.run(MAIN, tiny_args(data, dump, 2), cwd=work)
+    assert full.returncode == 6, full.explain()
+    line = one_line(full)
+    assert line.startswith("error: cannot write ") and "No space left on device" in line, line
+    assert file_state(dump / "checkpoint.pth.tar") == before
+    leftovers = [q.name for q in list(dump.glob(".*")) + list((dump / "checkpoints").glob(".*"))]
+    assert not leftovers, leftovers
+
+    remount(fs, "ro")
+    read_only = runner.run(MAIN, tiny_args(data, dump, 2), cwd=work)
+    assert read_only.returncode == 2, read_only.explain()
+    assert "Read-only file system" in one_line(read_only)
+    assert "Epoch" not in read_only.stdout  # refused before training
+
+    remount(fs, f"rw,size={(used + 4 * ckpt_size) // 1024}k")
+    res = runner.run(MAIN, tiny_args(data, dump, 2), cwd=work)
+    assert res.returncode == 0, res.explain()
+    assert_same_run(dump, reference)
