@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from src.resnet import build_model
-from tests.e2e_helpers import MAIN, RUN_ENV, make_fake_cifar10, run_script, tiny_args
+from tests.e2e_helpers import RUN_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 TOOL = REPO / "tools" / "export_backbone.py"
@@ -22,12 +22,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def pre(tmp_path_factory):
-    root = tmp_path_factory.mktemp("export")
-    data = make_fake_cifar10(root / "c10")
-    res = run_script(MAIN, tiny_args(data, root / "pre", 1), cwd=root)
-    assert res.returncode == 0, res.explain()
-    return root / "pre" / "checkpoint.pth.tar"
+def pre(tiny_checkpoint):
+    return tiny_checkpoint
 
 
 def export(*args, cwd):

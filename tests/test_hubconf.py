@@ -11,7 +11,7 @@ import torch
 
 from src.data import CIFAR_MEAN, PRETRAIN_STD, plain_tensor
 from src.resnet import build_model
-from tests.e2e_helpers import MAIN, RUN_ENV, make_fake_cifar10, run_script, tiny_args
+from tests.e2e_helpers import RUN_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -19,18 +19,14 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    """A real one-epoch pretraining (resnet18 at width 8, hidden_mlp 32, feat_dim 16, 10 prototypes)."""
-    root = tmp_path_factory.mktemp("hub")
-    data = make_fake_cifar10(root / "c10")
-    res = run_script(MAIN, tiny_args(data, root / "pre", 1), cwd=root)
-    assert res.returncode == 0, res.explain()
-    ckpt = root / "pre" / "checkpoint.pth.tar"
+def run(tiny_checkpoint):
+    """A real one-epoch pretraining (tests/conftest.py) and its network as main_swav_unmix.py builds it."""
+    ckpt = tiny_checkpoint
     state = {k[len("module."):]: v for k, v in torch.load(ckpt, weights_only=True)["state_dict"].items()}
     net = build_model("resnet18", normalize=True, hidden_mlp=32, output_dim=16, nmb_prototypes=10, width_per_group=8)
     net.load_state_dict(state)  # strict: the pretraining network as main_swav_unmix.py builds it
     images = np.random.default_rng(0).integers(0, 256, size=(6, 32, 32, 3), dtype=np.uint8)
-    return {"root": root, "ckpt": ckpt, "state": state, "net": net.eval(),
+    return {"ckpt": ckpt, "state": state, "net": net.eval(),
             "x": plain_tensor(images, CIFAR_MEAN, PRETRAIN_STD)}
 
 

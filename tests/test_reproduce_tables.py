@@ -16,7 +16,6 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 import reproduce_tables as rt  # noqa: E402
-import slurm_cluster  # noqa: E402
 from fake_cifar import write_cifar10, write_cifar100, write_image_folder  # noqa: E402
 
 SCRIPT = os.path.join(ROOT, "scripts", "reproduce_tables.sh")
@@ -224,15 +223,6 @@ def test_local_table_reports_a_failing_cell_and_the_others(cifar, tmp_path):
     r = _run(args + ["--status"], env, tmp_path)
     assert r.returncode == 0 and _cell_lines(r.stdout) == [("c10_unmix_1ep_seed31", "done"),
                                                            ("c10_unmix_1ep_seed32", "failed")]
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    reason = slurm_cluster.missing_reason()
-    if reason:
-        pytest.skip(reason)
-    with slurm_cluster.SlurmCluster.start() as c:
-        yield c
 
 
 @pytest.mark.slurm

@@ -18,9 +18,6 @@ import time
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, os.path.join(ROOT, "tests"))
-
-import slurm_cluster  # noqa: E402
 
 SCRIPTS = {"c10": os.path.join(ROOT, "script_unmix_c10.sh"), "c100": os.path.join(ROOT, "script_unmix_c100.sh")}
 
@@ -247,15 +244,6 @@ TINY_EVAL = "--width_per_group 8 --batch_size 16 --download false"
 # CPU-only node without GRES, 2 cores: users override SBATCH lines on the sbatch command line.
 # `--gres=none` drops the script's --gres=gpu:1 (an unknown GRES is refused at submission).
 SBATCH_CPU = ["--ntasks-per-node=2", "--cpus-per-task=1", "--gres=none", "--mem=1G", "--time=10"]
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    reason = slurm_cluster.missing_reason()
-    if reason:
-        pytest.skip(reason)
-    with slurm_cluster.SlurmCluster.start() as c:
-        yield c
 
 
 @pytest.fixture(scope="module")
