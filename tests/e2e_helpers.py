@@ -69,7 +69,7 @@ sys.path.insert(0, repo)
 proto_out = os.fdopen(os.dup(1), "w", buffering=1)
 devnull = os.open(os.devnull, os.O_RDWR)
 os.dup2(devnull, 1)
-import main_swav_unmix, eval_linear  # noqa: F401  (the expensive imports, once)
+import main_swav_unmix, eval_linear, eval_semisup, torchvision.transforms  # noqa: F401  (the expensive imports, once)
 sys.stdout.flush()
 
 
