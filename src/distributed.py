@@ -375,9 +375,17 @@ def init_distributed(args, timeout_s: Optional[float] = None) -> DistEnv:
             os.environ.setdefault("MASTER_PORT", m.group(2))
         if not dist.is_initialized():
             backend = "nccl" if device.type == "cuda" else "gloo"
-            dist.init_process_group(backend=backend, init_method=env.init_method,
-                                    world_size=env.world_size, rank=env.rank,
-                                    timeout=datetime.timedelta(seconds=timeout_s))
+            try:
+                dist.init_process_group(backend=backend, init_method=env.init_method,
+                                        world_size=env.world_size, rank=env.rank,
+                                        timeout=datetime.timedelta(seconds=timeout_s))
+            except RuntimeError as e:  # torch's DistNetworkError is a RuntimeError
+                if "EADDRINUSE" not in str(e) and "address already in use" not in str(e).lower():
+                    raise
+                # another run on this host holds the port (the same --dist_url, or Slurm job IDs equal mod 20000)
+                raise DistError(f"rank {env.rank}: the rendezvous port of {env.init_method} is already in use "
+                                "on this host (another job or run there?); give this run a free port with "
+                                "--dist_url tcp://HOST:PORT") from None
         # one line per process (only rank 0 logs to stdout later): shows every rank in the job output
         print(f"distributed: rank {env.rank}/{env.world_size} local_rank {env.local_rank} device {device} "
               f"({env.source}, {dist.get_backend()}, {env.init_method})", flush=True)

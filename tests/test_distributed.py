@@ -560,3 +560,21 @@ def test_after_sigterm_of_one_rank_both_save_and_resume_their_own_statistics(dat
         ref = pd.read_csv(tmp_path / "reference" / f"stats{rank}.csv")["loss"].tolist()
         assert pd.read_csv(tmp_path / "stopped" / f"stats{rank}.csv")["loss"].tolist() == ref
     assert pd.read_csv(tmp_path / "reference" / "stats0.csv")["loss"].tolist() != ref  # each rank its own
+
+
+def test_a_rendezvous_port_in_use_is_one_line_naming_the_flag(tmp_path):
+    """Two jobs on one node with the released --dist_url tcp://localhost:10001: the second's rank 0 cannot
+    listen. A one-line error that names the port and the flag, not a lost-peer message."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "MASTER_"))}
+        code = ("import argparse, sys; sys.path.insert(0, sys.argv[1]); from src.utils import start_processes; "
+                f"start_processes(argparse.Namespace(dist_url='tcp://127.0.0.1:{port}', rank=0, world_size=2, "
+                "local_rank=0, dist_timeout=20, seed=0))")
+        p = subprocess.run([sys.executable, "-c", code, ROOT], capture_output=True, text=True, timeout=120, env=env)
+    assert p.returncode == 2, p.stderr[-2000:]
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and f"tcp://127.0.0.1:{port} is already in use" in lines[0] and "--dist_url" in lines[0], \
+        p.stderr
