@@ -300,8 +300,7 @@ def print_cells(cells, statuses):
     print(f"{len(cells)} cells: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n))
 
 
-def main(argv=None, environ=None):
-    environ = dict(os.environ if environ is None else environ)
+def get_parser():
     p = argparse.ArgumentParser(
         prog="scripts/reproduce_tables.sh",
         description="Run every cell (data set x method x pretraining epochs x seed) of the published tables "
@@ -318,9 +317,11 @@ def main(argv=None, environ=None):
     mode.add_argument("--dry-run", action="store_true", help="print the plan; submit and run nothing")
     mode.add_argument("--status", action="store_true", help="show done / running / pending / failed / "
                                                             "interrupted / missing per cell")
-    args = p.parse_args(argv)
+    return p
 
-    # ============ the cells ============
+
+def plan_from_args(args, environ):
+    """The cells the options and the environment ask for, and each data set's path; bad input is one line."""
     try:
         datasets = [DATASETS[d] for d in parse_names(args.datasets.replace("cifar", "c"), "--datasets", DATASETS)]
         methods = parse_names(args.methods.replace("-", ""), "--methods", METHODS)
@@ -339,73 +340,55 @@ def main(argv=None, environ=None):
         dataset_paths = {ds: dataset_path_for(ds, environ) for ds in datasets}
     except ValueError as e:
         fail(str(e))
-    experiments, report = os.path.abspath(args.experiments), os.path.abspath(args.report)
+    experiments = os.path.abspath(args.experiments)
     if any(ch in experiments + "".join(dataset_paths.values()) for ch in "\t\n"):
         fail("folder names with tabs or newlines are not supported")
     cells = plan_cells(datasets, methods, epochs, seeds, experiments, dataset_paths,
                        eval_folder_suffix(environ.get("EVAL_EXTRA_ARGS", "")))
-    cells_dir = os.path.join(experiments, "_cells")
-    use_slurm = not args.local and shutil.which("sbatch", path=environ.get("PATH")) is not None
-    queue = slurm_queue(environ) if use_slurm else None
-    host = socket.gethostname()
-    statuses = {c.name: cell_status(c, cells_dir, queue, host) for c in cells}
-    todo = [c for c in cells if statuses[c.name][0] in ("missing", "failed", "interrupted")]
-
     print(f"{len(cells)} cells ({len(datasets)} data set(s) x {len(methods)} method(s) x {len(epochs)} epoch "
           f"count(s) x {len(seeds)} seed(s)) in {experiments}:")
-    print_cells(cells, statuses)
-    if args.status:
-        return 0
-    where = "as one Slurm job array" if use_slurm else "here, one after another"
-    if args.dry_run:
-        how = f" (sbatch --array={array_spec([c.index for c in todo])} ...)" if use_slurm and todo else ""
-        print(f"dry run: would run {len(todo)} cell(s) {where}{how}, then write the report into {report}")
-        return 0
+    return cells, dataset_paths
 
-    if use_slurm and queue is None:  # a queued or running cell would look interrupted and run twice
-        fail("squeue failed, so the cells queued or running cannot be told apart; retry, or use --local")
 
-    # ============ data, plan ============
+def download_once(dataset_paths, todo):
+    """Data-set keywords are downloaded here, once, before the cells start (not by every cell at once)."""
     for ds, path in dataset_paths.items():
         if path in CIFAR_FOLDERS and any(c.dataset == ds for c in todo):
-            # one download before the cells start, not one per cell into the same folder at once
             from src.data import DataError, load_split
             try:
                 for train in (True, False):
                     load_split(path, train, download=True)
             except DataError as e:
                 fail(str(e))
-    os.makedirs(cells_dir, exist_ok=True)
-    plan = write_plan(cells_dir, cells)
-    env = dict(environ, CODE_DIR=ROOT)
-    python = environ.get("PYTHON") or sys.executable
-    report_cmd = [python, RESULTS, "--plan", plan, "--out", report]
 
-    # ============ Slurm: job array, then the report job ============
-    if use_slurm:
-        states = [read_state(cells_dir, c) for c in cells]
-        waiting = sorted({s[1] for s in states if s is not None and queue is not None and s[1] in queue})
-        if todo:
-            # held until every task has its "queued" record, so a task's own record is never overwritten
-            array = _sbatch(["--hold", f"--array={array_spec([c.index for c in todo])}",
-                             f"--output={cells_dir}/slurm-%A_%a.out",
-                             *shlex.split(environ.get("SBATCH_ARGS", "")), TABLE_CELL, plan], env)
-            for c in todo:
-                write_state(cells_dir, c, f"queued {array}_{c.index}")
-            r = subprocess.run(["scontrol", "release", array], env=env, capture_output=True, text=True)
-            if r.returncode != 0:
-                fail(f"job array {array} submitted held but 'scontrol release {array}' failed: {r.stderr.strip()}")
-            print(f"submitted job array {array}: {len(todo)} cell(s), logs in {cells_dir}/<cell>.log")
-            waiting.append(array)
-        dependency = [f"--dependency=afterany:{':'.join(waiting)}"] if waiting else []
-        job = _sbatch(["--job-name=unmix_table_report", f"--output={cells_dir}/report-%j.out", "--ntasks=1",
-                       "--cpus-per-task=1", "--mem=1G", "--time=30", *dependency,
-                       *shlex.split(environ.get("REPORT_SBATCH_ARGS", "")), "--wrap", shlex.join(report_cmd)], env)
-        print(f"submitted report job {job}" + (f" (after {', '.join(waiting)})" if waiting else "")
-              + f": {report}/results.md")
-        return 0
 
-    # ============ here: one cell after another, then the report ============
+def submit_to_slurm(cells, todo, cells_dir, plan, queue, report, report_cmd, env, environ):
+    """One job array for the cells to run, then a report job after every task of this table has ended."""
+    states = [read_state(cells_dir, c) for c in cells]
+    waiting = sorted({s[1] for s in states if s is not None and queue is not None and s[1] in queue})
+    if todo:
+        # held until every task has its "queued" record, so a task's own record is never overwritten
+        array = _sbatch(["--hold", f"--array={array_spec([c.index for c in todo])}",
+                         f"--output={cells_dir}/slurm-%A_%a.out",
+                         *shlex.split(environ.get("SBATCH_ARGS", "")), TABLE_CELL, plan], env)
+        for c in todo:
+            write_state(cells_dir, c, f"queued {array}_{c.index}")
+        r = subprocess.run(["scontrol", "release", array], env=env, capture_output=True, text=True)
+        if r.returncode != 0:
+            fail(f"job array {array} submitted held but 'scontrol release {array}' failed: {r.stderr.strip()}")
+        print(f"submitted job array {array}: {len(todo)} cell(s), logs in {cells_dir}/<cell>.log")
+        waiting.append(array)
+    dependency = [f"--dependency=afterany:{':'.join(waiting)}"] if waiting else []
+    job = _sbatch(["--job-name=unmix_table_report", f"--output={cells_dir}/report-%j.out", "--ntasks=1",
+                   "--cpus-per-task=1", "--mem=1G", "--time=30", *dependency,
+                   *shlex.split(environ.get("REPORT_SBATCH_ARGS", "")), "--wrap", shlex.join(report_cmd)], env)
+    print(f"submitted report job {job}" + (f" (after {', '.join(waiting)})" if waiting else "")
+          + f": {report}/results.md")
+    return 0
+
+
+def run_here(todo, cells_dir, plan, host, report, report_cmd, env):
+    """The cells one after another on this machine, then the report. Returns 1 when a cell failed."""
     failed = []
     for k, c in enumerate(todo, 1):
         print(f"[{k}/{len(todo)}] {c.name}: running, log {cells_dir}/{c.name}.log", flush=True)
@@ -419,6 +402,43 @@ def main(argv=None, environ=None):
         fail(f"the report failed (exit {rc}): {shlex.join(report_cmd)}")
     print(f"report: {report}/results.md" + (f"; {len(failed)} cell(s) failed: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0
+
+
+def main(argv=None, environ=None):
+    environ = dict(os.environ if environ is None else environ)
+    args = get_parser().parse_args(argv)
+
+    # ============ the cells and their statuses ============
+    cells, dataset_paths = plan_from_args(args, environ)
+    cells_dir = os.path.join(os.path.abspath(args.experiments), "_cells")
+    report = os.path.abspath(args.report)
+    use_slurm = not args.local and shutil.which("sbatch", path=environ.get("PATH")) is not None
+    queue = slurm_queue(environ) if use_slurm else None
+    host = socket.gethostname()
+    statuses = {c.name: cell_status(c, cells_dir, queue, host) for c in cells}
+    todo = [c for c in cells if statuses[c.name][0] in ("missing", "failed", "interrupted")]
+    print_cells(cells, statuses)
+    if args.status:
+        return 0
+    if args.dry_run:
+        where = "as one Slurm job array" if use_slurm else "here, one after another"
+        how = f" (sbatch --array={array_spec([c.index for c in todo])} ...)" if use_slurm and todo else ""
+        print(f"dry run: would run {len(todo)} cell(s) {where}{how}, then write the report into {report}")
+        return 0
+    if use_slurm and queue is None:  # a queued or running cell would look interrupted and run twice
+        fail("squeue failed, so the cells queued or running cannot be told apart; retry, or use --local")
+
+    # ============ data, plan ============
+    download_once(dataset_paths, todo)
+    os.makedirs(cells_dir, exist_ok=True)
+    plan = write_plan(cells_dir, cells)
+    env = dict(environ, CODE_DIR=ROOT)
+    report_cmd = [environ.get("PYTHON") or sys.executable, RESULTS, "--plan", plan, "--out", report]
+
+    # ============ run: a Slurm job array and a report job, or here one cell after another ============
+    if use_slurm:
+        return submit_to_slurm(cells, todo, cells_dir, plan, queue, report, report_cmd, env, environ)
+    return run_here(todo, cells_dir, plan, host, report, report_cmd, env)
 
 
 if __name__ == "__main__":
