@@ -221,6 +221,80 @@ def _slurm_port(environ: Mapping[str, str], url_kind: str, url_port: Optional[in
     return 10000 + job % 20000
 
 
+def _from_launcher(environ: Mapping[str, str], dist_url: str, url_kind: str, arg_local: int) -> DistEnv:
+    """torchrun / torch.distributed.launch / any launcher exporting RANK and WORLD_SIZE."""
+    has_rank, has_world = "RANK" in environ, "WORLD_SIZE" in environ
+    if not (has_rank and has_world):
+        missing = "RANK" if not has_rank else "WORLD_SIZE"
+        present = "WORLD_SIZE" if not has_rank else "RANK"
+        raise DistError(f"{present} is set but {missing} is not (launcher variables must come together)")
+    r = _int_var(environ, "RANK")
+    w = _int_var(environ, "WORLD_SIZE")
+    lr = _int_var(environ, "LOCAL_RANK") if "LOCAL_RANK" in environ else arg_local
+    _check_ranks(r, w, lr, "RANK/WORLD_SIZE/LOCAL_RANK")
+    if "LOCAL_WORLD_SIZE" in environ:
+        lws = _int_var(environ, "LOCAL_WORLD_SIZE")
+        if not 0 <= lr < lws:
+            raise DistError(f"LOCAL_RANK={lr} is outside [0, LOCAL_WORLD_SIZE-1={lws - 1}]")
+    has_addr, has_port = bool(environ.get("MASTER_ADDR")), bool(environ.get("MASTER_PORT"))
+    if has_addr and has_port:
+        port = _int_var(environ, "MASTER_PORT")
+        if not 1 <= port <= 65535:
+            raise DistError(f"MASTER_PORT={port} outside 1..65535")
+        init = "env://"
+    elif url_kind in ("tcp", "file"):
+        init = dist_url.strip()
+    elif w == 1:
+        init = "env://"  # one process: no rendezvous needed
+    else:
+        missing = " and ".join(n for n, ok in (("MASTER_ADDR", has_addr), ("MASTER_PORT", has_port)) if not ok)
+        raise DistError(f"RANK/WORLD_SIZE are set (world size {w}) but {missing} is not, and --dist_url is "
+                        f"{dist_url!r} (start with torchrun, or pass --dist_url tcp://host:port)")
+    return DistEnv(r, w, lr, init, "torchrun")
+
+
+def _from_slurm(environ: Mapping[str, str], url_kind: str, url_port: Optional[int]) -> DistEnv:
+    """A Slurm task started by srun."""
+    r = _int_var(environ, "SLURM_PROCID")
+    if "SLURM_NTASKS" in environ:
+        w = _int_var(environ, "SLURM_NTASKS")
+    elif "SLURM_NPROCS" in environ:
+        w = _int_var(environ, "SLURM_NPROCS")
+    else:
+        raise DistError("SLURM_PROCID is set but SLURM_NTASKS is not")
+    if "SLURM_LOCALID" in environ:
+        lr = _int_var(environ, "SLURM_LOCALID")
+    elif w == 1:
+        lr = 0
+    else:
+        raise DistError(f"SLURM_PROCID is set (world size {w}) but SLURM_LOCALID is not")
+    _check_ranks(r, w, lr, "SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID")
+    if (w > 1 and r == 0 and "SLURM_JOB_ID" in environ
+            and "SLURM_STEP_ID" not in environ and "SLURM_STEPID" not in environ):
+        # The batch script itself also has SLURM_PROCID=0 and SLURM_NTASKS=N, but it is not one of
+        # the N tasks: joining a group of N would wait for N-1 processes that never come.
+        raise DistError(f"this is the batch script of a {w}-task Slurm job, not a task started by srun: "
+                        f"run `srun python ...` (or request --ntasks=1)")
+    master = environ.get("MASTER_ADDR")
+    if not master:
+        nodelist = (environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST")
+                    or environ.get("SLURM_NODELIST"))
+        if not nodelist:
+            if w > 1:
+                raise DistError("SLURM_PROCID is set but SLURM_JOB_NODELIST is not: no master host "
+                                "(export MASTER_ADDR)")
+            master = "127.0.0.1"
+        else:
+            master = expand_hostlist(nodelist)[0]
+    if w > 1:
+        port = _slurm_port(environ, url_kind, url_port)
+    else:
+        port = url_port if url_kind == "tcp" else 29500
+    if ":" in master and not master.startswith("["):
+        master = f"[{master}]"  # IPv6 literal
+    return DistEnv(r, w, lr, f"tcp://{master}:{port}", "slurm")
+
+
 def resolve_dist_env(environ: Mapping[str, str], dist_url: str, rank: int, world_size: int,
                      local_rank: int) -> DistEnv:
     """Rank, world size, local rank and rendezvous of this process (pure: reads only its arguments).
@@ -238,76 +312,12 @@ def resolve_dist_env(environ: Mapping[str, str], dist_url: str, rank: int, world
                         f"(got {rank!r}, {world_size!r}, {local_rank!r})") from None
 
     # 1. torchrun / torch.distributed.launch / any launcher exporting RANK and WORLD_SIZE
-    has_rank, has_world = "RANK" in environ, "WORLD_SIZE" in environ
-    if has_rank or has_world:
-        if not (has_rank and has_world):
-            missing = "RANK" if not has_rank else "WORLD_SIZE"
-            present = "WORLD_SIZE" if not has_rank else "RANK"
-            raise DistError(f"{present} is set but {missing} is not (launcher variables must come together)")
-        r = _int_var(environ, "RANK")
-        w = _int_var(environ, "WORLD_SIZE")
-        lr = _int_var(environ, "LOCAL_RANK") if "LOCAL_RANK" in environ else arg_local
-        _check_ranks(r, w, lr, "RANK/WORLD_SIZE/LOCAL_RANK")
-        if "LOCAL_WORLD_SIZE" in environ:
-            lws = _int_var(environ, "LOCAL_WORLD_SIZE")
-            if not 0 <= lr < lws:
-                raise DistError(f"LOCAL_RANK={lr} is outside [0, LOCAL_WORLD_SIZE-1={lws - 1}]")
-        has_addr, has_port = bool(environ.get("MASTER_ADDR")), bool(environ.get("MASTER_PORT"))
-        if has_addr and has_port:
-            port = _int_var(environ, "MASTER_PORT")
-            if not 1 <= port <= 65535:
-                raise DistError(f"MASTER_PORT={port} outside 1..65535")
-            init = "env://"
-        elif url_kind in ("tcp", "file"):
-            init = dist_url.strip()
-        elif w == 1:
-            init = "env://"  # one process: no rendezvous needed
-        else:
-            missing = " and ".join(n for n, ok in (("MASTER_ADDR", has_addr), ("MASTER_PORT", has_port)) if not ok)
-            raise DistError(f"RANK/WORLD_SIZE are set (world size {w}) but {missing} is not, and --dist_url is "
-                            f"{dist_url!r} (start with torchrun, or pass --dist_url tcp://host:port)")
-        return DistEnv(r, w, lr, init, "torchrun")
+    if "RANK" in environ or "WORLD_SIZE" in environ:
+        return _from_launcher(environ, dist_url, url_kind, arg_local)
 
     # 2. a Slurm task (srun)
     if "SLURM_PROCID" in environ:
-        r = _int_var(environ, "SLURM_PROCID")
-        if "SLURM_NTASKS" in environ:
-            w = _int_var(environ, "SLURM_NTASKS")
-        elif "SLURM_NPROCS" in environ:
-            w = _int_var(environ, "SLURM_NPROCS")
-        else:
-            raise DistError("SLURM_PROCID is set but SLURM_NTASKS is not")
-        if "SLURM_LOCALID" in environ:
-            lr = _int_var(environ, "SLURM_LOCALID")
-        elif w == 1:
-            lr = 0
-        else:
-            raise DistError(f"SLURM_PROCID is set (world size {w}) but SLURM_LOCALID is not")
-        _check_ranks(r, w, lr, "SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID")
-        if (w > 1 and r == 0 and "SLURM_JOB_ID" in environ
-                and "SLURM_STEP_ID" not in environ and "SLURM_STEPID" not in environ):
-            # The batch script itself also has SLURM_PROCID=0 and SLURM_NTASKS=N, but it is not one of
-            # the N tasks: joining a group of N would wait for N-1 processes that never come.
-            raise DistError(f"this is the batch script of a {w}-task Slurm job, not a task started by srun: "
-                            f"run `srun python ...` (or request --ntasks=1)")
-        master = environ.get("MASTER_ADDR")
-        if not master:
-            nodelist = (environ.get("SLURM_STEP_NODELIST") or environ.get("SLURM_JOB_NODELIST")
-                        or environ.get("SLURM_NODELIST"))
-            if not nodelist:
-                if w > 1:
-                    raise DistError("SLURM_PROCID is set but SLURM_JOB_NODELIST is not: no master host "
-                                    "(export MASTER_ADDR)")
-                master = "127.0.0.1"
-            else:
-                master = expand_hostlist(nodelist)[0]
-        if w > 1:
-            port = _slurm_port(environ, url_kind, url_port)
-        else:
-            port = url_port if url_kind == "tcp" else 29500
-        if ":" in master and not master.startswith("["):
-            master = f"[{master}]"  # IPv6 literal
-        return DistEnv(r, w, lr, f"tcp://{master}:{port}", "slurm")
+        return _from_slurm(environ, url_kind, url_port)
 
     # 3. explicit --dist_url (legacy: one process per GPU started by hand, rank/world from the flags)
     lr = _int_var(environ, "LOCAL_RANK") if "LOCAL_RANK" in environ else arg_local
