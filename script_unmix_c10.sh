@@ -46,6 +46,10 @@
 #                            must match the evaluation's --num_labels: both checked before pretraining)
 #   EXTRA_ARGS, EVAL_EXTRA_ARGS  extra flags appended to pretraining / evaluation (split on white space,
 #                            no quoting; later flags win, e.g. EXTRA_ARGS="--batch_size 8 --nmb_prototypes 10")
+#   SEMISUP_LABELS           after the linear evaluation, semi-supervised fine-tuning of the same checkpoint
+#                            (eval_semisup.py, released recipe) with 1 or 10 % of the labels, or "1,10" for
+#                            both, in ${EXPERIMENT_PATH}_semisup_<P>pct (default: none);
+#                            SEMISUP_EXTRA_ARGS: extra fine-tuning flags
 #   NPROC                    processes per node outside Slurm (default: number of visible GPUs, 1 if none)
 #   PYTHON                   interpreter (default: python, else python3)
 #   CODE_DIR                 folder holding main_swav_unmix.py (default: found next to this script;
@@ -62,6 +66,7 @@
 #       (status 138: a process without a handler); then, under Slurm, this script runs `scontrol requeue`.
 #   11  pretraining failed          (evaluation not started)
 #   21  linear evaluation failed
+#   31  semi-supervised fine-tuning failed (with SEMISUP_LABELS)
 #   Under Slurm, once the job has been requeued Slurm terminates this script; its status then does not
 #   matter (the rerun starts this script from the top; pretraining resumes, or returns at once when done).
 #

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The body of script_unmix_c10.sh / script_unmix_c100.sh: pretraining, then linear evaluation.
+# The body of script_unmix_c10.sh / script_unmix_c100.sh: pretraining, then linear evaluation (then,
+# optionally, semi-supervised fine-tuning).
 # Sourced by them after they set DATASET_NAME, NUM_LABELS, JOB_TAG and CODE_DIR, with the script's
 # command-line arguments; usage, environment overrides and exit statuses are documented in
 # script_unmix_c10.sh's header and in `usage` below.
@@ -33,12 +34,16 @@ Environment (default):
   EVAL_EPOCHS      linear evaluation epochs (100)
   EXTRA_ARGS       extra pretraining flags, split on white space (none)
   EVAL_EXTRA_ARGS  extra evaluation flags, split on white space (none)
+  SEMISUP_LABELS   after the linear evaluation, semi-supervised fine-tuning (eval_semisup.py) with these
+                   percentages of the labels, comma-separated: 1, 10 or 1,10; each in
+                   \${EXPERIMENT_PATH}_semisup_<P>pct (none)
+  SEMISUP_EXTRA_ARGS  extra fine-tuning flags, split on white space (none)
   NPROC            processes outside Slurm (number of visible GPUs, 1 if none)
   PYTHON           interpreter (python, else python3)
   CODE_DIR         folder holding main_swav_unmix.py (found next to this script)
 
 Exit status: 0 done, 2 bad environment, 3 preempted or stopped by a signal (rerun to resume),
-11 pretraining failed, 21 evaluation failed.
+11 pretraining failed, 21 evaluation failed, 31 semi-supervised fine-tuning failed.
 USAGE
 }
 
@@ -56,6 +61,8 @@ AUGMENT=${AUGMENT:-}
 EVAL_EPOCHS=${EVAL_EPOCHS:-100}
 EXTRA_ARGS=${EXTRA_ARGS:-}
 EVAL_EXTRA_ARGS=${EVAL_EXTRA_ARGS:-}
+SEMISUP_LABELS=${SEMISUP_LABELS:-}
+SEMISUP_EXTRA_ARGS=${SEMISUP_EXTRA_ARGS:-}
 
 for v in EPOCHS BATCH_SIZE WORKERS EVAL_EPOCHS; do
     is_uint "${!v}" || die "$v='${!v}' is not a non-negative integer"
@@ -78,6 +85,11 @@ case "$AUGMENT" in
     released|batched|auto) AUGMENT_ARGS=(--augment "$AUGMENT") ;;
     *) die "AUGMENT='$AUGMENT' is not released, batched or auto" ;;
 esac
+IFS=, read -r -a SEMISUP_PERCS <<< "$SEMISUP_LABELS"
+for perc in "${SEMISUP_PERCS[@]}"; do
+    case "$perc" in 1|10) ;; *) die "SEMISUP_LABELS='$SEMISUP_LABELS': use 1, 10 or 1,10 (percent of the labels)" ;; esac
+done
+read -r -a SEMISUP_EXTRA <<< "$SEMISUP_EXTRA_ARGS"
 read -r -a EXTRA <<< "$EXTRA_ARGS"
 read -r -a EVAL_EXTRA <<< "$EVAL_EXTRA_ARGS"
 PROBE=released  # eval_linear.py --probe; the last one given wins, as in argparse
@@ -282,4 +294,35 @@ elif [ "$rc" -ne 0 ]; then
     exit 21
 fi
 log "done: pretraining in $EXPERIMENT_PATH, linear evaluation in $EVAL_PATH"
+
+# ---- optional: semi-supervised fine-tuning of the same checkpoint (eval_semisup.py, its released recipe)
+for perc in "${SEMISUP_PERCS[@]}"; do
+    if [ "$TERMINATED" -eq 1 ]; then
+        log "stopped by a signal; semi-supervised fine-tuning not started (rerun to fine-tune)"
+        exit 3
+    fi
+    SEMISUP_PATH="${EXPERIMENT_PATH}_semisup_${perc}pct"
+    SEMISUP=(
+        "${LAUNCH[@]}" "$CODE_DIR/eval_semisup.py"
+        --labels_perc "$perc"
+        --workers "$WORKERS"
+        --arch "$ARCH"
+        --data_path "$DATASET_PATH"
+        --pretrained "$EXPERIMENT_PATH/checkpoint.pth.tar"
+        --dump_path "$SEMISUP_PATH"
+        --allow_changed_args true  # as for the linear evaluation: a new checkpoint is fine-tuned afresh
+        "${SEMISUP_EXTRA[@]}"
+    )
+    mkdir -p "$SEMISUP_PATH" || die "cannot create $SEMISUP_PATH"
+    log "semi-supervised fine-tuning with ${perc}% of the labels: ${SEMISUP[*]}"
+    run_step "${SEMISUP[@]}"
+    rc=$?
+    if [ "$rc" -ne 0 ] && stopped_early "semi-supervised fine-tuning" "$rc"; then
+        exit 3
+    elif [ "$rc" -ne 0 ]; then
+        log "semi-supervised fine-tuning with ${perc}% of the labels failed (status $rc)"
+        exit 31
+    fi
+    log "done: semi-supervised fine-tuning in $SEMISUP_PATH"
+done
 exit 0

@@ -12,7 +12,6 @@ import shutil
 import signal
 import stat
 import subprocess
-import sys
 import time
 
 import pytest
@@ -41,6 +40,7 @@ echo "$*" >> "$FAKE_PY_LOG"
 case "$*" in
   *main_swav_unmix.py*) exit "${FAKE_PRETRAIN_RC:-0}" ;;
   *eval_linear.py*) exit "${FAKE_EVAL_RC:-0}" ;;
+  *eval_semisup.py*) exit "${FAKE_SEMISUP_RC:-0}" ;;
 esac
 exit 0
 """
@@ -50,7 +50,7 @@ exit 0
 def fake(tmp_path):
     code = tmp_path / "code"
     code.mkdir()
-    for f in ("main_swav_unmix.py", "eval_linear.py"):
+    for f in ("main_swav_unmix.py", "eval_linear.py", "eval_semisup.py"):
         (code / f).write_text("# stub\n")
     (code / "scripts").mkdir()  # the real job body, which the scripts source from CODE_DIR
     shutil.copy(os.path.join(ROOT, "scripts", "unmix_job.sh"), code / "scripts" / "unmix_job.sh")
@@ -64,7 +64,8 @@ def fake(tmp_path):
     def run(script="c10", args=(), **env):
         full = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
         for k in ("DATASET_PATH", "EPOCHS", "BATCH_SIZE", "RUN_SWAV", "ARCH", "WORKERS", "EXPERIMENT_PATH",
-                  "EVAL_EPOCHS", "EXTRA_ARGS", "EVAL_EXTRA_ARGS", "NPROC", "CODE_DIR", "PYTHON", "AUGMENT"):
+                  "EVAL_EPOCHS", "EXTRA_ARGS", "EVAL_EXTRA_ARGS", "NPROC", "CODE_DIR", "PYTHON", "AUGMENT",
+                  "SEMISUP_LABELS", "SEMISUP_EXTRA_ARGS"):
             full.pop(k, None)
         full.update(PYTHON=str(py), CODE_DIR=str(code), FAKE_PY_LOG=str(log), CUDA_VISIBLE_DEVICES="")
         full.update(env)
@@ -114,7 +115,8 @@ def test_script_help_prints_usage_and_starts_nothing(fake, script, flag):
     assert r.returncode == 0 and calls == [], r.stdout + r.stderr
     assert r.stdout.startswith(f"usage: bash script_unmix_{script}.sh")
     for name in ("DATASET_PATH", "EPOCHS", "BATCH_SIZE", "ARCH", "WORKERS", "RUN_SWAV", "AUGMENT",
-                 "EXPERIMENT_PATH", "EVAL_EPOCHS", "EXTRA_ARGS", "EVAL_EXTRA_ARGS", "NPROC", "PYTHON", "CODE_DIR"):
+                 "EXPERIMENT_PATH", "EVAL_EPOCHS", "EXTRA_ARGS", "EVAL_EXTRA_ARGS", "SEMISUP_LABELS",
+                 "SEMISUP_EXTRA_ARGS", "NPROC", "PYTHON", "CODE_DIR"):
         assert f"\n  {name} " in r.stdout, name
     assert "(400)" in r.stdout and f"eval_linear.py --num_labels {10 if script == 'c10' else 100}" in r.stdout
     assert not os.path.exists(os.path.join(os.path.dirname(fake.code), "work", "experiments"))
@@ -147,12 +149,34 @@ def test_script_exit_status_says_which_step(fake, pre_rc, eval_rc, expected, n_c
     assert len(calls) == n_calls
 
 
+def test_script_semisupervised_fine_tuning_after_the_evaluation(fake):
+    """SEMISUP_LABELS=1,10: after the linear evaluation, eval_semisup.py on the same checkpoint once per
+    percentage, each in its own folder, SEMISUP_EXTRA_ARGS last; a failing fine-tuning exits 31."""
+    run = os.path.join(os.path.dirname(fake.code), "runs", "r")
+    r, calls = fake(EXPERIMENT_PATH=run, WORKERS="0", SEMISUP_LABELS="1,10", SEMISUP_EXTRA_ARGS="--epochs 2")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert len(calls) == 4 and "eval_linear.py" in calls[1]
+    for call, perc in zip(calls[2:], (1, 10)):
+        assert call == (f"-u {fake.code}/eval_semisup.py --labels_perc {perc} --workers 0 --arch resnet18 "
+                        f"--data_path cifar10 --pretrained {run}/checkpoint.pth.tar --dump_path {run}_semisup_{perc}pct "
+                        "--allow_changed_args true --epochs 2")
+    assert f"done: semi-supervised fine-tuning in {run}_semisup_10pct" in r.stdout
+    r, calls = fake(SEMISUP_LABELS="10", FAKE_SEMISUP_RC="1")
+    assert r.returncode == 31 and len(calls) == 3, r.stdout + r.stderr
+    r, calls = fake(SEMISUP_LABELS="10", FAKE_EVAL_RC="1")
+    assert r.returncode == 21 and len(calls) == 2  # no fine-tuning after a failed evaluation
+    r, calls = fake()
+    assert len(calls) == 2  # none unless asked for
+
+
 @pytest.mark.parametrize("env, match", [({"EPOCHS": "ten"}, "EPOCHS"), ({"RUN_SWAV": "maybe"}, "RUN_SWAV"),
                                         ({"BATCH_SIZE": "0"}, "BATCH_SIZE"), ({"NPROC": "-1"}, "NPROC"),
                                         ({"CODE_DIR": "/nonexistent"}, "main_swav_unmix.py not found"),
                                         ({"EVAL_EPOCHS": "0"}, "EVAL_EPOCHS must be > 0"),
                                         ({"DATASET_PATH": "cifar100"}, "cifar100 has 100 classes"),
-                                        ({"EVAL_EXTRA_ARGS": "--num_labels 5"}, "--num_labels 5")])
+                                        ({"EVAL_EXTRA_ARGS": "--num_labels 5"}, "--num_labels 5"),
+                                        ({"SEMISUP_LABELS": "5"}, "SEMISUP_LABELS='5'"),
+                                        ({"SEMISUP_LABELS": "1,,10"}, "SEMISUP_LABELS")])
 def test_script_bad_overrides(fake, env, match):
     r, calls = fake(**env)
     assert r.returncode == 2 and match in r.stderr and calls == []
@@ -280,7 +304,7 @@ def _key_lines(text):
 
 
 @pytest.mark.slurm
-def test_sbatch_script_two_tasks_pretrain_then_linear_eval_then_semisup_under_srun(cluster, cifar, tmp_path):
+def test_sbatch_script_two_tasks_pretrain_then_linear_eval_then_semisup(cluster, cifar, tmp_path):
     t0 = time.time()
     exp = str(tmp_path / "exp" / "unmix_swav_tiny")
     out, err = str(tmp_path / "job_%j.out"), str(tmp_path / "job_%j.err")
@@ -304,14 +328,14 @@ def test_sbatch_script_two_tasks_pretrain_then_linear_eval_then_semisup_under_sr
     assert os.path.isfile(os.path.join(exp, "train.log-1"))           # rank 1 logged to its own file
     assert os.path.isfile(exp + "_linear_eval/results.json")
 
-    # the semi-supervised fine-tuning of that checkpoint, its 2 processes started by srun
+    # the same job again with SEMISUP_LABELS=10: pretraining and evaluation are done (they return at once),
+    # then the semi-supervised fine-tuning of that checkpoint, its 2 processes started by srun
     semisup = exp + "_semisup_10pct"
-    cmd = " ".join([sys.executable, os.path.join(ROOT, "eval_semisup.py"), "--labels_perc 10", "--data_path", cifar,
-                    "--pretrained", os.path.join(exp, "checkpoint.pth.tar"), "--dump_path", semisup,
-                    "--arch resnet18 --width_per_group 8 --epochs 1 --batch_size 4 --workers 0 --download false"])
+    env = dict(_job_env(cifar, exp, epochs=2), SEMISUP_LABELS="10",
+               SEMISUP_EXTRA_ARGS="--width_per_group 8 --epochs 1 --batch_size 4 --download false")
     out, err = str(tmp_path / "semisup_%j.out"), str(tmp_path / "semisup_%j.err")
-    job = cluster.sbatch(SBATCH_CPU + [f"--output={out}", f"--error={err}", f"--wrap=srun {cmd}"],
-                         env={"OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}, cwd=str(tmp_path))
+    job = cluster.sbatch(SBATCH_CPU + [f"--output={out}", f"--error={err}", SCRIPTS["c10"]], env=env,
+                         cwd=str(tmp_path))
     out, err = out.replace("%j", job), err.replace("%j", job)
     state = cluster.wait(job, timeout=90)
     assert state == "COMPLETED", _report(cluster, out, err)
@@ -322,6 +346,7 @@ def test_sbatch_script_two_tasks_pretrain_then_linear_eval_then_semisup_under_sr
     assert "10 of 80 training images" in _read(os.path.join(semisup, "train.log-1"))  # rank 1: the same subset
     assert "Test accuracies: top-1" in text, _report(cluster, out, err)
     assert os.path.isfile(os.path.join(semisup, "results.json"))
+    assert f"done: semi-supervised fine-tuning in {semisup}" in text
 
 
 def _submit(cluster, tmp_path, env):
