@@ -29,7 +29,8 @@
 #                        cifar-100-python/ serves both data sets. DATASET_PATH_C10, DATASET_PATH_C100:
 #                        per data set. Default: the keywords cifar10 / cifar100 (downloaded once, before
 #                        the cells start, into data/ of the current folder)
-#   BATCH_SIZE ARCH WORKERS EVAL_EPOCHS EXTRA_ARGS EVAL_EXTRA_ARGS NPROC PYTHON   as in script_unmix_c10.sh
+#   BATCH_SIZE ARCH WORKERS EVAL_EPOCHS EXTRA_ARGS EVAL_EXTRA_ARGS SEMISUP_LABELS SEMISUP_EXTRA_ARGS NPROC PYTHON
+#                        as in script_unmix_c10.sh
 #                        (EVAL_EXTRA_ARGS="--probe cached": evaluation folders <cell>_linear_eval_cached)
 #   EPOCHS RUN_SWAV EXPERIMENT_PATH, and --seed/--epochs/--run_swav/--dump_path/--data_path in
 #                        EXTRA_ARGS: set per cell, refused here
