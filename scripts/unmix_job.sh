@@ -226,6 +226,19 @@ stopped_early() {  # $1 = step name, $2 = status
     return 1
 }
 
+run_step_or_exit() {  # $1 = step name, $2 = exit status when it fails, then the command
+    local name=$1 failed=$2 rc
+    shift 2
+    run_step "$@"
+    rc=$?
+    if [ "$rc" -ne 0 ] && stopped_early "$name" "$rc"; then
+        exit 3
+    elif [ "$rc" -ne 0 ]; then
+        log "$name failed (status $rc)"
+        exit "$failed"
+    fi
+}
+
 PRETRAIN=(
     "${LAUNCH[@]}" "$CODE_DIR/main_swav_unmix.py"
     --arch "$ARCH"
@@ -285,14 +298,7 @@ EVAL=(
 )
 mkdir -p "$EVAL_PATH" || die "cannot create $EVAL_PATH"
 log "linear evaluation: ${EVAL[*]}"
-run_step "${EVAL[@]}"
-rc=$?
-if [ "$rc" -ne 0 ] && stopped_early "linear evaluation" "$rc"; then
-    exit 3
-elif [ "$rc" -ne 0 ]; then
-    log "linear evaluation failed (status $rc)"
-    exit 21
-fi
+run_step_or_exit "linear evaluation" 21 "${EVAL[@]}"
 log "done: pretraining in $EXPERIMENT_PATH, linear evaluation in $EVAL_PATH"
 
 # ---- optional: semi-supervised fine-tuning of the same checkpoint (eval_semisup.py, its released recipe)
@@ -315,14 +321,7 @@ for perc in "${SEMISUP_PERCS[@]}"; do
     )
     mkdir -p "$SEMISUP_PATH" || die "cannot create $SEMISUP_PATH"
     log "semi-supervised fine-tuning with ${perc}% of the labels: ${SEMISUP[*]}"
-    run_step "${SEMISUP[@]}"
-    rc=$?
-    if [ "$rc" -ne 0 ] && stopped_early "semi-supervised fine-tuning" "$rc"; then
-        exit 3
-    elif [ "$rc" -ne 0 ]; then
-        log "semi-supervised fine-tuning with ${perc}% of the labels failed (status $rc)"
-        exit 31
-    fi
+    run_step_or_exit "semi-supervised fine-tuning with ${perc}% of the labels" 31 "${SEMISUP[@]}"
     log "done: semi-supervised fine-tuning in $SEMISUP_PATH"
 done
 exit 0
