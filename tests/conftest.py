@@ -1,11 +1,74 @@
-"""Fixtures shared by several test modules."""
+"""Fixtures shared by several test modules, and the global state every test starts from."""
 import os
+import random
 import sys
 
+import numpy as np
 import pytest
+import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import slurm_cluster  # noqa: E402
+
+
+def _global_state():
+    """What a test could change for the tests after it: float results depend on the thread count and
+    the backend flags, drawn numbers on the RNGs. (Denormal flushing cannot be read; it is reset below.)"""
+    cudnn = torch.backends.cudnn
+    return {
+        "threads": torch.get_num_threads(),
+        "default_dtype": torch.get_default_dtype(),
+        "deterministic": (torch.are_deterministic_algorithms_enabled(),
+                          torch.is_deterministic_algorithms_warn_only_enabled()),
+        "grad": torch.is_grad_enabled(),
+        "matmul_precision": torch.get_float32_matmul_precision(),
+        "mkldnn": torch.backends.mkldnn.enabled,
+        "cudnn": (cudnn.enabled, cudnn.benchmark, cudnn.deterministic),
+        "environ": _environ(),
+    }
+
+
+def _environ():
+    return {k: v for k, v in os.environ.items() if k != "PYTEST_CURRENT_TEST"}  # pytest's own, per phase
+
+
+def _set_global_state(state):
+    torch.set_num_threads(state["threads"])
+    torch.set_default_dtype(state["default_dtype"])
+    torch.use_deterministic_algorithms(state["deterministic"][0], warn_only=state["deterministic"][1])
+    torch.set_grad_enabled(state["grad"])
+    torch.set_float32_matmul_precision(state["matmul_precision"])
+    torch.backends.mkldnn.enabled = state["mkldnn"]
+    cudnn = torch.backends.cudnn
+    cudnn.enabled, cudnn.benchmark, cudnn.deterministic = state["cudnn"]
+    torch.set_flush_denormal(False)
+    environ = _environ()
+    if environ != state["environ"]:
+        for k in environ:
+            if k not in state["environ"]:
+                del os.environ[k]
+        os.environ.update(state["environ"])
+
+
+# Read when pytest loads this file, before any test module is imported (a module that changed the
+# thread count when imported once made every test of the session run with one thread).
+START_STATE = _global_state()
+RNG = (torch.get_rng_state(), np.random.get_state(), random.getstate())
+
+
+@pytest.fixture(autouse=True)
+def same_start_for_every_test(request):
+    """Every test starts from the same global state and RNG streams, whatever ran before it, and leaves
+    them as it found them: results cannot depend on the order of the tests. A module of small tensors
+    may ask for its own intra-op thread count with a module-level THREADS (one thread is faster and
+    steadier there on a shared 2-core machine)."""
+    threads = getattr(request.module, "THREADS", None)
+    _set_global_state(START_STATE if threads is None else dict(START_STATE, threads=threads))
+    torch.set_rng_state(RNG[0])
+    np.random.set_state(RNG[1])
+    random.setstate(RNG[2])
+    yield
+    _set_global_state(START_STATE)
 
 
 @pytest.fixture(scope="module")

@@ -30,13 +30,7 @@ N_KS = 20000
 CIFAR_JPG = Path(__file__).resolve().parent / "data" / "cifar10_jpg_small" / "train"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small tensors on a shared 2-core machine: one intra-op thread is faster and steadier."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+THREADS = 1  # small tensors: one intra-op thread (tests/conftest.py)
 
 
 def gen(seed):

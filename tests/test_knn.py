@@ -15,6 +15,10 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 from src.knn import extract_features, knn_accuracy, knn_classify, knn_monitor, knn_scores  # noqa: E402
+from tests.golden import entries_mismatch  # noqa: E402
+
+# The children of test_one_and_two_processes_agree run with one thread: the same kernels here.
+THREADS = 1
 
 
 def _hand_case():
@@ -118,6 +122,7 @@ def test_one_and_two_processes_agree(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for rank in range(2):
         r = torch.load(f"{prefix}.rank{rank}.pt")
-        torch.testing.assert_close(r["features"], feats1, rtol=1e-5, atol=1e-6)
+        # another batch split: float32 round-off (tests/golden.py's rule)
+        assert not entries_mismatch(r["features"], feats1, f"rank {rank} features")
         assert r["top1"] == pytest.approx(top1) and r["top5"] == pytest.approx(top5)
         assert r["top1_only"] == pytest.approx(top1)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from src.resnet import ARCHS, Bottleneck, build_model, resnet18
 
-torch.set_num_threads(1)
+THREADS = 1  # small tensors: one intra-op thread (tests/conftest.py)
 
 
 def tiny(**kw):

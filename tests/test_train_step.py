@@ -13,7 +13,7 @@ from src.resnet import resnet18
 from src.train_step import UnmixSwAV, cosine_schedule, normalize_prototypes_, unwrap
 from src.unmix import SwavConfig, UnmixDraws
 
-torch.set_num_threads(1)
+THREADS = 1  # small tensors: one intra-op thread (tests/conftest.py)
 BS = 4
 
 
