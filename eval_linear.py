@@ -14,17 +14,27 @@ import time
 import torch
 import torch.nn as nn
 
-from src import distributed as D
-from src import evaluation
-from src.checkpoint import CheckpointError, atomic_save, safe_load, strip_module_prefix
-from src.data import CIFAR_MEAN, EVAL_STD, LabeledDataset, eval_transforms, plain_tensor
-from src.evaluation import (STATS_COLUMNS, Eta, add_shared_new_flags, add_shared_released_flags, check_shared_args,
-                            data_loaders, load_splits, set_up, stop_if_preempted)
-from src.logger import CurveWriter, Stats, format_eta, save_params, write_json
-from src.pretrained import PretrainedError, read_state_dict
-from src.resnet import build_model
-from src.run_folder import LINEAR
-from src.utils import AverageMeter, ArgumentParser, bool_flag, fail, run_main
+from src.data.constants import CIFAR_MEAN, EVAL_STD
+from src.data.transforms import LabeledDataset, eval_transforms, plain_tensor
+from src.eval import setup as evaluation
+from src.eval.pretrained import PretrainedError, read_state_dict
+from src.eval.setup import (
+    STATS_COLUMNS,
+    Eta,
+    add_shared_new_flags,
+    add_shared_released_flags,
+    check_shared_args,
+    data_loaders,
+    load_splits,
+    set_up,
+    stop_if_preempted,
+)
+from src.method.resnet import build_model
+from src.runtime import launch
+from src.runtime.checkpoint import CheckpointError, atomic_save, safe_load, strip_module_prefix
+from src.runtime.cli import ArgumentParser, bool_flag, fail, run_main
+from src.runtime.logs import AverageMeter, CurveWriter, Stats, format_eta
+from src.runtime.run_folder import LINEAR, save_params, write_json
 
 # Flags that do not change what is computed (the checkpoint is compared by its content, not its path).
 OPERATIONAL_FLAGS = evaluation.OPERATIONAL_FLAGS | {"tensorboard"}
@@ -99,9 +109,9 @@ class RegLog(nn.Module):
 
 
 def load_pretrained(model, path, allow_mismatch, logger):
-    """Weights from `path`, read by src/pretrained.py (ours, released or exported; `module.` stripped) and
+    """Weights from `path`, read by src/eval/pretrained.py (ours, released or exported; `module.` stripped) and
     loaded as released: non-strictly, with every missing or mis-shaped backbone tensor and the released
-    `Load pretrained model with msg: ...` line logged (hence not `src.pretrained.load_weights`); keys of
+    `Load pretrained model with msg: ...` line logged (hence not `src.eval.pretrained.load_weights`); keys of
     the projection head and prototypes are ignored. Unlike the released code, a backbone tensor that does
     not fit is an error unless allowed."""
     if not path:
@@ -180,7 +190,7 @@ def main():
                    {"best_top1": best, "last_top1": last1, "last_top5": last5, "epochs": args.epochs,
                     "mode": args.probe, "seconds": seconds}, indent=1)
     curves.close()
-    D.cleanup()
+    launch.cleanup()
 
 
 def curve_values(row, lr):
@@ -191,8 +201,8 @@ def curve_values(row, lr):
 
 def train_cached(args, model, train_data, test_data, curves, logger, t_start):
     """--probe cached: the frozen features of the un-augmented images extracted once, the classifier
-    trained on them (src/linear_probe.py). Returns (best top-1, last top-1, last top-k)."""
-    from src.linear_probe import extract_frozen_features, train_linear_on_features
+    trained on them (src/eval/linear_probe.py). Returns (best top-1, last top-1, last top-k)."""
+    from src.eval.linear_probe import extract_frozen_features, train_linear_on_features
     (train_images, train_labels), (test_images, test_labels) = train_data, test_data
     tr = extract_frozen_features(model, plain_tensor(train_images, CIFAR_MEAN, EVAL_STD), 256, args.device)
     te = extract_frozen_features(model, plain_tensor(test_images, CIFAR_MEAN, EVAL_STD), 256, args.device)

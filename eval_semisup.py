@@ -7,7 +7,7 @@ cross-entropy; SGD with momentum 0.9 and no weight decay, learning rate `--lr` f
 `--lr_last_layer` for the classifier, both multiplied by `--gamma` at each of `--decay_epochs` (stepped
 once per epoch); training images `RandomResizedCrop` + horizontal flip, test images unchanged; the test
 split evaluated after every epoch and the best top-1 (with its top-5) reported. On CIFAR the labelled
-images are a class-balanced subset drawn from `--subset_seed` (src/subset.py; the released code
+images are a class-balanced subset drawn from `--subset_seed` (src/eval/subset.py; the released code
 downloads SimCLR's ImageNet lists), written to `labelled_subset.json`, and the normalisation is
 eval_linear.py's.
 Reads top to bottom: arguments -> data -> model -> optimiser -> resume -> epoch loop.
@@ -20,20 +20,36 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from src import distributed as D
-from src.checkpoint import (CheckpointError, atomic_save, find_resume_checkpoint, rng_state, set_rng_state,
-                            strip_module_prefix)
-from src.data import LabeledDataset, eval_transforms
-from src.evaluation import (OPERATIONAL_FLAGS, STATS_COLUMNS, Eta, add_shared_new_flags, add_shared_released_flags,
-                            check_shared_args, data_loaders, load_splits, set_up, stop_if_preempted)
-from src.linear_probe import correct_counts
-from src.logger import Stats, format_eta, save_params, write_json
-from src.pretrained import PretrainedError, load_weights, read_state_dict
-from src.resnet import build_model
-from src.run_folder import FINE_TUNING
-from src.subset import SubsetError, balanced_subset, images_per_class
-from src.train_step import unwrap
-from src.utils import AverageMeter, ArgumentParser, bool_flag, fail, run_main
+from src.data.transforms import LabeledDataset, eval_transforms
+from src.eval.linear_probe import correct_counts
+from src.eval.pretrained import PretrainedError, load_weights, read_state_dict
+from src.eval.setup import (
+    OPERATIONAL_FLAGS,
+    STATS_COLUMNS,
+    Eta,
+    add_shared_new_flags,
+    add_shared_released_flags,
+    check_shared_args,
+    data_loaders,
+    load_splits,
+    set_up,
+    stop_if_preempted,
+)
+from src.eval.subset import SubsetError, balanced_subset, images_per_class
+from src.method.resnet import build_model
+from src.method.train_step import unwrap
+from src.runtime import launch
+from src.runtime.checkpoint import (
+    CheckpointError,
+    atomic_save,
+    find_resume_checkpoint,
+    rng_state,
+    set_rng_state,
+    strip_module_prefix,
+)
+from src.runtime.cli import ArgumentParser, bool_flag, fail, run_main
+from src.runtime.logs import AverageMeter, Stats, format_eta
+from src.runtime.run_folder import FINE_TUNING, save_params, write_json
 
 SUBSET_FILE = "labelled_subset.json"
 
@@ -181,7 +197,7 @@ def main():
                    {"best_top1": best_acc[0], "best_top5": best_acc[1], "last_top1": last[0],
                     "last_top5": last[1], "epochs": args.epochs, "mode": "semisup",
                     "labels_perc": args.labels_perc, "num_labelled": len(indices), "seconds": seconds}, indent=1)
-    D.cleanup()
+    launch.cleanup()
 
 
 def build_network(args, num_classes, logger):

@@ -10,7 +10,7 @@ Each entry takes `pretrained` (False: random weights; or the path of a checkpoin
 the backbone, whose forward returns the average-pooled features; True: with the projection head and
 prototypes, whose forward returns `(embedding, prototype scores)` as in pretraining; from a checkpoint of
 eval_semisup.py, the fine-tuned classifier, which returns logits) and the keywords of
-`src.resnet.ResNet` (e.g. `width_per_group`). With a checkpoint, the width and the head's sizes are read
+`src.method.resnet.ResNet` (e.g. `width_per_group`). With a checkpoint, the width and the head's sizes are read
 from its weights (given keywords must agree), and every tensor the returned network has must be in it.
 Nothing is downloaded: the released weights are links to Google Drive; download them and pass the path.
 """
@@ -35,7 +35,7 @@ def _import_src():
         package = importlib.util.module_from_spec(spec)
         sys.modules[name] = package
         spec.loader.exec_module(package)
-    return importlib.import_module(name + ".resnet"), importlib.import_module(name + ".pretrained")
+    return importlib.import_module(name + ".method.resnet"), importlib.import_module(name + ".eval.pretrained")
 
 
 def _build(arch, pretrained, full_model, kwargs):

@@ -16,22 +16,28 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from src import distributed as D
-from src.checkpoint import (CheckpointError, prepare_dump_path, restart_from_checkpoint, safe_load,
-                            save_checkpoint)
-from src.data import (CIFAR_MEAN, PRETRAIN_STD, DataError, MultiCropDataset, MultiCropTransform, load_split,
-                      plain_tensor)
-from src.gpu_augment import BatchedCrops, DistributedBatchSampler, GPUMultiCrop
-from src.larc import build_optimizer
-from src.logger import (CurveWriter, Stats, changed_params, create_logger, format_eta, format_provenance,
-                        load_params_json, provenance, save_params)
-from src.resnet import ARCHS, build_model
-from src.run_folder import PRETRAINING, folder_kind
-from src.sampler import ResumableDistributedSampler
-from src.train_step import UnmixSwAV, cosine_schedule
-from src.unmix import LOSS_FORMS, SwavConfig, draw_unmix, pair_sizes
-from src.utils import (AverageMeter, ArgumentParser, agree_or_fail, bool_flag, check_seed, fail, run_main,
-                       start_processes)
+from src.data.augment import GPUMultiCrop
+from src.data.constants import CIFAR_MEAN, PRETRAIN_STD
+from src.data.datasets import DataError, load_split
+from src.data.sampling import BatchedCrops, DistributedBatchSampler, ResumableDistributedSampler
+from src.data.transforms import MultiCropDataset, MultiCropTransform, plain_tensor
+from src.method.larc import build_optimizer
+from src.method.resnet import ARCHS, build_model
+from src.method.train_step import UnmixSwAV, cosine_schedule
+from src.method.unmix import LOSS_FORMS, SwavConfig, draw_unmix, pair_sizes
+from src.runtime import launch, signals, startup
+from src.runtime.checkpoint import CheckpointError, restart_from_checkpoint, safe_load, save_checkpoint
+from src.runtime.cli import ArgumentParser, bool_flag, check_seed, fail, run_main
+from src.runtime.logs import AverageMeter, CurveWriter, Stats, create_logger, format_eta, format_provenance, provenance
+from src.runtime.run_folder import (
+    PRETRAINING,
+    changed_params,
+    folder_kind,
+    load_params_json,
+    prepare_dump_path,
+    save_params,
+)
+from src.runtime.startup import agree_or_fail, start_processes
 
 # Flags that do not change what is computed: a resumed run may differ in these.
 OPERATIONAL_FLAGS = {"dump_path", "workers", "dist_url", "rank", "local_rank", "gpu_to_work_on", "device",
@@ -127,7 +133,7 @@ def get_parser():
                         "each log line) for TensorBoard to <dump_path>/tensorboard (needs the tensorboard package)")
     g.add_argument("--epochs_run_limit", type=int, default=0,
                    help="stop (resumably) after this many epochs in this process; 0: no limit")
-    g.add_argument("--dist_timeout", type=float, default=D.DEFAULT_TIMEOUT_S,
+    g.add_argument("--dist_timeout", type=float, default=launch.DEFAULT_TIMEOUT_S,
                    help="seconds a process waits for the others (rendezvous, every collective) before the job "
                         "stops, and after a stop signal for the next point where it can save")
     return p
@@ -246,7 +252,7 @@ def main():
               f"not written, {guard.kept()} (lower --base_lr or check the data)", file=sys.stderr, flush=True)
         sys.exit(4)
     logger.info("Pretraining done." if epoch >= args.epochs - 1 else "Pretraining paused.")
-    D.cleanup()
+    launch.cleanup()
 
 
 # ------------------------------------------------------------------ set-up
@@ -339,7 +345,7 @@ def build_data(args, logger):
         loader = torch.utils.data.DataLoader(
             train_dataset, sampler=sampler, batch_size=args.batch_size, num_workers=args.workers,
             pin_memory=device.type == "cuda", drop_last=True,
-            worker_init_fn=D.ignore_preemption_signals_in_worker if args.workers > 0 else None)
+            worker_init_fn=signals.ignore_preemption_signals_in_worker if args.workers > 0 else None)
 
         def epoch_crops(epoch, first_iter, torch_rng=None):
             sampler.set_epoch(epoch, first_iter)
@@ -351,7 +357,7 @@ def build_data(args, logger):
             for crops in batches:
                 yield [c.to(device, non_blocking=True) for c in crops]
     if args.world_size > 1:  # e.g. a node-local copy of the data with fewer images: stop, not hang
-        problem = D.first_disagreement(data_fingerprint(train_images, train_labels, classes, iters_per_epoch),
+        problem = startup.first_disagreement(data_fingerprint(train_images, train_labels, classes, iters_per_epoch),
                                        args.world_size, device)
         if problem:
             fail(problem)
@@ -371,9 +377,9 @@ def build_data(args, logger):
 def data_fingerprint(images, labels, classes, iters_per_epoch):
     """What every process must see alike: counts, and hashes of the class names, labels and pixels."""
     return {"the number of training images": len(images), "the number of classes": len(classes),
-            "the iterations per epoch": iters_per_epoch, "the class names": D.fingerprint(list(classes)),
-            "the labels": D.fingerprint(np.ascontiguousarray(labels).tobytes()),
-            "the training images": D.fingerprint(np.ascontiguousarray(images).data)}
+            "the iterations per epoch": iters_per_epoch, "the class names": startup.fingerprint(list(classes)),
+            "the labels": startup.fingerprint(np.ascontiguousarray(labels).tobytes()),
+            "the training images": startup.fingerprint(np.ascontiguousarray(images).data)}
 
 
 # ------------------------------------------------------------------ model
@@ -541,7 +547,7 @@ class Loop:
     np_rng: np.random.RandomState
     lr_schedule: np.ndarray
     guard: NonfiniteWatch
-    preempt: D.PreemptionHandler
+    preempt: signals.PreemptionHandler
     save: Saver
     clock: Clock
     stats: Optional[Stats] = None
@@ -603,7 +609,7 @@ def train_one_epoch(loop, epoch, first_iter, crops_of_epoch):
                             f"iteration {it + 1}.")
             if args.rank == 0 and preempt.requeue():
                 logger.info("Job requeued with scontrol; it will resume from the checkpoint.")
-            sys.exit(D.PREEMPTED_EXIT_CODE)
+            sys.exit(signals.PREEMPTED_EXIT_CODE)
     meter = guard.check(method, epoch, iters_per_epoch)
     meter["images_per_s"] = (iters_per_epoch - first_iter) * images / max(time.time() - epoch_start, 1e-9)
     return meter
@@ -620,7 +626,7 @@ def end_of_epoch(loop, epoch, meter):
     if args.device.type == "cuda":
         row["max_memory_mb"] = torch.cuda.max_memory_allocated(args.device) / 2**20
     if data.knn is not None and ((epoch + 1) % args.knn_freq == 0 or epoch == args.epochs - 1):
-        from src.knn import knn_monitor
+        from src.eval.knn import knn_monitor
         net = method.net
         net.eval()
         tr_x, tr_y, te_x, te_y, n_cls = data.knn

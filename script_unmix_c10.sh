@@ -19,7 +19,7 @@
 # HOW TO RUN
 #   sbatch script_unmix_c10.sh            Slurm: `srun` starts one task per GPU (--ntasks-per-node tasks
 #                                         on each of --nodes nodes); rank/world size/rendezvous come from
-#                                         the Slurm task variables (src/distributed.py).
+#                                         the Slurm task variables (src/runtime/launch.py).
 #   N nodes x M GPUs: change SBATCH lines only, e.g.
 #   sbatch --nodes=2 --ntasks-per-node=4 --gres=gpu:4 --cpus-per-task=8 script_unmix_c10.sh
 #   (--batch_size is per process: the global batch is 128 x number of tasks.)
@@ -59,7 +59,7 @@
 # EXIT STATUS
 #   0   pretraining and evaluation finished
 #   2   bad environment override, code not found, or data whose classes do not match (nothing ran)
-#   3   preempted (PREEMPTED_EXIT_CODE in src/distributed.py): a checkpoint was written and, under Slurm,
+#   3   preempted (PREEMPTED_EXIT_CODE in src/runtime/signals.py): a checkpoint was written and, under Slurm,
 #       the job was requeued; running the same command again resumes from checkpoint.pth.tar. Also used
 #       when a step was stopped because this shell got SIGTERM or SIGINT (scancel, requeue, time limit,
 #       docker stop, timeout, Ctrl-C; no later step starts), and when a step was killed by SIGUSR1
@@ -73,7 +73,7 @@
 # PREEMPTION
 #   --signal=USR1@120 (no "B:"): 120 s before the time limit Slurm sends SIGUSR1 to every task of the job
 #   steps, i.e. to the python processes started by srun, which is where the training loop polls it
-#   (src/distributed.PreemptionHandler). "B:USR1" would signal only this batch shell, which would then have
+#   (src/runtime/signals.PreemptionHandler). "B:USR1" would signal only this batch shell, which would then have
 #   to forward it. The same happens on `scancel --signal=USR1 <jobid>` and on SIGTERM. Rank 0 calls
 #   `scontrol requeue`; --requeue allows it and --open-mode=append keeps the logs of all runs in one file.
 #   A step killed by the signal instead (status 138, no handler installed yet) makes this script requeue

@@ -1,4 +1,4 @@
-"""Augmentation throughput: the released PIL pipeline vs the batched on-device path (src/gpu_augment.py).
+"""Augmentation throughput: the released PIL pipeline vs the batched on-device path (src/data/augment.py).
 
 Images/s where one image = all its multi-crops (2 crops of 32 px, the CIFAR recipe):
 
@@ -29,8 +29,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
-from src.gpu_augment import CIFAR_MEAN, CIFAR_STD, DistributedBatchSampler, GPUMultiCrop  # noqa: E402
-
+from src.data.augment import GPUMultiCrop  # noqa: E402
+from src.data.constants import CIFAR_MEAN, PRETRAIN_STD
+from src.data.sampling import DistributedBatchSampler
 
 # ------------------------------------------------------------------ the released (PIL) pipeline
 
@@ -48,7 +49,7 @@ class _PILMultiCropDataset(torch.utils.data.Dataset):
                 T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8),
                 T.RandomGrayscale(p=0.2),
                 T.ToTensor(),
-                T.Normalize(mean=CIFAR_MEAN, std=CIFAR_STD),
+                T.Normalize(mean=CIFAR_MEAN, std=PRETRAIN_STD),
             ])
             trans.extend([t] * k)
         self.trans = trans

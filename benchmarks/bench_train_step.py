@@ -32,7 +32,7 @@ if ROOT not in sys.path:
 
 import main_swav_unmix as M  # noqa: E402
 from benchmarks.count_ops import OpCounter  # noqa: E402
-from src.unmix import draw_unmix, pair_sizes  # noqa: E402
+from src.method.unmix import draw_unmix, pair_sizes  # noqa: E402
 
 BF16_PEAK_TFLOPS = 989.0  # H100 / H200 SXM, dense bf16 (spec sheet)
 
@@ -58,7 +58,7 @@ class Setup:
 
     def __init__(self, argv, logger):
         self.args = args = M.get_parser().parse_args(argv)
-        M.D.init_distributed(args)
+        M.launch.init_distributed(args)
         self.data = M.build_data(args, logger)
         net = M.build_network(args, logger)
         self.method, self.lr_schedule = M.build_method(args, net, self.data.iters_per_epoch)

@@ -29,10 +29,10 @@ if ROOT not in sys.path:
 
 HOST_READS = {"_local_scalar_dense", "is_nonzero", "equal"}
 PHASES = {  # project file -> phase
-    "gpu_augment.py": "augmentation", "data.py": "augmentation", "sampler.py": "augmentation",
-    "resnet.py": "forward", "sinkhorn.py": "sinkhorn", "unmix.py": "loss", "swav.py": "loss",
+    "augment.py": "augmentation", "sampling.py": "augmentation", "transforms.py": "augmentation",
+    "resnet.py": "forward", "sinkhorn.py": "sinkhorn", "unmix.py": "loss",
     "larc.py": "optimiser", "train_step.py": "step (guard, other)", "main_swav_unmix.py": "loop",
-    "checkpoint.py": "checkpoint", "logger.py": "logging", "knn.py": "kNN",
+    "checkpoint.py": "checkpoint", "logs.py": "logging", "knn.py": "kNN",
 }
 
 
@@ -77,7 +77,7 @@ def fake_cifar10(root, n_train):
 
 def run_main(argv):
     import main_swav_unmix
-    from src.gpu_augment import _log_ratio
+    from src.data.augment import _log_ratio
     _log_ratio.cache_clear()  # both runs start alike: what is computed once per process counts in each
     old = sys.argv
     sys.argv = ["main_swav_unmix.py", *argv]

@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from src.knn import extract_features, knn_monitor  # noqa: E402
+from src.eval.knn import extract_features, knn_monitor  # noqa: E402
 
 
 def make_problem():

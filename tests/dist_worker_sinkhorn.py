@@ -1,7 +1,7 @@
 """torchrun worker for tests/test_distributed.py: distributed Sinkhorn on 2 processes (gloo, CPU).
 
 Usage: python -m torch.distributed.run --nproc_per_node=2 tests/dist_worker_sinkhorn.py OUT_PREFIX
-Joins the group through src.distributed.init_distributed (torchrun variables), takes its slice of a
+Joins the group through src.runtime.launch.init_distributed (torchrun variables), takes its slice of a
 fixed score matrix, runs sinkhorn(world_size=2), then the start-up agreement helpers on values that
 agree and disagree, and writes OUT_PREFIX.rank{r}.pt.
 """
@@ -13,8 +13,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from src import distributed as D  # noqa: E402
-from src.sinkhorn import sinkhorn  # noqa: E402
+from src.method.sinkhorn import sinkhorn  # noqa: E402
+from src.runtime import launch, signals, startup
 
 BATCH_PER_RANK = 7  # odd on purpose
 PROTOTYPES = 5
@@ -34,32 +34,32 @@ def full_scores(world_size):
 def main():
     out_prefix = sys.argv[1]
     args = argparse.Namespace(dist_url="env://", rank=0, world_size=-1, local_rank=0)
-    env = D.init_distributed(args)
+    env = launch.init_distributed(args)
     assert env.source == "torchrun" and args.world_size == 2, env
     assert args.device.type == "cpu"
     scores = full_scores(args.world_size)
     mine = scores[args.rank * BATCH_PER_RANK:(args.rank + 1) * BATCH_PER_RANK]
     results = [sinkhorn(mine, eps, it, stab, world_size=args.world_size) for eps, it, stab in CASES]
-    flag = D.all_reduce_sum_(torch.tensor([float(args.rank + 1)]), args.world_size)
-    handler = D.PreemptionHandler()
+    flag = launch.all_reduce_sum_(torch.tensor([float(args.rank + 1)]), args.world_size)
+    handler = signals.PreemptionHandler()
     if args.rank == 1:
         handler.requested = True  # as if only rank 1 got SIGUSR1
     agreed = handler.should_stop(args.world_size, args.device)
     flags = argparse.Namespace(base_lr=0.6, nmb_crops=[2], rank=args.rank, data_path=f"/node{args.rank}/data")
     agreement = {
-        "same": D.first_disagreement({"images": 100, "pixels": D.fingerprint(b"same")}, args.world_size),
-        "count": D.first_disagreement({"images": 100 - 10 * args.rank, "pixels": 7}, args.world_size),
-        "hash": D.first_disagreement({"images": 100, "pixels": D.fingerprint(bytes([args.rank]))}, args.world_size),
-        "per_process_flags": D.first_disagreement(D.flag_fingerprints(flags), args.world_size),
-        "flags": D.first_disagreement(D.flag_fingerprints(argparse.Namespace(**dict(
+        "same": startup.first_disagreement({"images": 100, "pixels": startup.fingerprint(b"same")}, args.world_size),
+        "count": startup.first_disagreement({"images": 100 - 10 * args.rank, "pixels": 7}, args.world_size),
+        "hash": startup.first_disagreement({"images": 100, "pixels": startup.fingerprint(bytes([args.rank]))}, args.world_size),
+        "per_process_flags": startup.first_disagreement(startup.flag_fingerprints(flags), args.world_size),
+        "flags": startup.first_disagreement(startup.flag_fingerprints(argparse.Namespace(**dict(
             vars(flags), base_lr=0.6 + args.rank))), args.world_size),
-        "no_problem": D.first_problem(None, args.world_size),
-        "problem": D.first_problem("refused by rank 1" if args.rank == 1 else None, args.world_size),
+        "no_problem": startup.first_problem(None, args.world_size),
+        "problem": startup.first_problem("refused by rank 1" if args.rank == 1 else None, args.world_size),
     }
     torch.save({"env": vars(env), "results": results, "sum": flag.item(), "agreed_stop": agreed,
                 "agreement": agreement}, f"{out_prefix}.rank{args.rank}.pt")
-    D.barrier(args.world_size)
-    D.cleanup()
+    launch.barrier(args.world_size)
+    launch.cleanup()
 
 
 if __name__ == "__main__":

@@ -224,7 +224,7 @@ def test_evaluation_resumes_only_its_own_checkpoint_and_arguments(env):
 def test_a_folder_in_use_is_refused_at_once(env, which):
     """Another run holds the folder's lock: a second run exits 2 before touching any file (the holder's
     temporary file stays)."""
-    from src.checkpoint import lock_run_folder
+    from src.runtime.run_folder import lock_run_folder
     from tests.e2e_helpers import REPO
     folder = env["root"] / f"busy_{which}"
     folder.mkdir()

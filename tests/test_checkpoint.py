@@ -10,10 +10,18 @@ import pytest
 import torch
 from torch.utils.data.distributed import DistributedSampler
 
-from src import checkpoint as ck
-from src.checkpoint import (CheckpointError, atomic_save, epoch_copies, find_resume_checkpoint, rng_state,
-                            safe_load, set_rng_state, strip_module_prefix)
-from src.sampler import ResumableDistributedSampler
+from src.data.sampling import ResumableDistributedSampler
+from src.runtime import checkpoint as ck, run_folder
+from src.runtime.checkpoint import (
+    CheckpointError,
+    atomic_save,
+    epoch_copies,
+    find_resume_checkpoint,
+    rng_state,
+    safe_load,
+    set_rng_state,
+    strip_module_prefix,
+)
 from tests.released_format import APEX_AMP_STATE, released_checkpoint, save_like_numpy1
 
 
@@ -360,16 +368,16 @@ def test_every_rank_resumes_its_own_mid_epoch_loss(tmp_path):
 # ---------------------------------------------------------------- one run per folder
 
 def test_a_locked_folder_is_refused_before_anything_is_touched(tmp_path):
-    held = ck.prepare_dump_path(str(tmp_path))
+    held = run_folder.prepare_dump_path(str(tmp_path))
     stale = tmp_path / ".checkpoint.pth.tar.12345.0a1b2c3d.tmp"  # as if the holder were writing it
     stale.write_bytes(b"being written")
     with pytest.raises(CheckpointError) as info:
-        ck.prepare_dump_path(str(tmp_path))
+        run_folder.prepare_dump_path(str(tmp_path))
     msg = str(info.value)
     assert "\n" not in msg and "in use by another run" in msg and f"process {os.getpid()} on " in msg
     assert stale.exists(), "a refused run removed the holder's temporary file"
     held.close()  # what the end of the holding process does
-    lock = ck.prepare_dump_path(str(tmp_path))
+    lock = run_folder.prepare_dump_path(str(tmp_path))
     assert not stale.exists()
     assert (tmp_path / "run.lock").read_text().split()[1] == str(os.getpid())
     lock.close()
@@ -378,25 +386,25 @@ def test_a_locked_folder_is_refused_before_anything_is_touched(tmp_path):
 def test_the_lock_goes_with_its_process(tmp_path):
     """A holder that was killed leaves the lock free at once (the kernel drops it with the process)."""
     code = (f"import sys, time; sys.path.insert(0, {str(ck.__file__.rsplit('/src/', 1)[0])!r}); "
-            f"from src.checkpoint import lock_run_folder; lock = lock_run_folder({str(tmp_path)!r}); "
+            f"from src.runtime.run_folder import lock_run_folder; lock = lock_run_folder({str(tmp_path)!r}); "
             "print('locked', flush=True); time.sleep(60)")
     proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
     try:
         assert proc.stdout.readline().strip() == "locked"
         with pytest.raises(CheckpointError, match=f"process {proc.pid} on "):
-            ck.lock_run_folder(str(tmp_path), wait_for_dead_holder_s=0)
+            run_folder.lock_run_folder(str(tmp_path), wait_for_dead_holder_s=0)
     finally:
         proc.kill()
         proc.wait()
-    ck.lock_run_folder(str(tmp_path)).close()
+    run_folder.lock_run_folder(str(tmp_path)).close()
 
 
 @pytest.mark.parametrize("name", ["checkpoint.pth.tar", "params.json", "stats0.csv"])
 def test_a_folder_in_place_of_a_run_file_stops_at_start(tmp_path, name):
     (tmp_path / name).mkdir()
     with pytest.raises(CheckpointError, match=f"{name} is not a regular file"):
-        ck.prepare_dump_path(str(tmp_path))
-    ck.lock_run_folder(str(tmp_path)).close()  # the refused run let go of the lock
+        run_folder.prepare_dump_path(str(tmp_path))
+    run_folder.lock_run_folder(str(tmp_path)).close()  # the refused run let go of the lock
 
 
 def test_a_full_disk_is_one_plain_error_and_leaves_the_old_file(tmp_path):
@@ -406,7 +414,7 @@ def test_a_full_disk_is_one_plain_error_and_leaves_the_old_file(tmp_path):
     path = tmp_path / "checkpoint.pth.tar"
     atomic_save(good_ckpt(1), str(path))
     before = path.read_bytes()
-    code = ("import resource, sys, torch; sys.path.insert(0, sys.argv[1]); from src.checkpoint import atomic_save\n"
+    code = ("import resource, sys, torch; sys.path.insert(0, sys.argv[1]); from src.runtime.checkpoint import atomic_save\n"
             "resource.setrlimit(resource.RLIMIT_FSIZE, (20000, resource.RLIM_INFINITY))\n"
             "try:\n    atomic_save({'w': torch.zeros(100000)}, sys.argv[2])\n"
             "except OSError as e:\n    print(e.errno, e.strerror, e.filename, e.__suppress_context__)\n")

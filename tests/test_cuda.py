@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from src.larc import build_optimizer
-from src.resnet import build_model
-from src.train_step import UnmixSwAV
-from src.unmix import SwavConfig, draw_unmix, pair_sizes
+from src.method.larc import build_optimizer
+from src.method.resnet import build_model
+from src.method.train_step import UnmixSwAV
+from src.method.unmix import SwavConfig, draw_unmix, pair_sizes
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -110,6 +110,7 @@ def test_semisup_fine_tuning_runs_on_cuda(tmp_path):
     import subprocess
     import sys
     from pathlib import Path
+
     from tests.fake_cifar import write_cifar10
     write_cifar10(tmp_path / "c10", n_train_per_batch=40, n_test=40)
     script = Path(__file__).resolve().parents[1] / "eval_semisup.py"

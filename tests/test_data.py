@@ -1,4 +1,4 @@
-"""src/data.py: CIFAR pickles (torchvision's format), keywords, image folders, transforms."""
+"""src/data/datasets.py, transforms.py: CIFAR pickles (torchvision's format), keywords, image folders, transforms."""
 import os
 import pickle
 import shutil
@@ -11,11 +11,17 @@ import torchvision.datasets.cifar as tv_cifar
 from PIL import Image
 from torchvision import transforms as T
 
-from src.data import (CIFAR_MEAN, EVAL_STD, PRETRAIN_STD, DataError, LabeledDataset,
-                      MultiCropDataset, MultiCropTransform, eval_transforms, load_split,
-                      plain_tensor)
-from tests.fake_cifar import (CIFAR10_CLASSES, CIFAR10_JPG_SMALL, CIFAR100_CLASSES, write_cifar10,
-                              write_cifar100, write_image_folder)
+from src.data.constants import CIFAR_MEAN, EVAL_STD, PRETRAIN_STD
+from src.data.datasets import DataError, load_split
+from src.data.transforms import LabeledDataset, MultiCropDataset, MultiCropTransform, eval_transforms, plain_tensor
+from tests.fake_cifar import (
+    CIFAR10_CLASSES,
+    CIFAR10_JPG_SMALL,
+    CIFAR100_CLASSES,
+    write_cifar10,
+    write_cifar100,
+    write_image_folder,
+)
 
 
 def _no_md5(monkeypatch):

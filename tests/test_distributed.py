@@ -1,4 +1,4 @@
-"""src/distributed.py: host lists, launcher/Slurm/--dist_url parsing, preemption flag, and a 2-process
+"""src/runtime/launch.py, signals.py, startup.py: host lists, launcher/Slurm/--dist_url parsing, preemption flag, and a 2-process
 torchrun run whose Sinkhorn equals one process on the concatenated batch."""
 import argparse
 import os
@@ -16,8 +16,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
-from src import distributed as D  # noqa: E402
-from src.distributed import DistEnv, DistError, expand_hostlist, resolve_dist_env  # noqa: E402
+from src.runtime import launch, signals
+from src.runtime.launch import DistEnv, DistError, expand_hostlist, resolve_dist_env  # noqa: E402
 
 
 def resolve(environ, dist_url="env://", rank=0, world_size=-1, local_rank=0):
@@ -275,27 +275,27 @@ def test_init_distributed_single_process(monkeypatch):
             monkeypatch.delenv(k)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     args = argparse.Namespace(dist_url="env://", rank=0, world_size=-1, local_rank=0)
-    env = D.init_distributed(args)
+    env = launch.init_distributed(args)
     assert env.source == "single"
     assert (args.rank, args.world_size, args.local_rank, args.gpu_to_work_on) == (0, 1, 0, 0)
     assert args.device == torch.device("cpu")
     assert not torch.distributed.is_initialized()
-    assert D.is_main_process(args)
+    assert launch.is_main_process(args)
     t = torch.ones(3)
-    assert D.all_reduce_sum_(t, 1) is t and t.tolist() == [1.0, 1.0, 1.0]
-    D.barrier(1)
-    D.cleanup()
+    assert launch.all_reduce_sum_(t, 1) is t and t.tolist() == [1.0, 1.0, 1.0]
+    launch.barrier(1)
+    launch.cleanup()
 
 
 def test_init_distributed_reports_dist_error(monkeypatch):
     monkeypatch.setenv("RANK", "0")
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     with pytest.raises(DistError, match="RANK is set but WORLD_SIZE is not"):
-        D.init_distributed(argparse.Namespace(dist_url="env://", rank=0, world_size=-1, local_rank=0))
+        launch.init_distributed(argparse.Namespace(dist_url="env://", rank=0, world_size=-1, local_rank=0))
 
 
 def test_preempted_exit_code_is_distinct():
-    assert D.PREEMPTED_EXIT_CODE not in (0, 1, 2, 11, 21, 120) and D.PREEMPTED_EXIT_CODE < 128
+    assert signals.PREEMPTED_EXIT_CODE not in (0, 1, 2, 11, 21, 120) and signals.PREEMPTED_EXIT_CODE < 128
 
 
 # --------------------------------------------------------------------------------------------------
@@ -305,7 +305,7 @@ def test_preempted_exit_code_is_distinct():
 @pytest.mark.parametrize("sig", [signal.SIGUSR1, signal.SIGTERM])
 def test_preemption_flag_from_signal(sig):
     before = signal.getsignal(sig)
-    h = D.PreemptionHandler().install()
+    h = signals.PreemptionHandler().install()
     try:
         assert not h.requested and not h.should_stop(1, torch.device("cpu"))
         os.kill(os.getpid(), sig)
@@ -321,7 +321,7 @@ def test_preemption_flag_from_signal(sig):
 
 
 def test_sigint_is_a_stop_signal_too():
-    h = D.PreemptionHandler().install()
+    h = signals.PreemptionHandler().install()
     try:
         os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C: a flag, no KeyboardInterrupt
         for _ in range(100):
@@ -336,7 +336,7 @@ def test_sigint_is_a_stop_signal_too():
 # A process whose main thread is blocked in C code, as in a collective whose peer is gone: Python signal
 # handlers set the flag but the loop never gets to read it.
 BLOCKED = """import os, sys; sys.path.insert(0, sys.argv[1])
-from src.distributed import PreemptionHandler
+from src.runtime.signals import PreemptionHandler
 PreemptionHandler(grace_s=float(sys.argv[2])).install()
 r, w = os.pipe()
 print("blocked", flush=True)
@@ -356,7 +356,7 @@ def test_a_blocked_process_stops_after_the_grace_period():
     t0 = time.time()
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=30)
-    assert proc.returncode == D.PREEMPTED_EXIT_CODE and 0.9 < time.time() - t0 < 10
+    assert proc.returncode == signals.PREEMPTED_EXIT_CODE and 0.9 < time.time() - t0 < 10
     assert err.strip().splitlines() == ["error: not stopped 1 s after SIGTERM (blocked waiting for another "
                                         "process?): stopped at once, without a new checkpoint (a rerun resumes "
                                         "from the last one, if any)"]
@@ -375,12 +375,12 @@ def test_a_second_signal_stops_at_once_and_a_copy_of_the_first_does_not():
         _, err = proc.communicate(timeout=30)
     finally:
         proc.kill()
-    assert proc.returncode == D.PREEMPTED_EXIT_CODE and time.time() - t0 < 5
+    assert proc.returncode == signals.PREEMPTED_EXIT_CODE and time.time() - t0 < 5
     assert err.startswith("error: SIGTERM received again: stopped at once") and len(err.splitlines()) == 1
 
 
 def test_requeue_outside_slurm_is_false():
-    assert D.PreemptionHandler().requeue(environ={}) is False
+    assert signals.PreemptionHandler().requeue(environ={}) is False
 
 
 def _fake_scontrol(tmp_path, rc=0):
@@ -395,7 +395,7 @@ def _fake_scontrol(tmp_path, rc=0):
 def test_requeue_calls_scontrol(tmp_path, monkeypatch):
     log, bindir = _fake_scontrol(tmp_path)
     monkeypatch.setenv("PATH", bindir + os.pathsep + os.environ["PATH"])
-    h = D.PreemptionHandler()
+    h = signals.PreemptionHandler()
     assert h.requeue(environ={"SLURM_JOB_ID": "4242"}) is True
     assert h.requeue(environ={"SLURM_JOB_ID": "4250", "SLURM_ARRAY_JOB_ID": "4200",
                               "SLURM_ARRAY_TASK_ID": "3"}) is True
@@ -405,13 +405,13 @@ def test_requeue_calls_scontrol(tmp_path, monkeypatch):
 def test_requeue_failure_is_false(tmp_path, monkeypatch, capsys):
     _, bindir = _fake_scontrol(tmp_path, rc=1)
     monkeypatch.setenv("PATH", bindir + os.pathsep + os.environ["PATH"])
-    assert D.PreemptionHandler().requeue(environ={"SLURM_JOB_ID": "1"}) is False
+    assert signals.PreemptionHandler().requeue(environ={"SLURM_JOB_ID": "1"}) is False
     assert "scontrol requeue 1 failed" in capsys.readouterr().err
 
 
 def test_worker_helper_ignores_signals():
     code = ("import os, signal, sys; sys.path.insert(0, sys.argv[1]);"
-            "from src.distributed import ignore_preemption_signals_in_worker as f; f(0);"
+            "from src.runtime.signals import ignore_preemption_signals_in_worker as f; f(0);"
             "os.kill(os.getpid(), signal.SIGUSR1); os.kill(os.getpid(), signal.SIGTERM); "
             "os.kill(os.getpid(), signal.SIGINT); print('alive')")
     r = subprocess.run([sys.executable, "-c", code, ROOT], capture_output=True, text=True, timeout=60)
@@ -429,9 +429,10 @@ def _free_port():
 
 
 def test_two_process_sinkhorn_equals_one_process(tmp_path):
-    pytest.importorskip("src.sinkhorn")
+    pytest.importorskip("src.method.sinkhorn")
     import dist_worker_sinkhorn as w
-    from src.sinkhorn import sinkhorn
+
+    from src.method.sinkhorn import sinkhorn
 
     prefix = str(tmp_path / "sk")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
@@ -550,7 +551,7 @@ def test_after_sigterm_of_one_rank_both_save_and_resume_their_own_statistics(dat
     wait_for_log(tmp_path / "stopped" / "train.log", "Epoch: [0][2/6]", alive=lambda: procs[0].poll() is None)
     procs[0].send_signal(signal.SIGTERM)
     for rc, _, err in _finish(procs):
-        assert rc == D.PREEMPTED_EXIT_CODE, err[-2000:]
+        assert rc == signals.PREEMPTED_EXIT_CODE, err[-2000:]
     saved = torch.load(tmp_path / "stopped" / "checkpoint.pth.tar", weights_only=True)
     assert 3 <= saved["iteration"] < 6 and [lp["loss_count"] for lp in saved["loops"]] == [saved["iteration"]] * 2
     for rc, _, err in _finish(_two_ranks(tmp_path, args("stopped"), "resume")):
@@ -570,7 +571,7 @@ def test_a_rendezvous_port_in_use_is_one_line_naming_the_flag(tmp_path):
         taken.listen()
         port = taken.getsockname()[1]
         env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "MASTER_"))}
-        code = ("import argparse, sys; sys.path.insert(0, sys.argv[1]); from src.utils import start_processes; "
+        code = ("import argparse, sys; sys.path.insert(0, sys.argv[1]); from src.runtime.startup import start_processes; "
                 f"start_processes(argparse.Namespace(dist_url='tcp://127.0.0.1:{port}', rank=0, world_size=2, "
                 "local_rank=0, dist_timeout=20, seed=0))")
         p = subprocess.run([sys.executable, "-c", code, ROOT], capture_output=True, text=True, timeout=120, env=env)

@@ -209,7 +209,8 @@ def test_linear_eval_preempted_saves_requeues_and_resumes(tmp_path):
     command resumes after that epoch."""
     import signal
     import time
-    from src.distributed import PREEMPTED_EXIT_CODE
+
+    from src.runtime.signals import PREEMPTED_EXIT_CODE
     write_cifar10(tmp_path / "c10", n_train_per_batch=20, n_test=40)
     dump = tmp_path / "exp"
     run("main_swav_unmix.py", ["--data_path", tmp_path / "c10", "--dump_path", dump, "--epochs", 1] + TINY, tmp_path)

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 import eval_semisup
-from src.data import load_split
-from src.subset import balanced_subset
+from src.data.datasets import load_split
+from src.eval.subset import balanced_subset
 from tests.e2e_helpers import MAIN, RUN_ENV, ForkRunner, kill, run_script, tiny_args, wait_for_log
 from tests.fake_cifar import write_cifar10, write_cifar100, write_image_folder
 
@@ -89,7 +89,7 @@ def test_fine_tunes_the_whole_network_on_the_labelled_subset(env):
     res = run_ok(env, semisup_args(env, "ft"), real=True)
     out = res.stdout
 
-    # the labelled subset: balanced, the one src/subset.py draws from --subset_seed 0, recorded
+    # the labelled subset: balanced, the one src/eval/subset.py draws from --subset_seed 0, recorded
     _, labels, classes = load_split(env["data"], train=True)
     record = json.loads((dump / "labelled_subset.json").read_text())
     assert record["indices"] == balanced_subset(labels, 10, 10, seed=0).tolist()

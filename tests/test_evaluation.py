@@ -1,4 +1,4 @@
-"""What the two evaluations share (src/evaluation.py): their common flags, the checks of those flags, the
+"""What the two evaluations share (src/eval/setup.py): their common flags, the checks of those flags, the
 train/test loaders of each process, and the ETA of the log lines. The set-up phase and stopping on a
 signal run in the end-to-end tests of both scripts (tests/test_e2e.py, tests/test_eval_semisup.py)."""
 import argparse
@@ -9,10 +9,10 @@ import torch
 
 import eval_linear
 import eval_semisup
-from src import distributed as D
-from src.data import LabeledDataset, eval_transforms
-from src.evaluation import Eta, check_shared_args, data_loaders
-from src.run_folder import FINE_TUNING, LINEAR
+from src.data.transforms import LabeledDataset, eval_transforms
+from src.eval.setup import Eta, check_shared_args, data_loaders
+from src.runtime import signals
+from src.runtime.run_folder import FINE_TUNING, LINEAR
 
 SHARED = ["dump_path", "seed", "data_path", "arch", "pretrained", "dist_url", "world_size", "rank", "local_rank",
           "width_per_group", "allow_mismatched_weights", "dist_timeout", "download", "log_freq"]
@@ -81,7 +81,7 @@ def test_loader_workers_leave_stop_signals_to_the_main_process():
     train_set, test_set = labelled(8)
     args = argparse.Namespace(world_size=1, rank=0, batch_size=4, workers=1, device=torch.device("cpu"))
     train_loader, test_loader = data_loaders(train_set, test_set, args)
-    assert train_loader.worker_init_fn is test_loader.worker_init_fn is D.ignore_preemption_signals_in_worker
+    assert train_loader.worker_init_fn is test_loader.worker_init_fn is signals.ignore_preemption_signals_in_worker
     assert len(next(iter(train_loader))[0]) == 4
 
 

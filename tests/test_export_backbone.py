@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from src.resnet import build_model
+from src.method.resnet import build_model
 from tests.e2e_helpers import RUN_ENV
 
 REPO = Path(__file__).resolve().parents[1]

@@ -92,7 +92,7 @@ def test_entry_scripts_start_without_importing_torchvision():
     importing torchvision costs ~2 s per process, so the entry scripts import it only where they build
     transforms."""
     code = ("import sys, main_swav_unmix, eval_linear, eval_semisup, hubconf; "
-            "from src.logger import provenance; provenance('cpu', 1); "
+            "from src.runtime.logs import provenance; provenance('cpu', 1); "
             "print('torchvision' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -6,13 +6,12 @@ import dataclasses
 import pytest
 import torch
 
-from src.larc import LARC, build_optimizer
-from src.resnet import build_model
-from src.sinkhorn import sinkhorn
-from src.train_step import UnmixSwAV
-from src.unmix import SwavConfig, UnmixDraws, unmix_inputs
-from tests.golden import (NOISE_NORM, entries_mismatch, load_golden, loss_mismatch,
-                          summary_mismatches)
+from src.method.larc import LARC, build_optimizer
+from src.method.resnet import build_model
+from src.method.sinkhorn import sinkhorn
+from src.method.train_step import UnmixSwAV
+from src.method.unmix import SwavConfig, UnmixDraws, unmix_inputs
+from tests.golden import NOISE_NORM, entries_mismatch, load_golden, loss_mismatch, summary_mismatches
 
 GOLDEN = None
 

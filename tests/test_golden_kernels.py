@@ -3,7 +3,6 @@
 Each environment below sums float32 values in another order, the way another CPU would (1 or 2 threads,
 ATen's AVX2 kernels instead of AVX-512, oneDNN capped at AVX2): tests/test_golden.py must pass in all of
 them (tests/data/golden/README.md). Each run also checks that its environment took effect."""
-import hashlib
 import os
 import subprocess
 import sys
@@ -11,7 +10,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import torch
 
 REPO = Path(__file__).resolve().parent.parent
 

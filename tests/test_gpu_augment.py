@@ -1,4 +1,4 @@
-"""The batched on-device multi-crop augmentation (src/gpu_augment.py) against torchvision.
+"""The batched on-device multi-crop augmentation (src/data/augment.py) against torchvision.
 
 1. For fixed per-sample parameters every batched op equals torchvision's functional tensor ops applied
    image by image (max abs difference <= 1e-5 on float images).
@@ -22,7 +22,7 @@ import torchvision.transforms.functional as TF
 import torchvision.transforms.v2.functional as TF2
 from scipy import stats
 
-from src import gpu_augment as ga
+from src.data import augment as ga, constants, sampling
 
 TOL = 1e-5
 ALPHA = 0.01
@@ -164,11 +164,11 @@ def test_normalisation_matches_torchvision():
     mc = ga.GPUMultiCrop(u8, [32], [1], [1.0], [1.0], ratio=(1.0, 1.0), jitter_p=0.0, flip_p=0.0,
                          grayscale_p=0.0)
     (out,) = mc(torch.arange(6))
-    norm = T.Normalize(ga.CIFAR_MEAN, ga.CIFAR_STD)
+    norm = T.Normalize(constants.CIFAR_MEAN, constants.PRETRAIN_STD)
     ref = torch.stack([norm(TF.to_tensor(u8[i].numpy())) for i in range(6)])
     assert maxdiff(out, ref) <= TOL
     x = u8.permute(0, 3, 1, 2).float() / 255
-    assert maxdiff(ga.normalize(x, ga.CIFAR_MEAN, ga.CIFAR_STD), ref) <= TOL
+    assert maxdiff(ga.normalize(x, constants.CIFAR_MEAN, constants.PRETRAIN_STD), ref) <= TOL
 
 
 # ---------------------------------------------------------------------------------------------- 2.
@@ -285,7 +285,7 @@ def test_whole_pipeline_distribution_matches_torchvision_tensor_pipeline():
     torch.manual_seed(22)
     tv = T.Compose([T.RandomResizedCrop(32, scale=(0.14, 1.0), antialias=False), T.RandomHorizontalFlip(),
                     T.RandomApply([T.ColorJitter(0.4, 0.4, 0.4, 0.1)], p=0.8), T.RandomGrayscale(0.2),
-                    T.Normalize(ga.CIFAR_MEAN, ga.CIFAR_STD)])
+                    T.Normalize(constants.CIFAR_MEAN, constants.PRETRAIN_STD)])
     x = u8.permute(0, 3, 1, 2).float() / 255
     ref = torch.stack([tv(x[i]) for i in range(n)])
     for stat in (lambda t: t.mean((2, 3)), lambda t: t.std((2, 3))):
@@ -306,21 +306,21 @@ def test_epoch_indices_equal_distributed_sampler(n, world, batch):
             sampler.set_epoch(epoch)
             loader = torch.utils.data.DataLoader(data, batch_size=batch, sampler=sampler, drop_last=True)
             ref = [b.tolist() for b in loader]
-            ours = ga.epoch_indices(n, epoch, seed=0, rank=rank, world_size=world, batch_size=batch)
+            ours = sampling.epoch_indices(n, epoch, seed=0, rank=rank, world_size=world, batch_size=batch)
             assert ours.tolist() == ref
-            bs = ga.DistributedBatchSampler(n, batch, num_replicas=world, rank=rank)
+            bs = sampling.DistributedBatchSampler(n, batch, num_replicas=world, rank=rank)
             bs.set_epoch(epoch)
             assert [b.tolist() for b in bs] == ref and len(bs) == len(ref)
     # shuffle=False and another seed
     sampler = torch.utils.data.DistributedSampler(data, num_replicas=world, rank=0, shuffle=False)
     ref = [b.tolist() for b in torch.utils.data.DataLoader(data, batch_size=batch, sampler=sampler,
                                                            drop_last=True)]
-    assert ga.epoch_indices(n, 3, 0, 0, world, batch, shuffle=False).tolist() == ref
+    assert sampling.epoch_indices(n, 3, 0, 0, world, batch, shuffle=False).tolist() == ref
     sampler = torch.utils.data.DistributedSampler(data, num_replicas=world, rank=0, seed=31)
     sampler.set_epoch(2)
     ref = [b.tolist() for b in torch.utils.data.DataLoader(data, batch_size=batch, sampler=sampler,
                                                            drop_last=True)]
-    assert ga.epoch_indices(n, 2, 31, 0, world, batch).tolist() == ref
+    assert sampling.epoch_indices(n, 2, 31, 0, world, batch).tolist() == ref
 
 
 # ---------------------------------------------------------------------------------------------- 4.
@@ -334,8 +334,8 @@ def test_gpumulticrop_shapes_order_dtypes_determinism():
     assert [tuple(c.shape) for c in crops] == [(8, 3, 32, 32)] * 2 + [(8, 3, 16, 16)] * 3 + [(8, 3, 32, 32)]
     assert all(c.dtype == torch.float32 and torch.isfinite(c).all() for c in crops)
     # normalised range: (0 - mean) / std .. (1 - mean) / std
-    lo = (-torch.tensor(ga.CIFAR_MEAN) / torch.tensor(ga.CIFAR_STD)).view(1, 3, 1, 1)
-    hi = ((1 - torch.tensor(ga.CIFAR_MEAN)) / torch.tensor(ga.CIFAR_STD)).view(1, 3, 1, 1)
+    lo = (-torch.tensor(constants.CIFAR_MEAN) / torch.tensor(constants.PRETRAIN_STD)).view(1, 3, 1, 1)
+    hi = ((1 - torch.tensor(constants.CIFAR_MEAN)) / torch.tensor(constants.PRETRAIN_STD)).view(1, 3, 1, 1)
     assert all(((c >= lo - 1e-5) & (c <= hi + 1e-5)).all() for c in crops)
     # deterministic under a seeded generator, different for another seed, crops differ from each other
     again = mc(idx, generator=gen(24))
@@ -352,7 +352,7 @@ def test_gpumulticrop_shapes_order_dtypes_determinism():
     assert all(c.dtype == torch.bfloat16 and c.is_contiguous(memory_format=torch.channels_last) for c in c16)
     assert all(maxdiff(a.float(), b) < 0.02 for a, b in zip(c16, c32))  # same draws, bfloat16 rounding
     # the index tensor may come from DistributedBatchSampler
-    batch = next(iter(ga.DistributedBatchSampler(40, 8)))
+    batch = next(iter(sampling.DistributedBatchSampler(40, 8)))
     assert mc(batch)[0].shape == (8, 3, 32, 32)
 
 
@@ -427,7 +427,7 @@ def test_cuda_matches_cpu_and_never_synchronises():
                          channels_last=True)
     g = torch.Generator(device=dev)
     g.manual_seed(0)
-    batches = list(ga.DistributedBatchSampler(64, 16, device=dev))
+    batches = list(sampling.DistributedBatchSampler(64, 16, device=dev))
     mc(batches[0], generator=g)  # warm-up (workspace allocation)
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -450,7 +450,7 @@ def test_batched_crops_resume_at_any_iteration_exactly():
     g = torch.Generator().manual_seed(0)
     images = torch.randint(0, 256, (70, 12, 12, 3), dtype=torch.uint8, generator=g)
     mc = ga.GPUMultiCrop(images, [8, 6], [2, 1], [0.3, 0.2], [1.0, 0.5])
-    crops = ga.BatchedCrops(mc, ga.DistributedBatchSampler(70, 8), seed=5, rank=0, chunk=3)
+    crops = sampling.BatchedCrops(mc, sampling.DistributedBatchSampler(70, 8), seed=5, rank=0, chunk=3)
     assert len(crops) == 8
     full = list(crops.epoch(2))
     assert len(full) == 8 and all(len(c) == 3 for c in full)
@@ -474,6 +474,6 @@ def test_batched_crops_chunk_fits_the_memory_budget():
     images = torch.zeros(64, 32, 32, 3, dtype=torch.uint8)
     mc = ga.GPUMultiCrop(images, [32], [2], [0.14], [1.0])
     per_iteration = 16 * 2 * 3 * 32 * 32 * 4
-    assert ga.BatchedCrops(mc, ga.DistributedBatchSampler(64, 16), chunk=8).chunk == 8
-    assert ga.BatchedCrops(mc, ga.DistributedBatchSampler(64, 16), chunk=8, max_bytes=3 * per_iteration).chunk == 3
-    assert ga.BatchedCrops(mc, ga.DistributedBatchSampler(64, 16), chunk=8, max_bytes=1).chunk == 1
+    assert sampling.BatchedCrops(mc, sampling.DistributedBatchSampler(64, 16), chunk=8).chunk == 8
+    assert sampling.BatchedCrops(mc, sampling.DistributedBatchSampler(64, 16), chunk=8, max_bytes=3 * per_iteration).chunk == 3
+    assert sampling.BatchedCrops(mc, sampling.DistributedBatchSampler(64, 16), chunk=8, max_bytes=1).chunk == 1

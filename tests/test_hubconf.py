@@ -9,8 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from src.data import CIFAR_MEAN, PRETRAIN_STD, plain_tensor
-from src.resnet import build_model
+from src.data.constants import CIFAR_MEAN, PRETRAIN_STD
+from src.data.transforms import plain_tensor
+from src.method.resnet import build_model
 from tests.e2e_helpers import RUN_ENV
 
 REPO = Path(__file__).resolve().parents[1]

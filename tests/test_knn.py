@@ -14,7 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
-from src.knn import extract_features, knn_accuracy, knn_classify, knn_monitor, knn_scores  # noqa: E402
+from src.eval.knn import extract_features, knn_accuracy, knn_classify, knn_monitor, knn_scores  # noqa: E402
 from tests.golden import entries_mismatch  # noqa: E402
 
 # The children of test_one_and_two_processes_agree run with one thread: the same kernels here.

@@ -4,7 +4,7 @@ import io
 import pytest
 import torch
 
-from src.larc import LARC
+from src.method.larc import LARC
 
 
 def params():
@@ -164,7 +164,7 @@ def loop_larc_step(params, lr, wd, trust, eps, clip):
 
 @pytest.mark.parametrize("clip", [False, True])
 def test_multi_tensor_larc_is_bit_identical_to_the_loop(clip):
-    from src.resnet import resnet18
+    from src.method.resnet import resnet18
     torch.manual_seed(0)
     net = resnet18(width_per_group=8, output_dim=16, hidden_mlp=32, nmb_prototypes=10, normalize=True)
     net(torch.randn(4, 3, 16, 16))[1].pow(2).sum().backward()
@@ -182,7 +182,7 @@ def test_multi_tensor_larc_is_bit_identical_to_the_loop(clip):
 
 
 def test_fused_sgd_inside_larc_equals_plain_sgd_and_skips_on_found_inf():
-    from src.larc import build_optimizer
+    from src.method.larc import build_optimizer
     ps = [torch.nn.Parameter(t) for t in (torch.randn(5, 3), torch.randn(7), torch.zeros(2))]
     qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
     fused = build_optimizer(ps, lr=0.3)

@@ -9,8 +9,16 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from src.logger import (CurveWriter, Stats, create_logger, format_eta, format_provenance, load_params_json,
-                        params_dict, provenance, read_released_stats, save_params)
+from src.runtime.logs import (
+    CurveWriter,
+    Stats,
+    create_logger,
+    format_eta,
+    format_provenance,
+    provenance,
+    read_released_stats,
+)
+from src.runtime.run_folder import load_params_json, params_dict, save_params
 from tests.released_format import RELEASED_STATS_PKL, RELEASED_STATS_ROWS
 
 COLUMNS = ["epoch", "loss", "lr", "time", "knn_top1"]
@@ -277,7 +285,7 @@ def test_curve_writer_without_tensorboard_is_a_one_line_error(tmp_path, monkeypa
 
 
 def test_changed_params():
-    from src.logger import changed_params
+    from src.runtime.run_folder import changed_params
     old = {"lr": 0.1, "epochs": 20, "decay_epochs": [12, 16], "workers": 10, "only_old": 1}
     new = {"lr": 0.1, "epochs": 20.0, "decay_epochs": (12, 16), "workers": 2, "only_new": 2}
     assert changed_params(old, new, ignore={"workers"}) == []

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from src.pretrained import (LAYOUTS, PretrainedError, head_config, infer_arch, load_weights, read_state_dict)
-from src.resnet import ARCHS, build_model
+from src.eval.pretrained import LAYOUTS, PretrainedError, head_config, infer_arch, load_weights, read_state_dict
+from src.method.resnet import ARCHS, build_model
 
 
 def pretraining_net(arch="resnet18", width=8, **kw):

@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from src.resnet import ARCHS, Bottleneck, build_model, resnet18
+from src.method.resnet import ARCHS, Bottleneck, build_model, resnet18
 
 THREADS = 1  # small tensors: one intra-op thread (tests/conftest.py)
 

@@ -19,10 +19,25 @@ import pandas as pd
 import pytest
 import torch
 
-from src.checkpoint import CheckpointError, atomic_write, find_resume_checkpoint, remove_stale_temporaries, safe_load
-from src.distributed import PREEMPTED_EXIT_CODE
-from tests.e2e_helpers import (MAIN, REPO, ForkRunner, kill, make_fake_cifar10, pid_alive, run_script, tiny_args,
-                               wait_for_log)
+from src.runtime.checkpoint import (
+    CheckpointError,
+    atomic_write,
+    find_resume_checkpoint,
+    remove_stale_temporaries,
+    safe_load,
+)
+from src.runtime.signals import PREEMPTED_EXIT_CODE
+from tests.e2e_helpers import (
+    MAIN,
+    REPO,
+    ForkRunner,
+    kill,
+    make_fake_cifar10,
+    pid_alive,
+    run_script,
+    tiny_args,
+    wait_for_log,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -355,9 +370,10 @@ def test_atomic_write_leaves_old_file_when_interrupted(tmp_path):
 
 def test_params_and_stats_are_replaced_atomically(tmp_path, monkeypatch):
     """A failure (or kill) while params.json / stats are written leaves the previous complete files."""
-    import src.logger as L
     from argparse import Namespace
-    L.save_params(Namespace(base_lr=0.6, nmb_crops=[2]), str(tmp_path))
+
+    from src.runtime import logs as L, run_folder
+    run_folder.save_params(Namespace(base_lr=0.6, nmb_crops=[2]), str(tmp_path))
     st = L.Stats(str(tmp_path / "stats0"), ["epoch", "loss"])
     st.update({"epoch": 0, "loss": 1.5})
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
@@ -365,9 +381,9 @@ def test_params_and_stats_are_replaced_atomically(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(L.json, "dumps", boom)  # dies while params.json is being written
+    monkeypatch.setattr(run_folder.json, "dumps", boom)  # dies while params.json is being written
     with pytest.raises(KeyboardInterrupt):
-        L.save_params(Namespace(base_lr=0.3, nmb_crops=[2]), str(tmp_path))
+        run_folder.save_params(Namespace(base_lr=0.3, nmb_crops=[2]), str(tmp_path))
     monkeypatch.setattr(pd.DataFrame, "to_csv", boom)  # dies while stats0.csv is being written
     with pytest.raises(KeyboardInterrupt):
         st.update({"epoch": 1, "loss": 1.0})
@@ -375,11 +391,11 @@ def test_params_and_stats_are_replaced_atomically(tmp_path, monkeypatch):
         assert (tmp_path / name).read_bytes() == before[name]
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
     monkeypatch.undo()
-    assert L.load_params_json(str(tmp_path))["base_lr"] == 0.6
+    assert run_folder.load_params_json(str(tmp_path))["base_lr"] == 0.6
 
 
 def test_damaged_stats_csv_is_set_aside_not_fatal(tmp_path):
-    from src.logger import Stats
+    from src.runtime.logs import Stats
     (tmp_path / "stats0.csv").write_text('epoch,loss\n0,1.5\nnot-a-number,"unterminated\n')
     said = []
     st = Stats(str(tmp_path / "stats0"), ["epoch", "loss"], resume_before_epoch=1, log=said.append)
@@ -431,9 +447,9 @@ def test_resuming_reads_no_pickle_from_the_run_folder():
     arbitrary objects: stats come back from the CSV, arguments from params.json, checkpoints via
     weights_only. The one exception, the stats table of a released run folder, is read by
     `read_released_stats`, whose unpickler resolves only an allow-list (tests/test_logger.py feeds it code)."""
-    for name in ("main_swav_unmix.py", "src/checkpoint.py", "src/logger.py"):
+    for name in ("main_swav_unmix.py", "src/runtime/checkpoint.py", "src/runtime/logs.py", "src/runtime/run_folder.py"):
         src = (REPO / name).read_text()
-        if name == "src/logger.py":
+        if name == "src/runtime/logs.py":
             reader = next(n for n in ast.parse(src).body
                           if isinstance(n, ast.FunctionDef) and n.name == "read_released_stats")
             reader_src = ast.get_source_segment(src, reader)
@@ -488,6 +504,7 @@ def test_a_full_disk_is_one_line_and_the_last_checkpoint_is_intact(work, data, s
     import resource
     import subprocess
     import sys
+
     from tests.e2e_helpers import RUN_ENV
     dump = copy_run(stopped[0], work / "disk_full")
     before = file_state(dump / "checkpoint.pth.tar")

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from src.sinkhorn import shoot_infs, sinkhorn
+from src.method.sinkhorn import shoot_infs, sinkhorn
 
 
 def reference(scores, epsilon, iterations):

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from src.subset import SubsetError, balanced_subset, images_per_class
+from src.eval.subset import SubsetError, balanced_subset, images_per_class
 
 
 def cifar_like_labels(num_classes, per_class, seed=0):

@@ -8,10 +8,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from src.larc import build_optimizer
-from src.resnet import resnet18
-from src.train_step import UnmixSwAV, cosine_schedule, normalize_prototypes_, unwrap
-from src.unmix import SwavConfig, UnmixDraws
+from src.method.larc import build_optimizer
+from src.method.resnet import resnet18
+from src.method.train_step import UnmixSwAV, cosine_schedule, normalize_prototypes_, unwrap
+from src.method.unmix import SwavConfig, UnmixDraws
 
 THREADS = 1  # small tensors: one intra-op thread (tests/conftest.py)
 BS = 4

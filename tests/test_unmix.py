@@ -6,8 +6,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from src.unmix import (EmbeddingQueue, SwavConfig, UnmixDraws, draw_unmix, mix_with_reversed, pair_sizes,
-                       region_box, swav_loss, unmix_inputs, unmix_swav_loss, unmix_views)
+from src.method.unmix import (
+    EmbeddingQueue,
+    SwavConfig,
+    UnmixDraws,
+    draw_unmix,
+    mix_with_reversed,
+    pair_sizes,
+    region_box,
+    swav_loss,
+    unmix_inputs,
+    unmix_swav_loss,
+    unmix_views,
+)
 
 EPS, T, ITERS = 0.05, 0.1, 3
 

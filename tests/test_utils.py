@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from src.utils import AverageMeter, bool_flag, fix_random_seeds
+from src.runtime.cli import bool_flag
+from src.runtime.logs import AverageMeter
+from src.runtime.startup import fix_random_seeds
 
 
 @pytest.mark.parametrize("text", ["on", "ON", "true", "True", "TRUE", "1", "tRuE", "On"])

@@ -10,7 +10,7 @@ this project or of the released code; the architecture and width are read from t
 against the checkpoint's own `arch` entry when it has one). Load the export with
 
     meta = json.load(open("backbone.json"))
-    model = build_model(meta["arch"], width_per_group=meta["width_per_group"])   # from src.resnet
+    model = build_model(meta["arch"], width_per_group=meta["width_per_group"])   # from src.method.resnet
     model.load_state_dict(torch.load("backbone.pth", weights_only=True))
 
 or `torch.hub.load(REPO, meta["arch"], source="local", pretrained="backbone.pth")`.
@@ -20,11 +20,11 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from src.checkpoint import atomic_save  # noqa: E402
-from src.logger import write_json  # noqa: E402
-from src.pretrained import PretrainedError, infer_arch, load_weights, read_state_dict  # noqa: E402
-from src.resnet import build_model  # noqa: E402
-from src.utils import fail  # noqa: E402
+from src.eval.pretrained import PretrainedError, infer_arch, load_weights, read_state_dict  # noqa: E402
+from src.method.resnet import build_model  # noqa: E402
+from src.runtime.checkpoint import atomic_save  # noqa: E402
+from src.runtime.cli import fail  # noqa: E402
+from src.runtime.run_folder import write_json  # noqa: E402
 
 
 def export_backbone(checkpoint, out):

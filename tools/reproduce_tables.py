@@ -26,8 +26,8 @@ from dataclasses import dataclass
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from src.checkpoint import atomic_write  # noqa: E402
-from src.utils import fail  # noqa: E402
+from src.runtime.checkpoint import atomic_write  # noqa: E402
+from src.runtime.cli import fail  # noqa: E402
 
 TABLE_CELL = os.path.join(ROOT, "scripts", "table_cell.sh")
 RESULTS = os.path.join(ROOT, "tools", "results.py")
@@ -354,7 +354,7 @@ def download_once(dataset_paths, todo):
     """Data-set keywords are downloaded here, once, before the cells start (not by every cell at once)."""
     for ds, path in dataset_paths.items():
         if path in CIFAR_FOLDERS and any(c.dataset == ds for c in todo):
-            from src.data import DataError, load_split
+            from src.data.datasets import DataError, load_split
             try:
                 for train in (True, False):
                     load_split(path, train, download=True)

@@ -51,7 +51,8 @@ sys.path.insert(0, TOOLS)
 sys.path.insert(0, os.path.dirname(TOOLS))
 import reproduce_tables  # noqa: E402
 from published import DATASETS, METHODS, PUBLISHED, published_top1  # noqa: E402
-from src.checkpoint import atomic_write  # noqa: E402
+
+from src.runtime.checkpoint import atomic_write  # noqa: E402
 
 # `<dump>_linear_eval[<tag>]` / `<dump>_semisup[<tag>]`: the last such part of the name
 EVAL_FOLDER = re.compile(r"^(?P<dump>.+)_(?P<kind>linear_eval|semisup)(?P<tag>[^/]*)$")

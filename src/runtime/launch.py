@@ -24,44 +24,15 @@ tasks (no ``SLURM_STEP_ID``): python started there directly in an N-task job is 
 ``srun``) instead of waiting forever for N-1 peers. A one-task job is a plain single process.
 
 Bad or missing values raise ``DistError`` with a one-line message.
-
-Preemption and stop signals (``PreemptionHandler``): the SBATCH scripts ask for ``--signal=USR1@120``,
-which Slurm sends to the tasks of every job step (the python processes under ``srun``), not to the batch
-shell; ``scancel``, ``timeout`` and Ctrl-C send SIGTERM or SIGINT. The signal handler only sets a flag;
-the training loop asks ``should_stop`` once per iteration (all ranks agree through an all-reduce MAX),
-saves a checkpoint, rank 0 calls ``requeue()`` (``scontrol requeue``) under Slurm, and every rank exits
-with ``PREEMPTED_EXIT_CODE`` (3). The scripts pass that status through. A process that cannot get there
-(blocked in a collective whose peer is gone or stopped) is ended by a watchdog thread, status 3 as well,
-after a second signal or after a grace period, leaving the last checkpoint as it is.
-
-Ranks that must agree (``first_disagreement``): at start-up every rank compares its arguments and a
-fingerprint of its data with the others' in one all-gather, so that a rank given other data or other
-flags stops the job with one line instead of blocking in mismatched collectives. Every collective has a
-timeout (``--dist_timeout``), after which the waiting ranks stop (``run_main`` in src/utils.py says so in
-one line).
 """
 import datetime
-import hashlib
-import json
 import os
 import re
-import select
-import signal
-import subprocess
-import sys
-import threading
-import time
 from dataclasses import dataclass
 from typing import List, Mapping, Optional
 
 import torch
 import torch.distributed as dist
-
-# Exit status of a run that stopped early because of a preemption/termination signal after writing a
-# checkpoint; re-running the same command resumes. 3 is not used by Python itself (0 ok, 1 uncaught
-# exception, 2 argparse/usage error, 120 flush error at exit, 128+N killed by signal N) and differs
-# from the statuses the SBATCH scripts use for failures (11 pretraining, 21 evaluation).
-PREEMPTED_EXIT_CODE = 3
 
 DEFAULT_TIMEOUT_S = 300  # rendezvous and collective timeout of the process group (--dist_timeout)
 
@@ -78,10 +49,6 @@ class DistEnv:
     init_method: str
     source: str  # 'torchrun' | 'slurm' | 'dist_url' | 'single'
 
-
-# --------------------------------------------------------------------------------------------------
-# Slurm host lists
-# --------------------------------------------------------------------------------------------------
 
 _RANGE_RE = re.compile(r"^(\d+)(?:-(\d+))?$")
 
@@ -161,10 +128,6 @@ def expand_hostlist(s: str) -> List[str]:
         hosts.extend(names)
     return hosts
 
-
-# --------------------------------------------------------------------------------------------------
-# Environment parsing
-# --------------------------------------------------------------------------------------------------
 
 def _int_var(environ: Mapping[str, str], name: str) -> int:
     raw = environ.get(name)
@@ -338,10 +301,6 @@ def resolve_dist_env(environ: Mapping[str, str], dist_url: str, rank: int, world
     return DistEnv(0, 1, lr, "env://" if url_kind == "env" else dist_url.strip(), "single")
 
 
-# --------------------------------------------------------------------------------------------------
-# Process group
-# --------------------------------------------------------------------------------------------------
-
 def _pick_device(local_rank: int):
     """CUDA device for this process: ``cuda:local_rank``; one visible GPU per task (Slurm
     ``--gpus-per-task`` binding) means ``cuda:0``; CPU when there is no GPU."""
@@ -424,213 +383,3 @@ def all_reduce_sum_(tensor: torch.Tensor, world_size: int) -> torch.Tensor:
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-
-
-# --------------------------------------------------------------------------------------------------
-# Ranks that agree
-# --------------------------------------------------------------------------------------------------
-
-# Flags that may differ between the processes of one job (their own rank and device; a node-local copy
-# of the data at another path, checked by its content instead).
-PER_PROCESS_FLAGS = {"rank", "local_rank", "gpu_to_work_on", "device", "world_size", "dist_url", "data_path",
-                     "workers", "download"}
-
-
-def fingerprint(value) -> int:
-    """A 63-bit hash of a JSON-able value or of bytes (equal on every host and Python run)."""
-    data = value if isinstance(value, (bytes, bytearray, memoryview)) else \
-        json.dumps(value, sort_keys=True, default=str).encode()
-    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") >> 1
-
-
-def flag_fingerprints(args) -> dict:
-    """{"--flag": hash of its value} for every flag that all processes of a job must share."""
-    return {f"--{k}": fingerprint(v) for k, v in sorted(vars(args).items()) if k not in PER_PROCESS_FLAGS}
-
-
-def first_disagreement(values: Mapping[str, int], world_size: int, device=None) -> Optional[str]:
-    """Collective (one all-gather): the processes compare `values` (name -> int, the same names in the
-    same order everywhere); a one-line description of the first name whose values differ, or None. Every
-    rank gets the same answer, so all stop together."""
-    if world_size <= 1:
-        return None
-    names = list(values)
-    mine = torch.tensor([int(values[n]) for n in names] + [len(names)], dtype=torch.int64, device=device)
-    every = [torch.empty_like(mine) for _ in range(world_size)]
-    dist.all_gather(every, mine)
-    rows = [t.tolist() for t in every]
-    if any(r[-1] != len(names) for r in rows):
-        return "the processes run different code (their start-up checks differ); start them all alike"
-    for j, name in enumerate(names):
-        seen = [r[j] for r in rows]
-        if len(set(seen)) > 1:
-            if max(seen) < 2 ** 32:  # a count: show it
-                shown = ", ".join(f"rank {rank}: {v}" for rank, v in enumerate(seen))
-            else:  # a hash
-                odd = [str(rank) for rank, v in enumerate(seen) if v != seen[0]]
-                shown = f"rank {', '.join(odd)} differ{'s' if len(odd) == 1 else ''} from rank 0"
-            return (f"the processes disagree on {name} ({shown}); every process needs the same arguments "
-                    "and the same data")
-    return None
-
-
-def first_problem(problem: Optional[str], world_size: int, device=None, size: int = 1024) -> Optional[str]:
-    """Collective: the one-line `problem` of the lowest rank that has one (e.g. rank 0 refused the run
-    folder), or None; every rank gets it, so that all stop together instead of the others waiting."""
-    if world_size <= 1:
-        return problem
-    mine = torch.zeros(size, dtype=torch.uint8, device=device)
-    if problem:
-        raw = problem.encode()[:size - 1]
-        mine[:len(raw)] = torch.tensor(list(raw), dtype=torch.uint8, device=device)
-    every = [torch.empty_like(mine) for _ in range(world_size)]
-    dist.all_gather(every, mine)
-    for t in every:
-        raw = bytes(t.cpu().tolist()).rstrip(b"\0")
-        if raw:
-            return raw.decode(errors="replace")
-    return None
-
-
-# --------------------------------------------------------------------------------------------------
-# Preemption
-# --------------------------------------------------------------------------------------------------
-
-STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
-
-
-class PreemptionHandler:
-    """Turns SIGUSR1/SIGTERM/SIGINT into a flag that the training loop polls once per iteration.
-
-    The handler does nothing but set the flag (safe at any point of the iteration). ``should_stop``
-    makes every rank agree (all-reduce MAX), so all ranks stop after the same iteration even when
-    only some received the signal. The caller then saves a checkpoint, rank 0 calls ``requeue()``,
-    and every rank exits with ``PREEMPTED_EXIT_CODE``.
-
-    With ``grace_s``, a watchdog thread ends the process (status ``PREEMPTED_EXIT_CODE``, one line on
-    stderr, no new checkpoint) when it has not stopped ``grace_s`` seconds after the first signal, or at
-    once on a second signal. A copy of the first signal that comes within ``repeat_s`` (Ctrl-C reaches
-    the process group and the launching shell forwards it too) does not count as a second one. The
-    watchdog learns of signals through ``signal.set_wakeup_fd``, so it acts even while the main thread
-    is blocked in C code (a collective whose peer is gone), where Python signal handlers cannot run.
-    """
-
-    def __init__(self, grace_s: Optional[float] = None, repeat_s: float = 1.0):
-        self.requested = False
-        self.signum: Optional[int] = None
-        self.grace_s, self.repeat_s = grace_s, repeat_s
-        self._previous = {}
-        self._wakeup = None  # (read end, write end, previous wakeup fd) while the watchdog runs
-
-    def _handle(self, signum, frame):  # noqa: ARG002 - signal handler signature
-        self.requested = True
-        self.signum = signum
-
-    def install(self, signals=STOP_SIGNALS) -> "PreemptionHandler":
-        """Install the flag-setting handler, and the watchdog with ``grace_s`` (from the main thread)."""
-        for s in signals:
-            self._previous[s] = signal.signal(s, self._handle)
-        if self.grace_s is not None:
-            r, w = os.pipe()
-            os.set_blocking(w, False)
-            self._wakeup = (r, w, signal.set_wakeup_fd(w, warn_on_full_buffer=False))
-            threading.Thread(target=self._watch, args=(r, {int(s) for s in signals}), daemon=True,
-                             name="stop-signal-watchdog").start()
-        return self
-
-    def uninstall(self) -> None:
-        for s, prev in self._previous.items():
-            signal.signal(s, prev if prev is not None else signal.SIG_DFL)
-        self._previous = {}
-        if self._wakeup is not None:
-            r, w, previous = self._wakeup
-            signal.set_wakeup_fd(previous)
-            os.close(w)  # the watchdog reads end-of-file and ends
-            self._wakeup = None
-
-    def _watch(self, fd, signals):
-        first = first_signal = None
-        while True:
-            wait = None if first is None else max(0.0, first + self.grace_s - time.monotonic())
-            ready, _, _ = select.select([fd], [], [], wait)
-            if not ready:
-                _exit_at_once(f"not stopped {self.grace_s:g} s after {signal.Signals(first_signal).name} "
-                              "(blocked waiting for another process?)")
-            data = os.read(fd, 512)
-            if not data:
-                os.close(fd)
-                return
-            for signum in data:
-                if signum not in signals:
-                    continue  # e.g. SIGCHLD of DataLoader workers
-                if first is None:
-                    first, first_signal = time.monotonic(), signum
-                elif time.monotonic() - first >= self.repeat_s:
-                    _exit_at_once(f"{signal.Signals(signum).name} received again")
-
-    def should_stop(self, world_size: int = 1, device=None) -> bool:
-        """True when any rank got a signal. Collective when world_size > 1: every rank must call it
-        at the same point (e.g. once per iteration)."""
-        if world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
-            return self.requested
-        if device is None:
-            device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" \
-                else torch.device("cpu")
-        flag = torch.tensor([1 if self.requested else 0], dtype=torch.int32, device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        stop = bool(flag.item())
-        if stop and not self.requested:
-            self.requested = True  # another rank was signalled
-        return stop
-
-    def requeue(self, environ: Optional[Mapping[str, str]] = None) -> bool:
-        """Under Slurm (``SLURM_JOB_ID`` set) run ``scontrol requeue $SLURM_JOB_ID``; True if it worked.
-
-        Call from rank 0 only, after the checkpoint is written: Slurm then stops the job and puts it
-        back in the queue; the rerun starts the batch script again (``SLURM_RESTART_COUNT`` >= 1).
-        """
-        environ = os.environ if environ is None else environ
-        job_id = environ.get("SLURM_JOB_ID")
-        if not job_id:
-            return False
-        # array jobs: requeue this array task, not the whole array
-        if environ.get("SLURM_ARRAY_JOB_ID") and environ.get("SLURM_ARRAY_TASK_ID"):
-            job_id = f"{environ['SLURM_ARRAY_JOB_ID']}_{environ['SLURM_ARRAY_TASK_ID']}"
-        try:
-            res = subprocess.run(["scontrol", "requeue", job_id], capture_output=True, text=True, timeout=60)
-        except (OSError, subprocess.TimeoutExpired) as e:
-            print(f"scontrol requeue {job_id} failed: {e}", file=sys.stderr, flush=True)
-            return False
-        if res.returncode != 0:
-            print(f"scontrol requeue {job_id} failed (exit {res.returncode}): {res.stderr.strip()}",
-                  file=sys.stderr, flush=True)
-            return False
-        return True
-
-
-def _exit_at_once(reason: str) -> None:
-    """End the process from the watchdog thread: one line on stderr (written directly: the main thread
-    may hold the lock of sys.stderr), status PREEMPTED_EXIT_CODE; files keep their last complete version."""
-    os.write(2, f"error: {reason}: stopped at once, without a new checkpoint (a rerun resumes from the "
-                f"last one, if any)\n".encode())
-    os._exit(PREEMPTED_EXIT_CODE)
-
-
-def ignore_preemption_signals_in_worker(worker_id: int = 0) -> None:
-    """``worker_init_fn`` helper for DataLoader workers: ignore SIGUSR1/SIGTERM/SIGINT there.
-
-    Slurm signals every process of a step, and Ctrl-C the whole process group, DataLoader workers
-    included; a worker that dies on SIGUSR1 (default action: terminate) makes the main process fail
-    before it can save. With the ``fork`` start method the workers inherit the flag handler and the
-    watchdog's wakeup pipe (whose bytes would count as signals of the main process), so both go; with
-    ``spawn``/``forkserver`` they would not, so chain this into ``worker_init_fn``.
-    """
-    for s in STOP_SIGNALS:
-        try:
-            signal.signal(s, signal.SIG_IGN)
-        except (ValueError, OSError):
-            pass
-    try:
-        signal.set_wakeup_fd(-1)
-    except (ValueError, OSError):
-        pass

@@ -10,12 +10,13 @@ import time
 
 import torch
 
-from . import distributed as D
-from .data import DataError, load_split
-from .logger import create_logger, format_eta, format_provenance, provenance
-from .resnet import ARCHS
-from .run_folder import FINE_TUNING, LINEAR, claim_evaluation_folder
-from .utils import agree_or_fail, bool_flag, check_seed, fail, start_processes
+from ..data.datasets import DataError, load_split
+from ..method.resnet import ARCHS
+from ..runtime import launch, signals
+from ..runtime.cli import bool_flag, check_seed, fail
+from ..runtime.logs import create_logger, format_eta, format_provenance, provenance
+from ..runtime.run_folder import FINE_TUNING, LINEAR, claim_evaluation_folder
+from ..runtime.startup import agree_or_fail, start_processes
 
 STATS_COLUMNS = ["epoch", "loss", "prec1", "prec5", "loss_val", "prec1_val", "prec5_val"]  # released
 # Flags that do not change what is computed (the checkpoint is compared by its content, not its path).
@@ -50,7 +51,7 @@ def add_shared_new_flags(parser):
     g.add_argument("--allow_mismatched_weights", type=bool_flag, default=False,
                    help="load --pretrained even when backbone weights are missing or mis-shaped "
                         "(the released code only logged them)")
-    g.add_argument("--dist_timeout", type=float, default=D.DEFAULT_TIMEOUT_S,
+    g.add_argument("--dist_timeout", type=float, default=launch.DEFAULT_TIMEOUT_S,
                    help="seconds a process waits for the others before the job stops, and after a stop "
                         "signal for the end of the epoch")
     g.add_argument("--download", type=bool_flag, default=True, help="download cifar10/cifar100 when missing")
@@ -109,7 +110,7 @@ def data_loaders(train_set, test_set, args):
     sampler = torch.utils.data.distributed.DistributedSampler(train_set, num_replicas=args.world_size,
                                                               rank=args.rank)
     pin = args.device.type == "cuda"
-    quiet = D.ignore_preemption_signals_in_worker if args.workers > 0 else None  # the main process handles them
+    quiet = signals.ignore_preemption_signals_in_worker if args.workers > 0 else None  # the main process handles them
     train_loader = torch.utils.data.DataLoader(train_set, sampler=sampler, batch_size=args.batch_size,
                                                num_workers=args.workers, pin_memory=pin, worker_init_fn=quiet)
     test_loader = torch.utils.data.DataLoader(test_set, batch_size=args.batch_size, shuffle=False,
@@ -137,4 +138,4 @@ def stop_if_preempted(preempt, epoch, args, logger, saved):
         logger.info(f"Preempted (signal {preempt.signum}): {saved} saved after epoch {epoch}.")
         if args.rank == 0 and preempt.requeue():
             logger.info("Job requeued with scontrol; it will resume from the checkpoint.")
-        sys.exit(D.PREEMPTED_EXIT_CODE)
+        sys.exit(signals.PREEMPTED_EXIT_CODE)

@@ -61,19 +61,13 @@ Implementation notes (all exact rewrites, checked against torchvision in the tes
   which doubled the time; on CUDA it just saves allocator calls;
 * grayscale and normalisation (``x * (1 / std) - mean / std``) are done in place on the crop batch; the
   output may be cast to ``float16``/``bfloat16`` and laid out ``channels_last``.
-
-Per-rank sampling: :func:`epoch_indices` / :class:`DistributedBatchSampler` give exactly the batches of
-``DistributedSampler(dataset, num_replicas, rank, shuffle=True, seed=0, drop_last=False)`` with
-``set_epoch(epoch)`` followed by ``DataLoader(batch_size, drop_last=True)`` (the released loader).
 """
 import functools
-import math
 
 import torch
 import torch.nn.functional as F
 
-CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR_STD = (0.2023, 0.1994, 0.2010)
+from .constants import CIFAR_MEAN, PRETRAIN_STD
 
 # operation ids of ColorJitter (torchvision's fn_idx numbering)
 BRIGHTNESS, CONTRAST, SATURATION, HUE = 0, 1, 2, 3
@@ -98,10 +92,6 @@ def _per_sample(value, n, x):
 def _view4(t):
     return t.view(-1, 1, 1, 1)
 
-
-# --------------------------------------------------------------------------------------------------
-# RandomResizedCrop
-# --------------------------------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=None)
 def _log_ratio(ratio):
@@ -198,16 +188,6 @@ def resized_crop(images, top, left, h, w, size, flip=None, _ws=None):
     grid = crop_grid(top, left, h, w, size, height, width, flip, out=grid_buf)
     return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
-
-# --------------------------------------------------------------------------------------------------
-# flips, grey, colour jitter
-#
-# Per-sample selections between two images use ``torch.lerp(a, b, mask)`` with a 0/1 float mask, which is
-# an exact select for finite values and, on the CPU, several times faster than ``torch.where``; masks
-# are written as floats directly (``torch.eq(..., out=float)``). The internal functions take an optional
-# workspace ``ws`` of reusable scratch tensors: on the CPU a fresh multi-megabyte tensor costs page
-# faults on first touch (glibc returns large blocks to the system), which otherwise doubles the time.
-# --------------------------------------------------------------------------------------------------
 
 class Workspace:
     """Named scratch tensors, reallocated only when the requested shape/dtype/device changes."""
@@ -439,10 +419,6 @@ def normalize(x, mean, std):
     return (x - m) / s
 
 
-# --------------------------------------------------------------------------------------------------
-# the multi-crop transform
-# --------------------------------------------------------------------------------------------------
-
 class GPUMultiCrop:
     """All multi-crops of a batch from a data set kept on the device.
 
@@ -454,7 +430,7 @@ class GPUMultiCrop:
     """
 
     def __init__(self, images_uint8_nhwc, size_crops, nmb_crops, min_scale_crops, max_scale_crops,
-                 mean=CIFAR_MEAN, std=CIFAR_STD, dtype=torch.float32, channels_last=False,
+                 mean=CIFAR_MEAN, std=PRETRAIN_STD, dtype=torch.float32, channels_last=False,
                  ratio=(3.0 / 4.0, 4.0 / 3.0), jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, flip_p=0.5,
                  grayscale_p=0.2):
         assert len(size_crops) == len(nmb_crops) == len(min_scale_crops) == len(max_scale_crops)
@@ -527,91 +503,3 @@ class GPUMultiCrop:
                 crops[g] = list(x[pos:pos + B * self.nmb_crops[g]].split(B))
                 pos += B * self.nmb_crops[g]
         return [c for group in crops for c in group]
-
-
-# --------------------------------------------------------------------------------------------------
-# per-rank batches
-# --------------------------------------------------------------------------------------------------
-
-def epoch_indices(n, epoch, seed=0, rank=0, world_size=1, batch_size=1, shuffle=True):
-    """The batches of ``DistributedSampler(n items, world_size, rank, shuffle, seed, drop_last=False)``
-    after ``set_epoch(epoch)``, through ``DataLoader(batch_size, drop_last=True)``: an int64 CPU tensor
-    (num_batches, batch_size). The permutation is drawn on the CPU as ``DistributedSampler`` does."""
-    if shuffle:
-        g = torch.Generator()
-        g.manual_seed(seed + epoch)
-        indices = torch.randperm(n, generator=g)
-    else:
-        indices = torch.arange(n)
-    num_samples = math.ceil(n / world_size)
-    total_size = num_samples * world_size
-    padding = total_size - n
-    if padding > 0:
-        indices = torch.cat([indices, indices.repeat(math.ceil(padding / n))[:padding]])
-    indices = indices[rank:total_size:world_size]
-    nb = num_samples // batch_size
-    return indices[:nb * batch_size].view(nb, batch_size)
-
-
-class DistributedBatchSampler:
-    """Iterates the per-iteration index batches of one rank (see :func:`epoch_indices`); call
-    ``set_epoch`` every epoch like ``DistributedSampler``. With ``device``, each epoch's index tensor is
-    moved there once, so the batches are device tensors (no copy per iteration)."""
-
-    def __init__(self, n, batch_size, num_replicas=1, rank=0, shuffle=True, seed=0, device=None):
-        self.n, self.batch_size = n, batch_size
-        self.device = device
-        self.num_replicas, self.rank = num_replicas, rank
-        self.shuffle, self.seed = shuffle, seed
-        self.epoch = 0
-
-    def set_epoch(self, epoch):
-        self.epoch = epoch
-
-    def __len__(self):
-        return math.ceil(self.n / self.num_replicas) // self.batch_size
-
-    def batches(self):
-        """This epoch's batches as one (num_batches, batch_size) index tensor (on ``device`` if given)."""
-        batches = epoch_indices(self.n, self.epoch, self.seed, self.rank, self.num_replicas,
-                                self.batch_size, self.shuffle)
-        return batches if self.device is None else batches.to(self.device)
-
-    def __iter__(self):
-        return iter(self.batches().unbind(0))
-
-
-class BatchedCrops:
-    """The training crops of one rank, epoch by epoch, made on the device several iterations per call
-    (fewer, larger launches: ``chunk`` iterations, at most ``max_bytes`` of crops at once).
-
-    Chunk ``j`` of an epoch draws from a generator seeded with (seed, rank, epoch, j), so an epoch
-    resumed at any iteration yields the very crops an uninterrupted run would have seen."""
-
-    def __init__(self, multicrop: "GPUMultiCrop", sampler: DistributedBatchSampler, seed=0, rank=0, chunk=8,
-                 max_bytes=256 * 2**20):
-        self.multicrop, self.sampler = multicrop, sampler
-        self.seed, self.rank = seed, rank
-        per_iteration = sampler.batch_size * sum(3 * s * s * k for s, k in zip(multicrop.size_crops,
-                                                                               multicrop.nmb_crops)) * 4
-        self.chunk = max(1, min(chunk, max_bytes // per_iteration))
-        self.generator = torch.Generator(device=multicrop.device)
-
-    def __len__(self):
-        return len(self.sampler)
-
-    def chunk_seed(self, epoch, j):
-        return (((self.seed * 1000003 + self.rank) * 1000003 + epoch) * 1000003 + j) % 2**63
-
-    def epoch(self, epoch, first_iter=0):
-        """Yields the crops (a list of ``sum(nmb_crops)`` tensors) of iterations ``first_iter``, ... of
-        ``epoch``."""
-        self.sampler.set_epoch(epoch)
-        batches = self.sampler.batches()
-        bs, k = self.sampler.batch_size, self.chunk
-        for j in range(first_iter // k, (len(batches) + k - 1) // k):
-            self.generator.manual_seed(self.chunk_seed(epoch, j))
-            crops = self.multicrop(batches[j * k:(j + 1) * k].reshape(-1), generator=self.generator)
-            for it in range(max(j * k, first_iter), min((j + 1) * k, len(batches))):
-                t = it - j * k
-                yield [c[t * bs:(t + 1) * bs] for c in crops]

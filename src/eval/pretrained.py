@@ -12,7 +12,7 @@ import os
 import numpy as np
 import torch
 
-from .checkpoint import CheckpointError, safe_load, strip_module_prefix
+from ..runtime.checkpoint import CheckpointError, safe_load, strip_module_prefix
 
 # Blocks per stage and widening factor of each architecture of `src.resnet.ARCHS`, to recognise one from
 # its weights (tests/test_pretrained.py checks this table against the constructors).

@@ -9,14 +9,10 @@ code; and the CRC-32 that a checkpoint's zip archive keeps of every record is ch
 flipped bits inside a tensor are found instead of trained on.
 """
 import errno
-import fcntl
 import glob
-import hashlib
 import os
 import random
 import re
-import socket
-import time
 import uuid
 import zipfile
 
@@ -206,105 +202,6 @@ def find_resume_checkpoint(dump_path, log=print):
     raise CheckpointError(f"no readable checkpoint in {dump_path} ({len(errors)} tried; first: {errors[0]}); "
                           "move the folder away to start afresh")
 
-
-LOCK_FILE = "run.lock"
-# Files a run writes in its folder: something else in their place (a folder, say) stops the run at start.
-RUN_FILES = ("checkpoint.pth.tar", "params.json", "params.pkl", "stats0.csv", "stats0.pkl", "results.json",
-             "train.log")
-
-
-def lock_run_folder(dump_path, wait_for_dead_holder_s=10.0):
-    """Take an exclusive `flock` on `<dump_path>/run.lock` and hold it for the life of this process (the
-    returned file object; it is released when the process ends, however it ends), so that two runs never
-    write one folder. The file names the holder (host, pid). CheckpointError (one line) when another run
-    holds it. A holder on this host that has died (its DataLoader workers may hold the lock a few seconds
-    longer) is waited for up to `wait_for_dead_holder_s`. On a file system without locks: a warning, no lock."""
-    path = os.path.join(dump_path, LOCK_FILE)
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-    except OSError as e:
-        raise CheckpointError(f"--dump_path {dump_path!r} is not writable ({e.strerror})") from None
-    lock = os.fdopen(fd, "r+")
-    deadline = time.time() + wait_for_dead_holder_s
-    while True:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            break
-        except BlockingIOError:
-            lock.seek(0)
-            holder = lock.read(200).split()
-            if _holder_is_dead(holder) and time.time() < deadline:
-                time.sleep(0.2)
-                continue
-            lock.close()
-            who = f"process {holder[1]} on {holder[0]}" if len(holder) == 2 else "another process"
-            raise CheckpointError(f"{dump_path} is in use by another run ({who} holds {path}); wait for it to "
-                                  "end, or use another --dump_path") from None
-        except OSError as e:
-            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
-                raise
-            print(f"warning: cannot lock {path} ({e.strerror}): nothing keeps another run out of this folder",
-                  flush=True)
-            return lock
-    lock.seek(0)
-    lock.truncate()
-    lock.write(f"{socket.gethostname()} {os.getpid()}\n")
-    lock.flush()
-    return lock
-
-
-def _holder_is_dead(holder):
-    """`holder` = [host, pid] from a lock file: True when that process is on this host and has ended."""
-    if len(holder) != 2 or holder[0] != socket.gethostname() or not holder[1].isdigit():
-        return False
-    try:
-        os.kill(int(holder[1]), 0)
-    except ProcessLookupError:
-        return True
-    except OSError:
-        return False
-    return False
-
-
-def prepare_dump_path(dump_path, *subfolders):
-    """Create the run folder, lock it (`lock_run_folder`), prove it writable, check that the run's files
-    are files, and remove the temporaries of atomic writes that a kill interrupted, there and in the
-    existing `subfolders` (only now: under the lock, no other run is writing them). Call on rank 0 before
-    any process of the run writes; returns the lock, to be kept for the life of the run. CheckpointError
-    (one line) otherwise."""
-    try:
-        os.makedirs(dump_path, exist_ok=True)
-    except OSError as e:
-        raise CheckpointError(f"--dump_path {dump_path!r} is not writable ({e.strerror})") from None
-    lock = lock_run_folder(dump_path)
-    try:
-        probe = os.path.join(dump_path, f".write_test.{os.getpid()}.{os.urandom(4).hex()}.tmp")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
-    except OSError as e:
-        lock.close()
-        raise CheckpointError(f"--dump_path {dump_path!r} is not writable ({e.strerror})") from None
-    for name in RUN_FILES:
-        path = os.path.join(dump_path, name)
-        if os.path.lexists(path) and not os.path.isfile(path):
-            lock.close()
-            raise CheckpointError(f"{path} is not a regular file (a folder?); move it away")
-    remove_stale_temporaries(dump_path, *(os.path.join(dump_path, s) for s in subfolders
-                                          if os.path.isdir(os.path.join(dump_path, s))))
-    return lock
-
-
-def file_sha256(path, chunk=1 << 20):
-    """Hex SHA-256 of a file's bytes (what binds an evaluation to the checkpoint it evaluates)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-# ------------------------------------------------------------------ training checkpoints
 
 def save_checkpoint(dump_path, epoch, iteration, net, optimizer, np_rng, arch, scaler=None, queue=None,
                     rank=0, world_size=1, loop=None, copy_path=None, device="cpu"):

@@ -4,10 +4,10 @@
 Alongside: `stats{rank}.csv` and `params.json`, which are what resuming and tools read. The one pickle
 ever read back is a released run's `stats{rank}.pkl` when resuming its folder (it has no CSV), through an
 unpickler that accepts only the classes of a pandas table of numbers. Stats and parameter files are
-replaced atomically, so a kill while they are written leaves the previous complete version."""
+replaced atomically, so a kill while they are written leaves the previous complete version.
+"""
 import importlib.metadata
 import importlib.util
-import json
 import logging
 import math
 import os
@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 
 from .checkpoint import atomic_write
-from .utils import fail
+from .cli import fail
 
 
 class _ElapsedFormatter(logging.Formatter):
@@ -197,16 +197,6 @@ class CurveWriter:
             self.writer = None
 
 
-def save_params(args, dump_path, extra=None):
-    """`params.pkl` (released) and `params.json` (readable, compared on resume), each replaced atomically.
-    `params.json` also records the run's `provenance` (code version, libraries, device, world size) and
-    the entries of `extra` (e.g. the checkpoint an evaluation evaluates)."""
-    atomic_write(os.path.join(dump_path, "params.pkl"), lambda f: pickle.dump(args, f))
-    params = dict(params_dict(args), provenance=provenance(getattr(args, "device", "cpu"),
-                                                          getattr(args, "world_size", 1)), **(extra or {}))
-    write_json(os.path.join(dump_path, "params.json"), params, indent=1, sort_keys=True)
-
-
 def git_commit(repo_dir):
     """(commit hash, whether tracked files differ from it) of the checkout at `repo_dir`, or
     ("unknown", None) when it is not a git checkout or git is missing."""
@@ -263,52 +253,20 @@ def format_provenance(p):
             f"world size {p['world_size']}")
 
 
-def write_json(path, obj, **kw):
-    """json.dump to `path`, replaced atomically."""
-    atomic_write(path, lambda f: f.write(json.dumps(obj, **kw).encode()))
-
-
-def params_dict(args):
-    out = {}
-    for k, v in vars(args).items():
-        if isinstance(v, (int, float, str, bool, type(None))):
-            out[k] = v
-        elif isinstance(v, (list, tuple)) and all(isinstance(x, (int, float, str, bool)) for x in v):
-            out[k] = list(v)
-        else:
-            out[k] = str(v)
-    return out
-
-
-def load_params_json(dump_path):
-    """The arguments of the run in `dump_path` (dict), None when there is none; ValueError (one line) when
-    `params.json` cannot be read."""
-    path = os.path.join(dump_path, "params.json")
-    if not os.path.isfile(path):
-        return None
-    try:
-        with open(path) as f:
-            out = json.load(f)
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{path} is unreadable ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
-    if not isinstance(out, dict):
-        raise ValueError(f"{path} is unreadable (not a JSON object)")
-    return out
-
-
 def format_eta(seconds):
     seconds = max(0, int(seconds))
     return str(timedelta(seconds=seconds))
 
 
-def changed_params(old, new, ignore=()):
-    """`["name: old -> new", ...]` for the arguments whose values differ between the `params.json` dict
-    `old` and the dict `new` (names in `ignore`, or present in only one of them, are not compared;
-    tuples equal lists, and numbers are compared as numbers)."""
-    diffs = []
-    for k in sorted(set(old) & set(new) - set(ignore)):
-        a, b = old[k], list(new[k]) if isinstance(new[k], tuple) else new[k]
-        same_number = (isinstance(a, (int, float)) and isinstance(b, (int, float)) and float(a) == float(b))
-        if a != b and not same_number:
-            diffs.append(f"{k}: {a!r} -> {b!r}")
-    return diffs
+class AverageMeter:
+    """Running average of a scalar (value of the last update, average of all)."""
+
+    def __init__(self):
+        self.val = self.avg = self.sum = 0.0
+        self.count = 0
+
+    def update(self, val, n=1):
+        self.val = val
+        self.sum += val * n
+        self.count += n
+        self.avg = self.sum / self.count

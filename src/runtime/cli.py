@@ -1,24 +1,28 @@
 """Small helpers shared by the entry scripts: boolean flags, one-line errors, running averages, seeding,
-and how an entry script ends (`run_main`)."""
+and how an entry script ends (`run_main`).
+"""
 import argparse
-import random
 import re
 import sys
 
-import numpy as np
-import torch
 import torch.distributed as dist
 
-from . import distributed as D
 from .checkpoint import WRITE_ERRNOS
 
 # Exit statuses of the entry scripts besides 0, 2 (bad input, `fail`), 3 (preempted, see
 # src/distributed.PREEMPTED_EXIT_CODE) and 4 (non-finite losses).
 LOST_PEER_EXIT_CODE = 5     # a collective failed: another process of the job died or hung past --dist_timeout
+
+
 CANNOT_WRITE_EXIT_CODE = 6  # disk full, read-only or unwritable folder
+
+
 INTERRUPTED_EXIT_CODE = 130  # Ctrl-C before the stop-signal handler was installed (128 + SIGINT)
 
+
 _TRUE = {"on", "true", "1"}
+
+
 _FALSE = {"off", "false", "0"}
 
 
@@ -33,55 +37,10 @@ def bool_flag(s):
     raise argparse.ArgumentTypeError(f"invalid boolean value {s!r} (use on/true/1 or off/false/0)")
 
 
-class AverageMeter:
-    """Running average of a scalar (value of the last update, average of all)."""
-
-    def __init__(self):
-        self.val = self.avg = self.sum = 0.0
-        self.count = 0
-
-    def update(self, val, n=1):
-        self.val = val
-        self.sum += val * n
-        self.count += n
-        self.avg = self.sum / self.count
-
-
-def fix_random_seeds(seed):
-    """Seed torch (CPU and CUDA), NumPy's global RNG and Python's `random`, as the released code does."""
-    torch.manual_seed(seed)
-    if torch.cuda.is_available():
-        torch.cuda.manual_seed_all(seed)
-    np.random.seed(seed)
-    random.seed(seed)
-
-
 def fail(msg, status=2):
     """Bad input: one line on stderr, exit status 2 (or `status`), no traceback."""
     print(f"error: {msg}", file=sys.stderr, flush=True)
     sys.exit(status)
-
-
-def start_processes(args):
-    """The start of every entry script: join the job's processes (a bad launch is one line), install the
-    stop signals' handler (acted on at the next checkpoint; a blocked collective past --dist_timeout ends
-    the process with status 3), seed. Returns the handler."""
-    try:
-        D.init_distributed(args)
-    except D.DistError as e:
-        fail(str(e))
-    preempt = D.PreemptionHandler(grace_s=args.dist_timeout).install()
-    fix_random_seeds(args.seed)
-    return preempt
-
-
-def agree_or_fail(args, problem):
-    """Every process stops with the same one line when rank 0 found `problem` in the run folder, or when the
-    processes were given different arguments."""
-    problem = D.first_problem(problem, args.world_size, args.device) or \
-        D.first_disagreement(D.flag_fingerprints(args), args.world_size, args.device)
-    if problem:
-        fail(problem)
 
 
 class ArgumentParser(argparse.ArgumentParser):

@@ -1,0 +1,111 @@
+"""How the processes of an entry script start: join the job, install the stop signals' handler, seed, and
+ (``first_disagreement``): at start-up every rank compares its arguments and a
+fingerprint of its data with the others' in one all-gather, so that a rank given other data or other
+flags stops the job with one line instead of blocking in mismatched collectives. Every collective has a
+timeout (``--dist_timeout``), after which the waiting ranks stop (``run_main`` in src/utils.py says so in
+one line).
+"""
+import hashlib
+import json
+import random
+from typing import Mapping, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .cli import fail
+from .launch import DistError, init_distributed
+from .signals import PreemptionHandler
+
+# Flags that may differ between the processes of one job (their own rank and device; a node-local copy
+# of the data at another path, checked by its content instead).
+PER_PROCESS_FLAGS = {"rank", "local_rank", "gpu_to_work_on", "device", "world_size", "dist_url", "data_path",
+                     "workers", "download"}
+
+
+def fingerprint(value) -> int:
+    """A 63-bit hash of a JSON-able value or of bytes (equal on every host and Python run)."""
+    data = value if isinstance(value, (bytes, bytearray, memoryview)) else \
+        json.dumps(value, sort_keys=True, default=str).encode()
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") >> 1
+
+
+def flag_fingerprints(args) -> dict:
+    """{"--flag": hash of its value} for every flag that all processes of a job must share."""
+    return {f"--{k}": fingerprint(v) for k, v in sorted(vars(args).items()) if k not in PER_PROCESS_FLAGS}
+
+
+def first_disagreement(values: Mapping[str, int], world_size: int, device=None) -> Optional[str]:
+    """Collective (one all-gather): the processes compare `values` (name -> int, the same names in the
+    same order everywhere); a one-line description of the first name whose values differ, or None. Every
+    rank gets the same answer, so all stop together."""
+    if world_size <= 1:
+        return None
+    names = list(values)
+    mine = torch.tensor([int(values[n]) for n in names] + [len(names)], dtype=torch.int64, device=device)
+    every = [torch.empty_like(mine) for _ in range(world_size)]
+    dist.all_gather(every, mine)
+    rows = [t.tolist() for t in every]
+    if any(r[-1] != len(names) for r in rows):
+        return "the processes run different code (their start-up checks differ); start them all alike"
+    for j, name in enumerate(names):
+        seen = [r[j] for r in rows]
+        if len(set(seen)) > 1:
+            if max(seen) < 2 ** 32:  # a count: show it
+                shown = ", ".join(f"rank {rank}: {v}" for rank, v in enumerate(seen))
+            else:  # a hash
+                odd = [str(rank) for rank, v in enumerate(seen) if v != seen[0]]
+                shown = f"rank {', '.join(odd)} differ{'s' if len(odd) == 1 else ''} from rank 0"
+            return (f"the processes disagree on {name} ({shown}); every process needs the same arguments "
+                    "and the same data")
+    return None
+
+
+def first_problem(problem: Optional[str], world_size: int, device=None, size: int = 1024) -> Optional[str]:
+    """Collective: the one-line `problem` of the lowest rank that has one (e.g. rank 0 refused the run
+    folder), or None; every rank gets it, so that all stop together instead of the others waiting."""
+    if world_size <= 1:
+        return problem
+    mine = torch.zeros(size, dtype=torch.uint8, device=device)
+    if problem:
+        raw = problem.encode()[:size - 1]
+        mine[:len(raw)] = torch.tensor(list(raw), dtype=torch.uint8, device=device)
+    every = [torch.empty_like(mine) for _ in range(world_size)]
+    dist.all_gather(every, mine)
+    for t in every:
+        raw = bytes(t.cpu().tolist()).rstrip(b"\0")
+        if raw:
+            return raw.decode(errors="replace")
+    return None
+
+
+def fix_random_seeds(seed):
+    """Seed torch (CPU and CUDA), NumPy's global RNG and Python's `random`, as the released code does."""
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+    np.random.seed(seed)
+    random.seed(seed)
+
+
+def start_processes(args):
+    """The start of every entry script: join the job's processes (a bad launch is one line), install the
+    stop signals' handler (acted on at the next checkpoint; a blocked collective past --dist_timeout ends
+    the process with status 3), seed. Returns the handler."""
+    try:
+        init_distributed(args)
+    except DistError as e:
+        fail(str(e))
+    preempt = PreemptionHandler(grace_s=args.dist_timeout).install()
+    fix_random_seeds(args.seed)
+    return preempt
+
+
+def agree_or_fail(args, problem):
+    """Every process stops with the same one line when rank 0 found `problem` in the run folder, or when the
+    processes were given different arguments."""
+    problem = first_problem(problem, args.world_size, args.device) or \
+        first_disagreement(flag_fingerprints(args), args.world_size, args.device)
+    if problem:
+        fail(problem)
