@@ -24,9 +24,9 @@ from src.data.transforms import MultiCropDataset, MultiCropTransform, plain_tens
 from src.method.larc import build_optimizer
 from src.method.resnet import ARCHS, build_model
 from src.method.train_step import UnmixSwAV, cosine_schedule
-from src.method.unmix import LOSS_FORMS, SwavConfig, draw_unmix, pair_sizes
+from src.method.swav import LOSS_FORMS, SwavConfig
 from src.runtime import launch, signals, startup
-from src.runtime.checkpoint import CheckpointError, restart_from_checkpoint, safe_load, save_checkpoint
+from src.runtime.checkpoint import CheckpointError, restart_from_checkpoint, save_checkpoint
 from src.runtime.cli import ArgumentParser, bool_flag, check_seed, fail, run_main
 from src.runtime.logs import AverageMeter, CurveWriter, Stats, create_logger, format_eta, format_provenance, provenance
 from src.runtime.run_folder import (
@@ -115,6 +115,9 @@ def get_parser():
                         "released on CPU")
     g.add_argument("--channels_last", type=bool_flag, default=False, help="channels_last memory format (CUDA speed)")
     g.add_argument("--compile", type=bool_flag, default=False, help="torch.compile the model")
+    g.add_argument("--cuda_graph", type=bool_flag, default=False,
+                   help="capture the whole training iteration as CUDA graphs and replay them (one process on a "
+                        "CUDA device, bfloat16 or float32: not with the float16 GradScaler)")
     g.add_argument("--download", type=bool_flag, default=True,
                    help="for --data_path cifar10/cifar100: download when missing (the released code always tried)")
     g.add_argument("--log_freq", type=int, default=50, help="log every this many iterations")
@@ -213,11 +216,11 @@ def main():
 
     # ============ model, optimiser, method ============
     net = build_network(args, logger)
-    method, lr_schedule = build_method(args, net, data.iters_per_epoch)
+    method = build_method(args, net, data.iters_per_epoch, np_rng)
     logger.info("Building optimizer done.")
 
     # ============ resume ============
-    restart = resume(args, method, np_rng, data.iters_per_epoch, logger)
+    restart = resume(args, method, data.iters_per_epoch, logger)
     if args.rank == 0:
         save_params(args, args.dump_path)
     stats = Stats(os.path.join(args.dump_path, f"stats{args.rank}"), STATS_COLUMNS,
@@ -226,8 +229,8 @@ def main():
     # ============ epoch loop ============
     start_epoch, start_iter = (restart.epoch, restart.iteration) if restart else (0, 0)
     clock = Clock(stats.last("time", 0.0), first_iteration=start_epoch * data.iters_per_epoch + start_iter)
-    loop = Loop(args, data, method, np_rng, lr_schedule, guard=NonfiniteWatch(args, logger), preempt=preempt,
-                save=Saver(args, method, np_rng), clock=clock, stats=stats,
+    loop = Loop(args, data, method, guard=NonfiniteWatch(args, logger), preempt=preempt,
+                save=Saver(args, method), clock=clock, stats=stats,
                 curves=CurveWriter(args.dump_path, args.tensorboard, args.rank), logger=logger)
     if start_epoch >= args.epochs:
         logger.info(f"Nothing to do: the checkpoint is at epoch {start_epoch} of {args.epochs}.")
@@ -277,7 +280,19 @@ def set_up(args):
         logger.info("CPU: training in float32 (--use_fp16 applies on CUDA only)")
     if args.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as released: fixed input shapes
+    if args.cuda_graph:
+        check_cuda_graph_args(args)
     return logger, np_rng, preempt, lock
+
+
+def check_cuda_graph_args(args):
+    """--cuda_graph needs what a captured iteration can hold (src/method/cuda_graph.py)."""
+    if args.device.type != "cuda":
+        fail(f"--cuda_graph true needs a CUDA device; this run is on {args.device.type}")
+    if args.world_size > 1:
+        fail(f"--cuda_graph true runs one process, this job has {args.world_size} (use --cuda_graph false)")
+    if args.use_fp16 and args.amp_dtype == "float16":
+        fail("--cuda_graph true cannot hold float16's GradScaler: add --amp_dtype bfloat16 (or --use_fp16 false)")
 
 
 def claim_run_folder(args):
@@ -297,11 +312,6 @@ def claim_run_folder(args):
         lock.close()
         return None, problem
     return lock, None
-
-
-def effective_queue_length(args):
-    """The queue length must divide by the global batch size (released; 120 with 128 gives no queue)."""
-    return args.queue_length - args.queue_length % (args.batch_size * args.world_size)
 
 
 # ------------------------------------------------------------------ data
@@ -409,9 +419,10 @@ def build_network(args, logger):
     return model
 
 
-def build_method(args, net, iters_per_epoch):
+def build_method(args, net, iters_per_epoch, np_rng):
     """LARC around fused SGD (released settings), the learning-rate schedule, mixed precision, and the
-    Un-Mix + SwAV method object that owns the step, the queue and the non-finite guard."""
+    Un-Mix + SwAV method object that owns the step, the Un-Mix draws (`np_rng`), the queue and the
+    non-finite guard; then the network's DDP / torch.compile wrapper runs its forward pass."""
     optimizer = build_optimizer(net.parameters(), lr=args.base_lr, momentum=0.9, weight_decay=args.wd,
                                 trust_coefficient=0.001, clip=False)
     lr_schedule = cosine_schedule(args.base_lr, args.final_lr, args.epochs, iters_per_epoch, args.warmup_epochs,
@@ -419,11 +430,11 @@ def build_method(args, net, iters_per_epoch):
     use_amp = args.device.type == "cuda" and args.use_fp16
     amp_dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}[args.amp_dtype] if use_amp else None
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-    cfg = SwavConfig.from_dict({**vars(args), "queue_length": effective_queue_length(args)})
-    method = UnmixSwAV(net, optimizer, cfg, scaler=scaler, autocast_dtype=amp_dtype,
-                       channels_last=args.channels_last, skip_nonfinite=args.max_nonfinite_steps > 0,
-                       wrap=lambda module: wrap_for_training(module, args))
-    return method, lr_schedule
+    method = UnmixSwAV(net, optimizer, SwavConfig.from_dict(vars(args)), rng=np_rng, lr_schedule=lr_schedule,
+                       scaler=scaler, autocast_dtype=amp_dtype, channels_last=args.channels_last,
+                       skip_nonfinite=args.max_nonfinite_steps > 0, cuda_graph=args.cuda_graph)
+    method.model = wrap_for_training(net, args)  # after the guard has laid out the BN buffers DDP keeps
+    return method
 
 
 def wrap_for_training(net, args):
@@ -438,11 +449,13 @@ def wrap_for_training(net, args):
 
 # ------------------------------------------------------------------ resume and checkpoints
 
-def resume(args, method, np_rng, iters_per_epoch, logger):
+def resume(args, method, iters_per_epoch, logger):
     """Weights, optimiser, scaler, RNG streams and queue from the run's checkpoint; None for a fresh run."""
     try:
-        restart = restart_from_checkpoint(args.dump_path, method.net, method.optimizer, method.scaler, np_rng,
-                                          what=f"--arch {args.arch}", log=logger.info, rank=args.rank)
+        restart = restart_from_checkpoint(args.dump_path, method.net, method.optimizer, method.scaler,
+                                          method.inputs.rng, what=f"--arch {args.arch}", log=logger.info,
+                                          rank=args.rank)
+        method.load_state_dict(restart.method_state(args.dump_path, args.rank, args.world_size) if restart else {})
     except CheckpointError as e:
         fail(str(e))
     if restart is None:
@@ -450,18 +463,6 @@ def resume(args, method, np_rng, iters_per_epoch, logger):
     if restart.iteration > iters_per_epoch:
         fail(f"{restart.path} stopped at iteration {restart.iteration} of an epoch, but an epoch has "
              f"{iters_per_epoch} iterations here (other data, --batch_size or number of processes?)")
-    queue_path = os.path.join(args.dump_path, f"queue{args.rank}.pth")
-    if restart.queues is not None and len(restart.queues) == args.world_size:
-        method.set_queue(restart.queues[args.rank])
-    elif (restart.queues is not None or not restart.has_queues) and os.path.isfile(queue_path) \
-            and effective_queue_length(args) > 0:
-        # a released checkpoint (the queue lived only in queue{rank}.pth), or another world size. Our
-        # checkpoints hold the queue ("queues": None when there was none): a queue{rank}.pth written
-        # after them (kill before the checkpoint) is newer than the checkpoint and is not used.
-        try:
-            method.set_queue(safe_load(queue_path)["queue"])
-        except (CheckpointError, KeyError, TypeError, AttributeError) as e:
-            fail(f"{queue_path}: cannot restore the queue ({e})")
     logger.info(f"Resumed from {restart.path}: epoch {restart.epoch}, iteration {restart.iteration}.")
     return restart
 
@@ -470,15 +471,16 @@ class Saver:
     """save(epoch, iteration, loop=None, copy=False): the training checkpoint (and the epoch copy
     checkpoints/ckp-{epoch - 1}.pth when `copy`), each written atomically; collective."""
 
-    def __init__(self, args, method, np_rng):
-        self.args, self.method, self.np_rng = args, method, np_rng
+    def __init__(self, args, method):
+        self.args, self.method = args, method
 
     def __call__(self, epoch, iteration, loop=None, copy=False):
         a, m = self.args, self.method
         copy_path = os.path.join(a.dump_path, "checkpoints", f"ckp-{epoch - 1}.pth") if copy else None
-        save_checkpoint(a.dump_path, epoch, iteration, m.net, m.optimizer, self.np_rng, a.arch, scaler=m.scaler,
-                        queue=None if m.queue is None else m.queue.tensor, rank=a.rank, world_size=a.world_size,
-                        loop=loop, copy_path=copy_path, device=a.device)
+        state = m.state_dict()  # first: it puts the Un-Mix stream back at the first iteration not trained
+        save_checkpoint(a.dump_path, epoch, iteration, m.net, m.optimizer, m.inputs.rng, a.arch, scaler=m.scaler,
+                        queue=state["queue"], rank=a.rank, world_size=a.world_size, loop=loop,
+                        copy_path=copy_path, device=a.device)
 
 
 # ------------------------------------------------------------------ training
@@ -544,8 +546,6 @@ class Loop:
     args: argparse.Namespace
     data: TrainData
     method: UnmixSwAV
-    np_rng: np.random.RandomState
-    lr_schedule: np.ndarray
     guard: NonfiniteWatch
     preempt: signals.PreemptionHandler
     save: Saver
@@ -570,9 +570,7 @@ def train_one_epoch(loop, epoch, first_iter, crops_of_epoch):
     for it, crops in enumerate(crops_of_epoch, start=first_iter):
         data_time.update(time.time() - end)
         iteration = epoch * iters_per_epoch + it
-        draws = draw_unmix(loop.np_rng, args.unmix_beta, args.unmix_prob,
-                           [] if args.run_swav else pair_sizes(crops))
-        out = method.step(crops, draws, lr=float(loop.lr_schedule[iteration]), iteration=iteration)
+        out = method.step(crops, iteration=iteration)
         window += 1
         if it % args.log_freq == 0:
             # the only wait for the device in an iteration: the time per iteration is averaged over

@@ -107,6 +107,8 @@ CASES = {
     "sinkhorn_iterations_zero": (lambda e: pre(e, "--sinkhorn_iterations", 0), "--sinkhorn_iterations must be at"),
     "sinkhorn_iterations_negative": (lambda e: pre(e, "--sinkhorn_iterations", -2), "--sinkhorn_iterations must"),
     "one_prototype": (lambda e: pre(e, "--nmb_prototypes", 1), "--nmb_prototypes must be at least 2"),
+    "cuda_graph_without_cuda": (lambda e: pre(e, "--cuda_graph", "true", dump="cuda_graph"),
+                                "--cuda_graph true needs a CUDA device"),
     "zero_dist_timeout": (lambda e: pre(e, "--dist_timeout", 0), "--dist_timeout must be positive"),
     "checkpoint_negative_epoch": (lambda e: pre(e, dump="negative_epoch"), "epoch -3 / iteration 0 cannot be negative"),
     "checkpoint_wrong_momentum_shape": (lambda e: pre(e, dump="wrong_momentum"), "momentum buffer 0 is (7,)"),

@@ -7,7 +7,8 @@ import torch
 from src.method.larc import build_optimizer
 from src.method.resnet import build_model
 from src.method.train_step import UnmixSwAV
-from src.method.unmix import SwavConfig, draw_unmix, pair_sizes
+from src.method.swav import SwavConfig
+from src.method.unmix import draw_unmix, pair_sizes
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
@@ -42,7 +43,8 @@ def test_golden_iteration_on_cuda(no_tf32, fast_path):
         torch.backends.cudnn.deterministic = False
 
 
-def c10_method(width=64, batch=128, amp_dtype=None, channels_last=False, skip_nonfinite=True, compile=False):
+def c10_method(width=64, batch=128, amp_dtype=None, channels_last=False, skip_nonfinite=True, compile=False,
+               cuda_graph=False, **cfg):
     """The c10 configuration as the training loop builds it (fused LARC/SGD, device-side guard)."""
     torch.manual_seed(0)
     net = build_model("resnet18", normalize=True, hidden_mlp=512, output_dim=128, nmb_prototypes=100,
@@ -51,9 +53,11 @@ def c10_method(width=64, batch=128, amp_dtype=None, channels_last=False, skip_no
         net = net.to(memory_format=torch.channels_last)
     opt = build_optimizer(net.parameters(), lr=0.6, momentum=0.9, weight_decay=1e-6)
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-    method = UnmixSwAV(net, opt, SwavConfig(), scaler=scaler,
+    method = UnmixSwAV(net, opt, SwavConfig(batch_size=batch, **cfg), scaler=scaler,
                        autocast_dtype=amp_dtype, channels_last=channels_last, skip_nonfinite=skip_nonfinite,
-                       wrap=torch.compile if compile else None)
+                       cuda_graph=cuda_graph)
+    if compile:
+        method.model = torch.compile(net)
     method.start_epoch(0, 1000)
     g = torch.Generator(device="cuda").manual_seed(0)
     crops = [torch.randn(batch, 3, 32, 32, device="cuda", generator=g) for _ in range(2)]
@@ -121,3 +125,57 @@ def test_semisup_fine_tuning_runs_on_cuda(tmp_path):
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     assert "device cuda:0" in res.stdout
     assert json.loads((tmp_path / "ft" / "results.json").read_text())["epochs"] == 2
+
+
+@pytest.fixture
+def deterministic_cudnn():
+    saved = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    yield
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved
+
+
+def graph_vs_eager(iters, amp_dtype, channels_last, **cfg):
+    """Per-step losses, final weights and queue of the same iterations run eagerly and with CUDA graphs."""
+    results = []
+    for cuda_graph in (False, True):
+        method, crops = c10_method(amp_dtype=amp_dtype, channels_last=channels_last, cuda_graph=cuda_graph, **cfg)
+        g = torch.Generator(device="cuda").manual_seed(1)
+        rng = np.random.RandomState(31)
+        losses = []
+        for it in range(iters):
+            crops = [torch.randn_like(c, generator=g) for c in crops]  # other crops every iteration
+            draws = draw_unmix(rng, 1.0, 0.5, pair_sizes(crops))
+            losses.append(method.step(crops, draws, lr=0.6 - 0.02 * it, iteration=it).loss.clone())
+        queue = None if method.queue is None else method.queue.tensor.clone()
+        results.append((torch.stack(losses), [p.detach().clone() for p in method.net.parameters()], queue, method))
+    return results
+
+
+@pytest.mark.parametrize("amp_dtype", [torch.bfloat16, None], ids=["bf16", "fp32"])
+def test_cuda_graph_replays_equal_eager(no_tf32, deterministic_cudnn, amp_dtype):
+    """20 iterations with other crops, draws and learning rates, across the prototypes' unfreezing and
+    the queue coming into use: replayed graphs give the eager losses, weights and queue (the compiled-vs-
+    eager tolerance), and a graph was captured for each shape of the work."""
+    # the queue fills in iterations 0-4 (3 terms x 128 rows each), is in use from 5; prototypes free from 9
+    (la, wa, qa, _), (lb, wb, qb, graphed) = graph_vs_eager(20, amp_dtype, True, freeze_prototypes_niters=9,
+                                                            queue_length=3 * 128 * 5, epoch_queue_starts=0)
+    torch.testing.assert_close(lb, la, rtol=1e-3, atol=1e-3)
+    for a, b in zip(wa, wb):
+        torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(qb, qa, rtol=1e-3, atol=1e-3)
+    assert graphed.graphs.captures == 3  # filling (frozen), in use (frozen), in use (unfrozen)
+    assert graphed.read_meter()["kept"] == 20
+
+
+def test_cuda_graph_replays_do_not_sync():
+    method, crops = c10_method(amp_dtype=torch.bfloat16, channels_last=True, cuda_graph=True)
+    rng = np.random.RandomState(31)
+    run_steps(method, crops, 5, rng)  # 3 eager, capture, replay
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        run_steps(method, crops, 4, rng, start=5)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert method.graphs.captures == 1 and method.read_meter()["kept"] == 9

@@ -75,11 +75,13 @@ class LARC:
     _step_supports_amp_scaling = True
 
     @torch.no_grad()
-    def step(self, closure=None, found_inf=None, check_finite=False):
+    def step(self, closure=None, found_inf=None, check_finite=False, lr=None):
         """One LARC step. The step changes nothing where `found_inf` (a float tensor on the parameters'
         device; a GradScaler's is added when `scaler.step` calls this) is non-zero, or with `check_finite`
         where a gradient is not finite. The fused SGD kernel decides that on the device; another inner
-        optimiser reads the flag on the host. Returns the flag (None when there is none).
+        optimiser reads the flag on the host. Returns the flag (None when there is none). `lr`: this
+        step's learning rate as a device tensor (the fused kernel reads it there, so a captured step can
+        replay with another one); the groups' own `lr` is used otherwise, and kept as it is.
 
         With a device-side skip, momentum buffers are created as zeros before their parameter's first
         step: the same update as SGD's copy of the first gradient, and nothing uninitialised is left
@@ -90,12 +92,14 @@ class LARC:
         if scaler_found_inf is not None:
             found_inf = scaler_found_inf if found_inf is None else torch.maximum(found_inf, scaler_found_inf)
         fused = all(g.get("fused") for g in self.optim.param_groups)
-        weight_decays = []
+        weight_decays, lrs = [], [g["lr"] for g in self.optim.param_groups]
         try:
             for group in self.optim.param_groups:
                 wd = group.get("weight_decay", 0)
                 weight_decays.append(wd)
                 group["weight_decay"] = 0
+                if lr is not None:
+                    group["lr"] = lr
                 if inv_scale is not None:
                     grads = [p.grad for p in group["params"] if p.grad is not None]
                     if grads:
@@ -119,5 +123,5 @@ class LARC:
             return found_inf
         finally:
             self.optim.__dict__.pop("found_inf", None)
-            for group, wd in zip(self.optim.param_groups, weight_decays):
-                group["weight_decay"] = wd
+            for group, wd, group_lr in zip(self.optim.param_groups, weight_decays, lrs):
+                group["weight_decay"], group["lr"] = wd, group_lr

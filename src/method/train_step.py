@@ -1,11 +1,14 @@
 """Un-Mix + SwAV training (docs/released-behaviour.md, items 1-9): one object owns the method's
-hyper-parameters, the network with its prototypes, the optimiser, the queue and one training iteration,
-`UnmixSwAV(...).step(crops, draws, lr, iteration)`. The golden tests and the training loop run it.
+hyper-parameters, the network with its prototypes, the optimiser, the schedule, the Un-Mix random
+stream, the queue and the training iteration, `UnmixSwAV(...).step(crops, iteration)`. The golden tests
+and the training loop run it.
 
-An iteration asks the host for nothing: the learning rate and the Un-Mix draws come from the host, the
-queue's "in use" check is a host-side count, and the non-finite guard decides on the device whether the
-step is kept (the fused SGD kernel skips it; BN statistics and queue are restored by a select). What the
-loop reads (loss, non-finite steps) accumulates in `meter` and is read when logging.
+An iteration asks the host for nothing and launches the same operations whatever its numbers: the
+learning rate and the Un-Mix draws are staged on the device ahead of time (src/method/staging.py), the
+queue's "in use" checks are a host-side count made before the iteration, and the non-finite guard decides
+on the device whether the step is kept (the fused SGD kernel skips it; BN statistics and queue are
+restored by a select). So one captured iteration can replay any other (src/method/cuda_graph.py). What
+the loop reads (loss, non-finite steps) accumulates in `meter` and is read when logging.
 """
 import math
 from dataclasses import dataclass
@@ -15,7 +18,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .unmix import EmbeddingQueue, SwavConfig, UnmixDraws, swav_loss, unmix_inputs, unmix_swav_loss
+from .cuda_graph import CudaGraphs
+from .guard import BufferGuard
+from .staging import StepInputs
+from .swav import EmbeddingQueue, SwavConfig, swav_loss, unmix_swav_loss
+from .unmix import LAM, LR, ONE_MINUS_LAM, SLOT, UnmixDraws, mix_pairs, pair_sizes
 
 
 def cosine_schedule(base_lr, final_lr, epochs, iters_per_epoch, warmup_epochs=0, start_warmup=0.0):
@@ -42,134 +49,148 @@ def normalize_prototypes_(net):
     w.copy_(F.normalize(w.detach().clone(), dim=1, p=2))
 
 
-class BufferGuard:
-    """Undo a step's side effects on the network's buffers (BN running statistics) and on the queue, on
-    the device. The buffers are moved into one flat tensor per dtype, each module keeping a view of its
-    part, so saving them is one copy and undoing a step one select per dtype."""
-
-    def __init__(self, net):
-        by_dtype = {}
-        for module in net.modules():
-            for name, buf in module._buffers.items():
-                if buf is not None:
-                    by_dtype.setdefault(buf.dtype, []).append((module, name, buf))
-        self.flat = []
-        for items in by_dtype.values():
-            flat = torch.cat([buf.detach().reshape(-1) for _, _, buf in items])
-            offset = 0
-            for module, name, buf in items:
-                module._buffers[name] = flat[offset:offset + buf.numel()].view_as(buf)
-                offset += buf.numel()
-            self.flat.append(flat)
-        self.saved = [torch.empty_like(f) for f in self.flat]
-        self.saved_queue = None
-
-    def save(self, queue: Optional[EmbeddingQueue]):
-        live, saved = list(self.flat), list(self.saved)
-        if queue is not None:
-            if self.saved_queue is None or self.saved_queue.shape != queue.tensor.shape:
-                self.saved_queue = torch.empty_like(queue.tensor)
-            live.append(queue.tensor)
-            saved.append(self.saved_queue)
-        torch._foreach_copy_(saved, live)
-
-    def restore_if(self, bad: torch.Tensor, queue: Optional[EmbeddingQueue]):
-        live, saved = list(self.flat), list(self.saved)
-        if queue is not None:
-            live.append(queue.tensor)
-            saved.append(self.saved_queue)
-        keep = bad == 0
-        torch._foreach_copy_(live, [torch.where(keep, x, s) for x, s in zip(live, saved)])
-
-
 @dataclass
 class StepOutput:
     loss: torch.Tensor  # scalar, still on the device (read it only when logging)
-    lam: float          # the lam the loss used (after region adjustment)
 
 
 class UnmixSwAV:
-    """Un-Mix + SwAV on `model` (a ResNet with projection head and prototypes, possibly wrapped by
-    DistributedDataParallel or torch.compile), trained by `optimizer` (LARC around SGD).
+    """Un-Mix + SwAV: one object owns the method's hyper-parameters (`cfg`), the network with its
+    prototypes, the optimiser (LARC around SGD), the learning-rate schedule, the Un-Mix random stream,
+    the queue, the non-finite guard and the training iteration, `step(crops, iteration)`.
 
-    scaler: a torch.amp.GradScaler for float16 autocast (None otherwise); autocast_dtype: float16 /
-    bfloat16 / None; skip_nonfinite: skip a step whose loss (or, unscaled, any gradient) is not finite
-    and restore the BN statistics and queue it changed, decided on the device (needs an optimiser that
-    takes found_inf, see src.larc.build_optimizer)."""
+    net: the ResNet with projection head and prototypes. `model` (attribute) runs the forward pass: the
+    network, or its DistributedDataParallel / torch.compile wrapper, set after construction (the guard
+    moves the BN buffers into flat tensors first, which DDP must see). rng / lr_schedule: the NumPy stream
+    of the Un-Mix draws (the released code's, seeded with --seed) and the per-iteration learning rates;
+    without them every `step` gets its `draws` and `lr`. scaler: a torch.amp.GradScaler for float16
+    autocast (None otherwise); autocast_dtype: float16 / bfloat16 / None; skip_nonfinite: skip a step
+    whose loss (or, unscaled, any gradient) is not finite and undo its BN statistics and queue, decided
+    on the device (needs an optimiser that takes found_inf, see src.method.larc.build_optimizer);
+    cuda_graph: replay one captured iteration per shape of the work (src/method/cuda_graph.py)."""
 
-    def __init__(self, net, optimizer, cfg: SwavConfig, scaler=None, autocast_dtype=None,
-                 channels_last=False, skip_nonfinite=False, wrap=None):
+    def __init__(self, net, optimizer, cfg: SwavConfig, rng=None, lr_schedule=None, scaler=None,
+                 autocast_dtype=None, channels_last=False, skip_nonfinite=False, cuda_graph=False, chunk=64):
         self.net = unwrap(net)
+        self.model = net
         self.optimizer = optimizer
         self.cfg = cfg
         self.scaler = scaler
         self.autocast_dtype = autocast_dtype
         self.channels_last = channels_last
-        # before any wrapper (DistributedDataParallel keeps a list of the buffers it synchronises)
         self.guard = BufferGuard(self.net) if skip_nonfinite else None
-        self.model = wrap(self.net) if wrap is not None else net  # what runs the forward pass
-        self.queue: Optional[EmbeddingQueue] = None
         self.device = next(self.net.parameters()).device
+        self.inputs = StepInputs(self.device, cfg.unmix_prob, cfg.unmix_beta, cfg.pair_sizes, rng, lr_schedule,
+                                 chunk)
+        self.queue: Optional[EmbeddingQueue] = None
         self.meter = torch.zeros(2, device=self.device)  # sum of the kept steps' losses, kept steps
         self.bad_steps = None  # per iteration of the epoch: 1 where the guard undid the step
+        self.graphs = CudaGraphs(self) if cuda_graph else None
 
-    # ------------------------------------------------------------------ epoch and queue
+    # ------------------------------------------------------------------ epoch, queue and state
 
     def start_epoch(self, epoch, iters_per_epoch=1):
         """The queue appears (zeros) at --epoch_queue_starts and is 'in use' anew each epoch (released)."""
         cfg = self.cfg
-        if cfg.queue_length > 0 and epoch >= cfg.epoch_queue_starts and self.queue is None:
-            self.queue = EmbeddingQueue(torch.zeros(len(cfg.crops_for_assign), cfg.queue_length // cfg.world_size,
-                                                    cfg.feat_dim, device=self.device), filled=None)
+        if cfg.queue_rows > 0 and epoch >= cfg.epoch_queue_starts and self.queue is None:
+            self.queue = EmbeddingQueue(torch.zeros(len(cfg.crops_for_assign), cfg.queue_rows, cfg.feat_dim,
+                                                    device=self.device), filled=None)
         if self.queue is not None:
             self.queue.in_use = False
         self.meter.zero_()
-        if self.guard is not None:
-            self.bad_steps = torch.zeros(iters_per_epoch, device=self.device)
+        self.inputs.iters_per_epoch = iters_per_epoch
+        if self.guard is not None:  # one tensor for the run (a captured iteration writes into it)
+            if self.bad_steps is None or len(self.bad_steps) != iters_per_epoch:
+                self.bad_steps = torch.zeros(iters_per_epoch, device=self.device)
+            self.bad_steps.zero_()
 
     def set_queue(self, tensor, in_use=False):
         """A queue from a checkpoint or a released queue file (its fill is counted once on the host)."""
         self.queue = EmbeddingQueue(tensor.to(self.device), in_use)
 
+    def state_dict(self):
+        """What a checkpoint keeps of the method besides network, optimiser and scaler: the queue (None
+        without one). The Un-Mix stream is put back at the first iteration not trained (draws made ahead
+        are drawn again later), so that its state, saved with the run's other streams, continues exactly."""
+        self.inputs.rewind()
+        return {"queue": None if self.queue is None else self.queue.tensor}
+
+    def load_state_dict(self, state):
+        """{"queue": tensor or None} from a checkpoint, or from the released code's `queue{rank}.pth`
+        (with "released": True; used only when this run has a queue)."""
+        queue = state.get("queue")
+        if queue is not None and (self.cfg.queue_rows > 0 or not state.get("released")):
+            self.set_queue(queue)
+
+    def loop_state(self):
+        """Mid-epoch state for a checkpoint: the epoch's running loss and the queue flag."""
+        return {"loss_sum": self.meter[0].cpu(), "loss_count": int(self.meter[1].item()),
+                "queue_in_use": bool(self.queue is not None and self.queue.in_use)}
+
+    def load_loop_state(self, state):
+        self.meter[0] = state["loss_sum"]
+        self.meter[1] = float(state["loss_count"])
+        if self.queue is not None:
+            self.queue.in_use = bool(state["queue_in_use"])
+
     # ------------------------------------------------------------------ one iteration
 
-    def step(self, crops, draws: UnmixDraws, lr: float, iteration: int) -> StepOutput:
-        """Set lr, normalise the prototypes, mix, forward, loss, backward, drop the prototypes' gradients
-        while frozen, LARC step. `draws` must be drawn even for plain SwAV (the released RNG stream
-        consumes them)."""
+    def step(self, crops, draws: Optional[UnmixDraws] = None, lr: Optional[float] = None, iteration: int = 0
+             ) -> StepOutput:
+        """Iteration `iteration` on `crops`: its Un-Mix draws and learning rate come from the method's
+        stream and schedule, staged ahead in chunks, or are given (`draws`, `lr`: the golden tests).
+        `draws` must be drawn even for plain SwAV (the released stream consumes them)."""
+        if draws is not None:
+            lr = float(self.inputs.lr_schedule[iteration]) if lr is None else lr
+            self.inputs.stage_one(iteration, draws, lr, [] if self.cfg.run_swav else pair_sizes(crops))
+        else:
+            self.inputs.ensure(iteration)
+        for group in self.optimizer.param_groups:  # what the logs and the checkpoint read
+            group["lr"] = self.inputs.host_lr()
+        frozen = iteration < self.cfg.freeze_prototypes_niters
+        n_terms = 1 if self.cfg.run_swav else 3
+        plan = None if self.queue is None else self.queue.plan(n_terms, crops[0].size(0))
+        if self.graphs is not None:
+            loss = self.graphs.run(crops, frozen, plan)
+        else:
+            loss = self.iterate(crops, frozen, plan)
+        self.inputs.consumed()
+        if plan is not None:
+            self.queue.advance(plan, crops[0].size(0))
+        return StepOutput(loss=loss)
+
+    def iterate(self, crops, frozen, plan):
+        """The iteration on the device, the same operations whatever its numbers (a row staged by
+        `self.inputs`): normalise the prototypes, mix, forward, loss, backward, drop the prototypes'
+        gradients while `frozen`, LARC step, guard. `plan`: the queue's checks (`EmbeddingQueue.plan`).
+        Asks the host for nothing; what the loop reads accumulates in `meter` and `bad_steps`."""
         cfg = self.cfg
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        row = self.inputs.next_row()
         normalize_prototypes_(self.net)
         if self.guard is not None:
             self.guard.save(self.queue)
-
         bs = crops[0].size(0)
-        if cfg.run_swav:
-            inputs, lam = list(crops), draws.lam
-        else:
-            inputs, lam = unmix_inputs(crops, draws, cfg.unmix_prob)
+        inputs = list(crops) if cfg.run_swav else mix_pairs(crops, row)
         if self.channels_last:
             inputs = [x.contiguous(memory_format=torch.channels_last) for x in inputs]
         with torch.autocast(inputs[0].device.type, dtype=self.autocast_dtype or torch.float32,
-                            enabled=self.autocast_dtype is not None):
+                            enabled=self.autocast_dtype is not None, cache_enabled=self.graphs is None):
             embedding, output = self.model(inputs)
         # Loss and Sinkhorn in float32 even under mixed precision.
         embedding, output = embedding.detach().float(), output.float()
         prototypes = self.net.prototypes.weight.detach()
         if cfg.run_swav:
-            loss, _ = swav_loss(embedding, output, bs, cfg, self.queue, prototypes)
+            loss = swav_loss(embedding, output, bs, cfg, self.queue, prototypes, plan)
         else:
-            loss, _ = unmix_swav_loss(embedding, output, bs, len(crops) // 2, lam, cfg, self.queue, prototypes,
-                                      loss_form=cfg.unmix_loss_form)
-
+            loss = unmix_swav_loss(embedding, output, bs, len(crops) // 2, row[LAM], cfg, self.queue, prototypes,
+                                   cfg.unmix_loss_form, one_minus_lam=row[ONE_MINUS_LAM], plan=plan)
         self.optimizer.zero_grad(set_to_none=True)
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
-        if iteration < cfg.freeze_prototypes_niters:
+        if frozen:
             for name, p in self.net.named_parameters():
                 if "prototypes" in name:
                     p.grad = None
-        bad = self._optimizer_step(loss)
+        bad = self._optimizer_step(loss, row[LR])
         loss = loss.detach()
         if bad is None:
             self.meter += torch.stack([loss, torch.ones_like(loss)])
@@ -177,12 +198,13 @@ class UnmixSwAV:
             self.guard.restore_if(bad, self.queue)
             self.meter += torch.stack([torch.where(bad > 0, 0.0, loss), 1 - bad])
             if self.bad_steps is not None:
-                self.bad_steps[iteration % len(self.bad_steps)] = bad
-        return StepOutput(loss=loss, lam=lam)
+                self.bad_steps.index_copy_(0, row[SLOT:SLOT + 1].long(), bad.view(1))
+        return loss
 
-    def _optimizer_step(self, loss):
-        """The LARC step, skipped on the device when the guard finds the step non-finite. Returns the
-        guard's verdict (1.0 = bad step, undone) or None without a guard.
+    def _optimizer_step(self, loss, lr):
+        """The LARC step at learning rate `lr` (a device tensor), skipped on the device when the guard
+        finds the step non-finite. Returns the guard's verdict (1.0 = bad step, undone) or None without a
+        guard.
 
         Without a scaler a step is bad when a gradient is non-finite: DDP's all-reduce makes them equal on
         all ranks, so all ranks agree (one rank's NaN reaches every rank); with one process also when the
@@ -190,17 +212,18 @@ class UnmixSwAV:
         itself; only a non-finite loss counts, agreed across ranks with an all-reduce."""
         if self.guard is None:
             if self.scaler is None:
-                self.optimizer.step()
+                self.optimizer.step(lr=lr)
             else:
-                self.scaler.step(self.optimizer)
+                self.scaler.step(self.optimizer, lr=lr)
                 self.scaler.update()
             return None
         loss_bad = (~torch.isfinite(loss.detach())).float()
         if self.scaler is None:
-            return self.optimizer.step(found_inf=loss_bad if self.cfg.world_size == 1 else None, check_finite=True)
+            return self.optimizer.step(found_inf=loss_bad if self.cfg.world_size == 1 else None, check_finite=True,
+                                       lr=lr)
         if self.cfg.world_size > 1:
             torch.distributed.all_reduce(loss_bad, op=torch.distributed.ReduceOp.MAX)
-        self.scaler.step(self.optimizer, found_inf=loss_bad)
+        self.scaler.step(self.optimizer, found_inf=loss_bad, lr=lr)
         self.scaler.update()
         return loss_bad
 
@@ -218,14 +241,3 @@ class UnmixSwAV:
         # no kept step (every one non-finite): no mean loss, not 0.0
         loss = values[0] / values[1] if values[1] > 0 else float("nan")
         return {"loss": loss, "kept": int(values[1]), "bad_steps": bad_steps}
-
-    def loop_state(self):
-        """Mid-epoch state for a checkpoint: the epoch's running loss and the queue flag."""
-        return {"loss_sum": self.meter[0].cpu(), "loss_count": int(self.meter[1].item()),
-                "queue_in_use": bool(self.queue is not None and self.queue.in_use)}
-
-    def load_loop_state(self, state):
-        self.meter[0] = state["loss_sum"]
-        self.meter[1] = float(state["loss_count"])
-        if self.queue is not None:
-            self.queue.in_use = bool(state["queue_in_use"])

@@ -272,6 +272,21 @@ class Restart:
         own = loops[rank] if isinstance(loops, list) and rank < len(loops) else ckpt.get("loop")
         self.loop = own if self.iteration > 0 else None
 
+    def method_state(self, dump_path, rank, world_size):
+        """The method's state for `UnmixSwAV.load_state_dict`: this rank's queue from the checkpoint, or
+        from the released `queue{rank}.pth` for a released checkpoint (the queue lived only there) or one
+        of another world size. Our checkpoints hold the queue ("queues": None when there was none), so a
+        queue{rank}.pth written after them (a kill before the checkpoint) is newer than it and not used."""
+        if self.queues is not None and len(self.queues) == world_size:
+            return {"queue": self.queues[rank]}
+        path = os.path.join(dump_path, f"queue{rank}.pth")
+        if (self.queues is None and self.has_queues) or not os.path.isfile(path):
+            return {"queue": None}
+        try:
+            return {"queue": safe_load(path)["queue"], "released": True}
+        except (CheckpointError, KeyError, TypeError, AttributeError) as e:
+            raise CheckpointError(f"{path}: cannot restore the queue ({e})") from None
+
 
 def check_optimizer_state(optimizer, path):
     """Every momentum buffer has its parameter's shape (optimizer.load_state_dict does not check)."""
