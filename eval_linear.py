@@ -16,7 +16,6 @@ import torch.nn as nn
 
 from src.data.constants import CIFAR_MEAN, EVAL_STD
 from src.data.transforms import LabeledDataset, eval_transforms, plain_tensor
-from src.eval import setup as evaluation
 from src.eval.pretrained import PretrainedError, read_state_dict
 from src.eval.setup import (
     STATS_COLUMNS,
@@ -34,10 +33,7 @@ from src.runtime import launch
 from src.runtime.checkpoint import CheckpointError, atomic_save, safe_load, strip_module_prefix
 from src.runtime.cli import ArgumentParser, bool_flag, fail, run_main
 from src.runtime.logs import AverageMeter, CurveWriter, Stats, format_eta
-from src.runtime.run_folder import LINEAR, save_params, write_json
-
-# Flags that do not change what is computed (the checkpoint is compared by its content, not its path).
-OPERATIONAL_FLAGS = evaluation.OPERATIONAL_FLAGS | {"tensorboard"}
+from src.runtime.run_folder import LINEAR, OPERATIONAL_FLAGS, save_params, write_json
 
 
 def get_parser():

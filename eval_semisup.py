@@ -24,7 +24,6 @@ from src.data.transforms import LabeledDataset, eval_transforms
 from src.eval.linear_probe import correct_counts
 from src.eval.pretrained import PretrainedError, load_weights, read_state_dict
 from src.eval.setup import (
-    OPERATIONAL_FLAGS,
     STATS_COLUMNS,
     Eta,
     add_shared_new_flags,
@@ -49,7 +48,7 @@ from src.runtime.checkpoint import (
 )
 from src.runtime.cli import ArgumentParser, bool_flag, fail, run_main
 from src.runtime.logs import AverageMeter, Stats, format_eta
-from src.runtime.run_folder import FINE_TUNING, save_params, write_json
+from src.runtime.run_folder import FINE_TUNING, OPERATIONAL_FLAGS, save_params, write_json
 
 SUBSET_FILE = "labelled_subset.json"
 

@@ -27,9 +27,10 @@ from src.method.train_step import UnmixSwAV, cosine_schedule
 from src.method.unmix import LOSS_FORMS, SwavConfig, draw_unmix, pair_sizes
 from src.runtime import launch, signals, startup
 from src.runtime.checkpoint import CheckpointError, restart_from_checkpoint, safe_load, save_checkpoint
-from src.runtime.cli import ArgumentParser, bool_flag, check_seed, fail, run_main
+from src.runtime.cli import MAX_EPOCHS, ArgumentParser, bool_flag, check_seed, fail, run_main
 from src.runtime.logs import AverageMeter, CurveWriter, Stats, create_logger, format_eta, format_provenance, provenance
 from src.runtime.run_folder import (
+    OPERATIONAL_FLAGS,
     PRETRAINING,
     changed_params,
     folder_kind,
@@ -38,13 +39,6 @@ from src.runtime.run_folder import (
     save_params,
 )
 from src.runtime.startup import agree_or_fail, start_processes
-
-# Flags that do not change what is computed: a resumed run may differ in these.
-OPERATIONAL_FLAGS = {"dump_path", "workers", "dist_url", "rank", "local_rank", "gpu_to_work_on", "device",
-                     "checkpoint_freq", "log_freq", "knn_freq", "download", "allow_changed_args",
-                     "max_nonfinite_steps", "preempt_check_freq", "epochs_run_limit", "dist_timeout",
-                     "tensorboard"}
-MAX_EPOCHS = 10000  # a bound that catches typos (the published table stops at 1000)
 
 
 def get_parser():

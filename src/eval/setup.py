@@ -13,16 +13,12 @@ import torch
 from ..data.datasets import DataError, load_split
 from ..method.resnet import ARCHS
 from ..runtime import launch, signals
-from ..runtime.cli import bool_flag, check_seed, fail
+from ..runtime.cli import MAX_EPOCHS, bool_flag, check_seed, fail
 from ..runtime.logs import create_logger, format_eta, format_provenance, provenance
 from ..runtime.run_folder import FINE_TUNING, LINEAR, claim_evaluation_folder
 from ..runtime.startup import agree_or_fail, start_processes
 
 STATS_COLUMNS = ["epoch", "loss", "prec1", "prec5", "loss_val", "prec1_val", "prec5_val"]  # released
-# Flags that do not change what is computed (the checkpoint is compared by its content, not its path).
-OPERATIONAL_FLAGS = frozenset({"dump_path", "workers", "dist_url", "rank", "local_rank", "gpu_to_work_on", "device",
-                               "log_freq", "download", "allow_changed_args", "pretrained", "dist_timeout"})
-MAX_EPOCHS = 10000  # a bound that catches typos
 # How the messages name each evaluation: the run, running it, to run it.
 WORDS = {LINEAR: ("evaluation", "evaluating", "evaluate"), FINE_TUNING: ("fine-tuning", "fine-tuning", "fine-tune")}
 

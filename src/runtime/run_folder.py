@@ -26,6 +26,16 @@ from .logs import provenance
 LOCK_FILE = "run.lock"
 
 
+# The arguments of the three entry scripts that do not change what a run computes: a resumed run may differ
+# in these, and runs that differ only in these (and the seed) are seeds of one experiment. Not --world_size:
+# --batch_size is per process, so the number of processes sets the global batch. An evaluation's
+# --pretrained is compared by the checkpoint's content (`checkpoint_identity`), not its path.
+OPERATIONAL_FLAGS = frozenset({
+    "dump_path", "workers", "dist_url", "rank", "local_rank", "gpu_to_work_on", "device", "dist_timeout",
+    "download", "allow_changed_args", "log_freq", "tensorboard", "checkpoint_freq", "knn_freq",
+    "max_nonfinite_steps", "preempt_check_freq", "epochs_run_limit", "pretrained"})
+
+
 # Files a run writes in its folder: something else in their place (a folder, say) stops the run at start.
 RUN_FILES = ("checkpoint.pth.tar", "params.json", "params.pkl", "stats0.csv", "stats0.pkl", "results.json",
              "train.log")
