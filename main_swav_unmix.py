@@ -29,15 +29,7 @@ from src.runtime import launch, signals, startup
 from src.runtime.checkpoint import CheckpointError, restart_from_checkpoint, safe_load, save_checkpoint
 from src.runtime.cli import MAX_EPOCHS, ArgumentParser, bool_flag, check_seed, fail, run_main
 from src.runtime.logs import AverageMeter, CurveWriter, Stats, create_logger, format_eta, format_provenance, provenance
-from src.runtime.run_folder import (
-    OPERATIONAL_FLAGS,
-    PRETRAINING,
-    changed_params,
-    folder_kind,
-    load_params_json,
-    prepare_dump_path,
-    save_params,
-)
+from src.runtime.run_folder import OPERATIONAL_FLAGS, claim_pretraining_folder, save_params
 from src.runtime.startup import agree_or_fail, start_processes
 
 
@@ -178,25 +170,6 @@ def check_args(args):
         fail(f"--dist_timeout must be positive, got {args.dist_timeout}")
 
 
-def compare_with_previous_run(args):
-    """A dump path that holds another kind of run, or a pretraining with other arguments, is not resumed
-    silently: a one-line problem, else None."""
-    try:
-        kind, old = folder_kind(args.dump_path), load_params_json(args.dump_path)
-    except ValueError as e:
-        if args.allow_changed_args:
-            return None
-        return (f"{e}; cannot check that {args.dump_path} holds a run with these arguments; "
-                "use --allow_changed_args true to resume it anyway")
-    if kind not in (None, PRETRAINING):
-        return f"{args.dump_path} holds a {kind} run, not a pretraining: nothing was written there; use another --dump_path"
-    diffs = changed_params(old or {}, vars(args), OPERATIONAL_FLAGS)
-    if diffs and not args.allow_changed_args:
-        return (f"{args.dump_path} holds a run with other arguments ({'; '.join(diffs)}); "
-                "use another --dump_path, or --allow_changed_args true to resume it anyway")
-    return None
-
-
 def main():
     args = get_parser().parse_args()
     check_args(args)
@@ -258,7 +231,7 @@ def set_up(args):
     random stream, the stop signals' handler and the folder's lock."""
     preempt = start_processes(args)
     np_rng = np.random.RandomState(args.seed)  # the released code drew lam, r and box centres here
-    lock, problem = claim_run_folder(args) if args.rank == 0 else (None, None)
+    lock, problem = claim_pretraining_folder(args, OPERATIONAL_FLAGS) if args.rank == 0 else (None, None)
     agree_or_fail(args, problem)
     logger = create_logger(args.dump_path, args.rank)
     logger.info(f"Process rank {args.rank} of world size {args.world_size} (local rank {args.local_rank}) "
@@ -272,25 +245,6 @@ def set_up(args):
     if args.device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # as released: fixed input shapes
     return logger, np_rng, preempt, lock
-
-
-def claim_run_folder(args):
-    """Rank 0: lock the dump path (a second run on it stops before touching a file), then check that it
-    is new or holds this very run. Returns (lock, None), or (None, a one-line problem)."""
-    try:
-        lock = prepare_dump_path(args.dump_path, "checkpoints")
-    except CheckpointError as e:
-        return None, str(e)
-    problem = compare_with_previous_run(args)
-    if problem is None:
-        try:
-            os.makedirs(os.path.join(args.dump_path, "checkpoints"), exist_ok=True)
-        except OSError as e:
-            problem = f"--dump_path {args.dump_path!r} is not writable ({e.strerror})"
-    if problem is not None:
-        lock.close()
-        return None, problem
-    return lock, None
 
 
 def effective_queue_length(args):
