@@ -28,7 +28,16 @@ from src.method.unmix import LOSS_FORMS, SwavConfig, draw_unmix, pair_sizes
 from src.runtime import launch, signals, startup
 from src.runtime.checkpoint import CheckpointError, restart_from_checkpoint, safe_load, save_checkpoint
 from src.runtime.cli import MAX_EPOCHS, ArgumentParser, bool_flag, check_seed, fail, run_main
-from src.runtime.logs import AverageMeter, CurveWriter, Stats, create_logger, format_eta, format_provenance, provenance
+from src.runtime.logs import (
+    AverageMeter,
+    Clock,
+    CurveWriter,
+    Stats,
+    create_logger,
+    format_eta,
+    format_provenance,
+    provenance,
+)
 from src.runtime.run_folder import OPERATIONAL_FLAGS, claim_pretraining_folder, save_params
 from src.runtime.startup import agree_or_fail, start_processes
 
@@ -192,7 +201,7 @@ def main():
 
     # ============ epoch loop ============
     start_epoch, start_iter = (restart.epoch, restart.iteration) if restart else (0, 0)
-    clock = Clock(stats.last("time", 0.0), first_iteration=start_epoch * data.iters_per_epoch + start_iter)
+    clock = Clock(args.epochs, data.iters_per_epoch, start_epoch, start_iter, offset=stats.last("time", 0.0))
     loop = Loop(args, data, method, np_rng, lr_schedule, guard=NonfiniteWatch(args, logger), preempt=preempt,
                 save=Saver(args, method, np_rng), clock=clock, stats=stats,
                 curves=CurveWriter(args.dump_path, args.tensorboard, args.rank), logger=logger)
@@ -431,20 +440,6 @@ class Saver:
 
 # ------------------------------------------------------------------ training
 
-class Clock:
-    """Training time of the run across restarts (the stats' `time` column continues), and the time per
-    iteration of this process (for the ETA)."""
-
-    def __init__(self, offset, first_iteration):
-        self.offset, self.start, self.first_iteration = offset, time.time(), first_iteration
-
-    def elapsed(self):
-        return self.offset + time.time() - self.start
-
-    def per_iteration(self, iteration):
-        return (time.time() - self.start) / max(iteration + 1 - self.first_iteration, 1)
-
-
 class NonfiniteWatch:
     """Reads the steps the device-side guard skipped, when logging and at the end of an epoch (never in
     between, so no iteration waits for the device), logs each one, and stops the run after
@@ -530,7 +525,6 @@ def train_one_epoch(loop, epoch, first_iter, crops_of_epoch):
             batch_time.update((now - window_start) / window, window)
             window_start, window = now, 0
             if args.rank == 0:
-                remaining = args.epochs * iters_per_epoch - iteration - 1
                 loss = out.loss.item()
                 if loop.curves is not None:
                     loop.curves.scalars(iteration, {"pretrain/loss_per_iteration": loss})
@@ -541,7 +535,7 @@ def train_one_epoch(loop, epoch, first_iter, crops_of_epoch):
                     f"Loss {loss:.4f} ({meter['loss']:.4f})\t"
                     f"Lr: {method.optimizer.param_groups[0]['lr']:.4f}\t"
                     f"{images / max(batch_time.avg, 1e-9):.0f} img/s\t"
-                    f"ETA {format_eta(clock.per_iteration(iteration) * remaining)}")
+                    f"ETA {clock.eta(epoch, it)}")
         end = time.time()
         preempt = loop.preempt
         stop = preempt.requested if args.world_size == 1 else (

@@ -64,7 +64,7 @@ class Setup:
         self.method, self.lr_schedule = M.build_method(args, net, self.data.iters_per_epoch)
         self.loop = M.Loop(args, self.data, self.method, np.random.RandomState(args.seed), self.lr_schedule,
                            guard=M.NonfiniteWatch(args, logger), preempt=_NoPreemption(), save=None,
-                           clock=M.Clock(0.0, 0), logger=logger)
+                           clock=M.Clock(args.epochs, self.data.iters_per_epoch), logger=logger)
         self.epoch, self.crops = 0, iter(())
         self.method.start_epoch(0, self.data.iters_per_epoch)
 
