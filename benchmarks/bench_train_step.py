@@ -130,7 +130,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         data = a.data_path
         if data is None:
-            from tests.fake_cifar import write_cifar10
+            from tools.synthetic_cifar import write_cifar10
             n = a.n or (400 if a.quick else 10000)
             data = write_cifar10(os.path.join(tmp, "data"), n_train_per_batch=n // 5, n_test=20)
         size = (["--width_per_group", "8", "--batch_size", "16"] if a.quick else ["--batch_size", "128"])
