@@ -16,11 +16,9 @@ import torch.nn as nn
 
 from src.data.constants import CIFAR_MEAN, EVAL_STD
 from src.data.transforms import LabeledDataset, eval_transforms, plain_tensor
-from src.eval import setup as evaluation
 from src.eval.pretrained import PretrainedError, read_state_dict
 from src.eval.setup import (
     STATS_COLUMNS,
-    Eta,
     add_shared_new_flags,
     add_shared_released_flags,
     check_shared_args,
@@ -33,11 +31,8 @@ from src.method.resnet import build_model
 from src.runtime import launch
 from src.runtime.checkpoint import CheckpointError, atomic_save, safe_load, strip_module_prefix
 from src.runtime.cli import ArgumentParser, bool_flag, fail, run_main
-from src.runtime.logs import AverageMeter, CurveWriter, Stats, format_eta
-from src.runtime.run_folder import LINEAR, save_params, write_json
-
-# Flags that do not change what is computed (the checkpoint is compared by its content, not its path).
-OPERATIONAL_FLAGS = evaluation.OPERATIONAL_FLAGS | {"tensorboard"}
+from src.runtime.logs import AverageMeter, Clock, CurveWriter, Stats, format_eta
+from src.runtime.run_folder import LINEAR, OPERATIONAL_FLAGS, save_params, write_json
 
 
 def get_parser():
@@ -241,7 +236,7 @@ def train_released(args, model, linear, train_data, test_data, maxk, curves, log
     stats = Stats(os.path.join(args.dump_path, f"stats{args.rank}"), STATS_COLUMNS,
                   resume_before_epoch=start_epoch if start_epoch else None, log=logger.info)
     last1 = last5 = float("nan")
-    eta = Eta(start_epoch, args.epochs, len(train_loader))
+    eta = Clock(args.epochs, len(train_loader), start_epoch).eta
 
     # ============ epoch loop ============
     for epoch in range(start_epoch, args.epochs):

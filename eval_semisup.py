@@ -24,9 +24,7 @@ from src.data.transforms import LabeledDataset, eval_transforms
 from src.eval.linear_probe import correct_counts
 from src.eval.pretrained import PretrainedError, load_weights, read_state_dict
 from src.eval.setup import (
-    OPERATIONAL_FLAGS,
     STATS_COLUMNS,
-    Eta,
     add_shared_new_flags,
     add_shared_released_flags,
     check_shared_args,
@@ -48,8 +46,8 @@ from src.runtime.checkpoint import (
     strip_module_prefix,
 )
 from src.runtime.cli import ArgumentParser, bool_flag, fail, run_main
-from src.runtime.logs import AverageMeter, Stats, format_eta
-from src.runtime.run_folder import FINE_TUNING, save_params, write_json
+from src.runtime.logs import AverageMeter, Clock, Stats, format_eta
+from src.runtime.run_folder import FINE_TUNING, OPERATIONAL_FLAGS, save_params, write_json
 
 SUBSET_FILE = "labelled_subset.json"
 
@@ -163,7 +161,7 @@ def main():
     stats = Stats(os.path.join(args.dump_path, f"stats{args.rank}"), STATS_COLUMNS,
                   resume_before_epoch=start_epoch if resumed else None, log=logger.info)
     last = (float("nan"), float("nan"))
-    eta = Eta(start_epoch, args.epochs, len(train_loader))
+    eta = Clock(args.epochs, len(train_loader), start_epoch).eta
 
     # ============ epoch loop ============
     for epoch in range(start_epoch, args.epochs):

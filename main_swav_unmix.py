@@ -27,24 +27,19 @@ from src.method.train_step import UnmixSwAV, cosine_schedule
 from src.method.swav import LOSS_FORMS, SwavConfig
 from src.runtime import launch, signals, startup
 from src.runtime.checkpoint import CheckpointError, restart_from_checkpoint, save_checkpoint
-from src.runtime.cli import ArgumentParser, bool_flag, check_seed, fail, run_main
-from src.runtime.logs import AverageMeter, CurveWriter, Stats, create_logger, format_eta, format_provenance, provenance
-from src.runtime.run_folder import (
-    PRETRAINING,
-    changed_params,
-    folder_kind,
-    load_params_json,
-    prepare_dump_path,
-    save_params,
+from src.runtime.cli import MAX_EPOCHS, ArgumentParser, bool_flag, check_seed, fail, run_main
+from src.runtime.logs import (
+    AverageMeter,
+    Clock,
+    CurveWriter,
+    Stats,
+    create_logger,
+    format_eta,
+    format_provenance,
+    provenance,
 )
+from src.runtime.run_folder import OPERATIONAL_FLAGS, claim_pretraining_folder, save_params
 from src.runtime.startup import agree_or_fail, start_processes
-
-# Flags that do not change what is computed: a resumed run may differ in these.
-OPERATIONAL_FLAGS = {"dump_path", "workers", "dist_url", "rank", "local_rank", "gpu_to_work_on", "device",
-                     "checkpoint_freq", "log_freq", "knn_freq", "download", "allow_changed_args",
-                     "max_nonfinite_steps", "preempt_check_freq", "epochs_run_limit", "dist_timeout",
-                     "tensorboard"}
-MAX_EPOCHS = 10000  # a bound that catches typos (the published table stops at 1000)
 
 
 def get_parser():
@@ -187,25 +182,6 @@ def check_args(args):
         fail(f"--dist_timeout must be positive, got {args.dist_timeout}")
 
 
-def compare_with_previous_run(args):
-    """A dump path that holds another kind of run, or a pretraining with other arguments, is not resumed
-    silently: a one-line problem, else None."""
-    try:
-        kind, old = folder_kind(args.dump_path), load_params_json(args.dump_path)
-    except ValueError as e:
-        if args.allow_changed_args:
-            return None
-        return (f"{e}; cannot check that {args.dump_path} holds a run with these arguments; "
-                "use --allow_changed_args true to resume it anyway")
-    if kind not in (None, PRETRAINING):
-        return f"{args.dump_path} holds a {kind} run, not a pretraining: nothing was written there; use another --dump_path"
-    diffs = changed_params(old or {}, vars(args), OPERATIONAL_FLAGS)
-    if diffs and not args.allow_changed_args:
-        return (f"{args.dump_path} holds a run with other arguments ({'; '.join(diffs)}); "
-                "use another --dump_path, or --allow_changed_args true to resume it anyway")
-    return None
-
-
 def main():
     args = get_parser().parse_args()
     check_args(args)
@@ -228,7 +204,7 @@ def main():
 
     # ============ epoch loop ============
     start_epoch, start_iter = (restart.epoch, restart.iteration) if restart else (0, 0)
-    clock = Clock(stats.last("time", 0.0), first_iteration=start_epoch * data.iters_per_epoch + start_iter)
+    clock = Clock(args.epochs, data.iters_per_epoch, start_epoch, start_iter, offset=stats.last("time", 0.0))
     loop = Loop(args, data, method, guard=NonfiniteWatch(args, logger), preempt=preempt,
                 save=Saver(args, method), clock=clock, stats=stats,
                 curves=CurveWriter(args.dump_path, args.tensorboard, args.rank), logger=logger)
@@ -267,7 +243,7 @@ def set_up(args):
     random stream, the stop signals' handler and the folder's lock."""
     preempt = start_processes(args)
     np_rng = np.random.RandomState(args.seed)  # the released code drew lam, r and box centres here
-    lock, problem = claim_run_folder(args) if args.rank == 0 else (None, None)
+    lock, problem = claim_pretraining_folder(args, OPERATIONAL_FLAGS) if args.rank == 0 else (None, None)
     agree_or_fail(args, problem)
     logger = create_logger(args.dump_path, args.rank)
     logger.info(f"Process rank {args.rank} of world size {args.world_size} (local rank {args.local_rank}) "
@@ -293,25 +269,6 @@ def check_cuda_graph_args(args):
         fail(f"--cuda_graph true runs one process, this job has {args.world_size} (use --cuda_graph false)")
     if args.use_fp16 and args.amp_dtype == "float16":
         fail("--cuda_graph true cannot hold float16's GradScaler: add --amp_dtype bfloat16 (or --use_fp16 false)")
-
-
-def claim_run_folder(args):
-    """Rank 0: lock the dump path (a second run on it stops before touching a file), then check that it
-    is new or holds this very run. Returns (lock, None), or (None, a one-line problem)."""
-    try:
-        lock = prepare_dump_path(args.dump_path, "checkpoints")
-    except CheckpointError as e:
-        return None, str(e)
-    problem = compare_with_previous_run(args)
-    if problem is None:
-        try:
-            os.makedirs(os.path.join(args.dump_path, "checkpoints"), exist_ok=True)
-        except OSError as e:
-            problem = f"--dump_path {args.dump_path!r} is not writable ({e.strerror})"
-    if problem is not None:
-        lock.close()
-        return None, problem
-    return lock, None
 
 
 # ------------------------------------------------------------------ data
@@ -485,20 +442,6 @@ class Saver:
 
 # ------------------------------------------------------------------ training
 
-class Clock:
-    """Training time of the run across restarts (the stats' `time` column continues), and the time per
-    iteration of this process (for the ETA)."""
-
-    def __init__(self, offset, first_iteration):
-        self.offset, self.start, self.first_iteration = offset, time.time(), first_iteration
-
-    def elapsed(self):
-        return self.offset + time.time() - self.start
-
-    def per_iteration(self, iteration):
-        return (time.time() - self.start) / max(iteration + 1 - self.first_iteration, 1)
-
-
 class NonfiniteWatch:
     """Reads the steps the device-side guard skipped, when logging and at the end of an epoch (never in
     between, so no iteration waits for the device), logs each one, and stops the run after
@@ -580,7 +523,6 @@ def train_one_epoch(loop, epoch, first_iter, crops_of_epoch):
             batch_time.update((now - window_start) / window, window)
             window_start, window = now, 0
             if args.rank == 0:
-                remaining = args.epochs * iters_per_epoch - iteration - 1
                 loss = out.loss.item()
                 if loop.curves is not None:
                     loop.curves.scalars(iteration, {"pretrain/loss_per_iteration": loss})
@@ -591,7 +533,7 @@ def train_one_epoch(loop, epoch, first_iter, crops_of_epoch):
                     f"Loss {loss:.4f} ({meter['loss']:.4f})\t"
                     f"Lr: {method.optimizer.param_groups[0]['lr']:.4f}\t"
                     f"{images / max(batch_time.avg, 1e-9):.0f} img/s\t"
-                    f"ETA {format_eta(clock.per_iteration(iteration) * remaining)}")
+                    f"ETA {clock.eta(epoch, it)}")
         end = time.time()
         preempt = loop.preempt
         stop = preempt.requested if args.world_size == 1 else (

@@ -27,23 +27,15 @@ DATASET_NAME=cifar100
 NUM_LABELS=100
 JOB_TAG=script_unmix_c100
 
-# ---- where the code is
-find_code_dir() {
-    local d
-    if [ -n "${CODE_DIR:-}" ]; then echo "$CODE_DIR"; return; fi
-    d=$(cd "$(dirname "${BASH_SOURCE[0]}")" 2>/dev/null && pwd)
-    if [ -n "$d" ] && [ -f "$d/main_swav_unmix.py" ]; then echo "$d"; return; fi
-    if [ -n "${SLURM_JOB_ID:-}" ] && command -v scontrol >/dev/null 2>&1; then
-        d=$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null | sed -n 's/^ *Command=\([^ ]*\).*/\1/p' | head -n 1)
-        if [ -n "$d" ] && [ -f "$(dirname "$d")/main_swav_unmix.py" ]; then dirname "$d"; return; fi
-    fi
-    if [ -n "${SLURM_SUBMIT_DIR:-}" ] && [ -f "$SLURM_SUBMIT_DIR/main_swav_unmix.py" ]; then
-        echo "$SLURM_SUBMIT_DIR"; return
-    fi
-    pwd
-}
-CODE_DIR=$(find_code_dir)
-for f in main_swav_unmix.py eval_linear.py scripts/unmix_job.sh; do
+# ---- where the code is: CODE_DIR, else the first folder holding main_swav_unmix.py of: this file's; under
+# sbatch, which runs a copy of this file, the submitted file's (scontrol) and the submit folder; else here
+if [ -z "${CODE_DIR:-}" ]; then
+    for CODE_DIR in "$(dirname "${BASH_SOURCE[0]}")" "${SLURM_JOB_ID:+$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null \
+            | sed -n 's/^ *Command=\([^ ]*\)\/.*/\1/p' | head -n 1)}" "${SLURM_SUBMIT_DIR:-}" "$PWD"; do
+        [ -f "$CODE_DIR/main_swav_unmix.py" ] && break
+    done
+fi
+for f in main_swav_unmix.py scripts/unmix_job.sh; do
     [ -f "$CODE_DIR/$f" ] || { echo "error: $CODE_DIR/$f not found (set CODE_DIR to the repository)" >&2; exit 2; }
 done
 

@@ -66,7 +66,7 @@ class Setup:
         self.method = M.build_method(args, net, self.data.iters_per_epoch, np.random.RandomState(args.seed))
         self.loop = M.Loop(args, self.data, self.method, guard=M.NonfiniteWatch(args, logger),
                            preempt=_NoPreemption(), save=None,
-                           clock=M.Clock(0.0, 0), logger=logger)
+                           clock=M.Clock(args.epochs, self.data.iters_per_epoch), logger=logger)
         self.epoch, self.crops = 0, iter(())
         self.method.start_epoch(0, self.data.iters_per_epoch)
 
@@ -131,7 +131,7 @@ def main():
     with tempfile.TemporaryDirectory() as tmp:
         data = a.data_path
         if data is None:
-            from tests.fake_cifar import write_cifar10
+            from tools.synthetic_cifar import write_cifar10
             n = a.n or (400 if a.quick else 10000)
             data = write_cifar10(os.path.join(tmp, "data"), n_train_per_batch=n // 5, n_test=20)
         size = (["--width_per_group", "8", "--batch_size", "16"] if a.quick else ["--batch_size", "128"])

@@ -71,7 +71,7 @@ class OpCounter(TorchDispatchMode):
 
 
 def fake_cifar10(root, n_train):
-    from tests.fake_cifar import write_cifar10
+    from tools.synthetic_cifar import write_cifar10
     write_cifar10(root, n_train_per_batch=n_train // 5, n_test=20)
     return root
 

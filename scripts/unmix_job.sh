@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
 # The body of script_unmix_c10.sh / script_unmix_c100.sh: pretraining, then linear evaluation (then,
 # optionally, semi-supervised fine-tuning).
-# Sourced by them after they set DATASET_NAME, NUM_LABELS, JOB_TAG and CODE_DIR, with the script's
-# command-line arguments; usage, environment overrides and exit statuses are documented in
-# script_unmix_c10.sh's header and in `usage` below.
+# Sourced by them after they set DATASET_NAME, NUM_LABELS, JOB_TAG and CODE_DIR (the folder they found
+# main_swav_unmix.py and this file in), with the script's command-line arguments; usage, environment
+# overrides and exit statuses are documented in script_unmix_c10.sh's header and in `usage` below.
 
 log() { echo "[$JOB_TAG $(date '+%F %T')] $*"; }
 die() { echo "error: $*" >&2; exit 2; }
+
+[ -f "$CODE_DIR/eval_linear.py" ] || die "$CODE_DIR/eval_linear.py not found (set CODE_DIR to the repository)"
+CODE_DIR=$(cd "$CODE_DIR" && pwd)
 
 is_uint() { [[ "$1" =~ ^[0-9]+$ ]]; }
 

@@ -10,8 +10,9 @@ import torch
 import eval_linear
 import eval_semisup
 from src.data.transforms import LabeledDataset, eval_transforms
-from src.eval.setup import Eta, check_shared_args, data_loaders
+from src.eval.setup import check_shared_args, data_loaders
 from src.runtime import signals
+from src.runtime.logs import Clock
 from src.runtime.run_folder import FINE_TUNING, LINEAR
 
 SHARED = ["dump_path", "seed", "data_path", "arch", "pretrained", "dist_url", "world_size", "rank", "local_rank",
@@ -86,7 +87,7 @@ def test_loader_workers_leave_stop_signals_to_the_main_process():
 
 
 def test_eta_from_the_time_per_iteration_since_the_start():
-    eta = Eta(start_epoch=2, epochs=4, iterations_per_epoch=5)
-    eta.start = time.time() - 40  # 40 s for the first 4 iterations of epoch 2: 10 s each
-    assert eta(2, 3) == "0:01:00"  # 6 iterations left
-    assert eta(3, 4) == "0:00:00"  # the last one
+    clock = Clock(epochs=4, iterations_per_epoch=5, start_epoch=2)
+    clock.start = time.time() - 40  # 40 s for the first 4 iterations of epoch 2: 10 s each
+    assert clock.eta(2, 3) == "0:01:00"  # 6 iterations left
+    assert clock.eta(3, 4) == "0:00:00"  # the last one

@@ -4,12 +4,14 @@ import logging
 import math
 import os
 import pickle
+import time
 from pathlib import Path
 
 import pandas as pd
 import pytest
 
 from src.runtime.logs import (
+    Clock,
     CurveWriter,
     Stats,
     create_logger,
@@ -236,6 +238,15 @@ def test_load_params_json_unreadable(tmp_path):
                                           (-5, "0:00:00"), (90061.7, "1 day, 1:01:01")])
 def test_format_eta(seconds, text):
     assert format_eta(seconds) == text
+
+
+def test_clock_of_a_resumed_run():
+    """The run's time goes on from its earlier processes'; the ETA counts this process's iterations only."""
+    clock = Clock(epochs=2, iterations_per_epoch=10, start_epoch=1, start_iteration=4, offset=100.0)
+    clock.start = time.time() - 30  # 30 s for iterations 4, 5, 6 of epoch 1: 10 s each
+    assert clock.eta(1, 6) == "0:00:30"  # 3 iterations left
+    assert clock.eta(1, 9) == "0:00:00"
+    assert 130 <= clock.elapsed() < 131
 
 
 def read_curves(folder):

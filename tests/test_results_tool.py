@@ -321,3 +321,34 @@ def test_plan_report_tables_and_cell_statuses(tmp_path):
     assert "8 cells: 4 done, 1 failed, 2 interrupted, 1 missing." in md
     runs = _parse_table(md)                                           # the runs that exist, nothing else
     assert set(runs) == set(finished) | {"c10_unmix_400ep_seed31"}
+
+
+def test_seeds_are_one_experiment_across_provenance_and_operational_flags(tmp_path):
+    """Two seeds of one experiment, from another commit on another card, one with other log flags and curves
+    for TensorBoard: one row, mean ± std (2). Another number of processes (another global batch) stays apart."""
+    import main_swav_unmix
+    from src.runtime.logs import provenance
+    from src.runtime.run_folder import params_dict
+
+    def params(argv, world_size, **origin):
+        args = main_swav_unmix.get_parser().parse_args(["--data_path", "cifar10", "--epochs", "200"] + argv)
+        args.world_size = world_size
+        return dict(params_dict(args), provenance=dict(provenance("cpu", world_size), **origin))
+
+    exp = tmp_path / "exp"
+    for name, argv, world_size, origin, best in (
+            ("unmix_seed31", ["--seed", "31"], 1, dict(device="NVIDIA H200", git_commit="a" * 40), 80.0),
+            ("unmix_seed32", ["--seed", "32", "--tensorboard", "true", "--log_freq", "10", "--dist_timeout", "60"],
+             1, dict(device="NVIDIA A100-SXM4-40GB", git_commit="b" * 40, git_dirty=True, torch="2.3.0"), 82.0),
+            ("unmix_4gpus_seed31", ["--seed", "31"], 4, dict(device="NVIDIA H200"), 70.0)):
+        _dump(exp / name, params(argv, world_size, **origin), _pretrain_stats(200))
+        _dump(str(exp / name) + "_linear_eval", dict(num_labels=10, epochs=100), None)
+        _results(str(exp / name) + "_linear_eval", best, best - 1, epochs=100, mode="released")
+    out = tmp_path / "report"
+    results.write_report([str(exp)], str(out))
+    md = (out / "results.md").read_text()
+    assert "## Over seeds" in md, "no two runs were taken for seeds of one experiment"
+    seeds = _parse_table(md, "## Over seeds")
+    assert set(seeds) == {"unmix", "unmix_4gpus"}
+    assert seeds["unmix"]["seeds"] == "31, 32" and seeds["unmix"]["linear top-1 best"] == "81.00 ± 1.41 (2)"
+    assert seeds["unmix_4gpus"]["linear top-1 best"] == "70.00 (1)"

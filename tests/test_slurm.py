@@ -246,6 +246,64 @@ def test_script_outside_slurm_uses_torchrun_for_several_processes(fake):
     assert calls[0].startswith("-u ")
 
 
+FOUND_BODY = 'echo "body sourced from $CODE_DIR"\n'
+
+
+@pytest.fixture
+def find_code(tmp_path):
+    """Runs a copy of an SBATCH script (as sbatch runs one, from its spool) in an environment without Slurm
+    but for `env`; the stub body of a stub repository says where the script found the code."""
+    code = tmp_path / "code"
+    (code / "scripts").mkdir(parents=True)
+    for f in ("main_swav_unmix.py", "eval_linear.py"):
+        (code / f).write_text("# stub\n")
+    (code / "scripts" / "unmix_job.sh").write_text(FOUND_BODY)
+    elsewhere, spool, bin_dir = tmp_path / "elsewhere", tmp_path / "spool", tmp_path / "bin"
+    for d in (elsewhere, spool, bin_dir):
+        d.mkdir()
+
+    def run(script, copy_to=spool, cwd=elsewhere, scontrol_command=None, **env):
+        shutil.copy(SCRIPTS[script], copy_to / "slurm_script")
+        full = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k != "CODE_DIR"}
+        if scontrol_command is not None:  # what `scontrol show job` says of the submitted command
+            (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho 'JobId=7 JobName=x'\necho '   Command={scontrol_command}'\n")
+            (bin_dir / "scontrol").chmod(0o755)
+            full.update(PATH=f"{bin_dir}:{full['PATH']}", SLURM_JOB_ID="7")
+        full.update(env)
+        r = subprocess.run(["bash", str(copy_to / "slurm_script")], cwd=cwd, env=full, capture_output=True,
+                           text=True, timeout=30)
+        return r.stdout.strip() if r.returncode == 0 else r.stderr.strip()
+
+    run.code, run.elsewhere, run.spool = code, elsewhere, spool
+    return run
+
+
+@pytest.mark.parametrize("script", ["c10", "c100"])
+def test_sbatch_scripts_find_the_code_every_way_their_header_names(find_code, script):
+    code, elsewhere, spool = find_code.code, find_code.elsewhere, find_code.spool
+    found = f"body sourced from {code}"
+    assert find_code(script, copy_to=code) == found                                  # next to the script
+    assert find_code(script, scontrol_command=f"{code}/script.sh --epochs 2",        # sbatch: the submitted file
+                     SLURM_SUBMIT_DIR=str(elsewhere)) == found
+    assert find_code(script, scontrol_command=f"{spool}/script.sh", SLURM_SUBMIT_DIR=str(code)) == found
+    assert find_code(script, SLURM_SUBMIT_DIR=str(code)) == found                    # the submit folder
+    assert find_code(script, cwd=code) == found                                      # the current folder
+    other = code.parent / "other"
+    shutil.copytree(code, other)
+    assert find_code(script, copy_to=code, CODE_DIR=str(other)) == f"body sourced from {other}"  # CODE_DIR first
+    assert find_code(script) == f"error: {elsewhere}/main_swav_unmix.py not found (set CODE_DIR to the repository)"
+
+
+def test_sbatch_scripts_differ_only_in_their_header_and_data_set():
+    """They find the code alike (what they cannot take from the code before they have found it), then run
+    the one body, scripts/unmix_job.sh."""
+    def code(path):
+        lines = [line for line in open(path).read().splitlines() if line.strip() and not line.startswith("#")]
+        return [line for line in lines if not re.match(r"(DATASET_NAME|NUM_LABELS|JOB_TAG)=", line)]
+    assert code(SCRIPTS["c10"]) == code(SCRIPTS["c100"])
+    assert code(SCRIPTS["c10"])[-1] == 'source "$CODE_DIR/scripts/unmix_job.sh"'
+
+
 def test_sbatch_headers():
     for name, path in SCRIPTS.items():
         text = open(path).read()

@@ -53,6 +53,7 @@ import reproduce_tables  # noqa: E402
 from published import DATASETS, METHODS, PUBLISHED, published_top1  # noqa: E402
 
 from src.runtime.checkpoint import atomic_write  # noqa: E402
+from src.runtime.run_folder import OPERATIONAL_FLAGS  # noqa: E402
 
 # `<dump>_linear_eval[<tag>]` / `<dump>_semisup[<tag>]`: the last such part of the name
 EVAL_FOLDER = re.compile(r"^(?P<dump>.+)_(?P<kind>linear_eval|semisup)(?P<tag>[^/]*)$")
@@ -60,11 +61,11 @@ EVAL_FILES = ("params.json", "stats0.pkl", "results.json", "train.log")
 DASH = "—"
 MARKERS = {"SwAV": "o", "Un-Mix": "s"}
 COLOURS = {"SwAV": "tab:blue", "Un-Mix": "tab:orange"}
-# Arguments that do not change what a run computes (main_swav_unmix.OPERATIONAL_FLAGS), plus the seed and
-# the data path (the data set is compared instead): runs equal in everything else are one experiment.
-NOT_SETTINGS = {"dump_path", "workers", "dist_url", "rank", "local_rank", "gpu_to_work_on", "device",
-                "checkpoint_freq", "log_freq", "knn_freq", "download", "allow_changed_args",
-                "max_nonfinite_steps", "preempt_check_freq", "epochs_run_limit", "seed", "data_path", "pretrained"}
+# What params.json holds besides the settings of an experiment: the arguments that do not change what a run
+# computes, the seed, the data path (the data set is compared instead) and the run's provenance (commit,
+# library versions, device). Runs equal in everything else (the number of processes included) are one
+# experiment.
+NOT_SETTINGS = OPERATIONAL_FLAGS | {"seed", "data_path", "provenance"}
 
 
 # ----------------------------------------------------------------------------------------------- reading
@@ -566,7 +567,9 @@ def markdown(runs, plan_lines=(), finetunings=()):
               ""]
     if any(len(g["runs"]) > 1 for g in groups):
         lines += ["## Over seeds", "", "Runs whose pretraining arguments differ only in the seed (and the data path, "
-                  "worker and logging settings): mean ± sample standard deviation (number of runs with a value).", ""]
+                  "the settings that do not change what is computed, and where and from which commit they ran; "
+                  "not the number of processes): mean ± sample standard deviation (number of runs with a value).",
+                  ""]
         lines += seeds_table(groups) + [""]
     if finetunings:
         lines += ["## Semi-supervised fine-tuning", ""] + finetunings_table(finetunings, runs)

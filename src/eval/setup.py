@@ -2,27 +2,22 @@
 eval_semisup.py (fine-tuning with 1 % or 10 % of the labels).
 
 Their common flags and checks, the start-up phase (processes, seeds, the evaluation folder, the log), the
-train/test splits and their loaders, the ETA of the log lines, and stopping after an epoch on a signal.
+train/test splits and their loaders, and stopping after an epoch on a signal.
 """
 import os
 import sys
-import time
 
 import torch
 
 from ..data.datasets import DataError, load_split
 from ..method.resnet import ARCHS
 from ..runtime import launch, signals
-from ..runtime.cli import bool_flag, check_seed, fail
-from ..runtime.logs import create_logger, format_eta, format_provenance, provenance
+from ..runtime.cli import MAX_EPOCHS, bool_flag, check_seed, fail
+from ..runtime.logs import create_logger, format_provenance, provenance
 from ..runtime.run_folder import FINE_TUNING, LINEAR, claim_evaluation_folder
 from ..runtime.startup import agree_or_fail, start_processes
 
 STATS_COLUMNS = ["epoch", "loss", "prec1", "prec5", "loss_val", "prec1_val", "prec5_val"]  # released
-# Flags that do not change what is computed (the checkpoint is compared by its content, not its path).
-OPERATIONAL_FLAGS = frozenset({"dump_path", "workers", "dist_url", "rank", "local_rank", "gpu_to_work_on", "device",
-                               "log_freq", "download", "allow_changed_args", "pretrained", "dist_timeout"})
-MAX_EPOCHS = 10000  # a bound that catches typos
 # How the messages name each evaluation: the run, running it, to run it.
 WORDS = {LINEAR: ("evaluation", "evaluating", "evaluate"), FINE_TUNING: ("fine-tuning", "fine-tuning", "fine-tune")}
 
@@ -116,19 +111,6 @@ def data_loaders(train_set, test_set, args):
     test_loader = torch.utils.data.DataLoader(test_set, batch_size=args.batch_size, shuffle=False,
                                               num_workers=args.workers, pin_memory=pin, worker_init_fn=quiet)
     return train_loader, test_loader
-
-
-class Eta:
-    """Time left, from the mean time per iteration since this process started training."""
-
-    def __init__(self, start_epoch, epochs, iterations_per_epoch):
-        self.start, self.start_epoch = time.time(), start_epoch
-        self.epochs, self.per_epoch = epochs, iterations_per_epoch
-
-    def __call__(self, epoch, it):
-        done = (epoch - self.start_epoch) * self.per_epoch + it + 1
-        remaining = (self.epochs - epoch) * self.per_epoch - it - 1
-        return format_eta((time.time() - self.start) / done * remaining)
 
 
 def stop_if_preempted(preempt, epoch, args, logger, saved):

@@ -20,6 +20,9 @@ CANNOT_WRITE_EXIT_CODE = 6  # disk full, read-only or unwritable folder
 INTERRUPTED_EXIT_CODE = 130  # Ctrl-C before the stop-signal handler was installed (128 + SIGINT)
 
 
+MAX_EPOCHS = 10000  # a bound on --epochs that catches typos (the published tables stop at 1000)
+
+
 _TRUE = {"on", "true", "1"}
 
 

@@ -258,6 +258,29 @@ def format_eta(seconds):
     return str(timedelta(seconds=seconds))
 
 
+class Clock:
+    """Training time of a run of `epochs` epochs of `iterations_per_epoch` iterations, for its log lines and
+    statistics. A resumed run continues: `offset` is the training time of its earlier processes (the stats'
+    `time` column goes on from it), and the ETA counts only the iterations of this process, which starts at
+    iteration `start_iteration` of epoch `start_epoch`."""
+
+    def __init__(self, epochs, iterations_per_epoch, start_epoch=0, start_iteration=0, offset=0.0):
+        self.total, self.per_epoch = epochs * iterations_per_epoch, iterations_per_epoch
+        self.first = start_epoch * iterations_per_epoch + start_iteration
+        self.offset, self.start = offset, time.time()
+
+    def elapsed(self):
+        """Seconds of training of the run so far, its earlier processes included."""
+        return self.offset + time.time() - self.start
+
+    def eta(self, epoch, it):
+        """Time left after iteration `it` of epoch `epoch` (H:MM:SS), from the mean time per iteration of
+        this process."""
+        iteration = epoch * self.per_epoch + it
+        per_iteration = (time.time() - self.start) / max(iteration + 1 - self.first, 1)
+        return format_eta(per_iteration * (self.total - iteration - 1))
+
+
 class AverageMeter:
     """Running average of a scalar (value of the last update, average of all)."""
 

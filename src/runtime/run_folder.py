@@ -6,7 +6,9 @@ Each entry script writes its own kind of folder: pretraining (main_swav_unmix.py
 into another kind's folder. An evaluation folder records the checkpoint it evaluates (`pretrained_file`
 in its params.json: path, size, modification time and SHA-256 of `--pretrained`), and
 `check_evaluation_folder` lets an evaluation resume there only from the same checkpoint with the same
-arguments: the numbers it reports are never another model's.
+arguments: the numbers it reports are never another model's. A pretraining resumes its folder only with the same
+arguments (`check_pretraining_folder`). `OPERATIONAL_FLAGS` names the arguments that these comparisons,
+and tools/results.py when it groups seeds, leave out.
 """
 import errno
 import fcntl
@@ -24,6 +26,16 @@ from .checkpoint import CheckpointError, atomic_write, remove_stale_temporaries
 from .logs import provenance
 
 LOCK_FILE = "run.lock"
+
+
+# The arguments of the three entry scripts that do not change what a run computes: a resumed run may differ
+# in these, and runs that differ only in these (and the seed) are seeds of one experiment. Not --world_size:
+# --batch_size is per process, so the number of processes sets the global batch. An evaluation's
+# --pretrained is compared by the checkpoint's content (`checkpoint_identity`), not its path.
+OPERATIONAL_FLAGS = frozenset({
+    "dump_path", "workers", "dist_url", "rank", "local_rank", "gpu_to_work_on", "device", "dist_timeout",
+    "download", "allow_changed_args", "log_freq", "tensorboard", "checkpoint_freq", "knn_freq",
+    "max_nonfinite_steps", "preempt_check_freq", "epochs_run_limit", "pretrained"})
 
 
 # Files a run writes in its folder: something else in their place (a folder, say) stops the run at start.
@@ -209,6 +221,36 @@ def folder_kind(dump_path):
     return None
 
 
+def _another_kind(dump_path, found, kind):
+    """The one-line problem of a folder that holds a `found` run (`folder_kind`) when a `kind` run was to use
+    it; None when it is new or of that kind."""
+    if found is None or found == kind:
+        return None
+    hint = f" (e.g. {dump_path.rstrip('/')}_linear_eval)" if found == PRETRAINING else ""
+    return f"{dump_path} holds a {found} run, not a {kind}: nothing was written there; use another --dump_path{hint}"
+
+
+def check_pretraining_folder(dump_path, params, ignore, allow_changed):
+    """May a pretraining with the arguments `params` (names in `ignore` not compared) use `dump_path`: is it
+    new, or does it hold this very run? A one-line problem, else None. With `allow_changed`, a pretraining
+    with other arguments, or whose params.json is unreadable, is resumed anyway."""
+    try:
+        found, old = folder_kind(dump_path), load_params_json(dump_path)
+    except ValueError as e:
+        if allow_changed:
+            return None
+        return (f"{e}; cannot check that {dump_path} holds a run with these arguments; "
+                "use --allow_changed_args true to resume it anyway")
+    problem = _another_kind(dump_path, found, PRETRAINING)
+    if problem is not None:
+        return problem
+    differences = changed_params(old or {}, params, ignore)
+    if differences and not allow_changed:
+        return (f"{dump_path} holds a run with other arguments ({'; '.join(differences)}); "
+                "use another --dump_path, or --allow_changed_args true to resume it anyway")
+    return None
+
+
 def checkpoint_identity(path):
     """What an evaluation records of its `--pretrained` file (None for random weights)."""
     if not path:
@@ -233,9 +275,9 @@ def check_evaluation_folder(dump_path, kind, params, identity, ignore, allow_cha
         found, old = folder_kind(dump_path), load_params_json(dump_path)
     except ValueError as e:
         return f"{e}; cannot tell what {dump_path} holds: use another --dump_path", False
-    if found is not None and found != kind:
-        return (f"{dump_path} holds a {found} run, not a {kind}: nothing was written there; use another "
-                "--dump_path" + (f" (e.g. {dump_path.rstrip('/')}_linear_eval)" if found == PRETRAINING else "")), False
+    problem = _another_kind(dump_path, found, kind)
+    if problem is not None:
+        return problem, False
     results = [n for n in ("checkpoint.pth.tar", "results.json", "stats0.csv")
                if os.path.exists(os.path.join(dump_path, n))]
     if not results:  # nothing to resume or report: the folder is as good as new
@@ -274,19 +316,45 @@ def set_aside(dump_path, names=EVALUATION_FILES):
     return target
 
 
+def _claim(dump_path, check, *subfolders):
+    """Lock `dump_path` (`prepare_dump_path`), then `check()` -> (a one-line problem or None, what it found)
+    under the lock. Returns (lock, what it found, None), or (None, None, the problem) with the lock released."""
+    try:
+        lock = prepare_dump_path(dump_path, *subfolders)
+    except CheckpointError as e:
+        return None, None, str(e)
+    problem, found = check()
+    if problem is not None:
+        lock.close()
+        return None, None, problem
+    return lock, found, None
+
+
+def claim_pretraining_folder(args, ignore):
+    """Rank 0 of a pretraining: lock `args.dump_path` (a second run on it stops before touching a file), check
+    that it is new or holds this very run (`check_pretraining_folder`), and create its checkpoints/.
+    Returns (lock, None), or (None, a one-line problem)."""
+    def check():
+        problem = check_pretraining_folder(args.dump_path, params_dict(args), ignore, args.allow_changed_args)
+        if problem is None:
+            try:
+                os.makedirs(os.path.join(args.dump_path, "checkpoints"), exist_ok=True)
+            except OSError as e:
+                problem = f"--dump_path {args.dump_path!r} is not writable ({e.strerror})"
+        return problem, None
+
+    lock, _, problem = _claim(args.dump_path, check, "checkpoints")
+    return lock, problem
+
+
 def claim_evaluation_folder(args, kind, ignore):
     """Rank 0 of an evaluation: lock `args.dump_path` (`prepare_dump_path`), check it
     (`check_evaluation_folder`) and, when allowed, set a differing earlier evaluation aside. Returns
     (lock, identity of --pretrained, folder the earlier evaluation was moved to or None, None), or
     (None, None, None, a one-line problem). The caller records the identity with its params."""
-    try:
-        lock = prepare_dump_path(args.dump_path)
-    except CheckpointError as e:
-        return None, None, None, str(e)
     identity = checkpoint_identity(args.pretrained)
-    problem, afresh = check_evaluation_folder(args.dump_path, kind, params_dict(args), identity, ignore,
-                                              args.allow_changed_args)
+    lock, afresh, problem = _claim(args.dump_path, lambda: check_evaluation_folder(
+        args.dump_path, kind, params_dict(args), identity, ignore, args.allow_changed_args))
     if problem is not None:
-        lock.close()
         return None, None, None, problem
     return lock, identity, set_aside(args.dump_path) if afresh else None, None

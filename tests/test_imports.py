@@ -1,0 +1,55 @@
+"""Who imports whom: src/data and src/method <- src/runtime <- src/eval <- the entry scripts; tools/ and
+benchmarks/ import from src (and tools/); nothing but the tests imports from tests/."""
+import ast
+import os
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# what each place may import from the repository
+ALLOWED = {
+    "src/data": {"src.data"},
+    "src/method": {"src.data", "src.method"},
+    "src/runtime": {"src.data", "src.method", "src.runtime"},
+    "src/eval": {"src.data", "src.method", "src.runtime", "src.eval"},
+    "tools": {"src", "tools"},
+    "benchmarks": {"src", "tools", "benchmarks", "main_swav_unmix"},
+}
+OURS = ("src", "tools", "benchmarks", "tests", "main_swav_unmix", "eval_linear", "eval_semisup")
+
+
+def repository_imports(path, package):
+    """The repository modules a file imports, relative imports resolved against `package`."""
+    names = []
+    for node in ast.walk(ast.parse(open(path).read(), path)):
+        if isinstance(node, ast.Import):
+            names += [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[:len(package.split(".")) - node.level + 1]
+                names.append(".".join(base + ([node.module] if node.module else [])))
+            else:
+                names.append(node.module)
+    return [n for n in names if n.split(".")[0] in OURS]
+
+
+def files(folder):
+    for dirpath, _, filenames in os.walk(os.path.join(ROOT, folder)):
+        yield from (os.path.join(dirpath, f) for f in sorted(filenames) if f.endswith(".py"))
+
+
+@pytest.mark.parametrize("folder", list(ALLOWED))
+def test_layers_import_only_from_below(folder):
+    wrong = []
+    for path in files(folder):
+        package = os.path.relpath(os.path.dirname(path), ROOT).replace(os.sep, ".")
+        wrong += [f"{os.path.relpath(path, ROOT)}: {name}" for name in repository_imports(path, package)
+                  if not any(name == a or name.startswith(a + ".") for a in ALLOWED[folder])]
+    assert wrong == []
+
+
+def test_the_check_sees_a_wrong_import(tmp_path):
+    bad = tmp_path / "bad.py"
+    bad.write_text("import os\nfrom tests.fake_cifar import write_cifar10\nfrom ..eval import setup\n")
+    assert repository_imports(str(bad), "src.runtime") == ["tests.fake_cifar", "src.eval"]
