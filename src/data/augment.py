@@ -81,14 +81,6 @@ def _default_device(generator, device):
     return torch.device("cpu")
 
 
-def _per_sample(value, n, x):
-    """A per-sample factor as a float tensor of shape (n,) on x's device (no host-to-device copy for a
-    Python number)."""
-    if isinstance(value, torch.Tensor):
-        return value.to(device=x.device, dtype=torch.float32).expand(n)
-    return torch.full((n,), float(value), dtype=torch.float32, device=x.device)
-
-
 def _view4(t):
     return t.view(-1, 1, 1, 1)
 
@@ -210,23 +202,6 @@ def _scratch(ws, name, shape, like):
     return ws(name, shape, like.dtype, like.device)
 
 
-def _select(a, b, mask):
-    """``b`` where the per-sample bool ``mask`` (n,) is true, else ``a`` (exact)."""
-    return torch.lerp(a, b, _view4(mask).to(a.dtype))
-
-
-def hflip(x, mask):
-    """Mirror the samples where ``mask`` (bool, (n,)) is true."""
-    return _select(x, x.flip(-1), mask)
-
-
-def random_hflip(x, p=0.5, generator=None, return_mask=False):
-    """``RandomHorizontalFlip(p)`` for every sample independently."""
-    mask = torch.rand(x.shape[0], device=x.device, generator=generator) < p
-    out = hflip(x, mask)
-    return (out, mask) if return_mask else out
-
-
 def rgb_to_grayscale(x, num_output_channels=1, _ws=None):
     """torchvision's tensor grey ``0.2989 R + 0.587 G + 0.114 B``: (n, 1, H, W), or expanded to 3."""
     r, g, b = x.unbind(dim=-3)
@@ -235,45 +210,21 @@ def rgb_to_grayscale(x, num_output_channels=1, _ws=None):
     return gray.expand(x.shape) if num_output_channels == 3 else gray
 
 
-def grayscale(x, mask):
-    """Replace the samples where ``mask`` is true by their (3-channel) grey image."""
-    return _select(x, rgb_to_grayscale(x), mask)
-
-
-def random_grayscale(x, p=0.2, generator=None, return_mask=False):
-    """``RandomGrayscale(p)`` for every sample independently."""
-    mask = torch.rand(x.shape[0], device=x.device, generator=generator) < p
-    out = grayscale(x, mask)
-    return (out, mask) if return_mask else out
-
-
 def _blend_(x, other_times_1mf, factor):
     """In place: ``x = clamp(f * x + (1 - f) * other, 0, 1)`` given ``(1 - f) * other`` (f per sample);
     f = 1 with other = 0 is an exact identity."""
     return torch.addcmul(other_times_1mf, x, _view4(factor), out=x).clamp_(0.0, 1.0)
 
 
-def adjust_brightness(x, factor):
-    """Per-sample ``F.adjust_brightness`` (blend with black)."""
-    return (x * _view4(_per_sample(factor, x.shape[0], x))).clamp_(0.0, 1.0)
-
-
-def adjust_contrast(x, factor):
-    """Per-sample ``F.adjust_contrast`` (blend with the mean of the grey image)."""
-    f = _per_sample(factor, x.shape[0], x)
-    mean = rgb_to_grayscale(x).mean(dim=(-3, -2, -1), keepdim=True)
-    return _blend_(x.clone(), mean * _view4(1.0 - f), f)
-
-
-def adjust_saturation(x, factor):
-    """Per-sample ``F.adjust_saturation`` (blend with the grey image)."""
-    f = _per_sample(factor, x.shape[0], x)
-    return _blend_(x.clone(), rgb_to_grayscale(x).mul_(_view4(1.0 - f)), f)
-
-
 def _hue(x, factor, ws=None):
-    """Hue-shifted copy of x (factor: (n,) float32); see :func:`adjust_hue`. With ``ws`` the result is a
-    workspace tensor."""
+    """Per-sample ``F.adjust_hue`` of float RGB images in [0, 1] (factor: (n,) float32 in [-0.5, 0.5]); with
+    ``ws`` the result is a workspace tensor.
+
+    The same HSV round trip as torchvision (``V = max``, ``S V = max - min``, hexagonal hue ``H`` with the
+    same case split), with the HSV-to-RGB step in closed form: with ``h = 6 H`` shifted by ``6 factor``
+    and wrapped to [0, 6), ``R = min + (max - min) u(h, 3)``, ``G = max - (max - min) u(h, 2)``,
+    ``B = max - (max - min) u(h, 4)``, where ``u(h, m) = clamp(|h - m| - 1, 0, 1)``. No ``torch.where``.
+    """
     r, g, b = x.unbind(dim=-3)
     plane = r.shape
     maxc = torch.maximum(r, g, out=_scratch(ws, "hue_max", plane, x))
@@ -296,17 +247,6 @@ def _hue(x, factor, ws=None):
         torch.sub(h, m, out=u).abs_().sub_(1.0).clamp_(0.0, 1.0)
         torch.addcmul(base, cr, u, value=sign, out=out.select(-3, c))
     return out
-
-
-def adjust_hue(x, factor):
-    """Per-sample ``F.adjust_hue`` on float RGB images in [0, 1] (factor in [-0.5, 0.5]).
-
-    The same HSV round trip as torchvision (``V = max``, ``S V = max - min``, hexagonal hue ``H`` with the
-    same case split), with the HSV-to-RGB step in closed form: with ``h = 6 H`` shifted by ``6 factor``
-    and wrapped to [0, 6), ``R = min + (max - min) u(h, 3)``, ``G = max - (max - min) u(h, 2)``,
-    ``B = max - (max - min) u(h, 4)``, where ``u(h, m) = clamp(|h - m| - 1, 0, 1)``. No ``torch.where``.
-    """
-    return _hue(x, _per_sample(factor, x.shape[0], x))
 
 
 def _check_range(value, name, center=1.0, bound=(0, float("inf"))):
@@ -398,25 +338,6 @@ def apply_color_jitter(x, factors, order, applied, ops=(True, True, True, True),
         op = order[:, k]
         _blend_round_(x, op, factors, _op_on(applied & (hue_pos < k), op, ops), ws)
     return x
-
-
-def color_jitter(x, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, p=0.8, generator=None,
-                 return_params=False):
-    """``RandomApply([ColorJitter(brightness, contrast, saturation, hue)], p)`` per sample."""
-    params = sample_color_jitter_params(x.shape[0], brightness, contrast, saturation, hue, p,
-                                        generator=generator, device=x.device)
-    ops = (_check_range(brightness, "brightness") is not None, _check_range(contrast, "contrast") is not None,
-           _check_range(saturation, "saturation") is not None,
-           _check_range(hue, "hue", center=0.0, bound=(-0.5, 0.5)) is not None)
-    out = apply_color_jitter(x, *params, ops=ops)
-    return (out, params) if return_params else out
-
-
-def normalize(x, mean, std):
-    """``Normalize(mean, std)`` for a batch."""
-    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    return (x - m) / s
 
 
 class GPUMultiCrop:
