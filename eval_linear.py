@@ -17,6 +17,7 @@ import torch.nn as nn
 from src.data.constants import CIFAR_MEAN, EVAL_STD
 from src.data.transforms import LabeledDataset, eval_transforms, plain_tensor
 from src.eval import setup as evaluation
+from src.eval.metrics import correct_counts
 from src.eval.pretrained import PretrainedError, read_state_dict
 from src.eval.setup import (
     STATS_COLUMNS,
@@ -26,12 +27,14 @@ from src.eval.setup import (
     check_shared_args,
     data_loaders,
     load_splits,
+    make_scheduler,
+    resume_evaluation,
     set_up,
     stop_if_preempted,
 )
 from src.method.resnet import build_model
 from src.runtime import launch
-from src.runtime.checkpoint import CheckpointError, atomic_save, safe_load, strip_module_prefix
+from src.runtime.checkpoint import atomic_save
 from src.runtime.cli import ArgumentParser, bool_flag, fail, run_main
 from src.runtime.logs import AverageMeter, CurveWriter, Stats, format_eta
 from src.runtime.run_folder import LINEAR, save_params, write_json
@@ -137,14 +140,6 @@ def load_pretrained(model, path, allow_mismatch, logger):
     logger.info(f"Load pretrained model with msg: {msg}")
 
 
-def accuracy(output, target, topk=(1,)):
-    """Precision@k in percent for each k."""
-    maxk = max(topk)
-    _, pred = output.topk(maxk, 1, True, True)
-    correct = pred.t().eq(target.view(1, -1).expand_as(pred.t()))
-    return [correct[:k].reshape(-1).float().sum(0) * 100.0 / target.size(0) for k in topk]
-
-
 def main():
     args = get_parser().parse_args()
     check_args(args)
@@ -231,15 +226,14 @@ def train_released(args, model, linear, train_data, test_data, maxk, curves, log
     # ============ optimiser ============
     optimizer = torch.optim.SGD(linear.parameters(), lr=args.lr, nesterov=args.nesterov, momentum=0.9,
                                 weight_decay=args.wd)
-    if args.scheduler_type == "step":
-        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, args.decay_epochs, gamma=args.gamma)
-    else:
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.epochs, eta_min=args.final_lr)
+    scheduler = make_scheduler(optimizer, args.scheduler_type, args.epochs, args.final_lr, args.decay_epochs,
+                               args.gamma)
 
     # ============ resume ============
-    start_epoch, best_acc = resume_classifier(args, linear, optimizer, scheduler, logger)
+    start_epoch, best_acc, resumed = resume_evaluation(args, LINEAR, linear, optimizer, scheduler, logger,
+                                                       no_best=0.0)
     stats = Stats(os.path.join(args.dump_path, f"stats{args.rank}"), STATS_COLUMNS,
-                  resume_before_epoch=start_epoch if start_epoch else None, log=logger.info)
+                  resume_before_epoch=start_epoch if resumed else None, log=logger.info)
     last1 = last5 = float("nan")
     eta = Eta(start_epoch, args.epochs, len(train_loader))
 
@@ -283,36 +277,15 @@ def train(model, linear, optimizer, loader, epoch, maxk, args, logger, eta):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        acc1, acc5 = accuracy(output, target, topk=(1, maxk))
+        c1, c5 = correct_counts(output.detach(), target, (1, maxk)).tolist()
         losses.update(loss.item(), inp.size(0))
-        top1.update(acc1.item(), inp.size(0))
-        top5.update(acc5.item(), inp.size(0))
+        top1.update(100.0 * c1 / inp.size(0), inp.size(0))
+        top5.update(100.0 * c5 / inp.size(0), inp.size(0))
         if args.rank == 0 and it % args.log_freq == 0:
             logger.info(f"Epoch[{epoch}] - Iter: [{it}/{len(loader)}]\tLoss {losses.val:.4f} "
                         f"({losses.avg:.4f})\tPrec {top1.val:.3f} ({top1.avg:.3f})\t"
                         f"LR {optimizer.param_groups[0]['lr']:.4f}\tETA {eta(epoch, it)}")
     return losses.avg, top1.avg, top5.avg
-
-
-def resume_classifier(args, linear, optimizer, scheduler, logger):
-    """(first epoch, best top-1 so far) from the evaluation's checkpoint; (0, 0.0) without one."""
-    ckpt_path = os.path.join(args.dump_path, "checkpoint.pth.tar")
-    if not os.path.isfile(ckpt_path):
-        return 0, 0.0
-    try:
-        ckpt = safe_load(ckpt_path)
-        target = linear.module if hasattr(linear, "module") else linear
-        target.load_state_dict(strip_module_prefix(ckpt["state_dict"]))
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        start_epoch, best_acc = int(ckpt["epoch"]), float(ckpt["best_acc"])
-    except (CheckpointError, KeyError, RuntimeError, TypeError, ValueError) as e:
-        fail(f"{ckpt_path}: cannot resume the linear classifier ({(str(e).splitlines() or [type(e).__name__])[0]}); "
-             "move it away to start the evaluation afresh")
-    if start_epoch < 0:
-        fail(f"{ckpt_path}: epoch {start_epoch} cannot be negative; move it away to start the evaluation afresh")
-    logger.info(f"Resumed linear evaluation from epoch {start_epoch} (best so far {best_acc:.1f})")
-    return start_epoch, best_acc
 
 
 @torch.no_grad()
@@ -325,10 +298,10 @@ def validate(loader, model, linear, maxk, device):
         inp, target = inp.to(device, non_blocking=True), target.to(device, non_blocking=True)
         output = linear(model(inp))
         loss = criterion(output, target)
-        acc1, acc5 = accuracy(output, target, topk=(1, maxk))
+        c1, c5 = correct_counts(output.detach(), target, (1, maxk)).tolist()
         losses.update(loss.item(), inp.size(0))
-        top1.update(acc1.item(), inp.size(0))
-        top5.update(acc5.item(), inp.size(0))
+        top1.update(100.0 * c1 / inp.size(0), inp.size(0))
+        top5.update(100.0 * c5 / inp.size(0), inp.size(0))
     return losses.avg, top1.avg, top5.avg
 
 
