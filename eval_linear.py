@@ -3,8 +3,11 @@
 Default (`--probe released`): the released protocol — frozen backbone in eval mode, a linear classifier
 on average-pooled layer4 features trained with augmented crops, cosine schedule stepped per epoch, the
 test split evaluated after every epoch, and the best test top-1 over epochs reported as
-"Top-1 test accuracy". `--probe cached`: extract the un-augmented train/test features once and train the
-same classifier with the same optimiser, schedule and epochs on those tensors (much faster; see README).
+"Top-1 test accuracy". Its crops come from the released DataLoader of PIL transforms (`--augment
+released`) or are made on the device and run through the network many at once (`--augment batched`,
+src/eval/batched_probe.py, which lists how that differs). `--probe cached`: extract the un-augmented
+train/test features once and train the same classifier with the same optimiser, schedule and epochs on
+those tensors (much faster; see README).
 Reads top to bottom: arguments -> data -> model -> optimiser -> resume -> epoch loop.
 """
 import argparse
@@ -68,6 +71,13 @@ def get_parser():
     g.add_argument("--probe", default="released", choices=["released", "cached"],
                    help="released: augmented crops through the frozen network every epoch; "
                         "cached: un-augmented features extracted once, classifier trained on them")
+    g.add_argument("--augment", default="released", choices=["released", "batched"],
+                   help="crops of --probe released: released = the DataLoader of PIL transforms, one batch "
+                        "through the network at a time; batched = made on the device, the network run on "
+                        "--crops_per_chunk crops at once (bfloat16 on CUDA; see src/eval/batched_probe.py)")
+    g.add_argument("--crops_per_chunk", type=int, default=0,
+                   help="--augment batched: crops made and run through the network at once, rounded down to "
+                        "whole batches (0: 32768 on CUDA, 2048 on the CPU)")
     g.add_argument("--tensorboard", type=bool_flag, default=False,
                    help="write the curves (train loss, test top-1/top-5, lr per epoch) for TensorBoard to "
                         "<dump_path>/tensorboard (needs the tensorboard package)")
@@ -86,6 +96,10 @@ def check_args(args):
     if args.workers < 0 or args.dist_timeout <= 0:
         fail(f"--workers must not be negative and --dist_timeout must be positive "
              f"(got {args.workers}, {args.dist_timeout})")
+    if args.augment == "batched" and args.probe == "cached":
+        fail("--augment batched makes the crops of --probe released; --probe cached trains on un-augmented images")
+    if args.crops_per_chunk < 0:
+        fail(f"--crops_per_chunk must not be negative, got {args.crops_per_chunk}")
 
 
 class RegLog(nn.Module):
@@ -178,12 +192,13 @@ def main():
     seconds = time.time() - t_start
     logger.info("Training of the supervised linear classifier on frozen features completed.\n"
                 f"Top-1 test accuracy: {best:.1f}")
+    crops = "" if args.probe == "cached" else f", {args.augment} crops"
     logger.info(f"Last-epoch test accuracy: top-1 {last1:.1f} top-{maxk} {last5:.1f} "
-                f"({args.probe} probe, {format_eta(seconds)})")
+                f"({args.probe} probe{crops}, {format_eta(seconds)})")
     if args.rank == 0:
         write_json(os.path.join(args.dump_path, "results.json"),
                    {"best_top1": best, "last_top1": last1, "last_top5": last5, "epochs": args.epochs,
-                    "mode": args.probe, "seconds": seconds}, indent=1)
+                    "mode": args.probe, "augment": args.augment, "seconds": seconds}, indent=1)
     curves.close()
     launch.cleanup()
 
@@ -214,14 +229,24 @@ def train_cached(args, model, train_data, test_data, curves, logger, t_start):
 
 
 def train_released(args, model, linear, train_data, test_data, maxk, curves, logger, preempt):
-    """The released loop: augmented crops, DDP classifier, test after every epoch, best-of-epochs top-1.
-    Returns (best top-1, last top-1, last top-k)."""
-    train_tf, test_tf = eval_transforms(args.crop_size)
-    train_loader, test_loader = data_loaders(LabeledDataset(*train_data, train_tf), LabeledDataset(*test_data, test_tf),
-                                             args)
-    if args.world_size > 1:
-        linear = nn.parallel.DistributedDataParallel(
-            linear, device_ids=[args.device.index] if args.device.type == "cuda" else None)
+    """The released loop: augmented crops, test after every epoch, best-of-epochs top-1. The crops come
+    from the released loaders (DDP classifier) or, with --augment batched, from the device
+    (src/eval/batched_probe.py). Returns (best top-1, last top-1, last top-k)."""
+    if args.augment == "batched":
+        from src.eval.batched_probe import BatchedProbe
+        probe = BatchedProbe(model, train_data, test_data, args.crop_size, args.batch_size, args.seed, args.rank,
+                             args.world_size, args.crops_per_chunk)
+        iterations = probe.iterations
+        logger.info(f"Batched crops: {probe.chunk} per chunk on {args.device}; test features computed once "
+                    f"{tuple(probe.test_features.shape)}")
+    else:
+        train_tf, test_tf = eval_transforms(args.crop_size)
+        train_loader, test_loader = data_loaders(LabeledDataset(*train_data, train_tf),
+                                                 LabeledDataset(*test_data, test_tf), args)
+        iterations = len(train_loader)
+        if args.world_size > 1:
+            linear = nn.parallel.DistributedDataParallel(
+                linear, device_ids=[args.device.index] if args.device.type == "cuda" else None)
 
     # ============ optimiser ============
     optimizer = torch.optim.SGD(linear.parameters(), lr=args.lr, nesterov=args.nesterov, momentum=0.9,
@@ -235,13 +260,17 @@ def train_released(args, model, linear, train_data, test_data, maxk, curves, log
     stats = Stats(os.path.join(args.dump_path, f"stats{args.rank}"), STATS_COLUMNS,
                   resume_before_epoch=start_epoch if resumed else None, log=logger.info)
     last1 = last5 = float("nan")
-    eta = Eta(start_epoch, args.epochs, len(train_loader))
+    eta = Eta(start_epoch, args.epochs, iterations)
 
     # ============ epoch loop ============
     for epoch in range(start_epoch, args.epochs):
-        train_loader.sampler.set_epoch(epoch)
-        loss, top1, top5 = train(model, linear, optimizer, train_loader, epoch, maxk, args, logger, eta)
-        loss_val, last1, last5 = validate(test_loader, model, linear, maxk, args.device)
+        if args.augment == "batched":
+            loss, top1, top5 = train_batched(probe, linear, optimizer, epoch, maxk, args, logger, eta)
+            loss_val, last1, last5 = probe.test(linear.linear, maxk)
+        else:
+            train_loader.sampler.set_epoch(epoch)
+            loss, top1, top5 = train(model, linear, optimizer, train_loader, epoch, maxk, args, logger, eta)
+            loss_val, last1, last5 = validate(test_loader, model, linear, maxk, args.device)
         best_acc = max(best_acc, last1)
         logger.info(f"Test:\tLoss {loss_val:.4f}\tAcc@1 {last1:.3f}\tAcc@{maxk} {last5:.3f}\t"
                     f"Best Acc@1 so far {best_acc:.1f}")
@@ -286,6 +315,18 @@ def train(model, linear, optimizer, loader, epoch, maxk, args, logger, eta):
                         f"({losses.avg:.4f})\tPrec {top1.val:.3f} ({top1.avg:.3f})\t"
                         f"LR {optimizer.param_groups[0]['lr']:.4f}\tETA {eta(epoch, it)}")
     return losses.avg, top1.avg, top5.avg
+
+
+def train_batched(probe, linear, optimizer, epoch, maxk, args, logger, eta):
+    """One epoch of the classifier on the features of crops made on the device; returns its (loss, top-1,
+    top-k) averages. Logs after each chunk of crops that holds an iteration divisible by --log_freq."""
+    iterations = probe.iterations
+
+    def log(it, loss, top1):
+        logger.info(f"Epoch[{epoch}] - Iter: [{it}/{iterations}]\tLoss ({loss:.4f})\tPrec ({top1:.3f})\t"
+                    f"LR {optimizer.param_groups[0]['lr']:.4f}\tETA {eta(epoch, it)}")
+
+    return probe.train_epoch(linear.linear, optimizer, epoch, maxk, args.log_freq, log if args.rank == 0 else None)
 
 
 @torch.no_grad()

@@ -1,4 +1,5 @@
-"""Batched on-device multi-crop augmentation (the fast path).
+"""Batched on-device augmentation (the fast paths): the pretraining multi-crops (`GPUMultiCrop`) and the
+linear evaluation's training crops (`ResizedCropFlip`).
 
 The whole training split lives on the training device as one uint8 ``N x 3 x H x W`` tensor and every
 iteration produces all crops of a batch with a handful of batched tensor operations: no per-image
@@ -13,7 +14,8 @@ Per crop it draws, independently for every sample, what the released torchvision
     RandomGrayscale(0.2)
     ToTensor(); Normalize(mean, std)
 
-and it is distributionally equal to it under **torchvision's tensor semantics** (what the functional ops
+(a linear-evaluation crop: the crop and the flip, scale (0.08, 1), then ToTensor and Normalize), and it
+is distributionally equal to it under **torchvision's tensor semantics** (what the functional ops
 do on float tensors in [0, 1]):
 
 * ``RandomResizedCrop``: exactly ``RandomResizedCrop.get_params`` (10 tries of a uniform area fraction
@@ -424,3 +426,37 @@ class GPUMultiCrop:
                 crops[g] = list(x[pos:pos + B * self.nmb_crops[g]].split(B))
                 pos += B * self.nmb_crops[g]
         return [c for group in crops for c in group]
+
+
+class ResizedCropFlip:
+    """The linear evaluation's training transform for a batch of a data set kept on the device:
+    ``RandomResizedCrop(size)`` (scale (0.08, 1), ratio (3/4, 4/3), bilinear), ``RandomHorizontalFlip()``,
+    ``ToTensor()``, ``Normalize(mean, std)``, under the tensor semantics described at the top.
+
+    ``images_uint8_nhwc``: (N, H, W, 3) uint8 on the device that should do the work (kept as
+    (N, 3, H, W)). ``__call__(indices, generator)`` returns (B, 3, size, size) float32 crops: the crop
+    parameters of all samples are drawn first, then the flips, from ``generator``."""
+
+    def __init__(self, images_uint8_nhwc, size, mean, std, scale=(0.08, 1.0), ratio=(3.0 / 4.0, 4.0 / 3.0)):
+        images = torch.as_tensor(images_uint8_nhwc)
+        assert images.dtype == torch.uint8 and images.ndim == 4 and images.shape[-1] == 3, \
+            "expected an (N, H, W, 3) uint8 tensor"
+        self.data = images.permute(0, 3, 1, 2).contiguous()
+        self.device = self.data.device
+        self.height, self.width = self.data.shape[-2:]
+        self.size, self.scale, self.ratio = int(size), tuple(scale), tuple(ratio)
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+
+    def __len__(self):
+        return self.data.shape[0]
+
+    def __call__(self, indices, generator=None):
+        idx = torch.as_tensor(indices, dtype=torch.long).to(self.device, non_blocking=True)
+        n = idx.shape[0]
+        top, left, h, w = sample_resized_crop_params(self.height, self.width, n, self.scale, self.ratio,
+                                                     generator=generator, device=self.device)
+        flip = torch.rand(n, device=self.device, generator=generator) < 0.5
+        src = self.data.index_select(0, idx).float().div_(255.0)  # ToTensor
+        x = resized_crop(src, top, left, h, w, self.size, flip=flip)
+        return x.sub_(self.mean).div_(self.std)  # Normalize, as torchvision computes it
