@@ -20,15 +20,16 @@ import torch.nn as nn
 from src.data.constants import CIFAR_MEAN, EVAL_STD
 from src.data.transforms import LabeledDataset, eval_transforms, plain_tensor
 from src.eval import setup as evaluation
-from src.eval.metrics import correct_counts
 from src.eval.pretrained import PretrainedError, read_state_dict
 from src.eval.setup import (
     STATS_COLUMNS,
+    EpochMeters,
     Eta,
     add_shared_new_flags,
     add_shared_released_flags,
     check_shared_args,
     data_loaders,
+    evaluate,
     load_splits,
     make_scheduler,
     resume_evaluation,
@@ -39,7 +40,7 @@ from src.method.resnet import build_model
 from src.runtime import launch
 from src.runtime.checkpoint import atomic_save
 from src.runtime.cli import ArgumentParser, bool_flag, fail, run_main
-from src.runtime.logs import AverageMeter, CurveWriter, Stats, format_eta
+from src.runtime.logs import CurveWriter, Stats, format_eta
 from src.runtime.run_folder import LINEAR, save_params, write_json
 
 # Flags that do not change what is computed (the checkpoint is compared by its content, not its path).
@@ -296,7 +297,7 @@ def train(model, linear, optimizer, loader, epoch, maxk, args, logger, eta):
     averages."""
     linear.train()
     criterion = nn.CrossEntropyLoss()
-    losses, top1, top5 = AverageMeter(), AverageMeter(), AverageMeter()
+    meters = EpochMeters(maxk)
     for it, (inp, target) in enumerate(loader):
         inp, target = inp.to(args.device, non_blocking=True), target.to(args.device, non_blocking=True)
         with torch.no_grad():
@@ -306,15 +307,12 @@ def train(model, linear, optimizer, loader, epoch, maxk, args, logger, eta):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        c1, c5 = correct_counts(output.detach(), target, (1, maxk)).tolist()
-        losses.update(loss.item(), inp.size(0))
-        top1.update(100.0 * c1 / inp.size(0), inp.size(0))
-        top5.update(100.0 * c5 / inp.size(0), inp.size(0))
+        meters.update(loss, output, target)
         if args.rank == 0 and it % args.log_freq == 0:
-            logger.info(f"Epoch[{epoch}] - Iter: [{it}/{len(loader)}]\tLoss {losses.val:.4f} "
-                        f"({losses.avg:.4f})\tPrec {top1.val:.3f} ({top1.avg:.3f})\t"
+            logger.info(f"Epoch[{epoch}] - Iter: [{it}/{len(loader)}]\tLoss {meters.loss.val:.4f} "
+                        f"({meters.loss.avg:.4f})\tPrec {meters.top1.val:.3f} ({meters.top1.avg:.3f})\t"
                         f"LR {optimizer.param_groups[0]['lr']:.4f}\tETA {eta(epoch, it)}")
-    return losses.avg, top1.avg, top5.avg
+    return meters.averages()
 
 
 def train_batched(probe, linear, optimizer, epoch, maxk, args, logger, eta):
@@ -329,21 +327,10 @@ def train_batched(probe, linear, optimizer, epoch, maxk, args, logger, eta):
     return probe.train_epoch(linear.linear, optimizer, epoch, maxk, args.log_freq, log if args.rank == 0 else None)
 
 
-@torch.no_grad()
 def validate(loader, model, linear, maxk, device):
     """(loss, top-1, top-k) of the classifier on the whole test split (in every process, as released)."""
     linear.eval()
-    criterion = nn.CrossEntropyLoss()
-    losses, top1, top5 = AverageMeter(), AverageMeter(), AverageMeter()
-    for inp, target in loader:
-        inp, target = inp.to(device, non_blocking=True), target.to(device, non_blocking=True)
-        output = linear(model(inp))
-        loss = criterion(output, target)
-        c1, c5 = correct_counts(output.detach(), target, (1, maxk)).tolist()
-        losses.update(loss.item(), inp.size(0))
-        top1.update(100.0 * c1 / inp.size(0), inp.size(0))
-        top5.update(100.0 * c5 / inp.size(0), inp.size(0))
-    return losses.avg, top1.avg, top5.avg
+    return evaluate(lambda images: linear(model(images)), loader, maxk, device)
 
 
 if __name__ == "__main__":

@@ -21,16 +21,17 @@ import torch
 import torch.nn as nn
 
 from src.data.transforms import LabeledDataset, eval_transforms
-from src.eval.metrics import correct_counts
 from src.eval.pretrained import PretrainedError, load_weights, read_state_dict
 from src.eval.setup import (
     OPERATIONAL_FLAGS,
     STATS_COLUMNS,
+    EpochMeters,
     Eta,
     add_shared_new_flags,
     add_shared_released_flags,
     check_shared_args,
     data_loaders,
+    evaluate,
     load_splits,
     make_scheduler,
     resume_evaluation,
@@ -231,7 +232,7 @@ def train(model, optimizer, loader, epoch, maxk, args, logger, eta):
     model.train()
     criterion = nn.CrossEntropyLoss()
     batch_time, data_time = AverageMeter(), AverageMeter()
-    losses, top1, top5 = AverageMeter(), AverageMeter(), AverageMeter()
+    meters = EpochMeters(maxk)
     end = time.perf_counter()
     for it, (inp, target) in enumerate(loader):
         data_time.update(time.perf_counter() - end)
@@ -241,37 +242,24 @@ def train(model, optimizer, loader, epoch, maxk, args, logger, eta):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        c1, c5 = correct_counts(output.detach(), target, (1, maxk)).tolist()
-        losses.update(loss.item(), inp.size(0))
-        top1.update(100.0 * c1 / inp.size(0), inp.size(0))
-        top5.update(100.0 * c5 / inp.size(0), inp.size(0))
+        meters.update(loss, output, target)
         batch_time.update(time.perf_counter() - end)
         end = time.perf_counter()
         if args.rank == 0 and it % args.log_freq == 0:
             logger.info(f"Epoch[{epoch}] - Iter: [{it}/{len(loader)}]\t"
                         f"Time {batch_time.val:.3f} ({batch_time.avg:.3f})\t"
                         f"Data {data_time.val:.3f} ({data_time.avg:.3f})\t"
-                        f"Loss {losses.val:.4f} ({losses.avg:.4f})\tPrec {top1.val:.3f} ({top1.avg:.3f})\t"
-                        f"LR trunk {optimizer.param_groups[0]['lr']}\tLR head {optimizer.param_groups[1]['lr']}\t"
+                        f"Loss {meters.loss.val:.4f} ({meters.loss.avg:.4f})\t"
+                        f"Prec {meters.top1.val:.3f} ({meters.top1.avg:.3f})\tLR trunk {optimizer.param_groups[0]['lr']}\tLR head {optimizer.param_groups[1]['lr']}\t"
                         f"ETA {eta(epoch, it)}")
-    return losses.avg, top1.avg, top5.avg
+    return meters.averages()
 
 
-@torch.no_grad()
 def validate(loader, model, maxk, device):
     """(loss, top-1, top-k) on the whole test split, network in eval mode (every rank evaluates all of it,
     as released)."""
     model.eval()
-    criterion = nn.CrossEntropyLoss()
-    losses, top1, top5 = AverageMeter(), AverageMeter(), AverageMeter()
-    for inp, target in loader:
-        inp, target = inp.to(device, non_blocking=True), target.to(device, non_blocking=True)
-        output = model(inp)
-        c1, c5 = correct_counts(output, target, (1, maxk)).tolist()
-        losses.update(criterion(output, target).item(), inp.size(0))
-        top1.update(100.0 * c1 / inp.size(0), inp.size(0))
-        top5.update(100.0 * c5 / inp.size(0), inp.size(0))
-    return losses.avg, top1.avg, top5.avg
+    return evaluate(model, loader, maxk, device)
 
 
 if __name__ == "__main__":

@@ -342,6 +342,15 @@ def apply_color_jitter(x, factors, order, applied, ops=(True, True, True, True),
     return x
 
 
+def channels_first(images_uint8_nhwc):
+    """A data set of (N, H, W, 3) uint8 images (CIFAR's layout) as one (N, 3, H, W) uint8 tensor on its
+    device, as the batched paths keep it."""
+    images = torch.as_tensor(images_uint8_nhwc)
+    assert images.dtype == torch.uint8 and images.ndim == 4 and images.shape[-1] == 3, \
+        "expected an (N, H, W, 3) uint8 tensor"
+    return images.permute(0, 3, 1, 2).contiguous()
+
+
 class GPUMultiCrop:
     """All multi-crops of a batch from a data set kept on the device.
 
@@ -357,10 +366,7 @@ class GPUMultiCrop:
                  ratio=(3.0 / 4.0, 4.0 / 3.0), jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, flip_p=0.5,
                  grayscale_p=0.2):
         assert len(size_crops) == len(nmb_crops) == len(min_scale_crops) == len(max_scale_crops)
-        images = torch.as_tensor(images_uint8_nhwc)
-        assert images.dtype == torch.uint8 and images.ndim == 4 and images.shape[-1] == 3, \
-            "expected an (N, H, W, 3) uint8 tensor"
-        self.data = images.permute(0, 3, 1, 2).contiguous()
+        self.data = channels_first(images_uint8_nhwc)
         self.device = self.data.device
         self.height, self.width = self.data.shape[-2:]
         self.size_crops = [int(s) for s in size_crops]
@@ -438,10 +444,7 @@ class ResizedCropFlip:
     parameters of all samples are drawn first, then the flips, from ``generator``."""
 
     def __init__(self, images_uint8_nhwc, size, mean, std, scale=(0.08, 1.0), ratio=(3.0 / 4.0, 4.0 / 3.0)):
-        images = torch.as_tensor(images_uint8_nhwc)
-        assert images.dtype == torch.uint8 and images.ndim == 4 and images.shape[-1] == 3, \
-            "expected an (N, H, W, 3) uint8 tensor"
-        self.data = images.permute(0, 3, 1, 2).contiguous()
+        self.data = channels_first(images_uint8_nhwc)
         self.device = self.data.device
         self.height, self.width = self.data.shape[-2:]
         self.size, self.scale, self.ratio = int(size), tuple(scale), tuple(ratio)

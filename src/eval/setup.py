@@ -10,6 +10,7 @@ import time
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..data.datasets import DataError, load_split
 from ..method.resnet import ARCHS
@@ -17,9 +18,10 @@ from ..method.train_step import unwrap
 from ..runtime import launch, signals
 from ..runtime.checkpoint import CheckpointError, find_resume_checkpoint, set_rng_state, strip_module_prefix
 from ..runtime.cli import bool_flag, check_seed, fail
-from ..runtime.logs import create_logger, format_eta, format_provenance, provenance
+from ..runtime.logs import AverageMeter, create_logger, format_eta, format_provenance, provenance
 from ..runtime.run_folder import FINE_TUNING, LINEAR, claim_evaluation_folder
 from ..runtime.startup import agree_or_fail, start_processes
+from .metrics import correct_counts
 
 STATS_COLUMNS = ["epoch", "loss", "prec1", "prec5", "loss_val", "prec1_val", "prec5_val"]  # released
 # Flags that do not change what is computed (the checkpoint is compared by its content, not its path).
@@ -166,6 +168,37 @@ def resume_evaluation(args, kind, model, optimizer, scheduler, logger, no_best):
     logger.info(f"Resumed {run} from epoch {start_epoch} "
                 f"(best top-1 so far {best[0] if isinstance(best, tuple) else best:.1f})")
     return start_epoch, best, True
+
+
+class EpochMeters:
+    """The released running averages of an epoch, weighted by batch size: the loss, and the top-1 and
+    top-k accuracies in percent (`val`: the last batch's, `avg`: the average so far)."""
+
+    def __init__(self, maxk):
+        self.maxk = maxk
+        self.loss, self.top1, self.topk = AverageMeter(), AverageMeter(), AverageMeter()
+
+    def update(self, loss, output, target):
+        n = target.shape[0]
+        c1, ck = correct_counts(output.detach(), target, (1, self.maxk)).tolist()
+        self.loss.update(loss.item(), n)
+        self.top1.update(100.0 * c1 / n, n)
+        self.topk.update(100.0 * ck / n, n)
+
+    def averages(self):
+        return self.loss.avg, self.top1.avg, self.topk.avg
+
+
+@torch.no_grad()
+def evaluate(forward, loader, maxk, device):
+    """(loss, top-1, top-k) of the classifier `forward(images)` on the whole test split of `loader` (every
+    process evaluates all of it, as released)."""
+    meters = EpochMeters(maxk)
+    for inp, target in loader:
+        inp, target = inp.to(device, non_blocking=True), target.to(device, non_blocking=True)
+        output = forward(inp)
+        meters.update(F.cross_entropy(output, target), output, target)
+    return meters.averages()
 
 
 class Eta:
