@@ -3,8 +3,11 @@
 Default (`--probe released`): the released protocol — frozen backbone in eval mode, a linear classifier
 on average-pooled layer4 features trained with augmented crops, cosine schedule stepped per epoch, the
 test split evaluated after every epoch, and the best test top-1 over epochs reported as
-"Top-1 test accuracy". `--probe cached`: extract the un-augmented train/test features once and train the
-same classifier with the same optimiser, schedule and epochs on those tensors (much faster; see README).
+"Top-1 test accuracy". Its crops come from the released DataLoader of PIL transforms (`--augment
+released`) or are made on the device and run through the network many at once (`--augment batched`,
+src/eval/batched_probe.py, which lists how that differs). `--probe cached`: extract the un-augmented
+train/test features once and train the same classifier with the same optimiser, schedule and epochs on
+those tensors (much faster; see README).
 Reads top to bottom: arguments -> data -> model -> optimiser -> resume -> epoch loop.
 """
 import argparse
@@ -19,19 +22,23 @@ from src.data.transforms import LabeledDataset, eval_transforms, plain_tensor
 from src.eval.pretrained import PretrainedError, read_state_dict
 from src.eval.setup import (
     STATS_COLUMNS,
+    EpochMeters,
     add_shared_new_flags,
     add_shared_released_flags,
     check_shared_args,
     data_loaders,
+    evaluate,
     load_splits,
+    make_scheduler,
+    resume_evaluation,
     set_up,
     stop_if_preempted,
 )
 from src.method.resnet import build_model
 from src.runtime import launch
-from src.runtime.checkpoint import CheckpointError, atomic_save, safe_load, strip_module_prefix
+from src.runtime.checkpoint import atomic_save
 from src.runtime.cli import ArgumentParser, bool_flag, fail, run_main
-from src.runtime.logs import AverageMeter, Clock, CurveWriter, Stats, format_eta
+from src.runtime.logs import Clock, CurveWriter, Stats, format_eta
 from src.runtime.run_folder import LINEAR, OPERATIONAL_FLAGS, save_params, write_json
 
 
@@ -60,6 +67,13 @@ def get_parser():
     g.add_argument("--probe", default="released", choices=["released", "cached"],
                    help="released: augmented crops through the frozen network every epoch; "
                         "cached: un-augmented features extracted once, classifier trained on them")
+    g.add_argument("--augment", default="released", choices=["released", "batched"],
+                   help="crops of --probe released: released = the DataLoader of PIL transforms, one batch "
+                        "through the network at a time; batched = made on the device, the network run on "
+                        "--crops_per_chunk crops at once (bfloat16 on CUDA; see src/eval/batched_probe.py)")
+    g.add_argument("--crops_per_chunk", type=int, default=0,
+                   help="--augment batched: crops made and run through the network at once, rounded down to "
+                        "whole batches (0: 32768 on CUDA, 2048 on the CPU)")
     g.add_argument("--tensorboard", type=bool_flag, default=False,
                    help="write the curves (train loss, test top-1/top-5, lr per epoch) for TensorBoard to "
                         "<dump_path>/tensorboard (needs the tensorboard package)")
@@ -78,6 +92,10 @@ def check_args(args):
     if args.workers < 0 or args.dist_timeout <= 0:
         fail(f"--workers must not be negative and --dist_timeout must be positive "
              f"(got {args.workers}, {args.dist_timeout})")
+    if args.augment == "batched" and args.probe == "cached":
+        fail("--augment batched makes the crops of --probe released; --probe cached trains on un-augmented images")
+    if args.crops_per_chunk < 0:
+        fail(f"--crops_per_chunk must not be negative, got {args.crops_per_chunk}")
 
 
 class RegLog(nn.Module):
@@ -132,14 +150,6 @@ def load_pretrained(model, path, allow_mismatch, logger):
     logger.info(f"Load pretrained model with msg: {msg}")
 
 
-def accuracy(output, target, topk=(1,)):
-    """Precision@k in percent for each k."""
-    maxk = max(topk)
-    _, pred = output.topk(maxk, 1, True, True)
-    correct = pred.t().eq(target.view(1, -1).expand_as(pred.t()))
-    return [correct[:k].reshape(-1).float().sum(0) * 100.0 / target.size(0) for k in topk]
-
-
 def main():
     args = get_parser().parse_args()
     check_args(args)
@@ -178,12 +188,13 @@ def main():
     seconds = time.time() - t_start
     logger.info("Training of the supervised linear classifier on frozen features completed.\n"
                 f"Top-1 test accuracy: {best:.1f}")
+    crops = "" if args.probe == "cached" else f", {args.augment} crops"
     logger.info(f"Last-epoch test accuracy: top-1 {last1:.1f} top-{maxk} {last5:.1f} "
-                f"({args.probe} probe, {format_eta(seconds)})")
+                f"({args.probe} probe{crops}, {format_eta(seconds)})")
     if args.rank == 0:
         write_json(os.path.join(args.dump_path, "results.json"),
                    {"best_top1": best, "last_top1": last1, "last_top5": last5, "epochs": args.epochs,
-                    "mode": args.probe, "seconds": seconds}, indent=1)
+                    "mode": args.probe, "augment": args.augment, "seconds": seconds}, indent=1)
     curves.close()
     launch.cleanup()
 
@@ -214,35 +225,48 @@ def train_cached(args, model, train_data, test_data, curves, logger, t_start):
 
 
 def train_released(args, model, linear, train_data, test_data, maxk, curves, logger, preempt):
-    """The released loop: augmented crops, DDP classifier, test after every epoch, best-of-epochs top-1.
-    Returns (best top-1, last top-1, last top-k)."""
-    train_tf, test_tf = eval_transforms(args.crop_size)
-    train_loader, test_loader = data_loaders(LabeledDataset(*train_data, train_tf), LabeledDataset(*test_data, test_tf),
-                                             args)
-    if args.world_size > 1:
-        linear = nn.parallel.DistributedDataParallel(
-            linear, device_ids=[args.device.index] if args.device.type == "cuda" else None)
+    """The released loop: augmented crops, test after every epoch, best-of-epochs top-1. The crops come
+    from the released loaders (DDP classifier) or, with --augment batched, from the device
+    (src/eval/batched_probe.py). Returns (best top-1, last top-1, last top-k)."""
+    if args.augment == "batched":
+        from src.eval.batched_probe import BatchedProbe
+        probe = BatchedProbe(model, train_data, test_data, args.crop_size, args.batch_size, args.seed, args.rank,
+                             args.world_size, args.crops_per_chunk)
+        iterations = probe.iterations
+        logger.info(f"Batched crops: {probe.chunk} per chunk on {args.device}; test features computed once "
+                    f"{tuple(probe.test_features.shape)}")
+    else:
+        train_tf, test_tf = eval_transforms(args.crop_size)
+        train_loader, test_loader = data_loaders(LabeledDataset(*train_data, train_tf),
+                                                 LabeledDataset(*test_data, test_tf), args)
+        iterations = len(train_loader)
+        if args.world_size > 1:
+            linear = nn.parallel.DistributedDataParallel(
+                linear, device_ids=[args.device.index] if args.device.type == "cuda" else None)
 
     # ============ optimiser ============
     optimizer = torch.optim.SGD(linear.parameters(), lr=args.lr, nesterov=args.nesterov, momentum=0.9,
                                 weight_decay=args.wd)
-    if args.scheduler_type == "step":
-        scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, args.decay_epochs, gamma=args.gamma)
-    else:
-        scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, args.epochs, eta_min=args.final_lr)
+    scheduler = make_scheduler(optimizer, args.scheduler_type, args.epochs, args.final_lr, args.decay_epochs,
+                               args.gamma)
 
     # ============ resume ============
-    start_epoch, best_acc = resume_classifier(args, linear, optimizer, scheduler, logger)
+    start_epoch, best_acc, resumed = resume_evaluation(args, LINEAR, linear, optimizer, scheduler, logger,
+                                                       no_best=0.0)
     stats = Stats(os.path.join(args.dump_path, f"stats{args.rank}"), STATS_COLUMNS,
-                  resume_before_epoch=start_epoch if start_epoch else None, log=logger.info)
+                  resume_before_epoch=start_epoch if resumed else None, log=logger.info)
     last1 = last5 = float("nan")
-    eta = Clock(args.epochs, len(train_loader), start_epoch).eta
+    eta = Clock(args.epochs, iterations, start_epoch).eta
 
     # ============ epoch loop ============
     for epoch in range(start_epoch, args.epochs):
-        train_loader.sampler.set_epoch(epoch)
-        loss, top1, top5 = train(model, linear, optimizer, train_loader, epoch, maxk, args, logger, eta)
-        loss_val, last1, last5 = validate(test_loader, model, linear, maxk, args.device)
+        if args.augment == "batched":
+            loss, top1, top5 = train_batched(probe, linear, optimizer, epoch, maxk, args, logger, eta)
+            loss_val, last1, last5 = probe.test(linear.linear, maxk)
+        else:
+            train_loader.sampler.set_epoch(epoch)
+            loss, top1, top5 = train(model, linear, optimizer, train_loader, epoch, maxk, args, logger, eta)
+            loss_val, last1, last5 = validate(test_loader, model, linear, maxk, args.device)
         best_acc = max(best_acc, last1)
         logger.info(f"Test:\tLoss {loss_val:.4f}\tAcc@1 {last1:.3f}\tAcc@{maxk} {last5:.3f}\t"
                     f"Best Acc@1 so far {best_acc:.1f}")
@@ -268,7 +292,7 @@ def train(model, linear, optimizer, loader, epoch, maxk, args, logger, eta):
     averages."""
     linear.train()
     criterion = nn.CrossEntropyLoss()
-    losses, top1, top5 = AverageMeter(), AverageMeter(), AverageMeter()
+    meters = EpochMeters(maxk)
     for it, (inp, target) in enumerate(loader):
         inp, target = inp.to(args.device, non_blocking=True), target.to(args.device, non_blocking=True)
         with torch.no_grad():
@@ -278,53 +302,30 @@ def train(model, linear, optimizer, loader, epoch, maxk, args, logger, eta):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        acc1, acc5 = accuracy(output, target, topk=(1, maxk))
-        losses.update(loss.item(), inp.size(0))
-        top1.update(acc1.item(), inp.size(0))
-        top5.update(acc5.item(), inp.size(0))
+        meters.update(loss, output, target)
         if args.rank == 0 and it % args.log_freq == 0:
-            logger.info(f"Epoch[{epoch}] - Iter: [{it}/{len(loader)}]\tLoss {losses.val:.4f} "
-                        f"({losses.avg:.4f})\tPrec {top1.val:.3f} ({top1.avg:.3f})\t"
+            logger.info(f"Epoch[{epoch}] - Iter: [{it}/{len(loader)}]\tLoss {meters.loss.val:.4f} "
+                        f"({meters.loss.avg:.4f})\tPrec {meters.top1.val:.3f} ({meters.top1.avg:.3f})\t"
                         f"LR {optimizer.param_groups[0]['lr']:.4f}\tETA {eta(epoch, it)}")
-    return losses.avg, top1.avg, top5.avg
+    return meters.averages()
 
 
-def resume_classifier(args, linear, optimizer, scheduler, logger):
-    """(first epoch, best top-1 so far) from the evaluation's checkpoint; (0, 0.0) without one."""
-    ckpt_path = os.path.join(args.dump_path, "checkpoint.pth.tar")
-    if not os.path.isfile(ckpt_path):
-        return 0, 0.0
-    try:
-        ckpt = safe_load(ckpt_path)
-        target = linear.module if hasattr(linear, "module") else linear
-        target.load_state_dict(strip_module_prefix(ckpt["state_dict"]))
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        start_epoch, best_acc = int(ckpt["epoch"]), float(ckpt["best_acc"])
-    except (CheckpointError, KeyError, RuntimeError, TypeError, ValueError) as e:
-        fail(f"{ckpt_path}: cannot resume the linear classifier ({(str(e).splitlines() or [type(e).__name__])[0]}); "
-             "move it away to start the evaluation afresh")
-    if start_epoch < 0:
-        fail(f"{ckpt_path}: epoch {start_epoch} cannot be negative; move it away to start the evaluation afresh")
-    logger.info(f"Resumed linear evaluation from epoch {start_epoch} (best so far {best_acc:.1f})")
-    return start_epoch, best_acc
+def train_batched(probe, linear, optimizer, epoch, maxk, args, logger, eta):
+    """One epoch of the classifier on the features of crops made on the device; returns its (loss, top-1,
+    top-k) averages. Logs after each chunk of crops that holds an iteration divisible by --log_freq."""
+    iterations = probe.iterations
+
+    def log(it, loss, top1):
+        logger.info(f"Epoch[{epoch}] - Iter: [{it}/{iterations}]\tLoss ({loss:.4f})\tPrec ({top1:.3f})\t"
+                    f"LR {optimizer.param_groups[0]['lr']:.4f}\tETA {eta(epoch, it)}")
+
+    return probe.train_epoch(linear.linear, optimizer, epoch, maxk, args.log_freq, log if args.rank == 0 else None)
 
 
-@torch.no_grad()
 def validate(loader, model, linear, maxk, device):
     """(loss, top-1, top-k) of the classifier on the whole test split (in every process, as released)."""
     linear.eval()
-    criterion = nn.CrossEntropyLoss()
-    losses, top1, top5 = AverageMeter(), AverageMeter(), AverageMeter()
-    for inp, target in loader:
-        inp, target = inp.to(device, non_blocking=True), target.to(device, non_blocking=True)
-        output = linear(model(inp))
-        loss = criterion(output, target)
-        acc1, acc5 = accuracy(output, target, topk=(1, maxk))
-        losses.update(loss.item(), inp.size(0))
-        top1.update(acc1.item(), inp.size(0))
-        top5.update(acc5.item(), inp.size(0))
-    return losses.avg, top1.avg, top5.avg
+    return evaluate(lambda images: linear(model(images)), loader, maxk, device)
 
 
 if __name__ == "__main__":

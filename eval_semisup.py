@@ -21,15 +21,18 @@ import torch
 import torch.nn as nn
 
 from src.data.transforms import LabeledDataset, eval_transforms
-from src.eval.linear_probe import correct_counts
 from src.eval.pretrained import PretrainedError, load_weights, read_state_dict
 from src.eval.setup import (
     STATS_COLUMNS,
+    EpochMeters,
     add_shared_new_flags,
     add_shared_released_flags,
     check_shared_args,
     data_loaders,
+    evaluate,
     load_splits,
+    make_scheduler,
+    resume_evaluation,
     set_up,
     stop_if_preempted,
 )
@@ -37,14 +40,7 @@ from src.eval.subset import SubsetError, balanced_subset, images_per_class
 from src.method.resnet import build_model
 from src.method.train_step import unwrap
 from src.runtime import launch
-from src.runtime.checkpoint import (
-    CheckpointError,
-    atomic_save,
-    find_resume_checkpoint,
-    rng_state,
-    set_rng_state,
-    strip_module_prefix,
-)
+from src.runtime.checkpoint import atomic_save, rng_state
 from src.runtime.cli import ArgumentParser, bool_flag, fail, run_main
 from src.runtime.logs import AverageMeter, Clock, Stats, format_eta
 from src.runtime.run_folder import FINE_TUNING, OPERATIONAL_FLAGS, save_params, write_json
@@ -152,10 +148,11 @@ def main():
     # ============ optimiser ============
     optimizer = torch.optim.SGD(trunk_and_head_groups(model, args.lr, args.lr_last_layer), lr=args.lr,
                                 momentum=0.9, weight_decay=0)
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, args.decay_epochs, gamma=args.gamma)
+    scheduler = make_scheduler(optimizer, "step", args.epochs, decay_epochs=args.decay_epochs, gamma=args.gamma)
 
     # ============ resume ============
-    start_epoch, best_acc, resumed = resume_fine_tuning(args, model, optimizer, scheduler, logger)
+    start_epoch, best_acc, resumed = resume_evaluation(args, FINE_TUNING, model, optimizer, scheduler, logger,
+                                                       no_best=(0.0, 0.0))
     if args.rank == 0:
         save_params(args, args.dump_path, extra={"pretrained_file": identity})
     stats = Stats(os.path.join(args.dump_path, f"stats{args.rank}"), STATS_COLUMNS,
@@ -228,37 +225,12 @@ def build_network(args, num_classes, logger):
     return model
 
 
-def resume_fine_tuning(args, model, optimizer, scheduler, logger):
-    """(first epoch, (top-1, top-5) of the best epoch so far, whether a checkpoint was found) from the
-    fine-tuning's checkpoint, with the NumPy random state; (0, (0.0, 0.0), False) without one."""
-    try:
-        ckpt_path, ckpt = find_resume_checkpoint(args.dump_path, log=logger.info)
-    except CheckpointError as e:
-        fail(str(e))
-    if ckpt is None:
-        return 0, (0.0, 0.0), False
-    try:
-        unwrap(model).load_state_dict(strip_module_prefix(ckpt["state_dict"]))
-        optimizer.load_state_dict(ckpt["optimizer"])
-        scheduler.load_state_dict(ckpt["scheduler"])
-        start_epoch, best_acc = int(ckpt["epoch"]), tuple(float(a) for a in ckpt["best_acc"])
-        if "rng" in ckpt:
-            set_rng_state(ckpt["rng"], np.random)
-    except (KeyError, RuntimeError, ValueError, TypeError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        fail(f"{ckpt_path}: cannot resume the fine-tuning ({type(e).__name__}: {first}); use another --dump_path")
-    if start_epoch < 0:
-        fail(f"{ckpt_path}: epoch {start_epoch} cannot be negative; use another --dump_path")
-    logger.info(f"Resumed fine-tuning from epoch {start_epoch} (best top-1 so far {best_acc[0]:.1f})")
-    return start_epoch, best_acc, True
-
-
 def train(model, optimizer, loader, epoch, maxk, args, logger, eta):
     """One epoch of fine-tuning, network in train mode; returns its (loss, top-1, top-k) averages."""
     model.train()
     criterion = nn.CrossEntropyLoss()
     batch_time, data_time = AverageMeter(), AverageMeter()
-    losses, top1, top5 = AverageMeter(), AverageMeter(), AverageMeter()
+    meters = EpochMeters(maxk)
     end = time.perf_counter()
     for it, (inp, target) in enumerate(loader):
         data_time.update(time.perf_counter() - end)
@@ -268,37 +240,24 @@ def train(model, optimizer, loader, epoch, maxk, args, logger, eta):
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
-        c1, c5 = correct_counts(output.detach(), target, maxk)
-        losses.update(loss.item(), inp.size(0))
-        top1.update(100.0 * c1 / inp.size(0), inp.size(0))
-        top5.update(100.0 * c5 / inp.size(0), inp.size(0))
+        meters.update(loss, output, target)
         batch_time.update(time.perf_counter() - end)
         end = time.perf_counter()
         if args.rank == 0 and it % args.log_freq == 0:
             logger.info(f"Epoch[{epoch}] - Iter: [{it}/{len(loader)}]\t"
                         f"Time {batch_time.val:.3f} ({batch_time.avg:.3f})\t"
                         f"Data {data_time.val:.3f} ({data_time.avg:.3f})\t"
-                        f"Loss {losses.val:.4f} ({losses.avg:.4f})\tPrec {top1.val:.3f} ({top1.avg:.3f})\t"
-                        f"LR trunk {optimizer.param_groups[0]['lr']}\tLR head {optimizer.param_groups[1]['lr']}\t"
+                        f"Loss {meters.loss.val:.4f} ({meters.loss.avg:.4f})\t"
+                        f"Prec {meters.top1.val:.3f} ({meters.top1.avg:.3f})\tLR trunk {optimizer.param_groups[0]['lr']}\tLR head {optimizer.param_groups[1]['lr']}\t"
                         f"ETA {eta(epoch, it)}")
-    return losses.avg, top1.avg, top5.avg
+    return meters.averages()
 
 
-@torch.no_grad()
 def validate(loader, model, maxk, device):
     """(loss, top-1, top-k) on the whole test split, network in eval mode (every rank evaluates all of it,
     as released)."""
     model.eval()
-    criterion = nn.CrossEntropyLoss()
-    losses, top1, top5 = AverageMeter(), AverageMeter(), AverageMeter()
-    for inp, target in loader:
-        inp, target = inp.to(device, non_blocking=True), target.to(device, non_blocking=True)
-        output = model(inp)
-        c1, c5 = correct_counts(output, target, maxk)
-        losses.update(criterion(output, target).item(), inp.size(0))
-        top1.update(100.0 * c1 / inp.size(0), inp.size(0))
-        top5.update(100.0 * c5 / inp.size(0), inp.size(0))
-    return losses.avg, top1.avg, top5.avg
+    return evaluate(model, loader, maxk, device)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """torchrun worker for tests/test_knn.py: kNN monitor on 2 processes (gloo, CPU).
 
 Usage: python -m torch.distributed.run --nproc_per_node=2 tests/dist_worker_knn.py OUT_PREFIX
-Each rank writes OUT_PREFIX.rank{r}.pt with its gathered features and its kNN top-1/top-5.
+Each rank writes OUT_PREFIX.rank{r}.pt with its gathered features, the monitor's kNN top-1 and the top-5
+of the kNN classifier on the gathered features.
 """
 import os
 import sys
@@ -12,6 +13,7 @@ import torch.distributed as dist
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from src.eval.knn import extract_features, knn_monitor  # noqa: E402
+from tests.reference_knn import knn_accuracy  # noqa: E402
 
 
 def make_problem():
@@ -45,8 +47,10 @@ def main():
     rank, world = dist.get_rank(), dist.get_world_size()
     backbone_fn, train_x, train_y, test_x, test_y, c = make_problem()
     feats = extract_features(backbone_fn, train_x, batch_size=5, device="cpu", rank=rank, world_size=world)
-    top1, top5 = knn_monitor(backbone_fn, train_x, train_y, test_x, test_y, c, batch_size=5, device="cpu",
-                             rank=rank, world_size=world, k=7, temperature=0.1, return_top5=True)
+    top1 = knn_monitor(backbone_fn, train_x, train_y, test_x, test_y, c, batch_size=5, device="cpu",
+                       rank=rank, world_size=world, k=7, temperature=0.1)
+    test_feats = extract_features(backbone_fn, test_x, batch_size=5, device="cpu", rank=rank, world_size=world)
+    _, top5 = knn_accuracy(feats, train_y, test_feats, test_y, c, k=7, temperature=0.1)
     top1_only = knn_monitor(backbone_fn, train_x, train_y, test_x, test_y, c, batch_size=4, device="cpu",
                             rank=rank, world_size=world, k=7, temperature=0.1)
     torch.save({"features": feats, "top1": top1, "top5": top5, "top1_only": top1_only},

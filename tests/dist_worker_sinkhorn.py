@@ -14,7 +14,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from src.method.sinkhorn import sinkhorn  # noqa: E402
-from src.runtime import launch, signals, startup
+from src.runtime import launch, signals, startup  # noqa: E402
+from tests.dist_helpers import all_reduce_sum_  # noqa: E402
 
 BATCH_PER_RANK = 7  # odd on purpose
 PROTOTYPES = 5
@@ -40,7 +41,7 @@ def main():
     scores = full_scores(args.world_size)
     mine = scores[args.rank * BATCH_PER_RANK:(args.rank + 1) * BATCH_PER_RANK]
     results = [sinkhorn(mine, eps, it, stab, world_size=args.world_size) for eps, it, stab in CASES]
-    flag = launch.all_reduce_sum_(torch.tensor([float(args.rank + 1)]), args.world_size)
+    flag = all_reduce_sum_(torch.tensor([float(args.rank + 1)]), args.world_size)
     handler = signals.PreemptionHandler()
     if args.rank == 1:
         handler.requested = True  # as if only rank 1 got SIGUSR1

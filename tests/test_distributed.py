@@ -18,6 +18,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 from src.runtime import launch, signals
 from src.runtime.launch import DistEnv, DistError, expand_hostlist, resolve_dist_env  # noqa: E402
+from tests.dist_helpers import all_reduce_sum_, is_main_process  # noqa: E402
 
 
 def resolve(environ, dist_url="env://", rank=0, world_size=-1, local_rank=0):
@@ -280,9 +281,9 @@ def test_init_distributed_single_process(monkeypatch):
     assert (args.rank, args.world_size, args.local_rank, args.gpu_to_work_on) == (0, 1, 0, 0)
     assert args.device == torch.device("cpu")
     assert not torch.distributed.is_initialized()
-    assert launch.is_main_process(args)
+    assert is_main_process(args)
     t = torch.ones(3)
-    assert launch.all_reduce_sum_(t, 1) is t and t.tolist() == [1.0, 1.0, 1.0]
+    assert all_reduce_sum_(t, 1) is t and t.tolist() == [1.0, 1.0, 1.0]
     launch.barrier(1)
     launch.cleanup()
 

@@ -1,7 +1,8 @@
 """The batched on-device multi-crop augmentation (src/data/augment.py) against torchvision.
 
-1. For fixed per-sample parameters every batched op equals torchvision's functional tensor ops applied
-   image by image (max abs difference <= 1e-5 on float images).
+1. For fixed per-sample parameters every batched op (and its per-operation form in
+   tests/reference_augment.py) equals torchvision's functional tensor ops applied image by image (max abs
+   difference <= 1e-5 on float images).
 2. Its random draws have torchvision's distributions: Kolmogorov-Smirnov tests against
    `RandomResizedCrop.get_params` (also where the centre-crop fallback is frequent), uniform jitter
    factors, application rates, uniform op orders.
@@ -23,6 +24,7 @@ import torchvision.transforms.v2.functional as TF2
 from scipy import stats
 
 from src.data import augment as ga, constants, sampling
+from tests import reference_augment as ref_ops
 
 TOL = 1e-5
 ALPHA = 0.01
@@ -97,9 +99,9 @@ def test_flip_and_grayscale_match_torchvision():
     x = make_images()
     mask = torch.rand(x.shape[0], generator=gen(3)) < 0.5
     ref = torch.stack([TF.hflip(x[i]) if mask[i] else x[i] for i in range(x.shape[0])])
-    assert maxdiff(ga.hflip(x, mask), ref) == 0
+    assert maxdiff(ref_ops.hflip(x, mask), ref) == 0
     ref = torch.stack([TF.rgb_to_grayscale(x[i], 3) if mask[i] else x[i] for i in range(x.shape[0])])
-    assert maxdiff(ga.grayscale(x, mask), ref) <= TOL
+    assert maxdiff(ref_ops.grayscale(x, mask), ref) <= TOL
     assert maxdiff(ga.rgb_to_grayscale(x), per_image(TF.rgb_to_grayscale, x)) <= TOL
 
 
@@ -108,11 +110,11 @@ def test_blend_ops_match_torchvision(name):
     x = make_images()
     f = torch.rand(x.shape[0], generator=gen(4)) * 2.0  # 0 .. 2, beyond the jitter range
     f[0], f[1], f[2] = 0.0, 1.0, 2.0
-    ours = getattr(ga, "adjust_" + name)(x, f)
+    ours = getattr(ref_ops, "adjust_" + name)(x, f)
     ref = torch.stack([getattr(TF, "adjust_" + name)(x[i], float(f[i])) for i in range(x.shape[0])])
     assert maxdiff(ours, ref) <= TOL
     # a Python number is one factor for every sample
-    assert maxdiff(getattr(ga, "adjust_" + name)(x, 0.7),
+    assert maxdiff(getattr(ref_ops, "adjust_" + name)(x, 0.7),
                    per_image(getattr(TF, "adjust_" + name), x, 0.7)) <= TOL
 
 
@@ -120,7 +122,7 @@ def test_hue_matches_torchvision():
     x = make_images(32)
     f = torch.rand(x.shape[0], generator=gen(5)) - 0.5
     f[:5] = torch.tensor([-0.5, 0.5, 0.0, 0.1, -0.1])
-    ours = ga.adjust_hue(x, f)
+    ours = ref_ops.adjust_hue(x, f)
     ref = torch.stack([TF.adjust_hue(x[i], float(f[i])) for i in range(x.shape[0])])
     assert maxdiff(ours, ref) <= TOL
 
@@ -154,7 +156,7 @@ def test_color_jitter_fixed_orders_match_torchvision():
     ours = ga.apply_color_jitter(x, factors, order, applied, ops=ops)
     assert maxdiff(ours, _jitter_reference(x, factors, order, applied, ops)) <= TOL
     # color_jitter with random parameters returns what it applied
-    out, (f2, o2, a2) = ga.color_jitter(x, generator=gen(8), return_params=True)
+    out, (f2, o2, a2) = ref_ops.color_jitter(x, generator=gen(8), return_params=True)
     assert maxdiff(out, _jitter_reference(x, f2, o2, a2)) <= TOL
 
 
@@ -168,7 +170,7 @@ def test_normalisation_matches_torchvision():
     ref = torch.stack([norm(TF.to_tensor(u8[i].numpy())) for i in range(6)])
     assert maxdiff(out, ref) <= TOL
     x = u8.permute(0, 3, 1, 2).float() / 255
-    assert maxdiff(ga.normalize(x, constants.CIFAR_MEAN, constants.PRETRAIN_STD), ref) <= TOL
+    assert maxdiff(ref_ops.normalize(x, constants.CIFAR_MEAN, constants.PRETRAIN_STD), ref) <= TOL
 
 
 # ---------------------------------------------------------------------------------------------- 2.
@@ -242,9 +244,9 @@ def test_jitter_factor_distributions_and_rates():
     # application rates: RandomApply p=0.8, flip 0.5, grey 0.2
     assert stats.binomtest(int(applied.sum()), n, 0.8).pvalue > ALPHA
     x = torch.rand(n, 3, 1, 2, generator=gen(14))
-    _, flipped = ga.random_hflip(x, 0.5, generator=gen(15), return_mask=True)
+    _, flipped = ref_ops.random_hflip(x, 0.5, generator=gen(15), return_mask=True)
     assert stats.binomtest(int(flipped.sum()), n, 0.5).pvalue > ALPHA
-    _, grey = ga.random_grayscale(x, 0.2, generator=gen(16), return_mask=True)
+    _, grey = ref_ops.random_grayscale(x, 0.2, generator=gen(16), return_mask=True)
     assert stats.binomtest(int(grey.sum()), n, 0.2).pvalue > ALPHA
     # torchvision's ranges for other strengths, including "off"
     f2, _, _ = ga.sample_color_jitter_params(1000, brightness=1.5, contrast=0, saturation=(0.2, 0.3),
@@ -395,7 +397,7 @@ def test_pil_vs_tensor_semantics_on_real_images(capsys):
     f = torch.rand(n, generator=g) * 0.8 + 0.6
     hf = torch.rand(n, generator=g) * 0.2 - 0.1
     for name, fac, bound in [("brightness", f, 2), ("contrast", f, 2), ("saturation", f, 2), ("hue", hf, 16)]:
-        ours = getattr(ga, "adjust_" + name)(x, fac)
+        ours = getattr(ref_ops, "adjust_" + name)(x, fac)
         ref = torch.stack([TF.to_tensor(getattr(TF, "adjust_" + name)(pil[i], float(fac[i]))) for i in range(n)])
         d = (ours - ref).abs() * 255
         lines.append(f"adjust_{name}: max {d.max():.2f}, mean {d.mean():.3f}")
@@ -421,7 +423,8 @@ def test_cuda_matches_cpu_and_never_synchronises():
     on = [t.to(dev) for t in (x, top, left, h, w, flip, factors, order, applied)]
     gpu = ga.apply_color_jitter(ga.resized_crop(*on[:5], 32, flip=on[5]), *on[6:])
     assert maxdiff(gpu.cpu(), cpu) <= TOL
-    assert maxdiff(ga.adjust_hue(on[0], factors[:, 3].to(dev)).cpu(), ga.adjust_hue(x, factors[:, 3])) <= TOL
+    hue_gpu = ref_ops.adjust_hue(on[0], factors[:, 3].to(dev)).cpu()
+    assert maxdiff(hue_gpu, ref_ops.adjust_hue(x, factors[:, 3])) <= TOL
     u8 = torch.randint(0, 256, (64, 32, 32, 3), dtype=torch.uint8, generator=gen(33)).to(dev)
     mc = ga.GPUMultiCrop(u8, [32, 16], [2, 1], [0.14, 0.05], [1.0, 0.14], dtype=torch.bfloat16,
                          channels_last=True)

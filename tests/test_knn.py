@@ -14,8 +14,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
-from src.eval.knn import extract_features, knn_accuracy, knn_classify, knn_monitor, knn_scores  # noqa: E402
+from src.eval.knn import extract_features, knn_monitor, knn_scores  # noqa: E402
 from tests.golden import entries_mismatch  # noqa: E402
+from tests.reference_knn import knn_accuracy, knn_classify  # noqa: E402
 
 # The children of test_one_and_two_processes_agree run with one thread: the same kernels here.
 THREADS = 1
@@ -110,9 +111,11 @@ def test_one_and_two_processes_agree(tmp_path):
 
     backbone_fn, train_x, train_y, test_x, test_y, c = w.make_problem()
     feats1 = extract_features(backbone_fn, train_x, batch_size=5, device="cpu")
-    top1, top5 = knn_monitor(backbone_fn, train_x, train_y, test_x, test_y, c, batch_size=5, device="cpu",
-                             k=7, temperature=0.1, return_top5=True)
-    assert 0.0 <= top1 <= top5 <= 100.0
+    top1 = knn_monitor(backbone_fn, train_x, train_y, test_x, test_y, c, batch_size=5, device="cpu",
+                       k=7, temperature=0.1)
+    top1_of_features, top5 = knn_accuracy(feats1, train_y, extract_features(backbone_fn, test_x, 5, "cpu"),
+                                          test_y, c, k=7, temperature=0.1)
+    assert 0.0 <= top1 <= top5 <= 100.0 and top1_of_features == pytest.approx(top1)
 
     prefix = str(tmp_path / "knn")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",

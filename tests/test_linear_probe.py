@@ -8,7 +8,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from src.eval.linear_probe import extract_frozen_features, make_scheduler, train_linear_on_features  # noqa: E402
+from src.eval.linear_probe import extract_frozen_features, train_linear_on_features  # noqa: E402
+from src.eval.setup import make_scheduler  # noqa: E402
 
 COLUMNS = ["epoch", "loss", "prec1", "prec5", "loss_val", "prec1_val", "prec5_val"]
 

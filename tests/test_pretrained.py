@@ -55,6 +55,15 @@ def test_reads_every_checkpoint_form(tmp_path, form):
         form, {"arch": None, "epoch": None})
 
 
+@pytest.mark.parametrize("value", [np.int64(3), np.float32(0.5), np.arange(3)])
+def test_numpy_objects_other_than_the_released_learning_rates_are_refused(tmp_path, value):
+    """The allow-list of the checkpoints (src/runtime/checkpoint.py): NumPy float64 scalars only."""
+    torch.save({"epoch": 2, "state_dict": pretraining_net().state_dict(), "x": value}, tmp_path / "w.pth")
+    with pytest.raises(PretrainedError, match="cannot be read") as e:
+        read_state_dict(tmp_path / "w.pth")
+    assert "\n" not in str(e.value)
+
+
 def test_unusable_files_are_one_line_errors(tmp_path):
     with pytest.raises(PretrainedError, match="no such file"):
         read_state_dict(tmp_path / "missing.pth")

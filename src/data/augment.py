@@ -1,4 +1,5 @@
-"""Batched on-device multi-crop augmentation (the fast path).
+"""Batched on-device augmentation (the fast paths): the pretraining multi-crops (`GPUMultiCrop`) and the
+linear evaluation's training crops (`ResizedCropFlip`).
 
 The whole training split lives on the training device as one uint8 ``N x 3 x H x W`` tensor and every
 iteration produces all crops of a batch with a handful of batched tensor operations: no per-image
@@ -13,7 +14,8 @@ Per crop it draws, independently for every sample, what the released torchvision
     RandomGrayscale(0.2)
     ToTensor(); Normalize(mean, std)
 
-and it is distributionally equal to it under **torchvision's tensor semantics** (what the functional ops
+(a linear-evaluation crop: the crop and the flip, scale (0.08, 1), then ToTensor and Normalize), and it
+is distributionally equal to it under **torchvision's tensor semantics** (what the functional ops
 do on float tensors in [0, 1]):
 
 * ``RandomResizedCrop``: exactly ``RandomResizedCrop.get_params`` (10 tries of a uniform area fraction
@@ -79,14 +81,6 @@ def _default_device(generator, device):
     if generator is not None:
         return generator.device
     return torch.device("cpu")
-
-
-def _per_sample(value, n, x):
-    """A per-sample factor as a float tensor of shape (n,) on x's device (no host-to-device copy for a
-    Python number)."""
-    if isinstance(value, torch.Tensor):
-        return value.to(device=x.device, dtype=torch.float32).expand(n)
-    return torch.full((n,), float(value), dtype=torch.float32, device=x.device)
 
 
 def _view4(t):
@@ -210,23 +204,6 @@ def _scratch(ws, name, shape, like):
     return ws(name, shape, like.dtype, like.device)
 
 
-def _select(a, b, mask):
-    """``b`` where the per-sample bool ``mask`` (n,) is true, else ``a`` (exact)."""
-    return torch.lerp(a, b, _view4(mask).to(a.dtype))
-
-
-def hflip(x, mask):
-    """Mirror the samples where ``mask`` (bool, (n,)) is true."""
-    return _select(x, x.flip(-1), mask)
-
-
-def random_hflip(x, p=0.5, generator=None, return_mask=False):
-    """``RandomHorizontalFlip(p)`` for every sample independently."""
-    mask = torch.rand(x.shape[0], device=x.device, generator=generator) < p
-    out = hflip(x, mask)
-    return (out, mask) if return_mask else out
-
-
 def rgb_to_grayscale(x, num_output_channels=1, _ws=None):
     """torchvision's tensor grey ``0.2989 R + 0.587 G + 0.114 B``: (n, 1, H, W), or expanded to 3."""
     r, g, b = x.unbind(dim=-3)
@@ -235,45 +212,21 @@ def rgb_to_grayscale(x, num_output_channels=1, _ws=None):
     return gray.expand(x.shape) if num_output_channels == 3 else gray
 
 
-def grayscale(x, mask):
-    """Replace the samples where ``mask`` is true by their (3-channel) grey image."""
-    return _select(x, rgb_to_grayscale(x), mask)
-
-
-def random_grayscale(x, p=0.2, generator=None, return_mask=False):
-    """``RandomGrayscale(p)`` for every sample independently."""
-    mask = torch.rand(x.shape[0], device=x.device, generator=generator) < p
-    out = grayscale(x, mask)
-    return (out, mask) if return_mask else out
-
-
 def _blend_(x, other_times_1mf, factor):
     """In place: ``x = clamp(f * x + (1 - f) * other, 0, 1)`` given ``(1 - f) * other`` (f per sample);
     f = 1 with other = 0 is an exact identity."""
     return torch.addcmul(other_times_1mf, x, _view4(factor), out=x).clamp_(0.0, 1.0)
 
 
-def adjust_brightness(x, factor):
-    """Per-sample ``F.adjust_brightness`` (blend with black)."""
-    return (x * _view4(_per_sample(factor, x.shape[0], x))).clamp_(0.0, 1.0)
-
-
-def adjust_contrast(x, factor):
-    """Per-sample ``F.adjust_contrast`` (blend with the mean of the grey image)."""
-    f = _per_sample(factor, x.shape[0], x)
-    mean = rgb_to_grayscale(x).mean(dim=(-3, -2, -1), keepdim=True)
-    return _blend_(x.clone(), mean * _view4(1.0 - f), f)
-
-
-def adjust_saturation(x, factor):
-    """Per-sample ``F.adjust_saturation`` (blend with the grey image)."""
-    f = _per_sample(factor, x.shape[0], x)
-    return _blend_(x.clone(), rgb_to_grayscale(x).mul_(_view4(1.0 - f)), f)
-
-
 def _hue(x, factor, ws=None):
-    """Hue-shifted copy of x (factor: (n,) float32); see :func:`adjust_hue`. With ``ws`` the result is a
-    workspace tensor."""
+    """Per-sample ``F.adjust_hue`` of float RGB images in [0, 1] (factor: (n,) float32 in [-0.5, 0.5]); with
+    ``ws`` the result is a workspace tensor.
+
+    The same HSV round trip as torchvision (``V = max``, ``S V = max - min``, hexagonal hue ``H`` with the
+    same case split), with the HSV-to-RGB step in closed form: with ``h = 6 H`` shifted by ``6 factor``
+    and wrapped to [0, 6), ``R = min + (max - min) u(h, 3)``, ``G = max - (max - min) u(h, 2)``,
+    ``B = max - (max - min) u(h, 4)``, where ``u(h, m) = clamp(|h - m| - 1, 0, 1)``. No ``torch.where``.
+    """
     r, g, b = x.unbind(dim=-3)
     plane = r.shape
     maxc = torch.maximum(r, g, out=_scratch(ws, "hue_max", plane, x))
@@ -296,17 +249,6 @@ def _hue(x, factor, ws=None):
         torch.sub(h, m, out=u).abs_().sub_(1.0).clamp_(0.0, 1.0)
         torch.addcmul(base, cr, u, value=sign, out=out.select(-3, c))
     return out
-
-
-def adjust_hue(x, factor):
-    """Per-sample ``F.adjust_hue`` on float RGB images in [0, 1] (factor in [-0.5, 0.5]).
-
-    The same HSV round trip as torchvision (``V = max``, ``S V = max - min``, hexagonal hue ``H`` with the
-    same case split), with the HSV-to-RGB step in closed form: with ``h = 6 H`` shifted by ``6 factor``
-    and wrapped to [0, 6), ``R = min + (max - min) u(h, 3)``, ``G = max - (max - min) u(h, 2)``,
-    ``B = max - (max - min) u(h, 4)``, where ``u(h, m) = clamp(|h - m| - 1, 0, 1)``. No ``torch.where``.
-    """
-    return _hue(x, _per_sample(factor, x.shape[0], x))
 
 
 def _check_range(value, name, center=1.0, bound=(0, float("inf"))):
@@ -400,23 +342,13 @@ def apply_color_jitter(x, factors, order, applied, ops=(True, True, True, True),
     return x
 
 
-def color_jitter(x, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, p=0.8, generator=None,
-                 return_params=False):
-    """``RandomApply([ColorJitter(brightness, contrast, saturation, hue)], p)`` per sample."""
-    params = sample_color_jitter_params(x.shape[0], brightness, contrast, saturation, hue, p,
-                                        generator=generator, device=x.device)
-    ops = (_check_range(brightness, "brightness") is not None, _check_range(contrast, "contrast") is not None,
-           _check_range(saturation, "saturation") is not None,
-           _check_range(hue, "hue", center=0.0, bound=(-0.5, 0.5)) is not None)
-    out = apply_color_jitter(x, *params, ops=ops)
-    return (out, params) if return_params else out
-
-
-def normalize(x, mean, std):
-    """``Normalize(mean, std)`` for a batch."""
-    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
-    return (x - m) / s
+def channels_first(images_uint8_nhwc):
+    """A data set of (N, H, W, 3) uint8 images (CIFAR's layout) as one (N, 3, H, W) uint8 tensor on its
+    device, as the batched paths keep it."""
+    images = torch.as_tensor(images_uint8_nhwc)
+    assert images.dtype == torch.uint8 and images.ndim == 4 and images.shape[-1] == 3, \
+        "expected an (N, H, W, 3) uint8 tensor"
+    return images.permute(0, 3, 1, 2).contiguous()
 
 
 class GPUMultiCrop:
@@ -434,10 +366,7 @@ class GPUMultiCrop:
                  ratio=(3.0 / 4.0, 4.0 / 3.0), jitter=(0.4, 0.4, 0.4, 0.1), jitter_p=0.8, flip_p=0.5,
                  grayscale_p=0.2):
         assert len(size_crops) == len(nmb_crops) == len(min_scale_crops) == len(max_scale_crops)
-        images = torch.as_tensor(images_uint8_nhwc)
-        assert images.dtype == torch.uint8 and images.ndim == 4 and images.shape[-1] == 3, \
-            "expected an (N, H, W, 3) uint8 tensor"
-        self.data = images.permute(0, 3, 1, 2).contiguous()
+        self.data = channels_first(images_uint8_nhwc)
         self.device = self.data.device
         self.height, self.width = self.data.shape[-2:]
         self.size_crops = [int(s) for s in size_crops]
@@ -503,3 +432,34 @@ class GPUMultiCrop:
                 crops[g] = list(x[pos:pos + B * self.nmb_crops[g]].split(B))
                 pos += B * self.nmb_crops[g]
         return [c for group in crops for c in group]
+
+
+class ResizedCropFlip:
+    """The linear evaluation's training transform for a batch of a data set kept on the device:
+    ``RandomResizedCrop(size)`` (scale (0.08, 1), ratio (3/4, 4/3), bilinear), ``RandomHorizontalFlip()``,
+    ``ToTensor()``, ``Normalize(mean, std)``, under the tensor semantics described at the top.
+
+    ``images_uint8_nhwc``: (N, H, W, 3) uint8 on the device that should do the work (kept as
+    (N, 3, H, W)). ``__call__(indices, generator)`` returns (B, 3, size, size) float32 crops: the crop
+    parameters of all samples are drawn first, then the flips, from ``generator``."""
+
+    def __init__(self, images_uint8_nhwc, size, mean, std, scale=(0.08, 1.0), ratio=(3.0 / 4.0, 4.0 / 3.0)):
+        self.data = channels_first(images_uint8_nhwc)
+        self.device = self.data.device
+        self.height, self.width = self.data.shape[-2:]
+        self.size, self.scale, self.ratio = int(size), tuple(scale), tuple(ratio)
+        self.mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+
+    def __len__(self):
+        return self.data.shape[0]
+
+    def __call__(self, indices, generator=None):
+        idx = torch.as_tensor(indices, dtype=torch.long).to(self.device, non_blocking=True)
+        n = idx.shape[0]
+        top, left, h, w = sample_resized_crop_params(self.height, self.width, n, self.scale, self.ratio,
+                                                     generator=generator, device=self.device)
+        flip = torch.rand(n, device=self.device, generator=generator) < 0.5
+        src = self.data.index_select(0, idx).float().div_(255.0)  # ToTensor
+        x = resized_crop(src, top, left, h, w, self.size, flip=flip)
+        return x.sub_(self.mean).div_(self.std)  # Normalize, as torchvision computes it

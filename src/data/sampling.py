@@ -1,10 +1,12 @@
 """Which images each process trains on, iteration by iteration: the released sampler made resumable
-mid-epoch (`ResumableDistributedSampler`), the same batches as index tensors for the batched path
-(`epoch_indices`, `DistributedBatchSampler`), and the batched crops of an epoch (`BatchedCrops`).
+mid-epoch (`ResumableDistributedSampler`), its order as index tensors for the batched paths
+(`sampler_order`; `epoch_indices`, `DistributedBatchSampler` for full batches), the batched crops of a
+pretraining epoch (`BatchedCrops`) and the seed of each chunk of crops (`chunk_seed`).
 
-Per-rank sampling: :func:`epoch_indices` / :class:`DistributedBatchSampler` give exactly the batches of
-``DistributedSampler(dataset, num_replicas, rank, shuffle=True, seed=0, drop_last=False)`` with
-``set_epoch(epoch)`` followed by ``DataLoader(batch_size, drop_last=True)`` (the released loader).
+Per-rank sampling: :func:`sampler_order` is the order of ``DistributedSampler(dataset, num_replicas,
+rank, shuffle=True, seed=0, drop_last=False)`` after ``set_epoch(epoch)``; :func:`epoch_indices` /
+:class:`DistributedBatchSampler` give exactly its batches through ``DataLoader(batch_size,
+drop_last=True)`` (the released pretraining loader).
 """
 import math
 
@@ -35,10 +37,10 @@ class ResumableDistributedSampler(DistributedSampler):
         return max(0, self.num_samples - self.start_iter * self.batch_size)
 
 
-def epoch_indices(n, epoch, seed=0, rank=0, world_size=1, batch_size=1, shuffle=True):
-    """The batches of ``DistributedSampler(n items, world_size, rank, shuffle, seed, drop_last=False)``
-    after ``set_epoch(epoch)``, through ``DataLoader(batch_size, drop_last=True)``: an int64 CPU tensor
-    (num_batches, batch_size). The permutation is drawn on the CPU as ``DistributedSampler`` does."""
+def sampler_order(n, epoch, seed=0, rank=0, world_size=1, shuffle=True):
+    """The indices that ``DistributedSampler(n items, world_size, rank, shuffle, seed, drop_last=False)``
+    yields after ``set_epoch(epoch)``, as an int64 CPU tensor of ``ceil(n / world_size)`` (the last ones
+    repeat the first where n does not divide). The permutation is drawn on the CPU as the sampler does."""
     if shuffle:
         g = torch.Generator()
         g.manual_seed(seed + epoch)
@@ -50,9 +52,21 @@ def epoch_indices(n, epoch, seed=0, rank=0, world_size=1, batch_size=1, shuffle=
     padding = total_size - n
     if padding > 0:
         indices = torch.cat([indices, indices.repeat(math.ceil(padding / n))[:padding]])
-    indices = indices[rank:total_size:world_size]
-    nb = num_samples // batch_size
+    return indices[rank:total_size:world_size]
+
+
+def epoch_indices(n, epoch, seed=0, rank=0, world_size=1, batch_size=1, shuffle=True):
+    """The batches of :func:`sampler_order` through ``DataLoader(batch_size, drop_last=True)``: an int64
+    CPU tensor (num_batches, batch_size)."""
+    indices = sampler_order(n, epoch, seed, rank, world_size, shuffle)
+    nb = indices.shape[0] // batch_size
     return indices[:nb * batch_size].view(nb, batch_size)
+
+
+def chunk_seed(seed, rank, epoch, j):
+    """The seed of the generator that draws the crops of chunk `j` of `epoch` on `rank`: a chunk of an epoch
+    made again (a resumed run) gets the very same crops."""
+    return (((seed * 1000003 + rank) * 1000003 + epoch) * 1000003 + j) % 2**63
 
 
 class DistributedBatchSampler:
@@ -102,9 +116,6 @@ class BatchedCrops:
     def __len__(self):
         return len(self.sampler)
 
-    def chunk_seed(self, epoch, j):
-        return (((self.seed * 1000003 + self.rank) * 1000003 + epoch) * 1000003 + j) % 2**63
-
     def epoch(self, epoch, first_iter=0):
         """Yields the crops (a list of ``sum(nmb_crops)`` tensors) of iterations ``first_iter``, ... of
         ``epoch``."""
@@ -112,7 +123,7 @@ class BatchedCrops:
         batches = self.sampler.batches()
         bs, k = self.sampler.batch_size, self.chunk
         for j in range(first_iter // k, (len(batches) + k - 1) // k):
-            self.generator.manual_seed(self.chunk_seed(epoch, j))
+            self.generator.manual_seed(chunk_seed(self.seed, self.rank, epoch, j))
             crops = self.multicrop(batches[j * k:(j + 1) * k].reshape(-1), generator=self.generator)
             for it in range(max(j * k, first_iter), min((j + 1) * k, len(batches))):
                 t = it - j * k

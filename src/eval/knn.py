@@ -13,9 +13,10 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from .linear_probe import correct_counts, extract_frozen_features
+from .linear_probe import extract_frozen_features
+from .metrics import correct_counts
 
-__all__ = ["extract_features", "knn_scores", "knn_classify", "knn_accuracy", "knn_monitor"]
+__all__ = ["extract_features", "knn_scores", "knn_monitor"]
 
 
 def _dist_active(world_size):
@@ -95,40 +96,13 @@ def knn_scores(train_features, train_labels, test_features, num_classes, k=200, 
 
 
 @torch.no_grad()
-def knn_classify(train_features, train_labels, test_features, num_classes, k=200, temperature=0.1,
-                 batch_size=256):
-    """Predicted label of every test sample (1-D LongTensor, N_test) by the weighted kNN vote."""
-    scores = knn_scores(train_features, train_labels, test_features, num_classes, k, temperature, batch_size)
-    return scores.argmax(dim=1)
-
-
-@torch.no_grad()
-def _correct_counts(scores, labels):
-    """(top-1 correct, top-5 correct) counts; top-5 means top-min(5, num_classes)."""
-    labels = torch.as_tensor(labels, dtype=torch.long, device=scores.device)
-    c1, c5 = correct_counts(scores, labels, min(5, scores.shape[1]))
-    return int(c1), int(c5)
-
-
-@torch.no_grad()
-def knn_accuracy(train_features, train_labels, test_features, test_labels, num_classes, k=200,
-                 temperature=0.1, batch_size=256):
-    """(top-1 %, top-5 %) of the weighted kNN classifier on the test features."""
-    scores = knn_scores(train_features, train_labels, test_features, num_classes, k, temperature, batch_size)
-    c1, c5 = _correct_counts(scores, test_labels)
-    n = max(scores.shape[0], 1)
-    return 100.0 * c1 / n, 100.0 * c5 / n
-
-
-@torch.no_grad()
 def knn_monitor(backbone_fn, train_images, train_labels, test_images, test_labels, num_classes, batch_size,
-                device, rank=0, world_size=1, k=200, temperature=0.1, return_top5=False):
+                device, rank=0, world_size=1, k=200, temperature=0.1):
     """Weighted-kNN top-1 (%) of the test split against the training split; the same value on all ranks.
 
     `backbone_fn(x)` returns pooled backbone features (B x D) or a layer4 map (pooled here); the caller puts
     the model in eval mode. Training features are computed in shards and gathered; test samples are
     classified in shards (`test_images[rank::world_size]`) and the correct counts are all-reduced.
-    With `return_top5=True` returns (top1, top5).
     """
     device = torch.device(device)
     train_f = extract_features(backbone_fn, train_images, batch_size, device, rank, world_size)
@@ -139,15 +113,12 @@ def knn_monitor(backbone_fn, train_images, train_labels, test_images, test_label
         test_images, test_labels = test_images[rank::world_size], test_labels[rank::world_size]
     test_f = _local_features(backbone_fn, test_images, batch_size, device)
     if test_f is None:
-        c1 = c5 = n = 0
+        c1 = n = 0
     else:
         scores = knn_scores(train_f, train_labels, test_f, num_classes, k, temperature, batch_size)
-        c1, c5 = _correct_counts(scores, test_labels.to(device))
-        n = test_f.shape[0]
+        c1, n = int(correct_counts(scores, test_labels.to(device), (1,))), test_f.shape[0]
     if distributed:
-        counts = torch.tensor([c1, c5, n], dtype=torch.float64, device=_comm_device(device))
+        counts = torch.tensor([c1, n], dtype=torch.float64, device=_comm_device(device))
         dist.all_reduce(counts)
-        c1, c5, n = (float(v) for v in counts.tolist())
-    n = max(n, 1)
-    top1, top5 = 100.0 * c1 / n, 100.0 * c5 / n
-    return (top1, top5) if return_top5 else top1
+        c1, n = (float(v) for v in counts.tolist())
+    return 100.0 * c1 / max(n, 1)

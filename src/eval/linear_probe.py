@@ -18,7 +18,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["correct_counts", "extract_frozen_features", "make_scheduler", "train_linear_on_features"]
+from .metrics import correct_counts
+from .setup import make_scheduler
+
+__all__ = ["extract_frozen_features", "train_linear_on_features"]
 
 
 @torch.no_grad()
@@ -38,23 +41,6 @@ def extract_frozen_features(model_fn, images, batch_size, device):
     return torch.cat(feats)
 
 
-def make_scheduler(optimizer, scheduler_type, epochs, final_lr=0.0, decay_epochs=(60, 80), gamma=0.1):
-    """The released schedulers: `cosine` = CosineAnnealingLR(T_max=epochs, eta_min=final_lr), `step` =
-    MultiStepLR(milestones=decay_epochs, gamma). Both are stepped once per epoch."""
-    if scheduler_type == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs, eta_min=final_lr)
-    if scheduler_type == "step":
-        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(decay_epochs), gamma=gamma)
-    raise ValueError(f"unknown scheduler_type {scheduler_type!r} (cosine or step)")
-
-
-def correct_counts(output, target, maxk):
-    """Correct counts at top-1 and top-maxk (also used by the kNN monitor)."""
-    pred = output.topk(maxk, dim=1).indices
-    hit = pred.eq(target.view(-1, 1))
-    return hit[:, :1].sum().item(), hit.any(dim=1).sum().item()
-
-
 @torch.no_grad()
 def _evaluate(linear, x, y, batch_size, maxk):
     loss_sum = c1 = c5 = 0.0
@@ -63,7 +49,7 @@ def _evaluate(linear, x, y, batch_size, maxk):
         xb, yb = x[start:start + batch_size], y[start:start + batch_size]
         out = linear(xb)
         loss_sum += F.cross_entropy(out, yb).item() * xb.shape[0]
-        a1, a5 = correct_counts(out, yb, maxk)
+        a1, a5 = correct_counts(out, yb, (1, maxk)).tolist()
         c1 += a1
         c5 += a5
     n = max(n, 1)
@@ -117,7 +103,7 @@ def train_linear_on_features(train_x, train_y, test_x, test_y, num_labels, epoch
             loss.backward()
             optimizer.step()
             loss_sum += loss.item() * xb.shape[0]
-            a1, a5 = correct_counts(out.detach(), yb, maxk)
+            a1, a5 = correct_counts(out.detach(), yb, (1, maxk)).tolist()
             c1 += a1
             c5 += a5
         loss_val, prec1_val, prec5_val = _evaluate(linear, test_x, test_y, batch_size, maxk)

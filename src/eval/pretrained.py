@@ -6,10 +6,8 @@ released one: the weights under `state_dict`, named `module.<name>`), a fine-tun
 `eval_semisup.py`, and a plain state dict such as `tools/export_backbone.py` writes. The `module.` prefix
 is stripped. Errors are `PretrainedError` with a one-line message.
 """
-import contextlib
 import os
 
-import numpy as np
 import torch
 
 from ..runtime.checkpoint import CheckpointError, safe_load, strip_module_prefix
@@ -32,16 +30,6 @@ class PretrainedError(ValueError):
     """Weights that cannot be used; the message is one line."""
 
 
-def _numpy_scalars_allowed():
-    """A context in which `weights_only` loads accept pickled NumPy scalars (and nothing else more): the
-    released code's optimizer state holds np.float64 learning rates next to the weights."""
-    allow = getattr(torch.serialization, "safe_globals", None)
-    if allow is None:  # torch < 2.5
-        return contextlib.nullcontext()
-    core = getattr(np, "_core", None) or np.core
-    return allow([core.multiarray.scalar, np.dtype] + [type(np.dtype(t)) for t in ("float64", "float32", "int64")])
-
-
 def read_state_dict(path):
     """`(state_dict, info)` from the file at `path`: tensors by name without the `module.` prefix, and
     `info` = {"arch", "epoch"} as recorded in the checkpoint (None when it does not say)."""
@@ -49,8 +37,7 @@ def read_state_dict(path):
     if not os.path.isfile(path):
         raise PretrainedError(f"{path}: no such file")
     try:
-        with _numpy_scalars_allowed():
-            ckpt = safe_load(path)
+        ckpt = safe_load(path)  # NumPy scalars allowed (the released optimizer's learning rates)
     except CheckpointError as e:
         raise PretrainedError(str(e)) from None
     info = {"arch": None, "epoch": None}
@@ -61,10 +48,6 @@ def read_state_dict(path):
     if not isinstance(state, dict) or not state or not all(torch.is_tensor(v) for v in state.values()):
         raise PretrainedError(f"{path}: holds no state dict (a dict of tensors, or one under 'state_dict')")
     return strip_module_prefix(state), info
-
-
-def is_head_key(name):
-    return name.startswith(HEAD_PREFIXES)
 
 
 def _blocks(state, stage):

@@ -7,19 +7,27 @@ train/test splits and their loaders, and stopping after an epoch on a signal.
 import os
 import sys
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 from ..data.datasets import DataError, load_split
 from ..method.resnet import ARCHS
+from ..method.train_step import unwrap
 from ..runtime import launch, signals
+from ..runtime.checkpoint import CheckpointError, find_resume_checkpoint, set_rng_state, strip_module_prefix
 from ..runtime.cli import MAX_EPOCHS, bool_flag, check_seed, fail
-from ..runtime.logs import create_logger, format_provenance, provenance
+from ..runtime.logs import AverageMeter, create_logger, format_provenance, provenance
 from ..runtime.run_folder import FINE_TUNING, LINEAR, claim_evaluation_folder
 from ..runtime.startup import agree_or_fail, start_processes
+from .metrics import correct_counts
 
 STATS_COLUMNS = ["epoch", "loss", "prec1", "prec5", "loss_val", "prec1_val", "prec5_val"]  # released
 # How the messages name each evaluation: the run, running it, to run it.
 WORDS = {LINEAR: ("evaluation", "evaluating", "evaluate"), FINE_TUNING: ("fine-tuning", "fine-tuning", "fine-tune")}
+# How the resume messages name it: the run, what its checkpoint holds, what to do with a checkpoint that fails.
+RESUMING = {LINEAR: ("linear evaluation", "the linear classifier", "move it away to start the evaluation afresh"),
+            FINE_TUNING: ("fine-tuning", "the fine-tuning", "use another --dump_path")}
 
 
 def add_shared_released_flags(parser, workers):
@@ -111,6 +119,81 @@ def data_loaders(train_set, test_set, args):
     test_loader = torch.utils.data.DataLoader(test_set, batch_size=args.batch_size, shuffle=False,
                                               num_workers=args.workers, pin_memory=pin, worker_init_fn=quiet)
     return train_loader, test_loader
+
+
+def make_scheduler(optimizer, scheduler_type, epochs, final_lr=0.0, decay_epochs=(60, 80), gamma=0.1):
+    """The released schedules, stepped once per epoch: `cosine` = CosineAnnealingLR(T_max=epochs,
+    eta_min=final_lr) (the linear evaluation's default), `step` = MultiStepLR(decay_epochs, gamma) (the
+    linear evaluation's other choice, and the fine-tuning's schedule)."""
+    if scheduler_type == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs, eta_min=final_lr)
+    if scheduler_type == "step":
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=list(decay_epochs), gamma=gamma)
+    raise ValueError(f"unknown scheduler_type {scheduler_type!r} (cosine or step)")
+
+
+def resume_evaluation(args, kind, model, optimizer, scheduler, logger, no_best):
+    """Continue from the evaluation's checkpoint in --dump_path: its weights into `model` (DDP unwrapped,
+    `module.` prefix stripped, strictly), the optimiser's and the scheduler's states, and NumPy's random
+    state where it holds one. Returns (first epoch, best test accuracy so far, whether there was a
+    checkpoint); (0, `no_best`, False) without one. The best accuracy has the form of `no_best`: a number
+    (the linear evaluation's top-1) or a tuple (the fine-tuning's top-1 and top-5). A checkpoint that
+    cannot be used stops the run with one line."""
+    run, holds, advice = RESUMING[kind]
+    try:
+        path, ckpt = find_resume_checkpoint(args.dump_path, log=logger.info)
+    except CheckpointError as e:
+        fail(f"cannot resume {holds}: {e}")
+    if ckpt is None:
+        return 0, no_best, False
+    try:
+        unwrap(model).load_state_dict(strip_module_prefix(ckpt["state_dict"]))
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        start_epoch = int(ckpt["epoch"])
+        best = ckpt["best_acc"]
+        best = tuple(float(a) for a in best) if isinstance(no_best, tuple) else float(best)
+        if "rng" in ckpt:
+            set_rng_state(ckpt["rng"], np.random)
+    except (KeyError, RuntimeError, ValueError, TypeError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        fail(f"{path}: cannot resume {holds} ({type(e).__name__}: {first}); {advice}")
+    if start_epoch < 0:
+        fail(f"{path}: epoch {start_epoch} cannot be negative; {advice}")
+    logger.info(f"Resumed {run} from epoch {start_epoch} "
+                f"(best top-1 so far {best[0] if isinstance(best, tuple) else best:.1f})")
+    return start_epoch, best, True
+
+
+class EpochMeters:
+    """The released running averages of an epoch, weighted by batch size: the loss, and the top-1 and
+    top-k accuracies in percent (`val`: the last batch's, `avg`: the average so far)."""
+
+    def __init__(self, maxk):
+        self.maxk = maxk
+        self.loss, self.top1, self.topk = AverageMeter(), AverageMeter(), AverageMeter()
+
+    def update(self, loss, output, target):
+        n = target.shape[0]
+        c1, ck = correct_counts(output.detach(), target, (1, self.maxk)).tolist()
+        self.loss.update(loss.item(), n)
+        self.top1.update(100.0 * c1 / n, n)
+        self.topk.update(100.0 * ck / n, n)
+
+    def averages(self):
+        return self.loss.avg, self.top1.avg, self.topk.avg
+
+
+@torch.no_grad()
+def evaluate(forward, loader, maxk, device):
+    """(loss, top-1, top-k) of the classifier `forward(images)` on the whole test split of `loader` (every
+    process evaluates all of it, as released)."""
+    meters = EpochMeters(maxk)
+    for inp, target in loader:
+        inp, target = inp.to(device, non_blocking=True), target.to(device, non_blocking=True)
+        output = forward(inp)
+        meters.update(F.cross_entropy(output, target), output, target)
+    return meters.averages()
 
 
 def stop_if_preempted(preempt, epoch, args, logger, saved):

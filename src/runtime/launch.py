@@ -361,23 +361,12 @@ def init_distributed(args, timeout_s: Optional[float] = None) -> DistEnv:
     return env
 
 
-def is_main_process(args) -> bool:
-    return getattr(args, "rank", 0) == 0
-
-
 def barrier(world_size: int) -> None:
     if world_size > 1 and dist.is_available() and dist.is_initialized():
         if dist.get_backend() == "nccl":
             dist.barrier(device_ids=[torch.cuda.current_device()])
         else:
             dist.barrier()
-
-
-def all_reduce_sum_(tensor: torch.Tensor, world_size: int) -> torch.Tensor:
-    """In-place sum over all processes (no-op for one process); returns ``tensor``."""
-    if world_size > 1:
-        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    return tensor
 
 
 def cleanup() -> None:
