@@ -29,7 +29,7 @@ if ROOT not in sys.path:
 
 HOST_READS = {"_local_scalar_dense", "is_nonzero", "equal"}
 PHASES = {  # project file -> phase
-    "augment.py": "augmentation", "sampling.py": "augmentation", "transforms.py": "augmentation",
+    "augment.py": "augmentation", "crops.py": "augmentation", "sampling.py": "augmentation", "transforms.py": "augmentation",
     "resnet.py": "forward", "sinkhorn.py": "sinkhorn", "unmix.py": "Un-Mix mixing", "swav.py": "loss",
     "larc.py": "optimiser", "train_step.py": "step (guard, other)", "guard.py": "step (guard, other)",
     "staging.py": "step (staged numbers)", "main_swav_unmix.py": "loop",
@@ -78,7 +78,7 @@ def fake_cifar10(root, n_train):
 
 def run_main(argv):
     import main_swav_unmix
-    from src.data.augment import _log_ratio
+    from src.data.crops import _log_ratio
     _log_ratio.cache_clear()  # both runs start alike: what is computed once per process counts in each
     old = sys.argv
     sys.argv = ["main_swav_unmix.py", *argv]

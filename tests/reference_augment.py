@@ -4,15 +4,8 @@ sample, so that it can be compared with torchvision's functional ops image by im
 versions with torchvision's rates. The training path fuses these operations (GPUMultiCrop)."""
 import torch
 
-from src.data.augment import (
-    _blend_,
-    _check_range,
-    _hue,
-    _view4,
-    apply_color_jitter,
-    rgb_to_grayscale,
-    sample_color_jitter_params,
-)
+from src.data.augment import _blend_, _check_range, _hue, apply_color_jitter, rgb_to_grayscale, sample_color_jitter_params
+from src.data.crops import _view4
 
 
 def _per_sample(value, n, x):

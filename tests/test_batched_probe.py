@@ -24,7 +24,7 @@ import torchvision.transforms.functional as TF
 from scipy import stats
 
 import eval_linear
-from src.data.augment import ResizedCropFlip, sample_resized_crop_params
+from src.data.crops import ResizedCropFlip, sample_resized_crop_params
 from src.data.constants import CIFAR_MEAN, EVAL_STD
 from src.data.datasets import load_split
 from src.data.sampling import sampler_order

@@ -24,6 +24,7 @@ import torchvision.transforms.v2.functional as TF2
 from scipy import stats
 
 from src.data import augment as ga, constants, sampling
+from src.data import crops as batch_crops
 from tests import reference_augment as ref_ops
 
 TOL = 1e-5
@@ -71,14 +72,14 @@ def maxdiff(a, b):
 @pytest.mark.parametrize("h,w,size", [(32, 32, 32), (32, 32, 16), (32, 32, 48), (24, 40, 28)])
 def test_resized_crop_matches_torchvision(h, w, size):
     x = make_images(16, h, w)
-    top, left, ch, cw = ga.sample_resized_crop_params(h, w, 16, (0.02, 1.0), generator=gen(1))
+    top, left, ch, cw = batch_crops.sample_resized_crop_params(h, w, 16, (0.02, 1.0), generator=gen(1))
     # include the full image, 1-pixel crops and crops touching every border
     top[:4] = torch.tensor([0, 0, h - 1, 0])
     left[:4] = torch.tensor([0, w - 1, 0, 0])
     ch[:4] = torch.tensor([h, 1, 1, h])
     cw[:4] = torch.tensor([w, 1, 1, 1])
     params = [(int(top[i]), int(left[i]), int(ch[i]), int(cw[i])) for i in range(16)]
-    out = ga.resized_crop(x, top, left, ch, cw, size)
+    out = batch_crops.resized_crop(x, top, left, ch, cw, size)
     ref2 = torch.stack([TF2.resized_crop(x[i], *params[i], [size, size], antialias=False) for i in range(16)])
     ref1 = torch.stack([TF.resized_crop(x[i], *params[i], [size, size], antialias=False) for i in range(16)])
     assert out.shape == (16, 3, size, size)
@@ -86,13 +87,13 @@ def test_resized_crop_matches_torchvision(h, w, size):
     assert maxdiff(out, ref1) <= TOL
     # the flip folded into the resampling grid is a hflip after the crop
     flip = torch.rand(16, generator=gen(2)) < 0.5
-    out_f = ga.resized_crop(x, top, left, ch, cw, size, flip=flip)
+    out_f = batch_crops.resized_crop(x, top, left, ch, cw, size, flip=flip)
     ref_f = torch.stack([TF.hflip(ref1[i]) if flip[i] else ref1[i] for i in range(16)])
     assert maxdiff(out_f, ref_f) <= TOL
     # uint8 input is converted to float first
     u8 = (x * 255).round().to(torch.uint8)
-    assert maxdiff(ga.resized_crop(u8, top, left, ch, cw, size),
-                   ga.resized_crop(u8.float(), top, left, ch, cw, size)) == 0
+    assert maxdiff(batch_crops.resized_crop(u8, top, left, ch, cw, size),
+                   batch_crops.resized_crop(u8.float(), top, left, ch, cw, size)) == 0
 
 
 def test_flip_and_grayscale_match_torchvision():
@@ -191,7 +192,7 @@ def _ks(a, b):
 ])
 def test_crop_params_distribution(scale, ratio, fallback_expected):
     ref = _torchvision_params(N_KS, scale, ratio, seed=10)  # (i, j, h, w)
-    top, left, h, w = ga.sample_resized_crop_params(32, 32, N_KS, scale, ratio, generator=gen(11))
+    top, left, h, w = batch_crops.sample_resized_crop_params(32, 32, N_KS, scale, ratio, generator=gen(11))
     ours = torch.stack([top, left, h, w], 1)
     for name, fn in [("area", lambda p: p[:, 2] * p[:, 3]), ("aspect", lambda p: p[:, 3] / p[:, 2]),
                      ("top", lambda p: p[:, 0]), ("left", lambda p: p[:, 1]),
@@ -218,7 +219,7 @@ def test_crop_params_fallback_exact():
                                  ((32, 32, torch.zeros(3, 32, 32)), (0.1, 0.15)),
                                  ((20, 40, img_wide), (0.2, 0.3))]:
         ref = T.RandomResizedCrop.get_params(img, [0.99, 1.0], list(ratio))
-        t, l, h, w = ga.sample_resized_crop_params(hh, ww, 50, (0.99, 1.0), ratio, generator=gen(12))
+        t, l, h, w = batch_crops.sample_resized_crop_params(hh, ww, 50, (0.99, 1.0), ratio, generator=gen(12))
         for v, r in zip((t, l, h, w), ref):
             assert (v == r).all()
 
@@ -378,16 +379,16 @@ def test_pil_vs_tensor_semantics_on_real_images(capsys):
     x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float() / 255
     pil = [Image.fromarray(im) for im in imgs]
     g = gen(26)
-    t, l, h, w = ga.sample_resized_crop_params(32, 32, n, (0.14, 1.0), generator=g)
+    t, l, h, w = batch_crops.sample_resized_crop_params(32, 32, n, (0.14, 1.0), generator=g)
     lines = []
-    ours = ga.resized_crop(x, t, l, h, w, 32)
+    ours = batch_crops.resized_crop(x, t, l, h, w, 32)
     ref = torch.stack([TF.to_tensor(TF.resized_crop(pil[i], int(t[i]), int(l[i]), int(h[i]), int(w[i]),
                                                     [32, 32])) for i in range(n)])
     d = (ours - ref).abs() * 255
     lines.append(f"RandomResizedCrop 32->32: max {d.max():.2f}, mean {d.mean():.3f}")
     assert d.max() <= 1.01 and d.mean() < 0.5  # only PIL's uint8 rounding (crops are never > 32 px)
     # a smaller output (not the CIFAR recipe): PIL's bilinear filter antialiases crops larger than it
-    ours = ga.resized_crop(x, t, l, h, w, 16)
+    ours = batch_crops.resized_crop(x, t, l, h, w, 16)
     ref = torch.stack([TF.to_tensor(TF.resized_crop(pil[i], int(t[i]), int(l[i]), int(h[i]), int(w[i]),
                                                     [16, 16])) for i in range(n)])
     d = (ours - ref).abs() * 255
@@ -416,12 +417,12 @@ def test_cuda_matches_cpu_and_never_synchronises():
     GPUMultiCrop call that never synchronises with the host (sync debug mode 'error')."""
     dev = torch.device("cuda")
     x = make_images(48)
-    top, left, h, w = ga.sample_resized_crop_params(32, 32, 48, (0.02, 1.0), generator=gen(30))
+    top, left, h, w = batch_crops.sample_resized_crop_params(32, 32, 48, (0.02, 1.0), generator=gen(30))
     flip = torch.rand(48, generator=gen(31)) < 0.5
     factors, order, applied = ga.sample_color_jitter_params(48, generator=gen(32))
-    cpu = ga.apply_color_jitter(ga.resized_crop(x, top, left, h, w, 32, flip=flip), factors, order, applied)
+    cpu = ga.apply_color_jitter(batch_crops.resized_crop(x, top, left, h, w, 32, flip=flip), factors, order, applied)
     on = [t.to(dev) for t in (x, top, left, h, w, flip, factors, order, applied)]
-    gpu = ga.apply_color_jitter(ga.resized_crop(*on[:5], 32, flip=on[5]), *on[6:])
+    gpu = ga.apply_color_jitter(batch_crops.resized_crop(*on[:5], 32, flip=on[5]), *on[6:])
     assert maxdiff(gpu.cpu(), cpu) <= TOL
     hue_gpu = ref_ops.adjust_hue(on[0], factors[:, 3].to(dev)).cpu()
     assert maxdiff(hue_gpu, ref_ops.adjust_hue(x, factors[:, 3])) <= TOL

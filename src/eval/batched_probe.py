@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from ..data.augment import ResizedCropFlip
+from ..data.crops import ResizedCropFlip
 from ..data.constants import CIFAR_MEAN, EVAL_STD
 from ..data.sampling import chunk_seed, sampler_order
 from ..data.transforms import plain_tensor
