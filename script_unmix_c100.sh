@@ -27,17 +27,11 @@ DATASET_NAME=cifar100
 NUM_LABELS=100
 JOB_TAG=script_unmix_c100
 
-# ---- where the code is: CODE_DIR, else the first folder holding main_swav_unmix.py of: this file's; under
-# sbatch, which runs a copy of this file, the submitted file's (scontrol) and the submit folder; else here
-if [ -z "${CODE_DIR:-}" ]; then
-    for CODE_DIR in "$(dirname "${BASH_SOURCE[0]}")" "${SLURM_JOB_ID:+$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null \
-            | sed -n 's/^ *Command=\([^ ]*\)\/.*/\1/p' | head -n 1)}" "${SLURM_SUBMIT_DIR:-}" "$PWD"; do
-        [ -f "$CODE_DIR/main_swav_unmix.py" ] && break
-    done
-fi
-for f in main_swav_unmix.py scripts/unmix_job.sh; do
-    [ -f "$CODE_DIR/$f" ] || { echo "error: $CODE_DIR/$f not found (set CODE_DIR to the repository)" >&2; exit 2; }
-done
+# ---- where the code is: found as script_unmix_c10.sh finds it (under sbatch this file is a copy in the spool)
+[ -n "${CODE_DIR:-}" ] || for CODE_DIR in "$(dirname "${BASH_SOURCE[0]}")" "${SLURM_JOB_ID:+$(scontrol show job \
+    "$SLURM_JOB_ID" 2>/dev/null | sed -n 's/^ *Command=\([^ ]*\)\/.*/\1/p' | head -n 1)}" "${SLURM_SUBMIT_DIR:-}" "$PWD"
+    do [ -f "$CODE_DIR/main_swav_unmix.py" ] && break; done
+for f in main_swav_unmix.py scripts/unmix_job.sh; do [ -f "$CODE_DIR/$f" ] || { echo "error: $CODE_DIR/$f not found (set CODE_DIR to the repository)" >&2; exit 2; }; done
 
 # shellcheck source=scripts/unmix_job.sh
 source "$CODE_DIR/scripts/unmix_job.sh"
