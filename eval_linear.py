@@ -20,20 +20,9 @@ import torch.nn as nn
 from src.data.constants import CIFAR_MEAN, EVAL_STD
 from src.data.transforms import LabeledDataset, eval_transforms, plain_tensor
 from src.eval.pretrained import PretrainedError, read_state_dict
-from src.eval.setup import (
-    STATS_COLUMNS,
-    EpochMeters,
-    add_shared_new_flags,
-    add_shared_released_flags,
-    check_shared_args,
-    data_loaders,
-    evaluate,
-    load_splits,
-    make_scheduler,
-    resume_evaluation,
-    set_up,
-    stop_if_preempted,
-)
+from src.eval.setup import (STATS_COLUMNS, EpochMeters, add_shared_new_flags, add_shared_released_flags,
+                            check_shared_args, data_loaders, evaluate, load_splits, make_scheduler, resume_evaluation,
+                            set_up, stop_if_preempted)
 from src.method.resnet import build_model
 from src.runtime import launch
 from src.runtime.checkpoint import atomic_save

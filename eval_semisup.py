@@ -22,20 +22,9 @@ import torch.nn as nn
 
 from src.data.transforms import LabeledDataset, eval_transforms
 from src.eval.pretrained import PretrainedError, load_weights, read_state_dict
-from src.eval.setup import (
-    STATS_COLUMNS,
-    EpochMeters,
-    add_shared_new_flags,
-    add_shared_released_flags,
-    check_shared_args,
-    data_loaders,
-    evaluate,
-    load_splits,
-    make_scheduler,
-    resume_evaluation,
-    set_up,
-    stop_if_preempted,
-)
+from src.eval.setup import (STATS_COLUMNS, EpochMeters, add_shared_new_flags, add_shared_released_flags,
+                            check_shared_args, data_loaders, evaluate, load_splits, make_scheduler, resume_evaluation,
+                            set_up, stop_if_preempted)
 from src.eval.subset import SubsetError, balanced_subset, images_per_class
 from src.method.resnet import build_model
 from src.method.train_step import unwrap
@@ -248,7 +237,8 @@ def train(model, optimizer, loader, epoch, maxk, args, logger, eta):
                         f"Time {batch_time.val:.3f} ({batch_time.avg:.3f})\t"
                         f"Data {data_time.val:.3f} ({data_time.avg:.3f})\t"
                         f"Loss {meters.loss.val:.4f} ({meters.loss.avg:.4f})\t"
-                        f"Prec {meters.top1.val:.3f} ({meters.top1.avg:.3f})\tLR trunk {optimizer.param_groups[0]['lr']}\tLR head {optimizer.param_groups[1]['lr']}\t"
+                        f"Prec {meters.top1.val:.3f} ({meters.top1.avg:.3f})\tLR trunk {optimizer.param_groups[0]['lr']}\t"
+                        f"LR head {optimizer.param_groups[1]['lr']}\t"
                         f"ETA {eta(epoch, it)}")
     return meters.averages()
 

@@ -28,16 +28,8 @@ from src.method.swav import LOSS_FORMS, SwavConfig
 from src.runtime import launch, signals, startup
 from src.runtime.checkpoint import CheckpointError, restart_from_checkpoint, save_checkpoint
 from src.runtime.cli import MAX_EPOCHS, ArgumentParser, bool_flag, check_seed, fail, run_main
-from src.runtime.logs import (
-    AverageMeter,
-    Clock,
-    CurveWriter,
-    Stats,
-    create_logger,
-    format_eta,
-    format_provenance,
-    provenance,
-)
+from src.runtime.logs import (AverageMeter, Clock, CurveWriter, Stats, create_logger, format_eta, format_provenance,
+                              provenance)
 from src.runtime.run_folder import OPERATIONAL_FLAGS, claim_pretraining_folder, save_params
 from src.runtime.startup import agree_or_fail, start_processes
 

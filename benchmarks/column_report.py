@@ -49,7 +49,8 @@ def report(run_dir, method, epochs, published_epochs=None):
             r = json.load(f)
         lines += ["", f"Linear probe (released protocol, {r['epochs']} epochs, batched crops) of the epoch-{done} "
                       f"checkpoint: top-1 best {fmt(r['best_top1'])} %, last {fmt(r['last_top1'])} % in "
-                      f"{fmt(r['seconds'], 0)} s; published {METHODS[method]} {published_epochs} epochs: {fmt(published, 1)} %."]
+                      f"{fmt(r['seconds'], 0)} s; published {METHODS[method]} {published_epochs} epochs: "
+                      f"{fmt(published, 1)} %."]
     except (OSError, ValueError, KeyError):
         lines += ["", f"Linear probe: no result (published {METHODS[method]} {published_epochs} epochs: "
                       f"{fmt(published, 1)} %)."]

@@ -29,7 +29,8 @@ if ROOT not in sys.path:
 
 HOST_READS = {"_local_scalar_dense", "is_nonzero", "equal"}
 PHASES = {  # project file -> phase
-    "augment.py": "augmentation", "crops.py": "augmentation", "sampling.py": "augmentation", "transforms.py": "augmentation",
+    "augment.py": "augmentation", "crops.py": "augmentation", "sampling.py": "augmentation",
+    "transforms.py": "augmentation",
     "resnet.py": "forward", "sinkhorn.py": "sinkhorn", "unmix.py": "Un-Mix mixing", "swav.py": "loss",
     "larc.py": "optimiser", "train_step.py": "step (guard, other)", "guard.py": "step (guard, other)",
     "staging.py": "step (staged numbers)", "main_swav_unmix.py": "loop",

@@ -12,16 +12,8 @@ from torch.utils.data.distributed import DistributedSampler
 
 from src.data.sampling import ResumableDistributedSampler
 from src.runtime import checkpoint as ck, run_folder
-from src.runtime.checkpoint import (
-    CheckpointError,
-    atomic_save,
-    epoch_copies,
-    find_resume_checkpoint,
-    rng_state,
-    safe_load,
-    set_rng_state,
-    strip_module_prefix,
-)
+from src.runtime.checkpoint import (CheckpointError, atomic_save, epoch_copies, find_resume_checkpoint, rng_state,
+                                    safe_load, set_rng_state, strip_module_prefix)
 from tests.released_format import APEX_AMP_STATE, released_checkpoint, save_like_numpy1
 
 

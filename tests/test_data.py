@@ -14,14 +14,8 @@ from torchvision import transforms as T
 from src.data.constants import CIFAR_MEAN, EVAL_STD, PRETRAIN_STD
 from src.data.datasets import DataError, load_split
 from src.data.transforms import LabeledDataset, MultiCropDataset, MultiCropTransform, eval_transforms, plain_tensor
-from tests.fake_cifar import (
-    CIFAR10_CLASSES,
-    CIFAR10_JPG_SMALL,
-    CIFAR100_CLASSES,
-    write_cifar10,
-    write_cifar100,
-    write_image_folder,
-)
+from tests.fake_cifar import (CIFAR10_CLASSES, CIFAR10_JPG_SMALL, CIFAR100_CLASSES, write_cifar10, write_cifar100,
+                              write_image_folder)
 
 
 def _no_md5(monkeypatch):

@@ -19,25 +19,11 @@ import pandas as pd
 import pytest
 import torch
 
-from src.runtime.checkpoint import (
-    CheckpointError,
-    atomic_write,
-    find_resume_checkpoint,
-    remove_stale_temporaries,
-    safe_load,
-)
+from src.runtime.checkpoint import (CheckpointError, atomic_write, find_resume_checkpoint, remove_stale_temporaries,
+                                    safe_load)
 from src.runtime.signals import PREEMPTED_EXIT_CODE
-from tests.e2e_helpers import (
-    MAIN,
-    REPO,
-    ForkRunner,
-    kill,
-    make_fake_cifar10,
-    pid_alive,
-    run_script,
-    tiny_args,
-    wait_for_log,
-)
+from tests.e2e_helpers import (MAIN, REPO, ForkRunner, kill, make_fake_cifar10, pid_alive, run_script, tiny_args,
+                               wait_for_log)
 
 pytestmark = pytest.mark.slow
 

@@ -4,24 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from src.method.unmix import (
-    BOXES,
-    GLOBAL,
-    LAM,
-    LR,
-    MIX_A,
-    MIX_B,
-    ONE_MINUS_LAM,
-    SLOT,
-    UnmixDraws,
-    draw_unmix,
-    host_row,
-    mix_pairs,
-    pair_sizes,
-    region_box,
-    row_width,
-    unmix_views,
-)
+from src.method.unmix import (BOXES, GLOBAL, LAM, LR, MIX_A, MIX_B, ONE_MINUS_LAM, SLOT, UnmixDraws, draw_unmix,
+                              host_row, mix_pairs, pair_sizes, region_box, row_width, unmix_views)
 from tests.reference_unmix import mix_with_reversed, unmix_inputs
 
 # ---------------------------------------------------------------- boxes and mixtures
