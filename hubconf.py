@@ -42,7 +42,7 @@ def _build(arch, pretrained, full_model, kwargs):
     resnet, weights = _import_src()
     if pretrained is True:
         raise ValueError("pretrained=True: there are no weights to download; pass the path of a checkpoint "
-                         "(the released weights are on Google Drive, linked from the README)")
+                         "(the released weights are on Google Drive, linked from the released repository's README)")
     if not pretrained:
         return resnet.build_model(arch, **_with_normalize(kwargs, full_model))
     state, _ = weights.read_state_dict(pretrained)

@@ -113,7 +113,7 @@ def get_parser():
     g.add_argument("--knn_temperature", type=float, default=0.1, help="temperature of the kNN monitor")
     g.add_argument("--max_nonfinite_steps", type=int, default=20,
                    help="stop after this many consecutive non-finite losses (their steps are skipped); "
-                        "0: no guard, which also saves its one host synchronisation per iteration")
+                        "0: no guard (it decides on the device: no host synchronisation either way)")
     g.add_argument("--preempt_check_freq", type=int, default=10,
                    help="with several processes, agree on preemption every this many iterations")
     g.add_argument("--allow_changed_args", type=bool_flag, default=False,

@@ -1,1 +1,1 @@
-"""Un-Mix + SwAV for CIFAR: one concept per module (see README)."""
+"""Un-Mix + SwAV for CIFAR, in four layers: `method`, `data`, `runtime`, `eval` (docs/CONTRACTS.md)."""

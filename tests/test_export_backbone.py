@@ -1,5 +1,5 @@
 """tools/export_backbone.py on a real pretraining checkpoint: a plain backbone state dict and its JSON
-description, loadable as the README shows (and through hubconf), with the pretraining network's features."""
+description, loadable as docs/evaluation.md shows (and through hubconf), with the pretraining network's features."""
 import json
 import subprocess
 import sys
@@ -38,7 +38,7 @@ def pretraining_backbone(ckpt):
     return net.eval()
 
 
-def test_export_and_load_as_the_readme_shows(pre, tmp_path):
+def test_export_and_load_as_the_docs_show(pre, tmp_path):
     res = export(pre, "--out", tmp_path / "backbone.pth", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     meta = json.loads((tmp_path / "backbone.json").read_text())
@@ -47,7 +47,7 @@ def test_export_and_load_as_the_readme_shows(pre, tmp_path):
     assert not any(k.startswith(("module.", "projection_head", "prototypes")) for k in state)
     assert "bn1.running_mean" in state
 
-    # README: build the network named by the JSON and load the state dict (strict)
+    # docs/evaluation.md: build the network named by the JSON and load the state dict (strict)
     model = build_model(meta["arch"], width_per_group=meta["width_per_group"])
     model.load_state_dict(state)
     model.eval()

@@ -1,4 +1,6 @@
 """The method: the ResNet with its projection head and prototypes (`resnet`), Un-Mix's image mixtures
-and the SwAV loss with its queue (`unmix`), Sinkhorn-Knopp (`sinkhorn`), LARC around SGD (`larc`) and the
-training iteration that owns the method's state (`train_step.UnmixSwAV`). Pure tensor arithmetic: it
-imports nothing from the rest of `src`."""
+(`unmix`), the SwAV loss with its queue and the method's hyper-parameters (`swav`), Sinkhorn-Knopp
+(`sinkhorn`), LARC around SGD (`larc`), and the training iteration with the state it owns
+(`train_step.UnmixSwAV`): its numbers staged on the device (`staging`), the non-finite guard's undo
+(`guard`) and whole-iteration CUDA graphs (`cuda_graph`). Tensor arithmetic; it imports nothing from the
+rest of `src`."""

@@ -1,8 +1,8 @@
 """How the processes of an entry script start: join the job, install the stop signals' handler, seed, and
- (``first_disagreement``): at start-up every rank compares its arguments and a
-fingerprint of its data with the others' in one all-gather, so that a rank given other data or other
-flags stops the job with one line instead of blocking in mismatched collectives. Every collective has a
-timeout (``--dist_timeout``), after which the waiting ranks stop (``run_main`` in src/utils.py says so in
+agree. At start-up every rank compares its arguments and a fingerprint of its data with the others' in one
+all-gather (``first_disagreement``), so that a rank given other data or other flags stops the job with
+one line instead of blocking in mismatched collectives. Every collective has a timeout
+(``--dist_timeout``), after which the waiting ranks stop (``run_main`` in src/runtime/cli.py says so in
 one line).
 """
 import hashlib
