@@ -1,5 +1,8 @@
 """CUDA checks (skipped without a GPU): the golden iteration in float32, no host syncs in a steady-state
-step, torch.compile equal to eager, and finite mixed-precision training."""
+step, torch.compile equal to eager, finite mixed-precision training, and CUDA graph replays equal to eager
+iterations without syncs."""
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -64,6 +67,17 @@ def c10_method(width=64, batch=128, amp_dtype=None, channels_last=False, skip_no
     return method, crops
 
 
+@contextlib.contextmanager
+def sync_is_an_error():
+    """Inside: any wait of the host for the device raises (torch's sync debug mode)."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 def run_steps(method, crops, n, rng=None, start=0):
     rng = rng or np.random.RandomState(31)
     return [method.step(crops, draw_unmix(rng, 1.0, 0.5, pair_sizes(crops)), lr=0.6, iteration=start + i).loss
@@ -76,12 +90,8 @@ def test_steady_state_step_does_not_sync(amp_dtype):
     method, crops = c10_method(amp_dtype=amp_dtype, channels_last=True)
     rng = np.random.RandomState(31)
     run_steps(method, crops, 3, rng)  # warm-up (cuDNN autotuning, first momentum buffers)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with sync_is_an_error():
         run_steps(method, crops, 4, rng, start=3)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
     assert method.read_meter()["kept"] == 7
 
 
@@ -91,12 +101,8 @@ def test_compiled_step_equals_eager_and_does_not_sync(no_tf32):
     a = torch.stack(run_steps(eager, crops, 3))
     b = torch.stack(run_steps(compiled, crops, 3))
     torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-3)
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with sync_is_an_error():
         run_steps(compiled, crops, 2, start=3)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
 
 
 @pytest.mark.parametrize("amp_dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
@@ -172,10 +178,6 @@ def test_cuda_graph_replays_do_not_sync():
     method, crops = c10_method(amp_dtype=torch.bfloat16, channels_last=True, cuda_graph=True)
     rng = np.random.RandomState(31)
     run_steps(method, crops, 5, rng)  # 3 eager, capture, replay
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
-    try:
+    with sync_is_an_error():
         run_steps(method, crops, 4, rng, start=5)
-    finally:
-        torch.cuda.set_sync_debug_mode("default")
     assert method.graphs.captures == 1 and method.read_meter()["kept"] == 9
