@@ -110,9 +110,6 @@ class EmbeddingQueue:
         self.in_use = self.in_use or any(any(flags) for flags in plan)
         self.filled = [min(self.length, f + len(plan) * bs) for f in self.filled]
 
-    def state_dict(self):
-        return {"queue": self.tensor, "in_use": self.in_use}
-
 
 @dataclass(frozen=True)
 class Term:
