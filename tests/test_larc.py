@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from src.method.larc import LARC
+from tests.golden import EPS32, entries_mismatch
 
 
 def params():
@@ -181,19 +182,36 @@ def test_multi_tensor_larc_is_bit_identical_to_the_loop(clip):
             assert torch.equal(r.grad, p.grad)
 
 
-def test_fused_sgd_inside_larc_equals_plain_sgd_and_skips_on_found_inf():
+def fused_and_plain_updates_differ(lr_plain):
+    """Three steps of the fused SGD inside LARC and of the plain one (lr `lr_plain`) on the same gradients.
+    Returns (the first mismatch of the updates under the golden rule or None, the fused optimiser, its
+    parameters). The fused CPU kernel rounds the momentum update its own way, which depends on the CPU's
+    vector kernels: on an AVX-512 Xeon 79 of 200 seeds end one ulp away from plain SGD. So the two agree
+    to float32 rounding, not bit for bit."""
     from src.method.larc import build_optimizer
     ps = [torch.nn.Parameter(t) for t in (torch.randn(5, 3), torch.randn(7), torch.zeros(2))]
     qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
     fused = build_optimizer(ps, lr=0.3)
-    plain = LARC(torch.optim.SGD(qs, lr=0.3, momentum=0.9, weight_decay=1e-6), trust_coefficient=0.001, clip=False)
+    plain = LARC(torch.optim.SGD(qs, lr=lr_plain, momentum=0.9, weight_decay=1e-6), trust_coefficient=0.001,
+                 clip=False)
     for k in range(3):
         g = [torch.randn_like(p) for p in ps]
+        before = [q.detach().clone() for q in qs]
         for p, q, gi in zip(ps, qs, g):
             p.grad, q.grad = gi.clone(), gi.clone()
         fused.step(found_inf=torch.tensor(0.0), check_finite=True)
         plain.step()
-        assert all(torch.equal(p, q) for p, q in zip(ps, qs)), k
+        for i, (p, q, b) in enumerate(zip(ps, qs, before)):
+            msg = entries_mismatch(p - b, q - b, f"step {k} parameter {i} update", floor=2 * EPS32 * q.abs())
+            if msg:
+                return msg, fused, ps
+    return None, fused, ps
+
+
+def test_fused_sgd_inside_larc_equals_plain_sgd_and_skips_on_found_inf():
+    msg, fused, ps = fused_and_plain_updates_differ(lr_plain=0.3)
+    assert msg is None, msg
+    assert fused_and_plain_updates_differ(lr_plain=0.3 * 1.001)[0], "the rule must catch a 0.1 % lr change"
     before = [p.detach().clone() for p in ps]
     momentum = [fused.state[p]["momentum_buffer"].clone() for p in ps]
     for p in ps:
