@@ -53,6 +53,10 @@ def _set_global_state(state):
 # Read when pytest loads this file, before any test module is imported (a module that changed the
 # thread count when imported once made every test of the session run with one thread).
 START_STATE = _global_state()
+# torch's generator starts from a fixed seed; NumPy's and Python's from the OS. Seed them too, so that a
+# test that draws without seeding sees the same numbers in every session (a failure can be rerun).
+np.random.seed(0)
+random.seed(0)
 RNG = (torch.get_rng_state(), np.random.get_state(), random.getstate())
 
 

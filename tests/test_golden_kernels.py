@@ -100,8 +100,10 @@ def test_change_everything():
 
 
 def run_session(folder, files, digest):
-    """A pytest session in a child, with tests/conftest.py as a plugin, over `files` in that order."""
-    env = child_env(DIGEST_FILE=str(digest), PYTHONPATH=str(REPO))
+    """A pytest session in a child, with tests/conftest.py as a plugin, over `files` in that order. The
+    child keeps this process's environment (kernel and thread settings included), so its digest can be
+    compared with one computed here."""
+    env = dict(os.environ, DIGEST_FILE=str(digest), PYTHONPATH=str(REPO))
     res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "tests.conftest",
                           "--rootdir", str(folder), *[str(folder / f) for f in files]],
                          cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
