@@ -125,6 +125,18 @@ def test_prototypes_update_once_the_freeze_is_over():
     assert not torch.allclose(m.prototypes.weight.detach(), F.normalize(before, dim=1, p=2), atol=1e-7)
 
 
+@pytest.mark.parametrize("skip_nonfinite", [False, True], ids=["no_guard", "guard"])
+def test_prototypes_unfreeze_mid_run_with_and_without_the_guard(skip_nonfinite):
+    """The first unfrozen step gives the prototypes their first gradient while the other parameters have
+    momentum already (`--max_nonfinite_steps 0` runs without the guard)."""
+    m = tiny_model()
+    method = method_for(m, make_opt(m), skip_nonfinite=skip_nonfinite, freeze_prototypes_niters=1)
+    method.step(crops(), UnmixDraws(r=0.2, lam=0.6), 0.5, 0)
+    frozen = m.prototypes.weight.detach().clone()
+    method.step(crops(seed=2), UnmixDraws(r=0.2, lam=0.6), 0.5, 1)
+    assert not torch.allclose(m.prototypes.weight.detach(), frozen, atol=1e-7)
+
+
 # ---------------------------------------------------------------- inputs seen by the model
 
 class Recorder(nn.Module):
