@@ -13,7 +13,7 @@ from src.method.larc import build_optimizer
 from src.method.resnet import resnet18
 from src.method.train_step import UnmixSwAV, cosine_schedule, normalize_prototypes_, unwrap
 from src.method.swav import SwavConfig
-from src.method.unmix import UnmixDraws
+from src.method.unmix import UnmixDraws, draw_unmix
 
 THREADS = 1  # small tensors: one intra-op thread (tests/conftest.py)
 BS = 4
@@ -368,6 +368,25 @@ def test_queue_appears_at_its_epoch():
     assert method.queue is None
     method.start_epoch(2, 4)
     assert method.queue.tensor.shape == (2, 3 * BS, 16) and not method.queue.tensor.any()
+
+
+def test_state_dict_changes_nothing_and_records_the_stream_at_the_first_iteration_not_trained():
+    """A checkpoint's Un-Mix stream is the one-at-a-time stream after the iterations trained, though draws
+    are staged ahead in chunks; reading it leaves the stream and the staged draws as they were."""
+    m = tiny_model()
+    method = UnmixSwAV(m, make_opt(m), SwavConfig(batch_size=BS, size_crops=(16,)), rng=np.random.RandomState(5),
+                       lr_schedule=np.linspace(0.5, 0.1, 10), chunk=8)
+    method.start_epoch(0, iters_per_epoch=10)
+    for it in range(3):
+        method.step(crops(seed=it), it)
+    stream, staged = method.inputs.rng.get_state(), (method.inputs.first, method.inputs.count, method.inputs.used)
+    state = method.state_dict()
+    assert all(np.array_equal(a, b) for a, b in zip(method.inputs.rng.get_state(), stream))
+    assert (method.inputs.first, method.inputs.count, method.inputs.used) == staged
+    one_at_a_time = np.random.RandomState(5)
+    for _ in range(3):
+        draw_unmix(one_at_a_time, 1.0, 0.5, [(16, 16)])
+    assert all(np.array_equal(a, b) for a, b in zip(state["unmix_rng"].get_state(), one_at_a_time.get_state()))
 
 
 # ---------------------------------------------------------------- wrappers

@@ -159,11 +159,11 @@ def swav_loss(embedding: torch.Tensor, output: torch.Tensor, bs: int, cfg: SwavC
 @dataclass(frozen=True)
 class Problem:
     """What one crop's codes are computed from (Sinkhorn's input): the scores of output block `view`,
-    reversed along the batch when `flip`, with, when the queue is in use, the scores of the queue state
-    rows [window, window + L) of assigned crop `crop` in front (see `push_to_queue`)."""
+    reversed along the batch when `flip`, with, when the queue is in use, the scores of rows [window,
+    window + L) of the queue of the `queue_row`-th assigned crop in front (see `push_to_queue`)."""
     view: int
     flip: bool
-    crop: Optional[int] = None
+    queue_row: Optional[int] = None
     window: Optional[int] = None
 
 
@@ -241,7 +241,7 @@ def sinkhorn_codes(problems: Sequence[Sequence[Problem]], out: torch.Tensor, que
         x = block(out, p.view, bs, p.flip)
         if p.window is not None:
             length = queue_scores.shape[1] - len(problems) * bs  # the queue's L rows behind the terms' pushes
-            x = torch.cat((queue_scores[p.crop, p.window:p.window + length], x))
+            x = torch.cat((queue_scores[p.queue_row, p.window:p.window + length], x))
         scores[p] = x
     by_shape, codes = {}, {}
     for p, x in scores.items():
