@@ -68,8 +68,8 @@ def next_numbers(method):
 
 def staged_lam(method):
     """The lam of the loss the last iteration used (staged on the device, float32)."""
-    method.inputs.pos.sub_(1)
-    return next_numbers(method).lam.item()
+    method.inputs.pos.sub_(1)  # back to that iteration's row; reading it advances again
+    return method.inputs.next_numbers().lam.item()
 
 
 def params_of(model):

@@ -8,7 +8,10 @@ shape of the work is captured anew: the prototypes frozen or not, the queue's ch
 (`EmbeddingQueue.plan`), the queue appearing, the crops' shapes. Each such case is first run eagerly a few
 times on the warm-up stream (lazy initialisations, cuDNN's autotuning, the optimiser's buffers), then
 captured, then replayed; the crops are copied into the graph's own input tensors before each replay. All
-graphs share one memory pool and one warm-up (and capture) stream. A case whose capture fails runs
+graphs share one memory pool and one warm-up (and capture) stream. Sharing the pool is safe in any order
+of replays: within a replay a graph writes each of its pool's tensors (activations, gradients, its loss)
+before reading it, and what lives from one iteration to the next (weights, momentum, BN statistics,
+queue, meter) was allocated outside the captures, by the eager warm-up. A case whose capture fails runs
 eagerly from then on (one log line) and the run goes on. As in torch's own whole-network capture, this
 needs one process (no DDP collectives) and no GradScaler (bfloat16 autocast or float32).
 
