@@ -426,8 +426,8 @@ class Saver:
     def __call__(self, epoch, iteration, loop=None, copy=False):
         a, m = self.args, self.method
         copy_path = os.path.join(a.dump_path, "checkpoints", f"ckp-{epoch - 1}.pth") if copy else None
-        state = m.state_dict()  # first: it puts the Un-Mix stream back at the first iteration not trained
-        save_checkpoint(a.dump_path, epoch, iteration, m.net, m.optimizer, m.inputs.rng, a.arch, scaler=m.scaler,
+        state = m.state_dict()  # the queue, and the Un-Mix stream at the first iteration not trained
+        save_checkpoint(a.dump_path, epoch, iteration, m.net, m.optimizer, state["unmix_rng"], a.arch, scaler=m.scaler,
                         queue=state["queue"], rank=a.rank, world_size=a.world_size, loop=loop,
                         copy_path=copy_path, device=a.device)
 

@@ -78,9 +78,14 @@ def sync_is_an_error():
         torch.cuda.set_sync_debug_mode("default")
 
 
+def given_step(method, crops, draws, lr, iteration):
+    method.give(iteration, draws, lr, crops=crops)
+    return method.step(crops, iteration)
+
+
 def run_steps(method, crops, n, rng=None, start=0):
     rng = rng or np.random.RandomState(31)
-    return [method.step(crops, draw_unmix(rng, 1.0, 0.5, pair_sizes(crops)), lr=0.6, iteration=start + i).loss
+    return [given_step(method, crops, draw_unmix(rng, 1.0, 0.5, pair_sizes(crops)), 0.6, start + i).loss
             for i in range(n)]
 
 
@@ -152,7 +157,7 @@ def graph_vs_eager(iters, amp_dtype, channels_last, **cfg):
         for it in range(iters):
             crops = [torch.randn_like(c, generator=g) for c in crops]  # other crops every iteration
             draws = draw_unmix(rng, 1.0, 0.5, pair_sizes(crops))
-            losses.append(method.step(crops, draws, lr=0.6 - 0.02 * it, iteration=it).loss.clone())
+            losses.append(given_step(method, crops, draws, 0.6 - 0.02 * it, it).loss)  # a copy of the graph's
         queue = None if method.queue is None else method.queue.tensor.clone()
         results.append((torch.stack(losses), [p.detach().clone() for p in method.net.parameters()], queue, method))
     return results
@@ -171,6 +176,8 @@ def test_cuda_graph_replays_equal_eager(no_tf32, deterministic_cudnn, amp_dtype)
         torch.testing.assert_close(b, a, rtol=1e-3, atol=1e-3)
     torch.testing.assert_close(qb, qa, rtol=1e-3, atol=1e-3)
     assert graphed.graphs.captures == 3  # filling (frozen), in use (frozen), in use (unfrozen)
+    assert not graphed.graphs.failed
+    assert len({graph.pool() for _, graph, _ in graphed.graphs.graphs.values()}) == 1  # one memory pool
     assert graphed.read_meter()["kept"] == 20
 
 
@@ -181,3 +188,45 @@ def test_cuda_graph_replays_do_not_sync():
     with sync_is_an_error():
         run_steps(method, crops, 4, rng, start=5)
     assert method.graphs.captures == 1 and method.read_meter()["kept"] == 9
+
+
+def test_cuda_graph_capture_while_a_thread_pins_memory():
+    """A DataLoader's pin-memory thread allocates pinned memory at any time, also while a graph is
+    captured (--augment released): the capture still succeeds (capture_error_mode "thread_local")."""
+    import threading
+    method, crops = c10_method(width=16, batch=64, amp_dtype=torch.bfloat16, cuda_graph=True)
+    stop = threading.Event()
+
+    def pin():
+        while not stop.is_set():
+            torch.empty(1 << 16).pin_memory()
+
+    thread = threading.Thread(target=pin, daemon=True)
+    thread.start()
+    try:
+        losses = run_steps(method, crops, 6)
+    finally:
+        stop.set()
+        thread.join()
+    assert method.graphs.captures == 1 and not method.graphs.failed
+    assert torch.isfinite(torch.stack(losses)).all()
+
+
+def test_cuda_graph_failed_capture_runs_eagerly():
+    """A capture that fails (here: the iteration reads a value on the host, which a capture forbids)
+    leaves that case eager, logged once, and the run goes on with the eager results."""
+    logs = []
+    method, crops = c10_method(width=16, batch=64, amp_dtype=torch.bfloat16, cuda_graph=True)
+    method.graphs.log = logs.append
+    iterate = method.iterate
+
+    def iterate_with_a_host_read(*args):
+        loss = iterate(*args)
+        if torch.cuda.is_current_stream_capturing():
+            loss.item()  # not allowed while capturing: the capture fails
+        return loss
+
+    method.iterate = iterate_with_a_host_read
+    losses = run_steps(method, crops, 8)
+    assert method.graphs.captures == 0 and len(method.graphs.failed) == 1 and len(logs) == 1
+    assert method.read_meter()["kept"] == 8 and torch.isfinite(torch.stack(losses)).all()

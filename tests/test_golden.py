@@ -11,7 +11,8 @@ from src.method.resnet import build_model
 from src.method.sinkhorn import sinkhorn
 from src.method.swav import SwavConfig
 from src.method.train_step import UnmixSwAV
-from src.method.unmix import UnmixDraws, host_row, mix_pairs, pair_sizes
+from src.method.staging import StepInputs
+from src.method.unmix import UnmixDraws, mix_pairs, pair_sizes
 from tests.reference_unmix import unmix_inputs
 from tests.golden import NOISE_NORM, entries_mismatch, load_golden, loss_mismatch, summary_mismatches
 
@@ -80,8 +81,8 @@ def run_case(case, device="cpu", fast_path=False, lr_factor=1.0, draws=None, cfg
     method = UnmixSwAV(model, opt, swav_cfg, skip_nonfinite=fast_path)
     if queue is not None:
         method.set_queue(queue)
-    out = method.step([c.clone().to(device) for c in case["crops"]], draws or draws_of(case),
-                      lr=cfg["lr"] * lr_factor, iteration=cfg["iteration"])
+    method.give(cfg["iteration"], draws or draws_of(case), lr=cfg["lr"] * lr_factor)
+    out = method.step([c.clone().to(device) for c in case["crops"]], iteration=cfg["iteration"])
     queue = None if method.queue is None else method.queue.tensor
     return model, out, grads, queue
 
@@ -130,15 +131,17 @@ def check_iteration(case, device, fast_path=False):
 
 @pytest.mark.parametrize("name", case_names())
 def test_network_inputs(name):
-    """The released arithmetic as written (tests/reference_unmix.py) and the device mixing from a staged
-    row (what the iteration runs) both give the released network inputs."""
+    """The released arithmetic as written (tests/reference_unmix.py) and the device mixing from staged
+    numbers (what the iteration runs) both give the released network inputs."""
     case = get_case(name)
     cfg, crops = case["config"], case["crops"]
     if cfg["run_swav"]:
         candidates = [list(crops)]
     else:
-        row = torch.tensor(host_row(draws_of(case), cfg["lr"], 0, cfg["unmix_prob"], pair_sizes(crops)))
-        candidates = [unmix_inputs(crops, draws_of(case), cfg["unmix_prob"])[0], mix_pairs(crops, row)]
+        staged = StepInputs("cpu", cfg["unmix_prob"], 1.0, pair_sizes(crops))
+        staged.give(0, draws_of(case), cfg["lr"])
+        candidates = [unmix_inputs(crops, draws_of(case), cfg["unmix_prob"])[0],
+                      mix_pairs(crops, staged.next_numbers())]
     for inputs in candidates:
         assert len(inputs) == len(case["network_inputs"])
         for k, (ours, ref) in enumerate(zip(inputs, case["network_inputs"])):

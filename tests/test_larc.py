@@ -220,3 +220,27 @@ def test_fused_sgd_inside_larc_equals_plain_sgd_and_skips_on_found_inf():
     assert flag.item() == 1.0
     assert all(torch.equal(p, b) for p, b in zip(ps, before))
     assert all(torch.equal(fused.state[p]["momentum_buffer"], m) for p, m in zip(ps, momentum))
+
+
+@pytest.mark.parametrize("guarded", [False, True], ids=["no_guard", "guard"])
+def test_fused_sgd_steps_a_parameter_whose_first_gradient_comes_late(guarded):
+    """The prototypes get no gradient while frozen, then one: the fused SGD kernel takes all momentum
+    buffers or none, so LARC creates the late parameter's buffer (zeros: the same update as SGD's copy of
+    the first gradient) with or without a device-side guard (`--max_nonfinite_steps 0` runs without one)."""
+    from src.method.larc import build_optimizer
+    torch.manual_seed(0)
+    ps = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(4))]
+    qs = [torch.nn.Parameter(p.detach().clone()) for p in ps]
+    fused = build_optimizer(ps, lr=0.3)
+    plain = LARC(torch.optim.SGD(qs, lr=0.3, momentum=0.9, weight_decay=1e-6), trust_coefficient=0.001, clip=False)
+    kw = {"found_inf": torch.tensor(0.0), "check_finite": True} if guarded else {}
+    for k in range(3):
+        g = [torch.randn_like(p) for p in ps]
+        for i, (p, q, gi) in enumerate(zip(ps, qs, g)):
+            late = i == 1 and k == 0  # the second parameter has no gradient in the first step
+            p.grad, q.grad = (None, None) if late else (gi.clone(), gi.clone())
+        fused.step(**kw)
+        plain.step()
+    for i, (p, q) in enumerate(zip(ps, qs)):
+        assert not entries_mismatch(p.detach(), q.detach(), f"parameter {i}", floor=2 * EPS32 * q.abs())
+    assert all(fused.state[p]["momentum_buffer"] is not None for p in ps)

@@ -13,7 +13,7 @@ from src.method.larc import build_optimizer
 from src.method.resnet import resnet18
 from src.method.train_step import UnmixSwAV, cosine_schedule, normalize_prototypes_, unwrap
 from src.method.swav import SwavConfig
-from src.method.unmix import GLOBAL, LAM, UnmixDraws
+from src.method.unmix import UnmixDraws, draw_unmix
 
 THREADS = 1  # small tensors: one intra-op thread (tests/conftest.py)
 BS = 4
@@ -49,13 +49,27 @@ def method_for(model, opt, queue=None, scaler=None, autocast_dtype=None, skip_no
 def step(model, opt, cs, draws=None, lr=0.5, iteration=100, **kw):
     """One iteration of a fresh UnmixSwAV; returns (output, method)."""
     method = method_for(model, opt, **kw)
-    out = method.step(cs, draws or UnmixDraws(r=0.2, lam=0.6), lr=lr, iteration=iteration)
+    out = run(method, cs, draws or UnmixDraws(r=0.2, lam=0.6), lr, iteration)
     return out, method
 
 
+def run(method, cs, draws, lr, iteration):
+    """One iteration with given draws and learning rate (staged like the method's own), as the golden tests."""
+    method.give(iteration, draws, lr, crops=cs)
+    return method.step(cs, iteration)
+
+
+def next_numbers(method):
+    """The staged numbers of the next iteration, read without consuming them."""
+    numbers = method.inputs.next_numbers()
+    method.inputs.pos.sub_(1)
+    return numbers
+
+
 def staged_lam(method):
-    """The lam of the loss in the row the last iteration used (staged on the device, float32)."""
-    return method.inputs.table[method.inputs.used - 1, LAM].item()
+    """The lam of the loss the last iteration used (staged on the device, float32)."""
+    method.inputs.pos.sub_(1)  # back to that iteration's row; reading it advances again
+    return method.inputs.next_numbers().lam.item()
 
 
 def params_of(model):
@@ -123,6 +137,18 @@ def test_prototypes_update_once_the_freeze_is_over():
     step(m, make_opt(m), crops(), iteration=4, freeze_prototypes_niters=4)
     assert m.prototypes.weight.grad is not None
     assert not torch.allclose(m.prototypes.weight.detach(), F.normalize(before, dim=1, p=2), atol=1e-7)
+
+
+@pytest.mark.parametrize("skip_nonfinite", [False, True], ids=["no_guard", "guard"])
+def test_prototypes_unfreeze_mid_run_with_and_without_the_guard(skip_nonfinite):
+    """The first unfrozen step gives the prototypes their first gradient while the other parameters have
+    momentum already (`--max_nonfinite_steps 0` runs without the guard)."""
+    m = tiny_model()
+    method = method_for(m, make_opt(m), skip_nonfinite=skip_nonfinite, freeze_prototypes_niters=1)
+    run(method, crops(), UnmixDraws(r=0.2, lam=0.6), 0.5, 0)
+    frozen = m.prototypes.weight.detach().clone()
+    run(method, crops(seed=2), UnmixDraws(r=0.2, lam=0.6), 0.5, 1)
+    assert not torch.allclose(m.prototypes.weight.detach(), frozen, atol=1e-7)
 
 
 # ---------------------------------------------------------------- inputs seen by the model
@@ -264,12 +290,12 @@ def test_a_bad_step_between_good_ones_is_undone_exactly():
     guarded = method_for(a, opt_a, skip_nonfinite=True)
     plain = method_for(b, opt_b)
     draws = UnmixDraws(r=0.2, lam=0.6)
-    losses = [guarded.step(crops(seed=1), draws, 0.5, 0).loss.item(),
-              guarded.step(nan_crops(), draws, 0.5, 1).loss.item(),
-              guarded.step(crops(seed=3), draws, 0.5, 2).loss.item()]
-    plain.step(crops(seed=1), draws, 0.5, 0)
+    losses = [run(guarded, crops(seed=1), draws, 0.5, 0).loss.item(),
+              run(guarded, nan_crops(), draws, 0.5, 1).loss.item(),
+              run(guarded, crops(seed=3), draws, 0.5, 2).loss.item()]
+    run(plain, crops(seed=1), draws, 0.5, 0)
     normalize_prototypes_(b)
-    plain.step(crops(seed=3), draws, 0.5, 2)
+    run(plain, crops(seed=3), draws, 0.5, 2)
     for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.equal(va, vb), k
     for pa, pb in zip(a.parameters(), b.parameters()):
@@ -325,11 +351,11 @@ def test_queue_is_filled_and_flag_returned():
     opt = make_opt(m)
     queue = torch.zeros(2, 3 * BS, 16)
     method = method_for(m, opt, queue=queue)
-    method.step(crops(), UnmixDraws(r=0.2, lam=0.6), 0.5, 100)
+    run(method, crops(), UnmixDraws(r=0.2, lam=0.6), 0.5, 100)
     assert method.queue.in_use is False
     assert torch.all(queue.abs().sum(dim=2) > 0)  # three loss calls x bs rows each
     assert torch.allclose(queue.norm(dim=2), torch.ones(2, 3 * BS), atol=1e-5)  # normalised embeddings
-    method.step(crops(seed=2), UnmixDraws(r=0.2, lam=0.6), 0.5, 101)
+    run(method, crops(seed=2), UnmixDraws(r=0.2, lam=0.6), 0.5, 101)
     assert method.queue.in_use is True
     method.start_epoch(1, 4)  # 'in use' starts afresh each epoch, and turns on at the first check
     assert method.queue.in_use is False
@@ -342,6 +368,25 @@ def test_queue_appears_at_its_epoch():
     assert method.queue is None
     method.start_epoch(2, 4)
     assert method.queue.tensor.shape == (2, 3 * BS, 16) and not method.queue.tensor.any()
+
+
+def test_state_dict_changes_nothing_and_records_the_stream_at_the_first_iteration_not_trained():
+    """A checkpoint's Un-Mix stream is the one-at-a-time stream after the iterations trained, though draws
+    are staged ahead in chunks; reading it leaves the stream and the staged draws as they were."""
+    m = tiny_model()
+    method = UnmixSwAV(m, make_opt(m), SwavConfig(batch_size=BS, size_crops=(16,)), rng=np.random.RandomState(5),
+                       lr_schedule=np.linspace(0.5, 0.1, 10), chunk=8)
+    method.start_epoch(0, iters_per_epoch=10)
+    for it in range(3):
+        method.step(crops(seed=it), it)
+    stream, staged = method.inputs.rng.get_state(), (method.inputs.first, method.inputs.count, method.inputs.used)
+    state = method.state_dict()
+    assert all(np.array_equal(a, b) for a, b in zip(method.inputs.rng.get_state(), stream))
+    assert (method.inputs.first, method.inputs.count, method.inputs.used) == staged
+    one_at_a_time = np.random.RandomState(5)
+    for _ in range(3):
+        draw_unmix(one_at_a_time, 1.0, 0.5, [(16, 16)])
+    assert all(np.array_equal(a, b) for a, b in zip(state["unmix_rng"].get_state(), one_at_a_time.get_state()))
 
 
 # ---------------------------------------------------------------- wrappers
@@ -413,7 +458,7 @@ def test_steady_state_iterations_launch_one_trace(run_swav):
     traces, modes = [], []
     for it in range(iters):
         method.inputs.ensure(it)  # chunks of 4 are staged outside the traced steps
-        modes.append(method.inputs.table[method.inputs.used, GLOBAL].item())
+        modes.append(next_numbers(method).mode.item())
         cs = crops(seed=it)
         with OpTrace() as t:
             method.step(cs, iteration=it)

@@ -1,11 +1,11 @@
 """Un-Mix draws, boxes and mixtures: the released arithmetic (tests/reference_unmix.py) and the device
-mixing from a staged row (src/method/unmix.py), which must give the very same tensors."""
+mixing from staged numbers (src/method/unmix.py), which must give the very same tensors."""
 import numpy as np
 import pytest
 import torch
 
-from src.method.unmix import (BOXES, GLOBAL, LAM, LR, MIX_A, MIX_B, ONE_MINUS_LAM, SLOT, UnmixDraws, draw_unmix,
-                              host_row, mix_pairs, pair_sizes, region_box, row_width, unmix_views)
+from src.method.staging import StepInputs
+from src.method.unmix import UnmixDraws, draw_unmix, mix_pairs, mixing_numbers, pair_sizes, region_box, unmix_views
 from tests.reference_unmix import mix_with_reversed, unmix_inputs
 
 # ---------------------------------------------------------------- boxes and mixtures
@@ -139,27 +139,29 @@ def test_unmix_views():
     assert unmix_views(2) == ((0, 1, 3, 4), (2, 1, 5, 4))
 
 
-# ---------------------------------------------------------------- the staged row and the device mixing
+# ---------------------------------------------------------------- the numbers and the device mixing
 
-def test_host_row_global():
-    row = host_row(UnmixDraws(r=0.1, lam=0.7), lr=0.25, slot=3, unmix_prob=0.5, pair_sizes=[(32, 32), (16, 16)])
-    assert len(row) == row_width(2) == BOXES + 8
-    assert (row[LR], row[MIX_A], row[MIX_B], row[LAM], row[ONE_MINUS_LAM], row[GLOBAL], row[SLOT]) == \
-        (0.25, 0.7, 1.0 - 0.7, 0.7, 1.0 - 0.7, 1.0, 3.0)
+def test_mixing_numbers_global():
+    numbers = mixing_numbers(UnmixDraws(r=0.1, lam=0.7), unmix_prob=0.5, pair_sizes=[(32, 32), (16, 16)])
+    assert numbers == {"mode": 0, "mix_a": 0.7, "mix_b": 1.0 - 0.7, "boxes": [(0, 0, 0, 0)] * 2, "lam": 0.7,
+                       "one_minus_lam": 1.0 - 0.7}
 
 
-def test_host_row_region_boxes_and_the_lam_of_the_loss():
+def test_mixing_numbers_region_boxes_and_the_lam_of_the_loss():
     """The released quirk: the lam left by pair 0's box sizes pair 1's box; the loss uses the last one."""
     draws = UnmixDraws(r=0.9, lam=0.75, centers=[(0, 0), (30, 16)])
-    row = host_row(draws, lr=0.1, slot=0, unmix_prob=0.5, pair_sizes=[(32, 32), (32, 32)])
-    assert row[GLOBAL] == 0.0
-    assert row[BOXES:BOXES + 4] == [0, 0, 8, 8] and row[BOXES + 4:BOXES + 8] == [26, 12, 32, 20]
+    numbers = mixing_numbers(draws, unmix_prob=0.5, pair_sizes=[(32, 32), (32, 32)])
+    assert numbers["mode"] == 1
+    assert numbers["boxes"] == [(0, 0, 8, 8), (26, 12, 32, 20)]
     _, lam = unmix_inputs([torch.zeros(2, 1, 32, 32)] * 4, draws, 0.5)
-    assert row[LAM] == lam and row[ONE_MINUS_LAM] == 1.0 - lam
+    assert numbers["lam"] == lam and numbers["one_minus_lam"] == 1.0 - lam
 
 
-def device_row(draws, sizes, unmix_prob=0.5):
-    return torch.tensor(host_row(draws, 0.1, 0, unmix_prob, sizes), dtype=torch.float32)
+def device_numbers(draws, sizes, unmix_prob=0.5):
+    """The numbers as the iteration reads them: staged, then read on the device."""
+    staged = StepInputs("cpu", unmix_prob, 1.0, sizes)
+    staged.give(0, draws, lr=0.1)
+    return staged.next_numbers()
 
 
 @pytest.mark.parametrize("draws", [UnmixDraws(r=0.1, lam=0.7123), UnmixDraws(r=0.2, lam=0.0),
@@ -170,7 +172,7 @@ def device_row(draws, sizes, unmix_prob=0.5):
 def test_device_mixing_equals_the_released_arithmetic_bit_for_bit(draws):
     g = torch.Generator().manual_seed(0)
     crops = [torch.randn(6, 3, 32, 32, generator=g) for _ in range(4)]
-    ours = mix_pairs(crops, device_row(draws, pair_sizes(crops)))
+    ours = mix_pairs(crops, device_numbers(draws, pair_sizes(crops)))
     released, _ = unmix_inputs(crops, draws, 0.5)
     assert len(ours) == len(released) == 6
     for a, b in zip(ours, released):
@@ -182,10 +184,10 @@ def test_device_mixing_of_pairs_of_other_sizes():
     g = torch.Generator().manual_seed(1)
     crops = [torch.randn(4, 3, s, s, generator=g) for s in (32, 32, 16, 16)]
     draws = UnmixDraws(r=0.7, lam=0.4, centers=[(20, 3), (15, 15)])
-    for a, b in zip(mix_pairs(crops, device_row(draws, pair_sizes(crops))), unmix_inputs(crops, draws, 0.5)[0]):
+    for a, b in zip(mix_pairs(crops, device_numbers(draws, pair_sizes(crops))), unmix_inputs(crops, draws, 0.5)[0]):
         assert torch.equal(a, b)
 
 
 def test_device_mixing_of_an_odd_number_of_crops_is_a_value_error():
     with pytest.raises(ValueError, match="pairs"):
-        mix_pairs([torch.zeros(2, 3, 8, 8)] * 3, torch.zeros(row_width(1)))
+        mix_pairs([torch.zeros(2, 3, 8, 8)] * 3, device_numbers(UnmixDraws(r=0.1, lam=0.5), [(8, 8)]))

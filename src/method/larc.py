@@ -71,6 +71,14 @@ class LARC:
         torch._foreach_mul_(grads, torch.where(apply, adaptive_lr, 1.0).unbind(0))
         return grad_norm
 
+    def create_momentum_buffers(self):
+        """Zero momentum buffers for the parameters with a gradient and none yet (see `step`)."""
+        for group in self.optim.param_groups:
+            if group.get("momentum", 0):
+                for p in group["params"]:
+                    if p.grad is not None and self.optim.state[p].get("momentum_buffer") is None:
+                        self.optim.state[p]["momentum_buffer"] = torch.zeros_like(p)
+
     # torch.amp.GradScaler hands such an optimiser its found_inf instead of reading it on the host
     _step_supports_amp_scaling = True
 
@@ -83,9 +91,10 @@ class LARC:
         step's learning rate as a device tensor (the fused kernel reads it there, so a captured step can
         replay with another one); the groups' own `lr` is used otherwise, and kept as it is.
 
-        With a device-side skip, momentum buffers are created as zeros before their parameter's first
-        step: the same update as SGD's copy of the first gradient, and nothing uninitialised is left
-        behind when that first step is skipped."""
+        With the fused kernel, momentum buffers are created as zeros before their parameter's first
+        step: the same update as SGD's copy of the first gradient; nothing uninitialised is left behind
+        when that first step is skipped; and the kernel, which takes all buffers or none, also steps a
+        parameter whose first gradient comes late (the prototypes after their freeze)."""
         grad_scale = getattr(self, "grad_scale", None)  # GradScaler.step without unscale_: unscale here
         inv_scale = None if grad_scale is None else grad_scale.double().reciprocal().float()
         scaler_found_inf = getattr(self, "found_inf", None)
@@ -108,17 +117,12 @@ class LARC:
                 if check_finite and grad_norm is not None:
                     bad = (~torch.isfinite(grad_norm)).any().float()
                     found_inf = bad if found_inf is None else torch.maximum(found_inf, bad)
-            if found_inf is None:
+            if fused:
+                self.create_momentum_buffers()
+                if found_inf is not None:
+                    self.optim.found_inf = found_inf
                 self.optim.step()
-            elif fused:
-                for group in self.optim.param_groups:
-                    if group.get("momentum", 0):
-                        for p in group["params"]:
-                            if p.grad is not None and self.optim.state[p].get("momentum_buffer") is None:
-                                self.optim.state[p]["momentum_buffer"] = torch.zeros_like(p)
-                self.optim.found_inf = found_inf
-                self.optim.step()
-            elif not found_inf.item():
+            elif found_inf is None or not found_inf.item():
                 self.optim.step()
             return found_inf
         finally:

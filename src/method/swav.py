@@ -1,11 +1,10 @@
 """The SwAV loss with its queue, and the method's hyper-parameters (docs/released-behaviour.md, items 6-8).
 
-Each crop chosen for assignment gets codes from Sinkhorn-Knopp on its prototype scores (with the queue's
-scores in front once the queue is in use); every other crop predicts them through a softmax of its own
-scores. Un-Mix adds the same loss on the mixed views, once as is and once with the mixture's codes
-reversed, weighted by lam and 1 - lam:
-    L(x1, x2) + lam * L(mixed, x2) + (1 - lam) * L(mixed, x2, reverse=True)
-(released `main_swav_unmix.py`, `train`).
+What the loss is comes first: `unmix_swav_loss` (which views, the lam weighting) and `swapped_losses`
+(which codes each view predicts, the queue window each term sees). How it is computed fast comes after,
+under its own names: the queue written once for the three terms (`push_to_queue`) and the codes of
+equal Sinkhorn problems computed once, those of one shape in one batched call (`sinkhorn_codes`).
+Line numbers cite the released `main_swav_unmix.py`.
 """
 from dataclasses import dataclass, fields
 from typing import List, Optional, Sequence, Tuple
@@ -14,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from .sinkhorn import sinkhorn
-from .unmix import unmix_views
+from .unmix import RELEASED_MODES, unmix_views
 
 LOSS_FORMS = ("released", "paper")
 
@@ -39,6 +38,7 @@ class SwavConfig:
     queue_length: int = 0
     epoch_queue_starts: int = 15
     feat_dim: int = 128
+    mixing_modes: tuple = RELEASED_MODES  # src/method/unmix.py: how r picks and makes a mixture
 
     @classmethod
     def from_dict(cls, d):
@@ -121,94 +121,9 @@ class Term:
     reverse_predictions: bool = False
 
 
-def swapped_losses(embedding: torch.Tensor, output: torch.Tensor, bs: int, terms: Sequence[Term],
-                   cfg: SwavConfig, queue: Optional[EmbeddingQueue] = None,
-                   prototypes: Optional[torch.Tensor] = None, plan=None) -> List[torch.Tensor]:
-    """The SwAV loss (item 7) of each term, in float32, as the released code computes them one after the
-    other: for each assigned crop, codes from Sinkhorn (after the queue check, with the queue's scores in
-    front once it is in use) predicted by every other crop; each term pushes its assigned crops'
-    embeddings into the queue after its checks. `plan`: the queue's checks (`queue.plan`; computed here
-    when not given). The queue's tensor is written; its host count is the caller's (`queue.advance`).
-
-    The codes are computed together: equal Sinkhorn inputs once (before the queue is in use, the terms
-    share codes), and all problems of one shape in one batched Sinkhorn; the queue is written once."""
-    n_crops = len(terms[0].views)
-    assign = list(cfg.crops_for_assign)
-    out = output.detach().float()
-    emb = embedding.detach()
-    if queue is not None and plan is None:
-        plan = queue.plan(len(terms), bs)
-
-    def block(t, b, flip):
-        x = t[b * bs:(b + 1) * bs]
-        return torch.flip(x, dims=[0]) if flip else x
-
-    # 1. which Sinkhorn problem each (term, assigned crop) needs, in the released order of checks
-    keys, problems = [], {}
-    for c, term in enumerate(terms):
-        keys.append([])
-        for i, crop_id in enumerate(assign):
-            flip = term.reverse and crop_id == 0
-            key = ("queue", c, i) if queue is not None and plan[c][i] else (term.views[crop_id], flip)
-            keys[-1].append(key)
-            problems.setdefault(key, (c, i, term.views[crop_id], flip))
-
-    # 2. the queue: the state each term saw is a window of [newest pushes ..., old queue]
-    if queue is not None:
-        C = len(terms)
-        pushed = torch.stack([block(emb, t.views[crop_id], t.reverse and crop_id == 0)
-                              for i, crop_id in enumerate(assign) for t in reversed(terms)])
-        stacked = torch.cat([pushed.view(len(assign), C * bs, -1), queue.tensor], dim=1)
-        if any(k[0] == "queue" for k in problems):
-            queue_scores = stacked @ prototypes.float().t()
-        queue.tensor.copy_(stacked[:, :queue.length])
-
-    # 3. Sinkhorn, batched over the problems of equal shape
-    scores = {}
-    for key, (c, i, b, flip) in problems.items():
-        x = block(out, b, flip)
-        if key[0] == "queue":
-            start = (len(terms) - c) * bs
-            x = torch.cat((queue_scores[i, start:start + queue.length], x))
-        scores[key] = x
-    codes = {}
-    by_shape = {}
-    for key, x in scores.items():
-        by_shape.setdefault(tuple(x.shape), []).append(key)
-    for group in by_shape.values():
-        q = sinkhorn(torch.stack([scores[k] for k in group]), cfg.epsilon, cfg.sinkhorn_iterations,
-                     cfg.improve_numerical_stability, cfg.world_size)[:, -bs:]
-        codes.update(zip(group, q.unbind(0)))
-
-    # 4. every other crop predicts the codes (cross-entropy with softmax(output / temperature))
-    log_p = F.log_softmax(output.float() / cfg.temperature, dim=1)
-    losses = []
-    for term, term_keys in zip(terms, keys):
-        loss = 0.0
-        for crop_id, key in zip(assign, term_keys):
-            subloss = 0.0
-            for v in range(n_crops):
-                if v != crop_id:
-                    x = block(log_p, term.views[v], term.reverse_predictions and v == 0)
-                    subloss = subloss - torch.mean(torch.sum(codes[key] * x, dim=1))
-            loss = loss + subloss / (n_crops - 1)
-        losses.append(loss / len(assign))
-    return losses
-
-
-def swav_loss(embedding: torch.Tensor, output: torch.Tensor, bs: int, cfg: SwavConfig,
-              queue: Optional[EmbeddingQueue] = None, prototypes: Optional[torch.Tensor] = None,
-              plan=None) -> torch.Tensor:
-    """Swapped prediction loss of sum(nmb_crops) crops of bs rows each (item 7, plain SwAV). `queue`: an
-    EmbeddingQueue (its tensor is updated in place), `prototypes`: the K x D weight."""
-    term = Term(tuple(range(int(sum(cfg.nmb_crops)))))
-    [loss] = swapped_losses(embedding, output, bs, [term], cfg, queue, prototypes, plan)
-    return loss
-
-
 def unmix_terms(n_pairs: int, loss_form: str = "released") -> List[Term]:
     """The three losses of Un-Mix on the outputs of [x0, x1, m0, ...]: plain views, mixed views, mixed views
-    with the mixture's codes reversed (item 6)."""
+    with the mixture's codes reversed (item 6; released lines 428, 432, 433)."""
     if loss_form not in LOSS_FORMS:
         raise ValueError(f"unknown Un-Mix loss form {loss_form!r}; choose one of {LOSS_FORMS}")
     plain, mixed = unmix_views(n_pairs)
@@ -218,9 +133,9 @@ def unmix_terms(n_pairs: int, loss_form: str = "released") -> List[Term]:
 def unmix_swav_loss(embedding: torch.Tensor, output: torch.Tensor, bs: int, n_pairs: int, lam, cfg: SwavConfig,
                     queue: Optional[EmbeddingQueue] = None, prototypes=None, loss_form: str = "released",
                     one_minus_lam=None, plan=None) -> torch.Tensor:
-    """L(plain) + lam L(mixed) + (1 - lam) L(mixed, reverse) (item 6). `lam`: a number or a 0-d tensor;
-    `one_minus_lam`: 1 - lam computed in float64 on the host (as the released code's Python float), given
-    with a tensor lam.
+    """L(plain) + lam L(mixed) + (1 - lam) L(mixed, reverse) (item 6, released line 435). `lam`: a number
+    or a 0-d tensor; `one_minus_lam`: 1 - lam computed in float64 on the host (as the released code's
+    Python float), given with a tensor lam.
 
     loss_form "released": the reverse term reverses only the mixture's codes, so the term "mixture
     predicts the code of the second view" is the same in both mixture losses. "paper": the authors'
@@ -230,3 +145,109 @@ def unmix_swav_loss(embedding: torch.Tensor, output: torch.Tensor, bs: int, n_pa
     if one_minus_lam is None:
         one_minus_lam = 1.0 - lam
     return loss + lam * loss_m + one_minus_lam * loss_rm
+
+
+def swav_loss(embedding: torch.Tensor, output: torch.Tensor, bs: int, cfg: SwavConfig,
+              queue: Optional[EmbeddingQueue] = None, prototypes: Optional[torch.Tensor] = None,
+              plan=None) -> torch.Tensor:
+    """Plain SwAV (`--run_swav true`, released line 428): one term over sum(nmb_crops) crops of bs rows."""
+    term = Term(tuple(range(int(sum(cfg.nmb_crops)))))
+    [loss] = swapped_losses(embedding, output, bs, [term], cfg, queue, prototypes, plan)
+    return loss
+
+
+@dataclass(frozen=True)
+class Problem:
+    """What one crop's codes are computed from (Sinkhorn's input): the scores of output block `view`,
+    reversed along the batch when `flip`, with, when the queue is in use, the scores of rows [window,
+    window + L) of the queue of the `queue_row`-th assigned crop in front (see `push_to_queue`)."""
+    view: int
+    flip: bool
+    queue_row: Optional[int] = None
+    window: Optional[int] = None
+
+
+def swapped_losses(embedding: torch.Tensor, output: torch.Tensor, bs: int, terms: Sequence[Term],
+                   cfg: SwavConfig, queue: Optional[EmbeddingQueue] = None,
+                   prototypes: Optional[torch.Tensor] = None, plan=None) -> List[torch.Tensor]:
+    """The swapped-prediction loss L of each term (item 7, released `swav_loss`, lines 293-335), in float32,
+    as the released code computes the terms one after the other. For each assigned crop: its codes come
+    from Sinkhorn on its scores (lines 300-302, 319-325), with the queue's scores in front once the queue
+    is in use (lines 305-311); every other crop predicts them through softmax(scores / temperature) (lines
+    328-333). Each term pushes its assigned crops' embeddings into the queue after its checks (lines
+    313-317), so term c sees the queue behind the pushes of the terms before it. `plan`: the queue's checks
+    (`queue.plan`; computed here when not given). The queue's tensor is written; its host count is the
+    caller's (`queue.advance`)."""
+    assign, n_crops = list(cfg.crops_for_assign), len(terms[0].views)
+    if queue is not None and plan is None:
+        plan = queue.plan(len(terms), bs)
+
+    def problem(c, i, crop):  # crop 0 of a reverse term: codes of the reversed batch; queue in use: its window
+        in_use = queue is not None and plan[c][i]
+        return Problem(terms[c].views[crop], terms[c].reverse and crop == 0, i if in_use else None,
+                       (len(terms) - c) * bs if in_use else None)
+
+    problems = [[problem(c, i, crop) for i, crop in enumerate(assign)] for c in range(len(terms))]
+    queue_scores = push_to_queue(queue, embedding, bs, terms, assign, prototypes,
+                                 any(p.window is not None for row in problems for p in row))
+    codes = sinkhorn_codes(problems, output.detach().float(), queue_scores, bs, cfg)
+    log_p = F.log_softmax(output.float() / cfg.temperature, dim=1)
+    losses = []
+    for term, term_codes in zip(terms, codes):
+        loss = 0.0
+        for crop, q in zip(assign, term_codes):
+            subloss = 0.0
+            for v in range(n_crops):
+                if v != crop:
+                    p = block(log_p, term.views[v], bs, term.reverse_predictions and v == 0)
+                    subloss = subloss - torch.mean(torch.sum(q * p, dim=1))
+            loss = loss + subloss / (n_crops - 1)
+        losses.append(loss / len(assign))
+    return losses
+
+
+# ------------------------------------------------------------------ how it is computed fast
+
+def block(t: torch.Tensor, b: int, bs: int, flip: bool = False) -> torch.Tensor:
+    """Row block b (bs rows) of t, reversed along the batch when `flip`."""
+    x = t[b * bs:(b + 1) * bs]
+    return torch.flip(x, dims=[0]) if flip else x
+
+
+def push_to_queue(queue: Optional[EmbeddingQueue], embedding: torch.Tensor, bs: int, terms: Sequence[Term],
+                  assign: Sequence[int], prototypes, scores_needed: bool) -> Optional[torch.Tensor]:
+    """The queue's writes of all terms at once: every term pushes bs rows per assigned crop on top, so the
+    queue states the terms saw are windows of [pushes of the last term, ..., of the first, old queue]:
+    term c's at rows [(C - c) bs, (C - c) bs + L). Writes the final state into the queue's tensor and
+    returns the windows' scores against the prototypes (assigned crop x rows x K) when `scores_needed`."""
+    if queue is None:
+        return None
+    emb = embedding.detach()
+    pushed = torch.stack([block(emb, t.views[crop], bs, t.reverse and crop == 0)
+                          for crop in assign for t in reversed(terms)])
+    stacked = torch.cat([pushed.view(len(assign), len(terms) * bs, -1), queue.tensor], dim=1)
+    scores = stacked @ prototypes.float().t() if scores_needed else None
+    queue.tensor.copy_(stacked[:, :queue.length])
+    return scores
+
+
+def sinkhorn_codes(problems: Sequence[Sequence[Problem]], out: torch.Tensor, queue_scores, bs: int,
+                   cfg: SwavConfig) -> List[List[torch.Tensor]]:
+    """The codes (bs x K) of each problem, as `sinkhorn` gives them one at a time (item 8), computed
+    faster: equal problems once (before the queue is in use the three terms share the plain views'
+    codes), and all problems of one shape in one batched Sinkhorn."""
+    scores = {}
+    for p in dict.fromkeys(p for row in problems for p in row):
+        x = block(out, p.view, bs, p.flip)
+        if p.window is not None:
+            length = queue_scores.shape[1] - len(problems) * bs  # the queue's L rows behind the terms' pushes
+            x = torch.cat((queue_scores[p.queue_row, p.window:p.window + length], x))
+        scores[p] = x
+    by_shape, codes = {}, {}
+    for p, x in scores.items():
+        by_shape.setdefault(tuple(x.shape), []).append(p)
+    for group in by_shape.values():
+        q = sinkhorn(torch.stack([scores[p] for p in group]), cfg.epsilon, cfg.sinkhorn_iterations,
+                     cfg.improve_numerical_stability, cfg.world_size)[:, -bs:]
+        codes.update(zip(group, q.unbind(0)))
+    return [[codes[p] for p in row] for row in problems]

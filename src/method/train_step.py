@@ -1,14 +1,16 @@
-"""Un-Mix + SwAV training (docs/released-behaviour.md, items 1-9): one object owns the method's
+"""Un-Mix + SwAV training (docs/released-behaviour.md, items 1-10): one object owns the method's
 hyper-parameters, the network with its prototypes, the optimiser, the schedule, the Un-Mix random
 stream, the queue and the training iteration, `UnmixSwAV(...).step(crops, iteration)`. The golden tests
-and the training loop run it.
+and the training loop run it. The iteration reads top to bottom in `step` and `iterate` here, and in the
+loss (src/method/swav.py, `unmix_swav_loss`); line numbers cite the released `main_swav_unmix.py`.
 
 An iteration asks the host for nothing and launches the same operations whatever its numbers: the
-learning rate and the Un-Mix draws are staged on the device ahead of time (src/method/staging.py), the
-queue's "in use" checks are a host-side count made before the iteration, and the non-finite guard decides
-on the device whether the step is kept (the fused SGD kernel skips it; BN statistics and queue are
-restored by a select). So one captured iteration can replay any other (src/method/cuda_graph.py). What
-the loop reads (loss, non-finite steps) accumulates in `meter` and is read when logging.
+learning rate and the Un-Mix draws are staged on the device ahead of time as named tensors
+(`staging.StepNumbers`), the queue's "in use" checks are a host-side count made before the iteration,
+and the non-finite guard decides on the device whether the step is kept (the fused SGD kernel skips it;
+BN statistics and queue are restored by a select). So one captured iteration can replay any other
+(src/method/cuda_graph.py). What the loop reads (loss, non-finite steps) accumulates in `meter` and is
+read when logging.
 """
 import math
 from dataclasses import dataclass
@@ -22,7 +24,7 @@ from .cuda_graph import CudaGraphs
 from .guard import BufferGuard
 from .staging import StepInputs
 from .swav import EmbeddingQueue, SwavConfig, swav_loss, unmix_swav_loss
-from .unmix import LAM, LR, ONE_MINUS_LAM, SLOT, UnmixDraws, mix_pairs, pair_sizes
+from .unmix import UnmixDraws, mix_pairs, pair_sizes
 
 
 def cosine_schedule(base_lr, final_lr, epochs, iters_per_epoch, warmup_epochs=0, start_warmup=0.0):
@@ -63,14 +65,18 @@ class UnmixSwAV:
     network, or its DistributedDataParallel / torch.compile wrapper, set after construction (the guard
     moves the BN buffers into flat tensors first, which DDP must see). rng / lr_schedule: the NumPy stream
     of the Un-Mix draws (the released code's, seeded with --seed) and the per-iteration learning rates;
-    without them every `step` gets its `draws` and `lr`. scaler: a torch.amp.GradScaler for float16
-    autocast (None otherwise); autocast_dtype: float16 / bfloat16 / None; skip_nonfinite: skip a step
-    whose loss (or, unscaled, any gradient) is not finite and undo its BN statistics and queue, decided
-    on the device (needs an optimiser that takes found_inf, see src.method.larc.build_optimizer);
-    cuda_graph: replay one captured iteration per shape of the work (src/method/cuda_graph.py)."""
+    without them every iteration is given its draws first (`give`). schedules: other per-iteration
+    numbers, name -> one value per iteration, staged under a field of that name (`staging.StepNumbers`).
+    scaler: a torch.amp.GradScaler for float16 autocast (None otherwise); autocast_dtype: float16 /
+    bfloat16 / None; skip_nonfinite: skip a step whose loss (or, unscaled, any gradient) is not finite and
+    undo its BN statistics and queue, decided on the device (needs an optimiser that takes found_inf, see
+    src.method.larc.build_optimizer);
+    cuda_graph: replay one captured iteration per shape of the work (src/method/cuda_graph.py); log: where
+    its one line per case that falls back to eager goes."""
 
     def __init__(self, net, optimizer, cfg: SwavConfig, rng=None, lr_schedule=None, scaler=None,
-                 autocast_dtype=None, channels_last=False, skip_nonfinite=False, cuda_graph=False, chunk=64):
+                 autocast_dtype=None, channels_last=False, skip_nonfinite=False, cuda_graph=False, chunk=64,
+                 schedules=None, log=print):
         self.net = unwrap(net)
         self.model = net
         self.optimizer = optimizer
@@ -80,12 +86,13 @@ class UnmixSwAV:
         self.channels_last = channels_last
         self.guard = BufferGuard(self.net) if skip_nonfinite else None
         self.device = next(self.net.parameters()).device
-        self.inputs = StepInputs(self.device, cfg.unmix_prob, cfg.unmix_beta, cfg.pair_sizes, rng, lr_schedule,
-                                 chunk)
+        schedules = {**({} if lr_schedule is None else {"lr": lr_schedule}), **(schedules or {})}
+        self.inputs = StepInputs(self.device, cfg.unmix_prob, cfg.unmix_beta, cfg.pair_sizes, rng, schedules,
+                                 chunk, cfg.mixing_modes)
         self.queue: Optional[EmbeddingQueue] = None
         self.meter = torch.zeros(2, device=self.device)  # sum of the kept steps' losses, kept steps
         self.bad_steps = None  # per iteration of the epoch: 1 where the guard undid the step
-        self.graphs = CudaGraphs(self) if cuda_graph else None
+        self.graphs = CudaGraphs(self, log=log) if cuda_graph else None
 
     # ------------------------------------------------------------------ epoch, queue and state
 
@@ -110,10 +117,14 @@ class UnmixSwAV:
 
     def state_dict(self):
         """What a checkpoint keeps of the method besides network, optimiser and scaler: the queue (None
-        without one). The Un-Mix stream is put back at the first iteration not trained (draws made ahead
-        are drawn again later), so that its state, saved with the run's other streams, continues exactly."""
-        self.inputs.rewind()
-        return {"queue": None if self.queue is None else self.queue.tensor}
+        without one) and the Un-Mix stream as it is at the first iteration not trained (a copy: draws
+        staged ahead are drawn again after a restart, exactly as the uninterrupted run draws them).
+        Changes nothing."""
+        unmix_rng = None
+        if self.inputs.rng is not None:
+            unmix_rng = np.random.RandomState()
+            unmix_rng.set_state(self.inputs.rng_state())
+        return {"queue": None if self.queue is None else self.queue.tensor, "unmix_rng": unmix_rng}
 
     def load_state_dict(self, state):
         """{"queue": tensor or None} from a checkpoint, or from the released code's `queue{rank}.pth`
@@ -135,17 +146,19 @@ class UnmixSwAV:
 
     # ------------------------------------------------------------------ one iteration
 
-    def step(self, crops, draws: Optional[UnmixDraws] = None, lr: Optional[float] = None, iteration: int = 0
-             ) -> StepOutput:
-        """Iteration `iteration` on `crops`: its Un-Mix draws and learning rate come from the method's
-        stream and schedule, staged ahead in chunks, or are given (`draws`, `lr`: the golden tests).
-        `draws` must be drawn even for plain SwAV (the released stream consumes them)."""
-        if draws is not None:
-            lr = float(self.inputs.lr_schedule[iteration]) if lr is None else lr
-            self.inputs.stage_one(iteration, draws, lr, [] if self.cfg.run_swav else pair_sizes(crops))
-        else:
-            self.inputs.ensure(iteration)
-        for group in self.optimizer.param_groups:  # what the logs and the checkpoint read
+    def give(self, iteration: int, draws: UnmixDraws, lr: Optional[float] = None, crops=None):
+        """Give iteration `iteration` its Un-Mix draws (and learning rate, else the schedule's) instead of
+        drawing them from the method's stream: the golden tests. `crops`: the crops the draws' box centres
+        were drawn over, when not of the configured sizes. The next `step(crops, iteration)` uses them."""
+        sizes = None if crops is None or self.cfg.run_swav else pair_sizes(crops)
+        self.inputs.give(iteration, draws, lr, sizes)
+
+    def step(self, crops, iteration: int) -> StepOutput:
+        """Iteration `iteration` on `crops`. Its numbers (learning rate, Un-Mix draws) come from the
+        method's schedule and stream, staged ahead in chunks, or were given (`give`). The draws are made
+        for plain SwAV too (the released stream consumes them, item 3)."""
+        self.inputs.ensure(iteration)
+        for group in self.optimizer.param_groups:  # what the logs and the checkpoint read (item 1, line 355)
             group["lr"] = self.inputs.host_lr()
         frozen = iteration < self.cfg.freeze_prototypes_niters
         n_terms = 1 if self.cfg.run_swav else 3
@@ -160,37 +173,37 @@ class UnmixSwAV:
         return StepOutput(loss=loss)
 
     def iterate(self, crops, frozen, plan):
-        """The iteration on the device, the same operations whatever its numbers (a row staged by
+        """The iteration on the device, the same operations whatever its numbers (staged by
         `self.inputs`): normalise the prototypes, mix, forward, loss, backward, drop the prototypes'
         gradients while `frozen`, LARC step, guard. `plan`: the queue's checks (`EmbeddingQueue.plan`).
         Asks the host for nothing; what the loop reads accumulates in `meter` and `bad_steps`."""
         cfg = self.cfg
-        row = self.inputs.next_row()
-        normalize_prototypes_(self.net)
+        numbers = self.inputs.next_numbers()  # this iteration's lr, lam, boxes, slot, on the device
+        normalize_prototypes_(self.net)  # item 2, lines 357-361
         if self.guard is not None:
             self.guard.save(self.queue)
         bs = crops[0].size(0)
-        inputs = list(crops) if cfg.run_swav else mix_pairs(crops, row)
+        inputs = list(crops) if cfg.run_swav else mix_pairs(crops, numbers, cfg.mixing_modes)  # items 3-4
         if self.channels_last:
             inputs = [x.contiguous(memory_format=torch.channels_last) for x in inputs]
         with torch.autocast(inputs[0].device.type, dtype=self.autocast_dtype or torch.float32,
                             enabled=self.autocast_dtype is not None, cache_enabled=self.graphs is None):
-            embedding, output = self.model(inputs)
+            embedding, output = self.model(inputs)  # item 5, lines 388-393
         # Loss and Sinkhorn in float32 even under mixed precision.
         embedding, output = embedding.detach().float(), output.float()
         prototypes = self.net.prototypes.weight.detach()
-        if cfg.run_swav:
+        if cfg.run_swav:  # items 6-8, lines 425-435
             loss = swav_loss(embedding, output, bs, cfg, self.queue, prototypes, plan)
         else:
-            loss = unmix_swav_loss(embedding, output, bs, len(crops) // 2, row[LAM], cfg, self.queue, prototypes,
-                                   cfg.unmix_loss_form, one_minus_lam=row[ONE_MINUS_LAM], plan=plan)
-        self.optimizer.zero_grad(set_to_none=True)
+            loss = unmix_swav_loss(embedding, output, bs, len(crops) // 2, numbers.lam, cfg, self.queue, prototypes,
+                                   cfg.unmix_loss_form, one_minus_lam=numbers.one_minus_lam, plan=plan)
+        self.optimizer.zero_grad(set_to_none=True)  # item 9, lines 438-448
         (self.scaler.scale(loss) if self.scaler is not None else loss).backward()
         if frozen:
             for name, p in self.net.named_parameters():
                 if "prototypes" in name:
                     p.grad = None
-        bad = self._optimizer_step(loss, row[LR])
+        bad = self._optimizer_step(loss, numbers.lr)  # item 10, line 449
         loss = loss.detach()
         if bad is None:
             self.meter += torch.stack([loss, torch.ones_like(loss)])
@@ -198,7 +211,7 @@ class UnmixSwAV:
             self.guard.restore_if(bad, self.queue)
             self.meter += torch.stack([torch.where(bad > 0, 0.0, loss), 1 - bad])
             if self.bad_steps is not None:
-                self.bad_steps.index_copy_(0, row[SLOT:SLOT + 1].long(), bad.view(1))
+                self.bad_steps.index_copy_(0, numbers.slot.long().view(1), bad.view(1))
         return loss
 
     def _optimizer_step(self, loss, lr):
