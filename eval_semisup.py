@@ -191,7 +191,8 @@ def main():
 
 def build_network(args, num_classes, pretrained, logger):
     """The released network with a `num_classes`-way `projection_head`, the weights of --pretrained
-    (`pretrained` = (state, info, _) from `network_from_checkpoint`) loaded (the head keeps its initialisation), SyncBatchNorm with several CUDA processes, on the device, in DDP with several."""
+    (`pretrained` = (state, info, _) from `network_from_checkpoint`) loaded (the head keeps its
+    initialisation), SyncBatchNorm with several CUDA processes, on the device, in DDP with several."""
     model = build_model(args.arch, output_dim=num_classes, width_per_group=args.width_per_group)
     if args.pretrained:
         state, info, _ = pretrained

@@ -127,8 +127,7 @@ def get_parser():
                    help="seconds a process waits for the others (rendezvous, every collective) before the job "
                         "stops, and after a stop signal for the next point where it can save")
     g.add_argument("--device", default="auto", choices=devices.DEVICES,
-                   help="auto: CUDA when torch sees a GPU, else the CPU (stops when the job was given GPUs that "
-                        "torch cannot see); cuda: stop unless torch sees a GPU; cpu: the CPU even with GPUs")
+                   help=devices.HELP)
     return p
 
 

@@ -55,8 +55,7 @@ def add_shared_new_flags(parser):
                    help="ResNet width; with --pretrained, --arch and this are read from the checkpoint (a "
                         "value given here must agree)")
     g.add_argument("--device", default="auto", choices=devices.DEVICES,
-                   help="auto: CUDA when torch sees a GPU, else the CPU (stops when the job was given GPUs that "
-                        "torch cannot see); cuda: stop unless torch sees a GPU; cpu: the CPU even with GPUs")
+                   help=devices.HELP)
     g.add_argument("--allow_mismatched_weights", type=bool_flag, default=False,
                    help="load --pretrained even when backbone weights are missing or mis-shaped "
                         "(the released code only logged them)")

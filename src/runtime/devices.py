@@ -15,6 +15,8 @@ from typing import Mapping, Optional
 import torch
 
 DEVICES = ("auto", "cuda", "cpu")
+HELP = ("auto: CUDA when torch sees a GPU, else the CPU (stops when the job was given GPUs that torch cannot "
+        "see); cuda: stop unless torch sees a GPU; cpu: the CPU even with GPUs")  # --device of every entry script
 
 # Slurm's variables that say the job (or step) was allocated GPUs.
 SLURM_GPU_VARIABLES = ("SLURM_JOB_GPUS", "SLURM_STEP_GPUS", "SLURM_GPUS", "SLURM_GPUS_ON_NODE",
