@@ -19,14 +19,13 @@ import torch.nn as nn
 
 from src.data.constants import CIFAR_MEAN, EVAL_STD
 from src.data.transforms import LabeledDataset, eval_transforms, plain_tensor
-from src.eval.pretrained import PretrainedError, read_state_dict
 from src.eval.setup import (STATS_COLUMNS, EpochMeters, add_shared_new_flags, add_shared_released_flags,
-                            check_shared_args, data_loaders, evaluate, load_splits, make_scheduler, resume_evaluation,
-                            set_up, stop_if_preempted)
+                            check_shared_args, data_loaders, evaluate, load_splits, make_scheduler,
+                            network_from_checkpoint, resume_evaluation, set_up, stop_if_preempted)
 from src.method.resnet import build_model
-from src.runtime import launch
+from src.runtime import devices, launch
 from src.runtime.checkpoint import atomic_save
-from src.runtime.cli import ArgumentParser, bool_flag, fail, run_main
+from src.runtime.cli import ArgumentParser, bool_flag, fail, parse_given, run_main
 from src.runtime.logs import Clock, CurveWriter, Stats, format_eta
 from src.runtime.run_folder import LINEAR, OPERATIONAL_FLAGS, save_params, write_json
 
@@ -110,19 +109,15 @@ class RegLog(nn.Module):
         return self.linear(x.view(x.size(0), -1))
 
 
-def load_pretrained(model, path, allow_mismatch, logger):
-    """Weights from `path`, read by src/eval/pretrained.py (ours, released or exported; `module.` stripped) and
-    loaded as released: non-strictly, with every missing or mis-shaped backbone tensor and the released
+def load_pretrained(model, path, state, allow_mismatch, logger):
+    """The weights `state` of `path`, read by src/eval/pretrained.py (ours, released or exported; `module.`
+    stripped), loaded as released: non-strictly, with every missing or mis-shaped backbone tensor and the released
     `Load pretrained model with msg: ...` line logged (hence not `src.eval.pretrained.load_weights`); keys of
     the projection head and prototypes are ignored. Unlike the released code, a backbone tensor that does
     not fit is an error unless allowed."""
     if not path:
         logger.info("No pretrained weights given => training with random weights")
         return
-    try:
-        state, _ = read_state_dict(path)
-    except PretrainedError as e:
-        fail(str(e))
     problems = []
     for k, v in model.state_dict().items():
         if k not in state:
@@ -140,9 +135,12 @@ def load_pretrained(model, path, allow_mismatch, logger):
 
 
 def main():
-    args = get_parser().parse_args()
+    args, given = parse_given(get_parser())
     check_args(args)
+    state, _, network = network_from_checkpoint(args, given)  # --arch, --width_per_group: the checkpoint's
     logger, preempt, identity, run_lock = set_up(args, LINEAR, OPERATIONAL_FLAGS)  # locked until the end
+    if network:
+        logger.info(network)
     t_start = time.time()
 
     # ============ data ============
@@ -155,7 +153,7 @@ def main():
 
     # ============ model ============
     model = build_model(args.arch, output_dim=0, eval_mode=True, width_per_group=args.width_per_group)
-    load_pretrained(model, args.pretrained, args.allow_mismatched_weights, logger)
+    load_pretrained(model, args.pretrained, state, args.allow_mismatched_weights, logger)
     model = model.to(args.device).eval()
     for p in model.parameters():
         p.requires_grad_(False)
@@ -246,6 +244,8 @@ def train_released(args, model, linear, train_data, test_data, maxk, curves, log
                   resume_before_epoch=start_epoch if resumed else None, log=logger.info)
     last1 = last5 = float("nan")
     eta = Clock(args.epochs, iterations, start_epoch).eta
+    pace = devices.CpuPace(args.rank == 0 and args.device.type == "cpu"
+                           and devices.full_width(args.arch, args.width_per_group), iterations, logger.info)
 
     # ============ epoch loop ============
     for epoch in range(start_epoch, args.epochs):
@@ -254,7 +254,7 @@ def train_released(args, model, linear, train_data, test_data, maxk, curves, log
             loss_val, last1, last5 = probe.test(linear.linear, maxk)
         else:
             train_loader.sampler.set_epoch(epoch)
-            loss, top1, top5 = train(model, linear, optimizer, train_loader, epoch, maxk, args, logger, eta)
+            loss, top1, top5 = train(model, linear, optimizer, train_loader, epoch, maxk, args, logger, eta, pace)
             loss_val, last1, last5 = validate(test_loader, model, linear, maxk, args.device)
         best_acc = max(best_acc, last1)
         logger.info(f"Test:\tLoss {loss_val:.4f}\tAcc@1 {last1:.3f}\tAcc@{maxk} {last5:.3f}\t"
@@ -276,9 +276,9 @@ def train_released(args, model, linear, train_data, test_data, maxk, curves, log
     return best_acc, last1, last5
 
 
-def train(model, linear, optimizer, loader, epoch, maxk, args, logger, eta):
+def train(model, linear, optimizer, loader, epoch, maxk, args, logger, eta, pace=None):
     """One epoch of the classifier on the frozen network's features; returns its (loss, top-1, top-k)
-    averages."""
+    averages. `pace` times the first iterations on the CPU (`src.runtime.devices.CpuPace`)."""
     linear.train()
     criterion = nn.CrossEntropyLoss()
     meters = EpochMeters(maxk)
@@ -292,6 +292,8 @@ def train(model, linear, optimizer, loader, epoch, maxk, args, logger, eta):
         loss.backward()
         optimizer.step()
         meters.update(loss, output, target)
+        if pace is not None:
+            pace.step()
         if args.rank == 0 and it % args.log_freq == 0:
             logger.info(f"Epoch[{epoch}] - Iter: [{it}/{len(loader)}]\tLoss {meters.loss.val:.4f} "
                         f"({meters.loss.avg:.4f})\tPrec {meters.top1.val:.3f} ({meters.top1.avg:.3f})\t"

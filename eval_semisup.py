@@ -21,16 +21,16 @@ import torch
 import torch.nn as nn
 
 from src.data.transforms import LabeledDataset, eval_transforms
-from src.eval.pretrained import PretrainedError, load_weights, read_state_dict
+from src.eval.pretrained import PretrainedError, load_weights
 from src.eval.setup import (STATS_COLUMNS, EpochMeters, add_shared_new_flags, add_shared_released_flags,
-                            check_shared_args, data_loaders, evaluate, load_splits, make_scheduler, resume_evaluation,
-                            set_up, stop_if_preempted)
+                            check_shared_args, data_loaders, evaluate, load_splits, make_scheduler,
+                            network_from_checkpoint, resume_evaluation, set_up, stop_if_preempted)
 from src.eval.subset import SubsetError, balanced_subset, images_per_class
 from src.method.resnet import build_model
 from src.method.train_step import unwrap
-from src.runtime import launch
+from src.runtime import devices, launch
 from src.runtime.checkpoint import atomic_save, rng_state
-from src.runtime.cli import ArgumentParser, bool_flag, fail, run_main
+from src.runtime.cli import ArgumentParser, bool_flag, fail, parse_given, run_main
 from src.runtime.logs import AverageMeter, Clock, Stats, format_eta
 from src.runtime.run_folder import FINE_TUNING, OPERATIONAL_FLAGS, save_params, write_json
 
@@ -116,9 +116,12 @@ def labelled_subset(train_labels, classes, args, logger):
 
 
 def main():
-    args = get_parser().parse_args()
+    args, given = parse_given(get_parser())
     check_args(args)
+    pretrained = network_from_checkpoint(args, given)  # (state, info, log line); --arch, --width_per_group: its own
     logger, preempt, identity, run_lock = set_up(args, FINE_TUNING, OPERATIONAL_FLAGS)  # locked until the end
+    if pretrained[2]:
+        logger.info(pretrained[2])
     t_start = time.time()
 
     # ============ data ============
@@ -132,7 +135,7 @@ def main():
                 f"({len(test_loader.dataset)} test images, {len(classes)} classes).")
 
     # ============ model ============
-    model = build_network(args, len(classes), logger)
+    model = build_network(args, len(classes), pretrained, logger)
 
     # ============ optimiser ============
     optimizer = torch.optim.SGD(trunk_and_head_groups(model, args.lr, args.lr_last_layer), lr=args.lr,
@@ -148,12 +151,14 @@ def main():
                   resume_before_epoch=start_epoch if resumed else None, log=logger.info)
     last = (float("nan"), float("nan"))
     eta = Clock(args.epochs, len(train_loader), start_epoch).eta
+    pace = devices.CpuPace(args.rank == 0 and args.device.type == "cpu"
+                           and devices.full_width(args.arch, args.width_per_group), len(train_loader), logger.info)
 
     # ============ epoch loop ============
     for epoch in range(start_epoch, args.epochs):
         logger.info(f"============ Starting epoch {epoch} ... ============")
         train_loader.sampler.set_epoch(epoch)
-        loss, top1, top5 = train(model, optimizer, train_loader, epoch, maxk, args, logger, eta)
+        loss, top1, top5 = train(model, optimizer, train_loader, epoch, maxk, args, logger, eta, pace)
         loss_val, *last = validate(test_loader, model, maxk, args.device)
         if last[0] > best_acc[0]:
             best_acc = tuple(last)
@@ -184,13 +189,14 @@ def main():
     launch.cleanup()
 
 
-def build_network(args, num_classes, logger):
-    """The released network with a `num_classes`-way `projection_head`, --pretrained loaded (the head keeps
-    its initialisation), SyncBatchNorm with several CUDA processes, on the device, in DDP with several."""
+def build_network(args, num_classes, pretrained, logger):
+    """The released network with a `num_classes`-way `projection_head`, the weights of --pretrained
+    (`pretrained` = (state, info, _) from `network_from_checkpoint`) loaded (the head keeps its
+    initialisation), SyncBatchNorm with several CUDA processes, on the device, in DDP with several."""
     model = build_model(args.arch, output_dim=num_classes, width_per_group=args.width_per_group)
     if args.pretrained:
+        state, info, _ = pretrained
         try:
-            state, info = read_state_dict(args.pretrained)
             notes = load_weights(model, state, allow_mismatch=args.allow_mismatched_weights)
         except PretrainedError as e:
             fail(f"--pretrained: {e}; check --arch/--width_per_group, or --allow_mismatched_weights true")
@@ -214,8 +220,9 @@ def build_network(args, num_classes, logger):
     return model
 
 
-def train(model, optimizer, loader, epoch, maxk, args, logger, eta):
-    """One epoch of fine-tuning, network in train mode; returns its (loss, top-1, top-k) averages."""
+def train(model, optimizer, loader, epoch, maxk, args, logger, eta, pace):
+    """One epoch of fine-tuning, network in train mode; returns its (loss, top-1, top-k) averages. `pace`
+    times the first iterations on the CPU (`src.runtime.devices.CpuPace`)."""
     model.train()
     criterion = nn.CrossEntropyLoss()
     batch_time, data_time = AverageMeter(), AverageMeter()
@@ -230,6 +237,7 @@ def train(model, optimizer, loader, epoch, maxk, args, logger, eta):
         loss.backward()
         optimizer.step()
         meters.update(loss, output, target)
+        pace.step()
         batch_time.update(time.perf_counter() - end)
         end = time.perf_counter()
         if args.rank == 0 and it % args.log_freq == 0:

@@ -45,9 +45,11 @@ def _build(arch, pretrained, full_model, kwargs):
                          "(the released weights are on Google Drive, linked from the released repository's README)")
     if not pretrained:
         return resnet.build_model(arch, **_with_normalize(kwargs, full_model))
-    state, _ = weights.read_state_dict(pretrained)
-    found_arch, width = weights.infer_arch(state)
-    found = {"width_per_group": width, **(weights.head_config(state) if full_model else {})}
+    state, info = weights.read_state_dict(pretrained)
+    found = weights.network_config(pretrained, state, info)  # what eval_linear.py and eval_semisup.py read too
+    found_arch, width = found.pop("arch"), found["width_per_group"]
+    if not full_model:
+        found = {"width_per_group": width}
     if full_model and "output_dim" not in found:
         raise ValueError(f"full_model=True but {pretrained} holds a backbone only (no projection head)")
     if found_arch != arch:

@@ -25,7 +25,7 @@ from src.method.larc import build_optimizer
 from src.method.resnet import ARCHS, build_model
 from src.method.train_step import UnmixSwAV, cosine_schedule
 from src.method.swav import LOSS_FORMS, SwavConfig
-from src.runtime import launch, signals, startup
+from src.runtime import devices, launch, signals, startup
 from src.runtime.checkpoint import CheckpointError, restart_from_checkpoint, save_checkpoint
 from src.runtime.cli import MAX_EPOCHS, ArgumentParser, bool_flag, check_seed, fail, run_main
 from src.runtime.logs import (AverageMeter, Clock, CurveWriter, Stats, create_logger, format_eta, format_provenance,
@@ -126,6 +126,8 @@ def get_parser():
     g.add_argument("--dist_timeout", type=float, default=launch.DEFAULT_TIMEOUT_S,
                    help="seconds a process waits for the others (rendezvous, every collective) before the job "
                         "stops, and after a stop signal for the next point where it can save")
+    g.add_argument("--device", default="auto", choices=devices.DEVICES,
+                   help=devices.HELP)
     return p
 
 
@@ -238,6 +240,7 @@ def set_up(args):
     lock, problem = claim_pretraining_folder(args, OPERATIONAL_FLAGS) if args.rank == 0 else (None, None)
     agree_or_fail(args, problem)
     logger = create_logger(args.dump_path, args.rank)
+    logger.info(devices.describe_device(args.device))
     logger.info(f"Process rank {args.rank} of world size {args.world_size} (local rank {args.local_rank}) "
                 f"on {args.device}")
     logger.info(format_provenance(provenance(args.device, args.world_size)))
@@ -499,6 +502,9 @@ def train_one_epoch(loop, epoch, first_iter, crops_of_epoch):
     if args.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(args.device)
     guard.start_epoch(first_iter)
+    first_epoch_here = epoch == loop.clock.first // iters_per_epoch  # of this process: the pace is logged once
+    pace = devices.CpuPace(first_epoch_here and args.rank == 0 and args.device.type == "cpu"
+                           and devices.full_width(args.arch, args.width_per_group), iters_per_epoch, logger.info)
     images = args.batch_size * args.world_size
     end = window_start = epoch_start = time.time()
     window = 0
@@ -506,6 +512,7 @@ def train_one_epoch(loop, epoch, first_iter, crops_of_epoch):
         data_time.update(time.time() - end)
         iteration = epoch * iters_per_epoch + it
         out = method.step(crops, iteration=iteration)
+        pace.step()  # on the CPU at full width, once: the time an epoch takes
         window += 1
         if it % args.log_freq == 0:
             # the only wait for the device in an iteration: the time per iteration is averaged over

@@ -35,6 +35,11 @@
 #   EPOCHS=400  BATCH_SIZE=128  ARCH=resnet18  WORKERS=2  RUN_SWAV=False (True: plain SwAV)
 #   AUGMENT                  unset: the released pipeline (PIL crops in DataLoader workers);
 #                            AUGMENT=batched passes --augment batched (crops made on the GPU; see README, "Speed")
+#   DEVICE                   --device of every step (auto | cuda | cpu); default cuda in a Slurm job allocated
+#                            GPUs (SLURM_JOB_GPUS, SLURM_STEP_GPUS or SLURM_GPUS_ON_NODE set): if torch cannot
+#                            see them the job stops at once (status 11, one line naming torch's and the driver's
+#                            CUDA) instead of training on the CPU; else auto (CUDA when torch sees a GPU, else
+#                            the CPU; a CPU job such as `--gres=none` keeps working). DEVICE=cpu: CPU on purpose.
 #   EXPERIMENT_PATH          pretraining dump; default
 #                            ./experiments/unmix_swav_cifar_${BATCH_SIZE}_${ARCH}_${EPOCHS}ep_100prot_cifar10
 #                            (prefix swav_ instead of unmix_swav_ when RUN_SWAV is true; with the defaults

@@ -15,7 +15,7 @@
 # Un-Mix + SwAV on CIFAR-100: pretraining (main_swav_unmix.py), then linear evaluation (eval_linear.py),
 # with the released settings. Same as script_unmix_c10.sh but for CIFAR-100 (--num_labels 100, default
 # DATASET_PATH=cifar100, dump ./experiments/..._cifar100): see that script's header for how to run it,
-# the environment overrides (DATASET_PATH, EPOCHS, BATCH_SIZE, RUN_SWAV, ARCH, WORKERS, AUGMENT,
+# the environment overrides (DATASET_PATH, EPOCHS, BATCH_SIZE, RUN_SWAV, ARCH, WORKERS, AUGMENT, DEVICE,
 # EXPERIMENT_PATH, EVAL_EPOCHS, EXTRA_ARGS, EVAL_EXTRA_ARGS, NPROC, PYTHON, CODE_DIR), exit statuses and
 # preemption. `bash script_unmix_c100.sh --help` prints the usage; flags after the script name go to
 # pretraining.

@@ -32,6 +32,8 @@ Environment (default):
   RUN_SWAV         True: plain SwAV, no Un-Mix (False)
   AUGMENT          --augment: released (PIL crops in workers) or batched (crops on the GPU, faster)
                    (unset: the released pipeline)
+  DEVICE           --device of every step: auto (CUDA when torch sees a GPU), cuda (stop at once unless torch
+                   sees one) or cpu (cuda in a Slurm job that was allocated GPUs, else auto)
   EXPERIMENT_PATH  pretraining folder; evaluation writes \${EXPERIMENT_PATH}_linear_eval
                    (./experiments/<unmix_swav|swav>_cifar_\${BATCH_SIZE}_\${ARCH}_\${EPOCHS}ep_100prot_$DATASET_NAME)
   EVAL_EPOCHS      linear evaluation epochs (100)
@@ -87,6 +89,17 @@ case "$AUGMENT" in
     "") AUGMENT_ARGS=() ;;
     released|batched|auto) AUGMENT_ARGS=(--augment "$AUGMENT") ;;
     *) die "AUGMENT='$AUGMENT' is not released, batched or auto" ;;
+esac
+# A Slurm job given GPUs asks for cuda: a torch build that cannot see them stops at once (one line naming
+# torch's and the driver's CUDA) instead of training on the CPU. A CPU job (--gres=none) keeps auto.
+if [ -z "${DEVICE:-}" ]; then
+    if [ -n "${SLURM_JOB_ID:-}" ] && { [ -n "${SLURM_JOB_GPUS:-}" ] || [ -n "${SLURM_STEP_GPUS:-}" ] \
+        || [ "${SLURM_GPUS_ON_NODE:-0}" != 0 ]; }; then DEVICE=cuda; else DEVICE=auto; fi
+fi
+case "$DEVICE" in
+    auto) DEVICE_ARGS=() ;;  # the scripts' default: no flag
+    cuda|cpu) DEVICE_ARGS=(--device "$DEVICE") ;;
+    *) die "DEVICE='$DEVICE' is not auto, cuda or cpu" ;;
 esac
 IFS=, read -r -a SEMISUP_PERCS <<< "$SEMISUP_LABELS"
 for perc in "${SEMISUP_PERCS[@]}"; do
@@ -267,6 +280,7 @@ PRETRAIN=(
     --epsilon 0.05
     --dump_path "$EXPERIMENT_PATH"
     "${AUGMENT_ARGS[@]}"
+    "${DEVICE_ARGS[@]}"
     "${EXTRA[@]}"
     "$@"
 )
@@ -297,6 +311,7 @@ EVAL=(
     # a new pretraining checkpoint or other evaluation flags: evaluate afresh (the earlier evaluation is
     # moved to $EVAL_PATH/replaced-<time>/); the same ones: resume, or report the finished evaluation
     --allow_changed_args true
+    "${DEVICE_ARGS[@]}"
     "${EVAL_EXTRA[@]}"
 )
 mkdir -p "$EVAL_PATH" || die "cannot create $EVAL_PATH"
@@ -320,6 +335,7 @@ for perc in "${SEMISUP_PERCS[@]}"; do
         --pretrained "$EXPERIMENT_PATH/checkpoint.pth.tar"
         --dump_path "$SEMISUP_PATH"
         --allow_changed_args true  # as for the linear evaluation: a new checkpoint is fine-tuned afresh
+        "${DEVICE_ARGS[@]}"
         "${SEMISUP_EXTRA[@]}"
     )
     mkdir -p "$SEMISUP_PATH" || die "cannot create $SEMISUP_PATH"

@@ -228,7 +228,7 @@ BAD = {
     "bad_subset_seed": (lambda e, b: semisup_args(e, "x", "--subset_seed", -1), "--subset_seed must be in"),
     "pretrained_missing": (lambda e, b: semisup_args(e, "x", pretrained=e["root"] / "none.pth"), "no such file"),
     "pretrained_other_width": (lambda e, b: semisup_args(e, "x", "--width_per_group", 16),
-                               "resnet18 at width 8) do not fit"),
+                               "--width_per_group 16 but"),
     "class_too_small": (lambda e, b: semisup_args(e, "x", data=b["uneven"], pretrained=""),
                         "class 2 has 2 training images, fewer than the 4 per class"),
     "missing_data": (lambda e, b: semisup_args(e, "x", data=e["root"] / "nothing"), "does not exist"),

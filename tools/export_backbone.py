@@ -7,7 +7,7 @@ writes `backbone.pth` (the backbone's parameters and batch-norm buffers, names w
 projection head or prototypes; `torch.load(weights_only=True)` reads it) and `backbone.json`
 (`arch`, `width_per_group`, `feature_dim`, the source checkpoint and its epoch). Reads any checkpoint of
 this project or of the released code; the architecture and width are read from the weights (and checked
-against the checkpoint's own `arch` entry when it has one). Load the export with
+against the checkpoint's own `arch` entry and the params.json of its run when it has them). Load the export with
 
     meta = json.load(open("backbone.json"))
     model = build_model(meta["arch"], width_per_group=meta["width_per_group"])   # from src.method.resnet
@@ -20,7 +20,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from src.eval.pretrained import PretrainedError, infer_arch, load_weights, read_state_dict  # noqa: E402
+from src.eval.pretrained import PretrainedError, load_weights, network_config, read_state_dict  # noqa: E402
 from src.method.resnet import build_model  # noqa: E402
 from src.runtime.checkpoint import atomic_save  # noqa: E402
 from src.runtime.cli import fail  # noqa: E402
@@ -31,9 +31,8 @@ def export_backbone(checkpoint, out):
     """Write the backbone of `checkpoint` to `out` and its description next to it (`out` with `.json`);
     returns the description. Raises PretrainedError when the checkpoint holds no known backbone."""
     state, info = read_state_dict(checkpoint)
-    arch, width = infer_arch(state)
-    if info["arch"] is not None and info["arch"] != arch:
-        raise PretrainedError(f"{checkpoint} says arch {info['arch']!r} but its weights are a {arch}")
+    config = network_config(checkpoint, state, info)  # checked against its `arch` entry and its run's params.json
+    arch, width = config["arch"], config["width_per_group"]
     model = build_model(arch, width_per_group=width)
     load_weights(model, state, optional=())
     meta = {"arch": arch, "width_per_group": width, "feature_dim": model.feature_dim,

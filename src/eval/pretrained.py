@@ -6,6 +6,7 @@ released one: the weights under `state_dict`, named `module.<name>`), a fine-tun
 `eval_semisup.py`, and a plain state dict such as `tools/export_backbone.py` writes. The `module.` prefix
 is stripped. Errors are `PretrainedError` with a one-line message.
 """
+import json
 import os
 
 import torch
@@ -54,9 +55,8 @@ def _blocks(state, stage):
     return len({k.split(".")[1] for k in state if k.startswith(f"layer{stage}.")})
 
 
-def infer_arch(state):
-    """`(arch, width_per_group)` of the backbone whose weights are in `state`; PretrainedError when no
-    architecture of LAYOUTS fits or several do."""
+def _fits(state):
+    """[(arch, width_per_group), ...]: the architectures of LAYOUTS whose layout fits the weights `state`."""
     try:
         stem = state["conv1.weight"].shape[0]
         first = state["layer1.0.conv1.weight"].shape[0]
@@ -70,10 +70,20 @@ def infer_arch(state):
         width = stem // widen
         if int(width * widen * (width / 64.0)) == first:  # Bottleneck width of layer1 (src.resnet)
             fits.append((arch, width))
+    return fits
+
+
+def infer_arch(state, named=None):
+    """`(arch, width_per_group)` of the backbone whose weights are in `state`; PretrainedError when no
+    architecture of LAYOUTS fits, or several do and none of them is `named` (e.g. the checkpoint's `arch`)."""
+    fits = _fits(state)
+    if len(fits) > 1:
+        fits = [f for f in fits if f[0] == named] or fits
     if len(fits) != 1:
+        blocks = [_blocks(state, s) for s in range(1, 5)]
         what = "no architecture" if not fits else "several architectures (" + ", ".join(a for a, _ in fits) + ")"
         raise PretrainedError(f"{what} of {', '.join(LAYOUTS)} fits these weights "
-                              f"(stages of {blocks} blocks, stem width {stem})")
+                              f"(stages of {blocks} blocks, stem width {state['conv1.weight'].shape[0]})")
     return fits[0]
 
 
@@ -95,6 +105,46 @@ def head_config(state):
         if heads:
             out["nmb_prototypes"] = [n for _, n in heads]
     return out
+
+
+# Entries of a run's params.json that name the network it trained, by the keyword of `build_model` each sets.
+RECORDED = {"arch": "arch", "width_per_group": "width_per_group", "hidden_mlp": "hidden_mlp",
+            "feat_dim": "output_dim", "nmb_prototypes": "nmb_prototypes"}
+
+
+def params_beside(path):
+    """(path, dict) of the params.json of the run that wrote the checkpoint at `path` (in its folder, or
+    above it for an epoch copy in `checkpoints/`); (None, {}) when there is none or it is unreadable."""
+    folder = os.path.dirname(os.path.abspath(path))
+    for candidate in (folder, os.path.dirname(folder) if os.path.basename(folder) == "checkpoints" else None):
+        params = os.path.join(candidate, "params.json") if candidate else None
+        if params and os.path.isfile(params):
+            try:
+                with open(params) as f:
+                    out = json.load(f)
+            except (OSError, ValueError):
+                return None, {}
+            return (params, out) if isinstance(out, dict) else (None, {})
+    return None, {}
+
+
+def network_config(path, state, info):
+    """The `build_model` keywords of the network whose weights `state` the checkpoint at `path` holds
+    (`info` from `read_state_dict`): `arch` and `width_per_group` from the weights, and `hidden_mlp`,
+    `output_dim` (pretraining's --feat_dim) and `nmb_prototypes` where they have a projection head and
+    prototypes. The checkpoint's own `arch` entry and the params.json of its run (`params_beside`) settle an
+    architecture the weights leave open, and must agree with them: PretrainedError (one line) otherwise."""
+    params_path, params = params_beside(path)
+    arch, width = infer_arch(state, named=info.get("arch") or params.get("arch"))
+    config = {"arch": arch, "width_per_group": width, **head_config(state)}
+    records = [(f"{path} (its 'arch' entry)", {"arch": info.get("arch")})]
+    records.append((params_path, {RECORDED[k]: v for k, v in params.items() if k in RECORDED}))
+    for where, recorded in records:
+        for key, value in recorded.items():
+            if value is not None and key in config and not isinstance(config[key], list) and value != config[key]:
+                raise PretrainedError(f"{where} records {key} {value!r} but the weights in {path} are of "
+                                      f"{key} {config[key]!r}: that record is of another network")
+    return config
 
 
 def describe(state):

@@ -14,13 +14,14 @@ import torch.nn.functional as F
 from ..data.datasets import DataError, load_split
 from ..method.resnet import ARCHS
 from ..method.train_step import unwrap
-from ..runtime import launch, signals
+from ..runtime import devices, launch, signals
 from ..runtime.checkpoint import CheckpointError, find_resume_checkpoint, set_rng_state, strip_module_prefix
 from ..runtime.cli import MAX_EPOCHS, bool_flag, check_seed, fail
 from ..runtime.logs import AverageMeter, create_logger, format_provenance, provenance
 from ..runtime.run_folder import FINE_TUNING, LINEAR, claim_evaluation_folder
 from ..runtime.startup import agree_or_fail, start_processes
 from .metrics import correct_counts
+from .pretrained import PretrainedError, network_config, read_state_dict
 
 STATS_COLUMNS = ["epoch", "loss", "prec1", "prec5", "loss_val", "prec1_val", "prec5_val"]  # released
 # How the messages name each evaluation: the run, running it, to run it.
@@ -50,7 +51,11 @@ def add_shared_released_flags(parser, workers):
 def add_shared_new_flags(parser):
     """Add a group of the new flags that both evaluations have; returns it, for the script's own."""
     g = parser.add_argument_group("new flags (defaults keep the released behaviour)")
-    g.add_argument("--width_per_group", type=int, default=64, help="ResNet width of the pretrained model")
+    g.add_argument("--width_per_group", type=int, default=64,
+                   help="ResNet width; with --pretrained, --arch and this are read from the checkpoint (a "
+                        "value given here must agree)")
+    g.add_argument("--device", default="auto", choices=devices.DEVICES,
+                   help=devices.HELP)
     g.add_argument("--allow_mismatched_weights", type=bool_flag, default=False,
                    help="load --pretrained even when backbone weights are missing or mis-shaped "
                         "(the released code only logged them)")
@@ -77,6 +82,42 @@ def check_shared_args(args, kind):
         fail(f"--pretrained {args.pretrained}: no such file (pass '' to {WORDS[kind][2]} random weights)")
 
 
+# The flags of an evaluation that name the network it builds: read from --pretrained unless given.
+NETWORK_FLAGS = ("arch", "width_per_group")
+
+
+def network_from_checkpoint(args, given):
+    """Read --pretrained once and set --arch and --width_per_group to those of the network that wrote it
+    (`network_config`: its weights, its `arch` entry, the params.json of its run), so that the evaluation
+    builds that network and records it in its params.json. A flag in `given` (typed on the command line) that
+    names another network stops the run with one line naming both values, unless --allow_mismatched_weights
+    true: then the flags build the network and the weights are loaded leniently, as released. Returns
+    (state dict, info, a line for the log), or (None, None, None) without --pretrained."""
+    if not args.pretrained:
+        return None, None, None
+    try:
+        state, info = read_state_dict(args.pretrained)
+    except PretrainedError as e:
+        fail(str(e))
+    try:
+        config = network_config(args.pretrained, state, info)
+    except PretrainedError as e:
+        if not args.allow_mismatched_weights:
+            fail(f"--pretrained {e}")
+        return state, info, f"--allow_mismatched_weights true: {e}; building --arch {args.arch} at width " \
+                            f"{args.width_per_group} from the flags"
+    found = f"{config['arch']} at width_per_group {config['width_per_group']}"
+    for name in NETWORK_FLAGS:
+        value = getattr(args, name)
+        if name not in given:
+            setattr(args, name, config[name])
+        elif value != config[name] and not args.allow_mismatched_weights:
+            fail(f"--{name} {value} but {args.pretrained} holds a {found}; leave --{name} out to evaluate the "
+                 "checkpoint's network")
+    return state, info, (f"Network of {args.pretrained}: {found} (read from the checkpoint); building "
+                         f"{args.arch} at width_per_group {args.width_per_group}")
+
+
 def set_up(args, kind, operational_flags):
     """Distributed set-up, the stop signals' handler (acted on after each epoch), seeds, the evaluation
     folder (locked; refused when it holds another kind of run, or an evaluation of another checkpoint or
@@ -88,6 +129,7 @@ def set_up(args, kind, operational_flags):
                                       else (None, None, None, None))
     agree_or_fail(args, problem)
     logger = create_logger(args.dump_path, args.rank)
+    logger.info(devices.describe_device(args.device))
     logger.info(format_provenance(provenance(args.device, args.world_size)))
     if moved:
         run, running, _ = WORDS[kind]

@@ -54,6 +54,16 @@ class ArgumentParser(argparse.ArgumentParser):
         fail(f"{message} (see {self.prog} --help)")
 
 
+def parse_given(parser, argv=None):
+    """`(args, given)`: the parsed arguments, and the names of those given on the command line (a flag left at
+    its default is not in `given`, even when its default is what was typed)."""
+    args = parser.parse_args(argv)
+    unset = object()
+    probe = argparse.Namespace(**{name: unset for name in vars(args)})
+    parser.parse_args(argv, namespace=probe)  # argparse fills in a default only where the namespace has no value
+    return args, {name for name, value in vars(probe).items() if value is not unset}
+
+
 def check_seed(name, value):
     """Seeds go to NumPy's RandomState, which takes [0, 2**32)."""
     if not 0 <= value < 2 ** 32:

@@ -34,6 +34,8 @@ from typing import List, Mapping, Optional
 import torch
 import torch.distributed as dist
 
+from .devices import driver_versions, needs_gpu, no_gpu_message
+
 DEFAULT_TIMEOUT_S = 300  # rendezvous and collective timeout of the process group (--dist_timeout)
 
 
@@ -301,10 +303,16 @@ def resolve_dist_env(environ: Mapping[str, str], dist_url: str, rank: int, world
     return DistEnv(0, 1, lr, "env://" if url_kind == "env" else dist_url.strip(), "single")
 
 
-def _pick_device(local_rank: int):
-    """CUDA device for this process: ``cuda:local_rank``; one visible GPU per task (Slurm
-    ``--gpus-per-task`` binding) means ``cuda:0``; CPU when there is no GPU."""
+def _pick_device(local_rank: int, requested: str = "auto"):
+    """CUDA device for this process (``--device`` auto or cuda): ``cuda:local_rank``; one visible GPU per
+    task (Slurm ``--gpus-per-task`` binding) means ``cuda:0``; CPU when there is no GPU, unless the run needs
+    one (``src/runtime/devices.needs_gpu``: DistError naming torch's and the driver's CUDA). ``cpu``: CPU."""
+    if requested == "cpu":
+        return torch.device("cpu")
     if not torch.cuda.is_available():
+        why = needs_gpu(requested, os.environ)
+        if why:
+            raise DistError(no_gpu_message(why, torch.__version__, torch.version.cuda, *driver_versions()))
         return torch.device("cpu")
     n = torch.cuda.device_count()
     if local_rank < n:
@@ -329,7 +337,8 @@ def init_distributed(args, timeout_s: Optional[float] = None) -> DistEnv:
         timeout_s = getattr(args, "dist_timeout", DEFAULT_TIMEOUT_S)
     env = resolve_dist_env(os.environ, getattr(args, "dist_url", "env://"), getattr(args, "rank", 0),
                            getattr(args, "world_size", -1), getattr(args, "local_rank", 0))
-    device = _pick_device(env.local_rank)
+    requested = getattr(args, "device", "auto")  # --device; a second call finds the device it resolved
+    device = _pick_device(env.local_rank, requested.type if isinstance(requested, torch.device) else requested)
     args.rank = env.rank
     args.world_size = env.world_size
     args.local_rank = env.local_rank
