@@ -94,11 +94,12 @@ def test_script_environment_overrides(fake):
                     EVAL_EXTRA_ARGS="--batch_size 4")
     assert r.returncode == 0, r.stderr
     pre, ev = calls
-    dump = "./experiments/swav_cifar_8_resnet50_2ep_100prot_cifar10"
+    dump = "./experiments/swav_cifar_8_resnet50_2ep_10prot_cifar10"   # --nmb_prototypes 10 of EXTRA_ARGS
     for part in ("--data_path /data/c10", "--epochs 2", "--batch_size 8", "--run_swav True", "--arch resnet50",
                  "--workers 0", f"--dump_path {dump} --width_per_group 8 --nmb_prototypes 10"):
         assert part in pre
     assert pre.endswith("--nmb_prototypes 10")   # extra flags come last, so they win in argparse
+    assert "--arch resnet50 --width_per_group 8 --data_path /data/c10" in ev  # the pretrained network's width
     assert ev.endswith(f"--epochs 3 --pretrained {dump}/checkpoint.pth.tar --dump_path {dump}_linear_eval "
                        "--allow_changed_args true --batch_size 4")
     run1 = os.path.join(os.path.dirname(fake.code), "runs", "run1")
@@ -128,6 +129,42 @@ def test_script_passes_command_line_flags_to_pretraining_after_extra_args(fake):
     pre, ev = calls
     assert pre.endswith("--epochs 5 --width_per_group 8 --knn_freq 10 --epochs 7")  # argparse: the last wins
     assert "--knn_freq" not in ev
+
+
+def test_script_names_the_folder_after_the_flags_actually_used(fake):
+    """Flags after the script name or in EXTRA_ARGS that the folder name or the evaluation use count as their
+    variable does (the last one wins, as in argparse): `--epochs 200` pretrains into ..._200ep_..., not the
+    400-epoch folder (which a later default run would then refuse), and the evaluation gets the same
+    architecture, width and data. An EXPERIMENT_PATH or --dump_path given is the user's folder."""
+    folder = "./experiments/unmix_swav_cifar_128_resnet18_200ep_100prot_cifar10"
+    for args in (["--epochs", "200"], ["--epochs=200"], ["--epochs", "7", "--epochs", "200"]):
+        r, (pre, ev) = fake(args=args, EPOCHS="5")
+        assert r.returncode == 0 and f"--dump_path {folder} " in pre, r.stderr
+        assert f"--pretrained {folder}/checkpoint.pth.tar --dump_path {folder}_linear_eval " in ev
+    r, (pre, ev) = fake(args=["--run_swav", "TRUE", "--nmb_prototypes", "30", "--data_path", "/d/c10"],
+                        EXTRA_ARGS="--batch_size=64 --arch resnet50 --width_per_group 16 --run_swav false")
+    folder = "./experiments/swav_cifar_64_resnet50_400ep_30prot_cifar10"
+    assert r.returncode == 0 and f"--dump_path {folder} " in pre, r.stderr
+    assert f"--arch resnet50 --width_per_group 16 --data_path /d/c10 --epochs 100 --pretrained {folder}/" in ev
+    mine = os.path.join(os.path.dirname(fake.code), "mine")
+    r, (pre, ev) = fake(args=["--epochs", "200", "--arch", "resnet50"], EXPERIMENT_PATH=mine)
+    assert f"--dump_path {mine} " in pre and f"--arch resnet50 --data_path cifar10" in ev
+    assert ev.endswith(f"--pretrained {mine}/checkpoint.pth.tar --dump_path {mine}_linear_eval --allow_changed_args true")
+    r, (pre, ev) = fake(args=["--dump_path", mine + "2"])
+    assert pre.endswith(f"--dump_path {mine}2") and f"--pretrained {mine}2/checkpoint.pth.tar " in ev
+    r, (pre, ev, semisup) = fake(SEMISUP_LABELS="1", EXTRA_ARGS="--arch resnet50 --width_per_group 8")
+    assert "--arch resnet50 --width_per_group 8 --data_path cifar10" in semisup
+
+
+@pytest.mark.parametrize("args, extra, match", [
+    (["--epo", "200"], "", "--epo: write --epochs in full"), (["--batch", "8"], "", "write --batch_size in full"),
+    (["--epochs", "ten"], "", "--epochs='ten' is not a non-negative integer"), (["--epochs=0"], "", "--epochs must be > 0"),
+    ([], "--arch res/net", "--arch='res/net' is not an architecture name"),
+    ([], "--run_swav maybe", "--run_swav='maybe' is not a boolean"),
+    (["--nmb_prototypes", "x"], "", "--nmb_prototypes='x'")])
+def test_script_refuses_naming_flags_it_cannot_read(fake, args, extra, match):
+    r, calls = fake(args=args, EXTRA_ARGS=extra)
+    assert r.returncode == 2 and match in r.stderr and calls == [], r.stderr
 
 
 def test_script_augment_switch(fake):
