@@ -114,7 +114,7 @@ case "${RUN_SWAV,,}" in
 esac
 EXPERIMENT_PATH=${EXPERIMENT_PATH:-./experiments/${PREFIX}_cifar_${BATCH_SIZE}_${ARCH}_${EPOCHS}ep_${PROTOTYPES}prot_${DATASET_NAME}}
 [ -n "$EXPERIMENT_PATH" ] || die "$(named EXPERIMENT_PATH) is empty"
-[ ! -e "$EXPERIMENT_PATH" ] || [ -d "$EXPERIMENT_PATH" ] || die "$EXPERIMENT_PATH exists and is not a folder"
+[ ! -e "$EXPERIMENT_PATH" ] || [ -d "$EXPERIMENT_PATH" ] || die "cannot create $EXPERIMENT_PATH: a file of that name is in the way"
 [ "$EXPERIMENT_PATH" = "/" ] || EXPERIMENT_PATH=${EXPERIMENT_PATH%/}
 EVAL_PATH="${EXPERIMENT_PATH}_linear_eval"
 case "$AUGMENT" in
