@@ -401,10 +401,13 @@ def _key_lines(text):
 @pytest.mark.slurm
 def test_sbatch_script_two_tasks_pretrain_then_linear_eval_then_semisup(cluster, cifar, tmp_path):
     t0 = time.time()
-    exp = str(tmp_path / "exp" / "unmix_swav_tiny")
+    # `sbatch script_unmix_c10.sh --epochs 2`, no EPOCHS nor EXPERIMENT_PATH: the folder is named after the
+    # flags actually used (--epochs 2 here, --nmb_prototypes 10 of EXTRA_ARGS), in the submit folder
+    exp = str(tmp_path / "experiments" / "unmix_swav_cifar_8_resnet18_2ep_10prot_cifar10")
+    env = {k: v for k, v in _job_env(cifar, exp, epochs=400).items() if k not in ("EPOCHS", "EXPERIMENT_PATH")}
     out, err = str(tmp_path / "job_%j.out"), str(tmp_path / "job_%j.err")
-    job = cluster.sbatch(SBATCH_CPU + [f"--output={out}", f"--error={err}", SCRIPTS["c10"]],
-                         env=_job_env(cifar, exp, epochs=2), cwd=str(tmp_path))
+    job = cluster.sbatch(SBATCH_CPU + [f"--output={out}", f"--error={err}", SCRIPTS["c10"], "--epochs", "2"],
+                         env=env, cwd=str(tmp_path))
     out, err = out.replace("%j", job), err.replace("%j", job)
     state = cluster.wait(job, timeout=150)
     text = _read(out)
@@ -422,6 +425,8 @@ def test_sbatch_script_two_tasks_pretrain_then_linear_eval_then_semisup(cluster,
     assert os.path.isfile(os.path.join(exp, "checkpoint.pth.tar"))
     assert os.path.isfile(os.path.join(exp, "train.log-1"))           # rank 1 logged to its own file
     assert os.path.isfile(exp + "_linear_eval/results.json")
+    name = os.path.basename(exp)
+    assert sorted(os.listdir(tmp_path / "experiments")) == [name, name + "_linear_eval"]
 
     # the same job again with SEMISUP_LABELS=10: pretraining and evaluation are done (they return at once),
     # then the semi-supervised fine-tuning of that checkpoint, its 2 processes started by srun
