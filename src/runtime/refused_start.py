@@ -8,6 +8,8 @@ the parent folders it created while still empty; an existing one keeps every fil
 removed, files that grew, the log among them, are cut back to their length, the lock file gets its bytes
 back, an earlier evaluation set aside is moved back). A run has started once it wrote its own params.json,
 which each entry script does when every check has passed; from then on its files are kept whatever happens.
+Code that moves an existing folder's files before that point must say where (`set_aside_into`), or the undo
+would take the moved files for new ones.
 """
 import atexit
 import os
