@@ -120,4 +120,5 @@ def test_refused_script_run_leaves_no_folder_and_keeps_an_existing_one(env, tmp_
     before = snapshot(existing)
     script("--batch_size", 1000, "--allow_changed_args", "true", DATASET_PATH=str(env["data"]),
            EXPERIMENT_PATH=str(existing))
+    script("--allow_changed_args", "true", DATASET_PATH=str(env["root"] / "no_such_data"), EXPERIMENT_PATH=str(existing))
     assert snapshot(existing) == before and os.listdir(tmp_path) == ["mine"]
