@@ -29,6 +29,10 @@
 #   bash script_unmix_c10.sh --help       this usage in short (-h too); starts nothing.
 #   Flags after the script name go to pretraining, after EXTRA_ARGS (the last one of a flag wins), e.g.
 #   bash script_unmix_c10.sh --knn_freq 10   or   sbatch script_unmix_c10.sh --epochs 200
+#   Those (there or in EXTRA_ARGS) that the folder name or the evaluation use count as their variable does:
+#   --epochs, --batch_size, --arch, --run_swav, --nmb_prototypes name the default folder (--epochs 200:
+#   ..._200ep_...), --arch, --width_per_group, --data_path reach the evaluations, --dump_path is the folder.
+#   Write them in full (an abbreviation is refused).
 #
 # ENVIRONMENT OVERRIDES (defaults = released values)
 #   DATASET_PATH=cifar10     --data_path (keyword cifar10, or a folder with cifar-10-batches-py)
@@ -42,8 +46,8 @@
 #                            the CPU; a CPU job such as `--gres=none` keeps working). DEVICE=cpu: CPU on purpose.
 #   EXPERIMENT_PATH          pretraining dump; default
 #                            ./experiments/unmix_swav_cifar_${BATCH_SIZE}_${ARCH}_${EPOCHS}ep_100prot_cifar10
-#                            (prefix swav_ instead of unmix_swav_ when RUN_SWAV is true; with the defaults
-#                            this is the released folder name). Relative paths are relative to the
+#                            (prefix swav_ instead of unmix_swav_ when RUN_SWAV is true; <P>prot with
+#                            --nmb_prototypes P; with the defaults this is the released folder name). Relative paths are relative to the
 #                            directory sbatch/bash was started from. Evaluation writes ${EXPERIMENT_PATH}_linear_eval
 #                            (with --allow_changed_args true: a new checkpoint, or other evaluation flags, is
 #                            evaluated afresh, the earlier evaluation moved to replaced-<time>/ inside it).
@@ -64,6 +68,8 @@
 # EXIT STATUS
 #   0   pretraining and evaluation finished
 #   2   bad environment override, code not found, or data whose classes do not match (nothing ran)
+#   A step refused at its start (bad data path, bad flag value, a folder of another kind or in use) leaves
+#   nothing behind: the folder it created is removed again, an existing one is left as it was.
 #   3   preempted (PREEMPTED_EXIT_CODE in src/runtime/signals.py): a checkpoint was written and, under Slurm,
 #       the job was requeued; running the same command again resumes from checkpoint.pth.tar. Also used
 #       when a step was stopped because this shell got SIGTERM or SIGINT (scancel, requeue, time limit,

@@ -18,7 +18,7 @@
 # the environment overrides (DATASET_PATH, EPOCHS, BATCH_SIZE, RUN_SWAV, ARCH, WORKERS, AUGMENT, DEVICE,
 # EXPERIMENT_PATH, EVAL_EPOCHS, EXTRA_ARGS, EVAL_EXTRA_ARGS, NPROC, PYTHON, CODE_DIR), exit statuses and
 # preemption. `bash script_unmix_c100.sh --help` prints the usage; flags after the script name go to
-# pretraining.
+# pretraining (and name the folder as there).
 
 set -uo pipefail
 

@@ -22,7 +22,10 @@
 #   requeue on preemption per array task) holds the cells to run, and a report job runs tools/results.py
 #   once every task has ended (afterany). Without sbatch, or with --local: the cells run here one after
 #   another, then the report. Running the command again skips finished cells, resumes interrupted or
-#   failed ones and leaves queued or running ones alone (its report job also waits for those).
+#   failed ones and leaves queued or running ones alone (its report job also waits for those). A cell
+#   records the settings and data it was started with (_cells/<cell>.settings); run again with other ones
+#   (EXTRA_ARGS, EVAL_EXTRA_ARGS, BATCH_SIZE, ARCH, EVAL_EPOCHS, AUGMENT, NPROC, the data), the command stops
+#   with one line naming the difference: use another --experiments folder for other settings.
 #
 # ENVIRONMENT (passed to every cell as script_unmix_c10.sh defines them)
 #   DATASET_PATH         data of every cell; a folder holding both cifar-10-batches-py/ and
@@ -40,8 +43,8 @@
 # EXIT STATUS
 #   0 submitted / every cell done here / dry run / status; 1 some cell failed here (the report still
 #   lists every cell); 2 bad input (one line on stderr: unknown data set or method, epochs <= 0, a data
-#   path lacking a data set, a per-cell setting in the environment, sbatch refused the job, squeue
-#   failed so that queued cells could not be told from interrupted ones)
+#   path lacking a data set, a per-cell setting in the environment, a started cell with other settings,
+#   sbatch refused the job, squeue failed so that queued cells could not be told from interrupted ones)
 
 set -uo pipefail
 CODE_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)

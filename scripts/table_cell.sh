@@ -18,7 +18,7 @@
 # an earlier attempt left) with EPOCHS, RUN_SWAV, EXPERIMENT_PATH, DATASET_PATH set for the cell, --seed
 # appended to EXTRA_ARGS and EVAL_EXTRA_ARGS, and every other environment override passed through.
 # Its output is appended to <plan folder>/<cell>.log; <plan folder>/<cell>.state records
-# "running JOB" at the start and "exit STATUS JOB" at the end. Resources, preemption and requeue are
+# "running JOB" at the start and "exit STATUS JOB" at the end (JOB: the Slurm job, or local:PID.START@HOST). Resources, preemption and requeue are
 # those of script_unmix_c10.sh (see its header); requeue acts on this array task alone.
 # Exit status: that of the SBATCH script (0 done, 2 bad input, 3 preempted, 11 pretraining failed,
 # 21 linear evaluation failed).
@@ -43,7 +43,11 @@ CELLS_DIR=$(dirname "$PLAN")
 STATE="$CELLS_DIR/$CELL.state"
 if [ -n "${SLURM_ARRAY_JOB_ID:-}" ]; then JOB="${SLURM_ARRAY_JOB_ID}_${SLURM_ARRAY_TASK_ID}"
 elif [ -n "${SLURM_JOB_ID:-}" ]; then JOB=$SLURM_JOB_ID
-else JOB="local:$$@$(hostname)"; fi
+else  # local:PID.START@HOST, START = this shell's start time (field 22 of /proc/PID/stat): once this shell
+      # is gone, a later process given the same PID is not taken for it
+    STAT=$(cat "/proc/$$/stat" 2>/dev/null) && read -r -a STAT <<< "${STAT##*) }" && START=".${STAT[19]}" || START=
+    JOB="local:$$$START@$(hostname)"
+fi
 record() {  # one line, replaced atomically
     printf '%s %s\n' "$1" "$(date +%FT%T)" > "$STATE.$$.tmp" && mv -f "$STATE.$$.tmp" "$STATE"
 }

@@ -22,6 +22,8 @@ Un-Mix + SwAV on CIFAR-${DATASET_NAME#cifar}: pretraining (main_swav_unmix.py) w
 linear evaluation (eval_linear.py --num_labels $NUM_LABELS) of its checkpoint. Under Slurm srun starts
 one task per GPU; without Slurm, one process per visible GPU (torchrun), or one CPU process.
 Flags given on the command line go to pretraining, after EXTRA_ARGS (the last one of a flag wins).
+Those that the folder name or the evaluation use (--epochs, --batch_size, --arch, --run_swav,
+--nmb_prototypes, --data_path, --width_per_group, --dump_path) count as the variables they match do.
 
 Environment (default):
   DATASET_PATH     --data_path: keyword, CIFAR pickle folder or image folder ($DATASET_NAME)
@@ -35,7 +37,8 @@ Environment (default):
   DEVICE           --device of every step: auto (CUDA when torch sees a GPU), cuda (stop at once unless torch
                    sees one) or cpu (cuda in a Slurm job that was allocated GPUs, else auto)
   EXPERIMENT_PATH  pretraining folder; evaluation writes \${EXPERIMENT_PATH}_linear_eval
-                   (./experiments/<unmix_swav|swav>_cifar_\${BATCH_SIZE}_\${ARCH}_\${EPOCHS}ep_100prot_$DATASET_NAME)
+                   (./experiments/<unmix_swav|swav>_cifar_\${BATCH_SIZE}_\${ARCH}_\${EPOCHS}ep_<P>prot_$DATASET_NAME,
+                   P = --nmb_prototypes, 100)
   EVAL_EPOCHS      linear evaluation epochs (100)
   EXTRA_ARGS       extra pretraining flags, split on white space (none)
   EVAL_EXTRA_ARGS  extra evaluation flags, split on white space (none)
@@ -65,24 +68,55 @@ WORKERS=${WORKERS:-2}
 AUGMENT=${AUGMENT:-}
 EVAL_EPOCHS=${EVAL_EPOCHS:-100}
 EXTRA_ARGS=${EXTRA_ARGS:-}
+PROTOTYPES=100  # --nmb_prototypes of the released script
+WIDTH=          # --width_per_group of pretraining, when given: the evaluations load that network
 EVAL_EXTRA_ARGS=${EVAL_EXTRA_ARGS:-}
 SEMISUP_LABELS=${SEMISUP_LABELS:-}
 SEMISUP_EXTRA_ARGS=${SEMISUP_EXTRA_ARGS:-}
 
-for v in EPOCHS BATCH_SIZE WORKERS EVAL_EPOCHS; do
-    is_uint "${!v}" || die "$v='${!v}' is not a non-negative integer"
+read -r -a EXTRA <<< "$EXTRA_ARGS"
+
+# Pretraining's flags (EXTRA_ARGS, then the command line) that the folder name or the evaluation use set
+# what their variable would (the last one given wins, as in argparse), so that the folder is named after
+# the settings actually used and the evaluation gets the same architecture and data. FROM[variable]: the
+# flag that set it, for the error messages.
+declare -A FROM=()
+PRETRAIN_FLAGS=("${EXTRA[@]}" "$@")
+NAMING_FLAGS=(--epochs --batch_size --arch --run_swav --nmb_prototypes --data_path --width_per_group --dump_path)
+for ((i = 0; i < ${#PRETRAIN_FLAGS[@]}; i++)); do
+    flag=${PRETRAIN_FLAGS[i]%%=*}
+    if [[ "${PRETRAIN_FLAGS[i]}" == --*=* ]]; then value=${PRETRAIN_FLAGS[i]#*=}; else value=${PRETRAIN_FLAGS[i + 1]:-}; fi
+    case "$flag" in
+        --epochs) var=EPOCHS ;; --batch_size) var=BATCH_SIZE ;; --arch) var=ARCH ;; --run_swav) var=RUN_SWAV ;;
+        --nmb_prototypes) var=PROTOTYPES ;; --data_path) var=DATASET_PATH ;; --width_per_group) var=WIDTH ;;
+        --dump_path) var=EXPERIMENT_PATH ;;
+        --?*) for full in "${NAMING_FLAGS[@]}"; do  # argparse takes a prefix: this shell would miss it
+                  [[ "$full" != "$flag"* ]] || die "$flag: write $full in full (the folder name and the evaluation follow it)"
+              done
+              continue ;;
+        *) continue ;;
+    esac
+    printf -v "$var" '%s' "$value"
+    FROM[$var]=$flag
+done
+named() { echo "${FROM[$1]:-$1}"; }  # how the user set variable $1
+
+for v in EPOCHS BATCH_SIZE WORKERS EVAL_EPOCHS PROTOTYPES; do
+    is_uint "${!v}" || die "$(named "$v")='${!v}' is not a non-negative integer"
 done
 for v in EPOCHS BATCH_SIZE EVAL_EPOCHS; do
-    [ "${!v}" -gt 0 ] || die "$v must be > 0"
+    [ "${!v}" -gt 0 ] || die "$(named "$v") must be > 0"
 done
-[[ "$ARCH" =~ ^[A-Za-z0-9_]+$ ]] || die "ARCH='$ARCH' is not an architecture name"
+[ -z "$WIDTH" ] || is_uint "$WIDTH" || die "--width_per_group '$WIDTH' is not a non-negative integer"
+[[ "$ARCH" =~ ^[A-Za-z0-9_]+$ ]] || die "$(named ARCH)='$ARCH' is not an architecture name"
 case "${RUN_SWAV,,}" in
     true|on|1) PREFIX=swav ;;
     false|off|0) PREFIX=unmix_swav ;;
-    *) die "RUN_SWAV='$RUN_SWAV' is not a boolean (true/false, on/off, 1/0)" ;;
+    *) die "$(named RUN_SWAV)='$RUN_SWAV' is not a boolean (true/false, on/off, 1/0)" ;;
 esac
-EXPERIMENT_PATH=${EXPERIMENT_PATH:-./experiments/${PREFIX}_cifar_${BATCH_SIZE}_${ARCH}_${EPOCHS}ep_100prot_${DATASET_NAME}}
-[ -n "$EXPERIMENT_PATH" ] || die "EXPERIMENT_PATH is empty"
+EXPERIMENT_PATH=${EXPERIMENT_PATH:-./experiments/${PREFIX}_cifar_${BATCH_SIZE}_${ARCH}_${EPOCHS}ep_${PROTOTYPES}prot_${DATASET_NAME}}
+[ -n "$EXPERIMENT_PATH" ] || die "$(named EXPERIMENT_PATH) is empty"
+[ ! -e "$EXPERIMENT_PATH" ] || [ -d "$EXPERIMENT_PATH" ] || die "cannot create $EXPERIMENT_PATH: a file of that name is in the way"
 [ "$EXPERIMENT_PATH" = "/" ] || EXPERIMENT_PATH=${EXPERIMENT_PATH%/}
 EVAL_PATH="${EXPERIMENT_PATH}_linear_eval"
 case "$AUGMENT" in
@@ -106,8 +140,9 @@ for perc in "${SEMISUP_PERCS[@]}"; do
     case "$perc" in 1|10) ;; *) die "SEMISUP_LABELS='$SEMISUP_LABELS': use 1, 10 or 1,10 (percent of the labels)" ;; esac
 done
 read -r -a SEMISUP_EXTRA <<< "$SEMISUP_EXTRA_ARGS"
-read -r -a EXTRA <<< "$EXTRA_ARGS"
 read -r -a EVAL_EXTRA <<< "$EVAL_EXTRA_ARGS"
+WIDTH_ARGS=()  # before the evaluations' own extra flags, which win
+[ -z "$WIDTH" ] || WIDTH_ARGS=(--width_per_group "$WIDTH")
 PROBE=released  # eval_linear.py --probe; the last one given wins, as in argparse
 for ((i = 0; i < ${#EVAL_EXTRA[@]}; i++)); do
     case "${EVAL_EXTRA[i]}" in --probe) PROBE=${EVAL_EXTRA[i + 1]:-} ;; --probe=*) PROBE=${EVAL_EXTRA[i]#*=} ;; esac
@@ -284,7 +319,8 @@ PRETRAIN=(
     "${EXTRA[@]}"
     "$@"
 )
-mkdir -p "$EXPERIMENT_PATH" || die "cannot create $EXPERIMENT_PATH"
+# No mkdir here: each step creates its own folder, and removes it again when it stops before it started
+# (refused: bad data, bad flag value, a folder of another kind or in use), so nothing is left behind.
 log "pretraining: ${PRETRAIN[*]}"
 run_step "${PRETRAIN[@]}"
 rc=$?
@@ -304,6 +340,7 @@ EVAL=(
     --crop_size 32
     --workers "$WORKERS"
     --arch "$ARCH"
+    "${WIDTH_ARGS[@]}"
     --data_path "$DATASET_PATH"
     --epochs "$EVAL_EPOCHS"
     --pretrained "$EXPERIMENT_PATH/checkpoint.pth.tar"
@@ -314,7 +351,6 @@ EVAL=(
     "${DEVICE_ARGS[@]}"
     "${EVAL_EXTRA[@]}"
 )
-mkdir -p "$EVAL_PATH" || die "cannot create $EVAL_PATH"
 log "linear evaluation: ${EVAL[*]}"
 run_step_or_exit "linear evaluation" 21 "${EVAL[@]}"
 log "done: pretraining in $EXPERIMENT_PATH, linear evaluation in $EVAL_PATH"
@@ -331,6 +367,7 @@ for perc in "${SEMISUP_PERCS[@]}"; do
         --labels_perc "$perc"
         --workers "$WORKERS"
         --arch "$ARCH"
+        "${WIDTH_ARGS[@]}"
         --data_path "$DATASET_PATH"
         --pretrained "$EXPERIMENT_PATH/checkpoint.pth.tar"
         --dump_path "$SEMISUP_PATH"
@@ -338,7 +375,6 @@ for perc in "${SEMISUP_PERCS[@]}"; do
         "${DEVICE_ARGS[@]}"
         "${SEMISUP_EXTRA[@]}"
     )
-    mkdir -p "$SEMISUP_PATH" || die "cannot create $SEMISUP_PATH"
     log "semi-supervised fine-tuning with ${perc}% of the labels: ${SEMISUP[*]}"
     run_step_or_exit "semi-supervised fine-tuning with ${perc}% of the labels" 31 "${SEMISUP[@]}"
     log "done: semi-supervised fine-tuning in $SEMISUP_PATH"

@@ -3,6 +3,7 @@ statuses, and tiny tables run for real, here one cell after another and through 
 on a private one-node Slurm (tests/slurm_cluster.py; skipped with the reason when Slurm is missing)."""
 import os
 import re
+import signal
 import socket
 import stat
 import subprocess
@@ -155,15 +156,88 @@ def test_cell_status(tmp_path):
     dead = subprocess.Popen(["true"])
     dead.wait()
     rt.write_state(cells_dir, killed, f"running local:{dead.pid}@{host}")
-    rt.write_state(cells_dir, here, f"running local:{os.getpid()}@{host}")
+    rt.write_state(cells_dir, here, f"running local:{os.getpid()}@{host}")   # alive, but not a cell's shell
     rt.write_state(cells_dir, queued, "queued 6_5")
     os.makedirs(started.experiment_path)                                  # started by hand, no record
     status = {c.name: rt.cell_status(c, cells_dir, {"6_5": "pending", "5_2": "pending"}, host) for c in cells}
-    assert [status[c.name][0] for c in cells] == ["done", "failed", "pending", "interrupted", "running", "pending",
-                                                  "interrupted", "missing"]
+    assert [status[c.name][0] for c in cells] == ["done", "failed", "pending", "interrupted", "interrupted",
+                                                  "pending", "interrupted", "missing"]
     assert status[failed.name][1] == "exit 11: pretraining failed, job 5_1"
     assert rt.cell_status(preempted, cells_dir, None, host)[0] == "interrupted"    # not requeued (no queue)
     assert rt.cell_status(queued, cells_dir, {}, host)[0] == "interrupted"         # gone from the queue
+
+
+def _proc_start(pid):
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[19]
+
+
+def test_a_local_cell_is_running_only_while_its_own_shell_runs(tmp_path):
+    """table_cell.sh records `running local:PID.START@HOST`: the cell is running while that shell runs; once
+    it is gone (killed: no exit record), or when its PID belongs to another process (another start time, or
+    another program), it is not."""
+    code = tmp_path / "code"
+    code.mkdir()
+    (code / "script_unmix_c10.sh").write_text("sleep 60\n")   # a cell that runs until killed
+    cells = rt.plan_cells(["cifar10"], ["unmix"], [1], [31], str(tmp_path), {"cifar10": "cifar10"}, "_linear_eval")
+    cells_dir, host, cell = str(tmp_path / "_cells"), socket.gethostname(), cells[0]
+    os.makedirs(cells_dir)
+    plan = rt.write_plan(cells_dir, cells)
+    shell = subprocess.Popen(["bash", os.path.join(ROOT, "scripts", "table_cell.sh"), plan, "0"], stdout=subprocess.DEVNULL,
+                             env=_clean_env(CODE_DIR=str(code)), start_new_session=True)
+    try:
+        deadline = time.time() + 30
+        while (rt.read_state(cells_dir, cell) or ("",))[0] != "running":
+            assert time.time() < deadline and shell.poll() is None
+            time.sleep(0.05)
+        record = rt.read_state(cells_dir, cell)[1]
+        assert record == f"local:{shell.pid}.{_proc_start(shell.pid)}@{host}"
+        assert rt.cell_status(cell, cells_dir, None, host) == ("running", f"pid {shell.pid}")
+        rt.write_state(cells_dir, cell, f"running local:{shell.pid}.1@{host}")            # the PID, another start
+        assert rt.cell_status(cell, cells_dir, None, host)[0] == "interrupted"
+        me = os.getpid()
+        rt.write_state(cells_dir, cell, f"running local:{me}.{_proc_start(me)}@{host}")  # another program
+        assert rt.cell_status(cell, cells_dir, None, host)[0] == "interrupted"
+        rt.write_state(cells_dir, cell, f"running {record}")
+        assert rt.cell_status(cell, cells_dir, None, host)[0] == "running"
+    finally:
+        os.killpg(shell.pid, signal.SIGKILL)
+        shell.wait()
+    assert rt.read_state(cells_dir, cell)[:2] == ("running", record)    # killed: no exit record
+    assert rt.cell_status(cell, cells_dir, None, host)[0] == "interrupted"
+
+
+def test_a_cell_started_with_other_settings_is_not_taken_for_this_one(tmp_path, capsys):
+    """A finished cell whose record names other EXTRA_ARGS, EVAL_EXTRA_ARGS, data path or data: the command
+    stops with one line naming the setting and what to do, instead of reporting its numbers as these
+    settings' or resuming it with others; --status shows it; the same settings (defaults spelt out or not,
+    other spacing) go on."""
+    data = tmp_path / "c10"
+    write_cifar10(data, n_train_per_batch=2, n_test=2)
+    argv = ["--local", "--datasets", "c10", "--methods", "unmix", "--epochs", "1", "--experiments",
+            str(tmp_path / "exp")]
+    env = {"DATASET_PATH": str(data), "EXTRA_ARGS": "--width_per_group 8", "EVAL_EXTRA_ARGS": "--probe cached"}
+    cell = rt.plan_cells(["cifar10"], ["unmix"], [1], [31], str(tmp_path / "exp"), {"cifar10": ""},
+                         "_linear_eval_cached")[0]
+    cells_dir = str(tmp_path / "exp" / "_cells")
+    os.makedirs(cell.eval_path)
+    open(os.path.join(cell.eval_path, "results.json"), "w").close()
+    os.makedirs(cells_dir)
+    path = str(data / "cifar-10-batches-py")
+    rt.write_settings(cells_dir, cell, rt.cell_settings(env, path, rt.data_identity(path)))
+    assert rt.main(argv + ["--dry-run"], dict(env, EXTRA_ARGS=" --width_per_group  8 ", BATCH_SIZE="128")) == 0
+    assert "dry run: would run 0 cell(s)" in capsys.readouterr().out
+    (data / "cifar-10-batches-py" / "data_batch_1").write_bytes(b"other data")
+    for other, named in (({"EXTRA_ARGS": "--width_per_group 16"}, "EXTRA_ARGS: '--width_per_group 8' -> "
+                          "'--width_per_group 16'"), ({"EVAL_EXTRA_ARGS": "--probe cached --lr 1"}, "EVAL_EXTRA_ARGS"),
+                         ({}, "data: "), ({"ARCH": "resnet50"}, "ARCH: 'resnet18' -> 'resnet50'")):
+        with pytest.raises(SystemExit) as e:
+            rt.main(argv, dict(env, **other))
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.count("\n") == 1 and named in err, err
+        assert f"cell {cell.name} was started with other settings" in err and "another --experiments" in err
+    assert rt.main(argv + ["--status"], env) == 0
+    assert f"{cell.name}: started with other settings (data: " in capsys.readouterr().out
 
 
 FAKE_PYTHON = """#!/usr/bin/env bash
@@ -220,6 +294,13 @@ def test_local_table_reports_a_failing_cell_and_the_others(cifar, tmp_path):
     assert cells == {"c10_unmix_1ep_seed31": "done", "c10_unmix_1ep_seed32": "failed"}, md
     assert re.fullmatch(r"\d+\.\d\d \(1\)", ours["Un-Mix"]), md          # the seed that finished
     assert "cannot create" in (exp / "_cells" / "c10_unmix_1ep_seed32.log").read_text()
+    done = os.path.join(exp, "c10_unmix_1ep_seed31_linear_eval", "results.json")
+    with open(done) as f:
+        result = f.read()
+    r = _run(args, dict(env, EXTRA_ARGS=env["EXTRA_ARGS"] + " --knn_freq 1"), tmp_path)   # other settings: refused
+    assert r.returncode == 2 and "c10_unmix_1ep_seed31 was started with other settings (EXTRA_ARGS: " in r.stderr
+    with open(done) as f:
+        assert f.read() == result
     r = _run(args + ["--status"], env, tmp_path)
     assert r.returncode == 0 and _cell_lines(r.stdout) == [("c10_unmix_1ep_seed31", "done"),
                                                            ("c10_unmix_1ep_seed32", "failed")]

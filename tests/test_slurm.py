@@ -94,11 +94,12 @@ def test_script_environment_overrides(fake):
                     EVAL_EXTRA_ARGS="--batch_size 4")
     assert r.returncode == 0, r.stderr
     pre, ev = calls
-    dump = "./experiments/swav_cifar_8_resnet50_2ep_100prot_cifar10"
+    dump = "./experiments/swav_cifar_8_resnet50_2ep_10prot_cifar10"   # --nmb_prototypes 10 of EXTRA_ARGS
     for part in ("--data_path /data/c10", "--epochs 2", "--batch_size 8", "--run_swav True", "--arch resnet50",
                  "--workers 0", f"--dump_path {dump} --width_per_group 8 --nmb_prototypes 10"):
         assert part in pre
     assert pre.endswith("--nmb_prototypes 10")   # extra flags come last, so they win in argparse
+    assert "--arch resnet50 --width_per_group 8 --data_path /data/c10" in ev  # the pretrained network's width
     assert ev.endswith(f"--epochs 3 --pretrained {dump}/checkpoint.pth.tar --dump_path {dump}_linear_eval "
                        "--allow_changed_args true --batch_size 4")
     run1 = os.path.join(os.path.dirname(fake.code), "runs", "run1")
@@ -128,6 +129,42 @@ def test_script_passes_command_line_flags_to_pretraining_after_extra_args(fake):
     pre, ev = calls
     assert pre.endswith("--epochs 5 --width_per_group 8 --knn_freq 10 --epochs 7")  # argparse: the last wins
     assert "--knn_freq" not in ev
+
+
+def test_script_names_the_folder_after_the_flags_actually_used(fake):
+    """Flags after the script name or in EXTRA_ARGS that the folder name or the evaluation use count as their
+    variable does (the last one wins, as in argparse): `--epochs 200` pretrains into ..._200ep_..., not the
+    400-epoch folder (which a later default run would then refuse), and the evaluation gets the same
+    architecture, width and data. An EXPERIMENT_PATH or --dump_path given is the user's folder."""
+    folder = "./experiments/unmix_swav_cifar_128_resnet18_200ep_100prot_cifar10"
+    for args in (["--epochs", "200"], ["--epochs=200"], ["--epochs", "7", "--epochs", "200"]):
+        r, (pre, ev) = fake(args=args, EPOCHS="5")
+        assert r.returncode == 0 and f"--dump_path {folder} " in pre, r.stderr
+        assert f"--pretrained {folder}/checkpoint.pth.tar --dump_path {folder}_linear_eval " in ev
+    r, (pre, ev) = fake(args=["--run_swav", "TRUE", "--nmb_prototypes", "30", "--data_path", "/d/c10"],
+                        EXTRA_ARGS="--batch_size=64 --arch resnet50 --width_per_group 16 --run_swav false")
+    folder = "./experiments/swav_cifar_64_resnet50_400ep_30prot_cifar10"
+    assert r.returncode == 0 and f"--dump_path {folder} " in pre, r.stderr
+    assert f"--arch resnet50 --width_per_group 16 --data_path /d/c10 --epochs 100 --pretrained {folder}/" in ev
+    mine = os.path.join(os.path.dirname(fake.code), "mine")
+    r, (pre, ev) = fake(args=["--epochs", "200", "--arch", "resnet50"], EXPERIMENT_PATH=mine)
+    assert f"--dump_path {mine} " in pre and f"--arch resnet50 --data_path cifar10" in ev
+    assert ev.endswith(f"--pretrained {mine}/checkpoint.pth.tar --dump_path {mine}_linear_eval --allow_changed_args true")
+    r, (pre, ev) = fake(args=["--dump_path", mine + "2"])
+    assert pre.endswith(f"--dump_path {mine}2") and f"--pretrained {mine}2/checkpoint.pth.tar " in ev
+    r, (pre, ev, semisup) = fake(SEMISUP_LABELS="1", EXTRA_ARGS="--arch resnet50 --width_per_group 8")
+    assert "--arch resnet50 --width_per_group 8 --data_path cifar10" in semisup
+
+
+@pytest.mark.parametrize("args, extra, match", [
+    (["--epo", "200"], "", "--epo: write --epochs in full"), (["--batch", "8"], "", "write --batch_size in full"),
+    (["--epochs", "ten"], "", "--epochs='ten' is not a non-negative integer"), (["--epochs=0"], "", "--epochs must be > 0"),
+    ([], "--arch res/net", "--arch='res/net' is not an architecture name"),
+    ([], "--run_swav maybe", "--run_swav='maybe' is not a boolean"),
+    (["--nmb_prototypes", "x"], "", "--nmb_prototypes='x'")])
+def test_script_refuses_naming_flags_it_cannot_read(fake, args, extra, match):
+    r, calls = fake(args=args, EXTRA_ARGS=extra)
+    assert r.returncode == 2 and match in r.stderr and calls == [], r.stderr
 
 
 def test_script_augment_switch(fake):
@@ -364,10 +401,13 @@ def _key_lines(text):
 @pytest.mark.slurm
 def test_sbatch_script_two_tasks_pretrain_then_linear_eval_then_semisup(cluster, cifar, tmp_path):
     t0 = time.time()
-    exp = str(tmp_path / "exp" / "unmix_swav_tiny")
+    # `sbatch script_unmix_c10.sh --epochs 2`, no EPOCHS nor EXPERIMENT_PATH: the folder is named after the
+    # flags actually used (--epochs 2 here, --nmb_prototypes 10 of EXTRA_ARGS), in the submit folder
+    exp = str(tmp_path / "experiments" / "unmix_swav_cifar_8_resnet18_2ep_10prot_cifar10")
+    env = {k: v for k, v in _job_env(cifar, exp, epochs=400).items() if k not in ("EPOCHS", "EXPERIMENT_PATH")}
     out, err = str(tmp_path / "job_%j.out"), str(tmp_path / "job_%j.err")
-    job = cluster.sbatch(SBATCH_CPU + [f"--output={out}", f"--error={err}", SCRIPTS["c10"]],
-                         env=_job_env(cifar, exp, epochs=2), cwd=str(tmp_path))
+    job = cluster.sbatch(SBATCH_CPU + [f"--output={out}", f"--error={err}", SCRIPTS["c10"], "--epochs", "2"],
+                         env=env, cwd=str(tmp_path))
     out, err = out.replace("%j", job), err.replace("%j", job)
     state = cluster.wait(job, timeout=150)
     text = _read(out)
@@ -385,6 +425,8 @@ def test_sbatch_script_two_tasks_pretrain_then_linear_eval_then_semisup(cluster,
     assert os.path.isfile(os.path.join(exp, "checkpoint.pth.tar"))
     assert os.path.isfile(os.path.join(exp, "train.log-1"))           # rank 1 logged to its own file
     assert os.path.isfile(exp + "_linear_eval/results.json")
+    name = os.path.basename(exp)
+    assert sorted(os.listdir(tmp_path / "experiments")) == [name, name + "_linear_eval"]
 
     # the same job again with SEMISUP_LABELS=10: pretraining and evaluation are done (they return at once),
     # then the semi-supervised fine-tuning of that checkpoint, its 2 processes started by srun

@@ -10,11 +10,13 @@ after another, then the report is written. Finished cells are skipped and interr
 Usage, options and environment: scripts/reproduce_tables.sh (its header), or --help.
 
 Book-keeping lives in `<experiments>/_cells/`: the plan (one row per cell; a job array task reads its row
-by index), and per cell `<cell>.log` (output of every attempt) and `<cell>.state` (one line:
-`queued JOB`, `running JOB` or `exit STATUS JOB`, then the time), written atomically.
+by index), and per cell `<cell>.log` (output of every attempt), `<cell>.state` (one line:
+`queued JOB`, `running JOB` or `exit STATUS JOB`, then the time), written atomically, and `<cell>.settings`
+(the settings and data it was started with: a cell started with other ones is not taken for this one's).
 """
 import argparse
 import hashlib
+import json
 import os
 import shlex
 import shutil
@@ -49,6 +51,11 @@ EXIT_MEANING = {2: "bad input", 11: "pretraining failed", 21: "linear evaluation
 PLAN_COLUMNS = ("index", "cell", "data_set", "method", "epochs", "seed", "script", "run_swav",
                 "experiment_path", "eval_path", "dataset_path")
 STATUSES = ("done", "running", "pending", "failed", "interrupted", "missing")
+# What makes a cell's numbers besides its data set, method, epochs and seed: the environment settings that
+# reach its runs (at the SBATCH scripts' defaults when unset; not WORKERS, PYTHON, SBATCH_ARGS: they do not
+# change the numbers, nor SEMISUP_*: a cell is done by its linear evaluation), and its data.
+CELL_SETTINGS = {"BATCH_SIZE": "128", "ARCH": "resnet18", "EVAL_EPOCHS": "100", "AUGMENT": "", "NPROC": "",
+                 "EXTRA_ARGS": "", "EVAL_EXTRA_ARGS": ""}
 
 
 @dataclass(frozen=True)
@@ -186,6 +193,70 @@ def read_plan(path):
     return cells
 
 
+# ----------------------------------------------------------------------------------------------- settings
+
+def data_identity(path):
+    """A data-set keyword as it is; a folder: SHA-1 over its files' relative paths, sizes and first 64 KiB
+    (another data set, subset or export changes it; a copy elsewhere does not)."""
+    if path in CIFAR_FOLDERS:
+        return path
+    digest = hashlib.sha1()
+    for dirpath, dirnames, filenames in os.walk(path, followlinks=True):
+        dirnames.sort()
+        for name in sorted(filenames):
+            full = os.path.join(dirpath, name)
+            try:
+                with open(full, "rb") as f:
+                    head, size = f.read(1 << 16), os.fstat(f.fileno()).st_size
+            except OSError:
+                continue
+            digest.update(f"{os.path.relpath(full, path)}\0{size}\0".encode() + hashlib.sha1(head).digest())
+    return digest.hexdigest()
+
+
+def cell_settings(environ, dataset_path, data_id):
+    """The settings a cell of the data at `dataset_path` (identity `data_id`) runs with."""
+    out = {k: " ".join(environ.get(k, "").split()) or default for k, default in CELL_SETTINGS.items()}
+    out.update(DATASET_PATH=dataset_path, data=data_id)
+    return out
+
+
+def settings_path(cells_dir, cell):
+    return os.path.join(cells_dir, f"{cell.name}.settings")
+
+
+def write_settings(cells_dir, cell, settings):
+    text = json.dumps(settings, indent=1, sort_keys=True) + "\n"
+    atomic_write(settings_path(cells_dir, cell), lambda f: f.write(text.encode()))
+
+
+def changed_settings(cells_dir, cell, settings):
+    """`["NAME: recorded -> now", ...]` for the settings the cell was started with that differ from
+    `settings`; [] when they are the same or nothing (readable) was recorded (a cell of an earlier version)."""
+    try:
+        with open(settings_path(cells_dir, cell)) as f:
+            old = json.load(f)
+    except (OSError, ValueError):
+        return []
+    if not isinstance(old, dict):
+        return []
+
+    def shown(name, value):  # the data's digest in short
+        return f"{value[:12]}..." if name == "data" and isinstance(value, str) and len(value) > 15 else repr(value)
+    return [f"{k}: {shown(k, old.get(k))} -> {shown(k, v)}" for k, v in settings.items() if old.get(k) != v]
+
+
+def refuse_other_settings(cells, statuses, changes, cells_dir):
+    """Stop (one line) when a started cell ran with other settings: its results would be taken for these
+    settings', and resuming it would mix both."""
+    other = [c for c in cells if changes[c.name] and statuses[c.name][0] != "missing"]
+    if other:
+        c, more = other[0], f" (and {len(other) - 1} more cell(s))" if len(other) > 1 else ""
+        fail(f"cell {c.name} was started with other settings ({'; '.join(changes[c.name])}){more}; rerun with "
+             f"the same settings, use another --experiments folder, or move {c.experiment_path}, {c.eval_path} "
+             f"and {cells_dir}/{c.name}.* away to run it again")
+
+
 # ----------------------------------------------------------------------------------------------- states
 
 def state_path(cells_dir, cell):
@@ -232,15 +303,23 @@ def slurm_queue(environ):
 
 
 def _local_job_alive(job, host):
-    """A job id `local:PID@HOST` of this host whose process still runs."""
-    pid, _, job_host = job[len("local:"):].partition("@")
+    """A job id `local:PID.START@HOST` (START: the process's start time in clock ticks after boot, field 22
+    of /proc/PID/stat; absent in older records) of this host whose process still runs and is still that
+    cell's shell: a PID that a later process reuses has another start time, or another command line."""
+    pid_start, _, job_host = job[len("local:"):].partition("@")
+    pid, _, start = pid_start.partition(".")
     if job_host != host or not pid.isdigit():
         return False
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+            fields = f.read().rsplit(")", 1)[1].split()
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
     except OSError:
         return False
+    if fields[0] == "Z" or (start and fields[19] != start):
+        return False
+    return any(os.path.basename(a) == b"table_cell.sh" for a in argv)
 
 
 def cell_status(cell, cells_dir, queue, host):
@@ -255,7 +334,7 @@ def cell_status(cell, cells_dir, queue, host):
         if queue is not None and job in queue:
             return queue[job], f"job {job}"
         if job.startswith("local:") and word == "running" and _local_job_alive(job, host):
-            return "running", f"pid {job[len('local:'):]}"
+            return "running", f"pid {job[len('local:'):].partition('@')[0].partition('.')[0]}"
         if word == "exit" and rc not in (0, 3):
             return "failed", f"exit {rc}: {EXIT_MEANING.get(rc, 'error')}, job {job}"
         return "interrupted", f"last record: {word}{'' if rc is None else f' {rc}'}, job {job}"
@@ -418,8 +497,14 @@ def main(argv=None, environ=None):
     statuses = {c.name: cell_status(c, cells_dir, queue, host) for c in cells}
     todo = [c for c in cells if statuses[c.name][0] in ("missing", "failed", "interrupted")]
     print_cells(cells, statuses)
+    settings = {ds: cell_settings(environ, path, data_identity(path)) for ds, path in dataset_paths.items()}
+    changes = {c.name: changed_settings(cells_dir, c, settings[c.dataset]) for c in cells}
     if args.status:
+        for c in cells:
+            if changes[c.name]:
+                print(f"  {c.name}: started with other settings ({'; '.join(changes[c.name])})")
         return 0
+    refuse_other_settings(cells, statuses, changes, cells_dir)
     if args.dry_run:
         where = "as one Slurm job array" if use_slurm else "here, one after another"
         how = f" (sbatch --array={array_spec([c.index for c in todo])} ...)" if use_slurm and todo else ""
@@ -432,6 +517,8 @@ def main(argv=None, environ=None):
     download_once(dataset_paths, todo)
     os.makedirs(cells_dir, exist_ok=True)
     plan = write_plan(cells_dir, cells)
+    for c in todo:
+        write_settings(cells_dir, c, settings[c.dataset])
     env = dict(environ, CODE_DIR=ROOT)
     report_cmd = [environ.get("PYTHON") or sys.executable, RESULTS, "--plan", plan, "--out", report]
 

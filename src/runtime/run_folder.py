@@ -24,6 +24,7 @@ import pandas as pd
 
 from .checkpoint import CheckpointError, atomic_write, remove_stale_temporaries
 from .logs import provenance
+from .refused_start import StartUndo
 
 LOCK_FILE = "run.lock"
 
@@ -43,12 +44,13 @@ RUN_FILES = ("checkpoint.pth.tar", "params.json", "params.pkl", "stats0.csv", "s
              "train.log")
 
 
-def lock_run_folder(dump_path, wait_for_dead_holder_s=10.0):
+def lock_run_folder(dump_path, wait_for_dead_holder_s=10.0, on_locked=None):
     """Take an exclusive `flock` on `<dump_path>/run.lock` and hold it for the life of this process (the
     returned file object; it is released when the process ends, however it ends), so that two runs never
     write one folder. The file names the holder (host, pid). CheckpointError (one line) when another run
     holds it. A holder on this host that has died (its DataLoader workers may hold the lock a few seconds
-    longer) is waited for up to `wait_for_dead_holder_s`. On a file system without locks: a warning, no lock."""
+    longer) is waited for up to `wait_for_dead_holder_s`. On a file system without locks: a warning, no lock.
+    `on_locked()` runs once the lock is taken, before the file names its new holder."""
     path = os.path.join(dump_path, LOCK_FILE)
     try:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
@@ -76,6 +78,8 @@ def lock_run_folder(dump_path, wait_for_dead_holder_s=10.0):
             print(f"warning: cannot lock {path} ({e.strerror}): nothing keeps another run out of this folder",
                   flush=True)
             return lock
+    if on_locked is not None:
+        on_locked()
     lock.seek(0)
     lock.truncate()
     lock.write(f"{socket.gethostname()} {os.getpid()}\n")
@@ -96,29 +100,33 @@ def _holder_is_dead(holder):
     return False
 
 
-def prepare_dump_path(dump_path, *subfolders):
+def prepare_dump_path(dump_path, *subfolders, undo=None):
     """Create the run folder, lock it (`lock_run_folder`), prove it writable, check that the run's files
     are files, and remove the temporaries of atomic writes that a kill interrupted, there and in the
     existing `subfolders` (only now: under the lock, no other run is writing them). Call on rank 0 before
     any process of the run writes; returns the lock, to be kept for the life of the run. CheckpointError
-    (one line) otherwise."""
+    (one line) otherwise. With `undo` (a `StartUndo` made before), the folder is recorded under the lock and
+    a refusal here leaves it as it was."""
     try:
         os.makedirs(dump_path, exist_ok=True)
     except OSError as e:
         raise CheckpointError(f"--dump_path {dump_path!r} is not writable ({e.strerror})") from None
-    lock = lock_run_folder(dump_path)
+    lock = lock_run_folder(dump_path, on_locked=undo.note_folder if undo else None)
+    if undo is not None:
+        undo.hold(lock)
+    let_go = undo.undo if undo is not None else lock.close
     try:
         probe = os.path.join(dump_path, f".write_test.{os.getpid()}.{os.urandom(4).hex()}.tmp")
         with open(probe, "w") as f:
             f.write("ok")
         os.remove(probe)
     except OSError as e:
-        lock.close()
+        let_go()
         raise CheckpointError(f"--dump_path {dump_path!r} is not writable ({e.strerror})") from None
     for name in RUN_FILES:
         path = os.path.join(dump_path, name)
         if os.path.lexists(path) and not os.path.isfile(path):
-            lock.close()
+            let_go()
             raise CheckpointError(f"{path} is not a regular file (a folder?); move it away")
     remove_stale_temporaries(dump_path, *(os.path.join(dump_path, s) for s in subfolders
                                           if os.path.isdir(os.path.join(dump_path, s))))
@@ -318,16 +326,19 @@ def set_aside(dump_path, names=EVALUATION_FILES):
 
 def _claim(dump_path, check, *subfolders):
     """Lock `dump_path` (`prepare_dump_path`), then `check()` -> (a one-line problem or None, what it found)
-    under the lock. Returns (lock, what it found, None), or (None, None, the problem) with the lock released."""
+    under the lock. Returns (lock, what it found, None, the folder's `StartUndo`), or (None, None, the problem,
+    None) with the folder as it was and the lock released. Until the run writes its params.json, the process's
+    end puts the folder back as it was (src/runtime/refused_start.py)."""
+    undo = StartUndo(dump_path, LOCK_FILE)
     try:
-        lock = prepare_dump_path(dump_path, *subfolders)
+        lock = prepare_dump_path(dump_path, *subfolders, undo=undo)
     except CheckpointError as e:
-        return None, None, str(e)
+        return None, None, str(e), None
     problem, found = check()
     if problem is not None:
-        lock.close()
-        return None, None, problem
-    return lock, found, None
+        undo.undo()
+        return None, None, problem, None
+    return lock, found, None, undo
 
 
 def claim_pretraining_folder(args, ignore):
@@ -343,7 +354,7 @@ def claim_pretraining_folder(args, ignore):
                 problem = f"--dump_path {args.dump_path!r} is not writable ({e.strerror})"
         return problem, None
 
-    lock, _, problem = _claim(args.dump_path, check, "checkpoints")
+    lock, _, problem, _ = _claim(args.dump_path, check, "checkpoints")
     return lock, problem
 
 
@@ -353,8 +364,10 @@ def claim_evaluation_folder(args, kind, ignore):
     (lock, identity of --pretrained, folder the earlier evaluation was moved to or None, None), or
     (None, None, None, a one-line problem). The caller records the identity with its params."""
     identity = checkpoint_identity(args.pretrained)
-    lock, afresh, problem = _claim(args.dump_path, lambda: check_evaluation_folder(
+    lock, afresh, problem, undo = _claim(args.dump_path, lambda: check_evaluation_folder(
         args.dump_path, kind, params_dict(args), identity, ignore, args.allow_changed_args))
     if problem is not None:
         return None, None, None, problem
-    return lock, identity, set_aside(args.dump_path) if afresh else None, None
+    moved = set_aside(args.dump_path) if afresh else None
+    undo.set_aside_into(moved)  # moved back should the start stop before the evaluation starts
+    return lock, identity, moved, None

@@ -1,0 +1,124 @@
+"""A refused start leaves nothing behind: each entry script, and the SBATCH script around them, given a bad
+data path or a bad flag value, removes the folder it created (with the parents it created), and leaves an
+existing run folder exactly as it was (its file list and every byte), whether it is refused at the folder
+check or later (data, classes, weights). src/runtime/refused_start.py does the undoing."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.e2e_helpers import EVAL, MAIN, REPO, RUN_ENV, ForkRunner, make_fake_cifar10, tiny_args
+
+SEMISUP = REPO / "eval_semisup.py"
+pytestmark = pytest.mark.slow
+
+
+def linear_args(e, dump, *extra, data=None):
+    return ["--data_path", data or e["data"], "--dump_path", dump, "--arch", "resnet18", "--width_per_group", 8,
+            "--epochs", 1, "--batch_size", 16, "--workers", 0, "--num_labels", 10, "--pretrained", e["ckpt"], *extra]
+
+
+def semisup_args(e, dump, *extra, data=None):
+    return ["--data_path", data or e["data"], "--dump_path", dump, "--arch", "resnet18", "--width_per_group", 8,
+            "--epochs", 1, "--batch_size", 8, "--workers", 0, "--labels_perc", 10, "--pretrained", e["ckpt"], *extra]
+
+
+def pretrain_args(e, dump, *extra, data=None):
+    return tiny_args(data or e["data"], dump, 1, *extra)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("refused_start")
+    runner = ForkRunner(root / "runner")
+    e = {"root": root, "runner": runner, "data": make_fake_cifar10(root / "cifar")}
+    e["ckpt"] = root / "pretraining" / "checkpoint.pth.tar"
+    for script, build, name in ((MAIN, pretrain_args, "pretraining"), (EVAL, linear_args, "linear"),
+                                (SEMISUP, semisup_args, "semisup")):  # a finished run of each kind
+        res = runner.run(script, build(e, root / name), cwd=root)
+        assert res.returncode == 0, res.explain()
+    yield e
+    runner.close()
+
+
+def snapshot(folder):
+    """{relative path: bytes} of every file below `folder`, and the sorted list of every entry."""
+    files, entries = {}, []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            entries.append(os.path.relpath(path, folder))
+            if name in filenames:
+                files[entries[-1]] = Path(path).read_bytes()
+    return sorted(entries), files
+
+
+SCRIPTS = {"pretraining": (MAIN, pretrain_args, ("--batch_size", 1000), "no full batch"),
+           "linear": (EVAL, linear_args, ("--width_per_group", 16), "does not fit"),
+           "semisup": (SEMISUP, semisup_args, ("--width_per_group", 16), "--pretrained")}
+
+
+@pytest.mark.parametrize("kind", list(SCRIPTS))
+@pytest.mark.parametrize("bad", ["data_path", "flag"])
+def test_refused_start_in_a_new_folder_leaves_nothing(env, kind, bad):
+    script, build, flag, words = SCRIPTS[kind]
+    parent = env["root"] / f"new_{kind}_{bad}"
+    dump = parent / "deeper" / "run"
+    args = build(env, dump, data=env["root"] / "no_such_data") if bad == "data_path" else build(env, dump, *flag)
+    res = env["runner"].run(script, args, cwd=env["root"])
+    assert res.returncode == 2, res.explain()
+    assert ("does not exist" if bad == "data_path" else words) in res.stderr, res.explain()
+    assert not parent.exists(), sorted(str(p) for p in parent.rglob("*"))
+
+
+@pytest.mark.parametrize("kind", list(SCRIPTS))
+@pytest.mark.parametrize("bad", ["data_path", "flag", "other_kind"])
+@pytest.mark.parametrize("allow_changed", ["true", "false"])
+def test_refused_start_in_an_existing_run_folder_changes_no_byte(env, kind, bad, allow_changed):
+    """Refused at the folder check (other arguments; a folder of another kind), or later with
+    --allow_changed_args true (the data, the weights; an earlier evaluation set aside and moved back)."""
+    script, build, flag, _ = SCRIPTS[kind]
+    target = env["root"] / ("linear" if kind == "pretraining" else "pretraining") if bad == "other_kind" \
+        else env["root"] / kind
+    before = snapshot(target)
+    extra = ("--allow_changed_args", allow_changed)
+    if bad == "data_path":
+        args = build(env, target, *extra, data=env["root"] / "no_such_data")
+    else:
+        args = build(env, target, *extra, *(flag if bad == "flag" else ()))
+    res = env["runner"].run(script, args, cwd=env["root"])
+    assert res.returncode == 2, res.explain()
+    after = snapshot(target)
+    assert after[0] == before[0]
+    assert after[1] == before[1]
+
+
+def test_refused_script_run_leaves_no_folder_and_keeps_an_existing_one(env, tmp_path):
+    """script_unmix_c10.sh: a bad data path or a bad flag value leaves no experiments/ folder behind (it no
+    longer creates the folders itself); pointed at an existing run folder, it leaves it as it was and
+    creates no evaluation folder."""
+    shell_env = {k: v for k, v in RUN_ENV.items() if not k.startswith("SLURM_")}
+    for k in ("EXPERIMENT_PATH", "EXTRA_ARGS", "EVAL_EXTRA_ARGS", "EPOCHS", "BATCH_SIZE", "ARCH", "RUN_SWAV"):
+        shell_env.pop(k, None)
+    shell_env.update(PYTHON=sys.executable, CUDA_VISIBLE_DEVICES="", WORKERS="0",
+                     EXTRA_ARGS="--width_per_group 8 --hidden_mlp 32 --feat_dim 16 --download false")
+
+    def script(*args, **over):
+        r = subprocess.run(["bash", str(REPO / "script_unmix_c10.sh"), *map(str, args)], cwd=tmp_path,
+                           env=dict(shell_env, **over), capture_output=True, text=True, timeout=120)
+        assert r.returncode == 11, r.stdout + r.stderr  # pretraining refused (its status 2)
+        return r
+
+    script(DATASET_PATH=str(env["root"] / "no_such_data"))
+    script("--batch_size", 1000, DATASET_PATH=str(env["data"]))
+    assert os.listdir(tmp_path) == []
+    existing = tmp_path / "mine"
+    shutil.copytree(env["root"] / "pretraining", existing)
+    before = snapshot(existing)
+    script("--batch_size", 1000, "--allow_changed_args", "true", DATASET_PATH=str(env["data"]),
+           EXPERIMENT_PATH=str(existing))
+    script("--allow_changed_args", "true", DATASET_PATH=str(env["root"] / "no_such_data"), EXPERIMENT_PATH=str(existing))
+    assert snapshot(existing) == before and os.listdir(tmp_path) == ["mine"]
