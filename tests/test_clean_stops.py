@@ -68,17 +68,30 @@ def free_port():
 # (a) a repeated stop signal
 # --------------------------------------------------------------------------------------------------
 
+def catches(pid, sig):
+    """True while process `pid` has a handler for `sig` (the SigCgt mask of /proc/<pid>/status)."""
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return False
+    mask = next(int(ln.split()[1], 16) for ln in status.splitlines() if ln.startswith("SigCgt:"))
+    return bool(mask >> (sig - 1) & 1)
+
+
 @pytest.mark.slow
 def test_stop_signals_repeated_after_the_checkpoint_still_end_with_status_3(data, tmp_path):
-    """SIGTERM, then, from the moment the log says the checkpoint is saved, SIGTERM, SIGUSR1 and SIGINT
-    every few milliseconds until the process has ended: it still ends with status 3 (during the
-    interpreter's shutdown, Python gives the signals back their default action: 143 or 138 before)."""
+    """SIGTERM; once the log says the checkpoint is saved and the process no longer handles SIGTERM
+    itself (it ignores it now; before, that was Python's shutdown giving the signals their default action
+    back), SIGTERM, SIGUSR1 and SIGINT every few milliseconds until it has ended: still status 3 (143 or
+    138 before)."""
     dump = tmp_path / "run"
     run = Run(tiny_args(data, dump, 2, "--log_freq", 1), tmp_path, "run")
     try:
         wait_for_log(dump / "train.log", "Epoch: [0][1/6]", alive=run.alive)
         run.proc.send_signal(signal.SIGTERM)
         wait_for_log(dump / "train.log", "Preempted (signal 15): checkpoint saved", alive=run.alive)
+        while run.alive() and catches(run.proc.pid, signal.SIGTERM):
+            time.sleep(0.001)  # until the process stops handling the signal (ignored, or shutting down)
         repeats, end = 0, time.time() + 60
         while run.alive() and time.time() < end:
             run.proc.send_signal((signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)[repeats % 3])
@@ -87,7 +100,7 @@ def test_stop_signals_repeated_after_the_checkpoint_still_end_with_status_3(data
         rc, err = run.finish()
     finally:
         run.stop()
-    assert rc == PREEMPTED_EXIT_CODE and repeats >= 3, (rc, repeats, err[-2000:])
+    assert rc == PREEMPTED_EXIT_CODE and repeats >= 1, (rc, repeats, err[-2000:])
     assert "Traceback" not in err, err
     saved = safe_load(dump / "checkpoint.pth.tar")
     assert saved["epoch"] == 0 and saved["iteration"] >= 2
@@ -176,8 +189,11 @@ def test_a_lost_or_frozen_peer_ends_the_survivor_with_status_5_and_one_line(data
     assert rc == LOST_PEER_EXIT_CODE, err[-2000:]
     assert "Traceback" not in err and "terminate called" not in err and len(errors) == 1, err
     assert errors[0].startswith("error: another process of the job stopped or hung ("), err
+    if how == signal.SIGSTOP:
+        assert "Timed out" in errors[0] or "timeout" in errors[0], err  # gloo words it either way
     wait = timeout if how == signal.SIGSTOP else 0
-    assert wait - 0.5 < line_at - lost_at < wait + 10, (line_at - lost_at, err)
+    # (the survivor's collective may have started a little before its peer stopped)
+    assert wait / 2 - 0.2 < line_at - lost_at < wait + 10, (line_at - lost_at, err)
     assert ended_at - line_at < 0.5, f"ended {ended_at - line_at:.2f} s after its line"
     if rendezvous == "file":
         assert not store.exists() and not Path(f"{store}{LOCK_SUFFIX}").exists()
@@ -186,6 +202,33 @@ def test_a_lost_or_frozen_peer_ends_the_survivor_with_status_5_and_one_line(data
 # --------------------------------------------------------------------------------------------------
 # (c) a file:// rendezvous used again
 # --------------------------------------------------------------------------------------------------
+
+HOLDER = """import sys, time; sys.path.insert(0, sys.argv[1])
+from src.runtime import rendezvous
+rendezvous.claim(sys.argv[2], 1)
+print("holding", flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_rendezvous_file_is_removed_at_start_only_when_no_process_holds_its_lock(tmp_path):
+    from src.runtime import rendezvous
+    path = str(tmp_path / "rendezvous")
+    Path(path).write_bytes(b"left by an earlier run")
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(REPO), path], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "holding"
+        assert not Path(path).exists()  # the holder found it stale and removed it ...
+        Path(path).write_bytes(b"in use")  # ... then uses a new one
+        assert not rendezvous.claim(path, 0).removed_stale and Path(path).read_bytes() == b"in use"
+        assert rendezvous.leave() == path  # rank 0 removes the file as it leaves
+    finally:
+        holder.kill()
+        holder.wait()
+    Path(path).write_bytes(b"left by a killed run")
+    assert rendezvous.claim(path, 1).removed_stale and not Path(path).exists()
+    assert rendezvous.leave() is None and Path(path + LOCK_SUFFIX).exists()  # rank 1 leaves the files alone
+
 
 def finish_both(ranks):
     for rc, err in [r.finish() for r in ranks]:
