@@ -90,9 +90,10 @@ def test_stop_signals_repeated_after_the_checkpoint_still_end_with_status_3(data
         wait_for_log(dump / "train.log", "Epoch: [0][1/6]", alive=run.alive)
         run.proc.send_signal(signal.SIGTERM)
         wait_for_log(dump / "train.log", "Preempted (signal 15): checkpoint saved", alive=run.alive)
-        while run.alive() and catches(run.proc.pid, signal.SIGTERM):
+        end = time.time() + 60
+        while run.alive() and catches(run.proc.pid, signal.SIGTERM) and time.time() < end:
             time.sleep(0.001)  # until the process stops handling the signal (ignored, or shutting down)
-        repeats, end = 0, time.time() + 60
+        repeats = 0
         while run.alive() and time.time() < end:
             run.proc.send_signal((signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)[repeats % 3])
             repeats += 1
