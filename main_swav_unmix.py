@@ -546,6 +546,7 @@ def train_one_epoch(loop, epoch, first_iter, crops_of_epoch):
                 loop.save(epoch, it + 1, loop=method.loop_state())
                 logger.info(f"Preempted (signal {preempt.signum}): checkpoint saved at epoch {epoch}, "
                             f"iteration {it + 1}.")
+            preempt.stop_listening()  # a repeated signal from here on must not turn status 3 into 128 + N
             if args.rank == 0 and preempt.requeue():
                 logger.info("Job requeued with scontrol; it will resume from the checkpoint.")
             sys.exit(signals.PREEMPTED_EXIT_CODE)

@@ -242,6 +242,7 @@ def stop_if_preempted(preempt, epoch, args, logger, saved):
     """After the checkpoint of `epoch` (not the last one): exit with status 3, requeued under Slurm, when a
     stop signal reached any process. `saved` names what the checkpoint holds."""
     if epoch < args.epochs - 1 and preempt.should_stop(args.world_size, args.device):
+        preempt.stop_listening()  # a repeated signal from here on must not turn status 3 into 128 + N
         logger.info(f"Preempted (signal {preempt.signum}): {saved} saved after epoch {epoch}.")
         if args.rank == 0 and preempt.requeue():
             logger.info("Job requeued with scontrol; it will resume from the checkpoint.")

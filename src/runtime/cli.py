@@ -2,15 +2,19 @@
 and how an entry script ends (`run_main`).
 """
 import argparse
+import logging
+import os
 import re
 import sys
 
 import torch.distributed as dist
 
+from . import rendezvous
 from .checkpoint import WRITE_ERRNOS
+from .signals import ignore_stop_signals
 
 # Exit statuses of the entry scripts besides 0, 2 (bad input, `fail`), 3 (preempted, see
-# src/distributed.PREEMPTED_EXIT_CODE) and 4 (non-finite losses).
+# src/runtime/signals.PREEMPTED_EXIT_CODE) and 4 (non-finite losses).
 LOST_PEER_EXIT_CODE = 5     # a collective failed: another process of the job died or hung past --dist_timeout
 
 
@@ -90,17 +94,37 @@ def leave_process_group():
             dist.destroy_process_group()
         except Exception:  # a group whose peers are gone: the exit goes on
             pass
+    rendezvous.leave()
+
+
+def exit_at_once(msg, status):
+    """One line on stderr, the logs flushed, rank 0's rendezvous file removed, then `os._exit(status)`:
+    for a collective that failed. Not the interpreter's shutdown: the process group's C++ threads (gloo,
+    NCCL's watchdog) still wait on the lost or frozen peer, and destroying the group or leaving it to the
+    shutdown can hang or abort the process ("terminate called without an active exception", 134)."""
+    print(f"error: {msg}", file=sys.stderr, flush=True)
+    logging.shutdown()
+    rendezvous.leave()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(status)
 
 
 def run_main(main):
     """Run an entry script's `main()`, turning what a user can meet into one line on stderr and a
     documented status instead of a traceback: a collective that failed because another process died or
     hung (5), a file that could not be written (6; atomic writes keep the previous complete files), Ctrl-C
-    before the stop-signal handler is installed (130). Anything else keeps its traceback."""
+    before the stop-signal handler is installed (130). Anything else keeps its traceback. Once `main` has
+    ended its status is decided: stop signals are ignored from then on (during the interpreter's shutdown
+    one would end the process with 128 + N)."""
     try:
         _run_main(main)
     finally:
         leave_process_group()
+        ignore_stop_signals()
 
 
 def _run_main(main):
@@ -119,5 +143,5 @@ def _run_main(main):
             raise
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         first = re.sub(r"^\[[^\]]*\]\s*", "", first)[:200]
-        fail(f"another process of the job stopped or hung ({first}); see its log. A rerun resumes from the "
-             "last checkpoint", LOST_PEER_EXIT_CODE)
+        exit_at_once(f"another process of the job stopped or hung ({first}); see its log. A rerun resumes from "
+                     "the last checkpoint", LOST_PEER_EXIT_CODE)

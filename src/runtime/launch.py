@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from .devices import driver_versions, needs_gpu, no_gpu_message
+from . import rendezvous
 
 DEFAULT_TIMEOUT_S = 300  # rendezvous and collective timeout of the process group (--dist_timeout)
 
@@ -352,6 +353,8 @@ def init_distributed(args, timeout_s: Optional[float] = None) -> DistEnv:
             os.environ.setdefault("MASTER_ADDR", m.group(1).strip("[]"))
             os.environ.setdefault("MASTER_PORT", m.group(2))
         if not dist.is_initialized():
+            if env.init_method.startswith("file://"):
+                _claim_rendezvous_file(env)
             backend = "nccl" if device.type == "cuda" else "gloo"
             try:
                 dist.init_process_group(backend=backend, init_method=env.init_method,
@@ -368,6 +371,20 @@ def init_distributed(args, timeout_s: Optional[float] = None) -> DistEnv:
         print(f"distributed: rank {env.rank}/{env.world_size} local_rank {env.local_rank} device {device} "
               f"({env.source}, {dist.get_backend()}, {env.init_method})", flush=True)
     return env
+
+
+def _claim_rendezvous_file(env: DistEnv) -> None:
+    """A file:// rendezvous: mark the file as in use, removing first one left by an earlier run that no
+    process uses any more (src/runtime/rendezvous.py)."""
+    path = parse_dist_url(env.init_method)[1]
+    try:
+        joined = rendezvous.claim(path, env.rank)
+    except OSError as e:
+        raise DistError(f"rank {env.rank}: cannot lock the rendezvous file {path}{rendezvous.LOCK_SUFFIX}: "
+                        f"{e.strerror} (--dist_url file:// needs a folder that every process can write)") from None
+    if joined.removed_stale:
+        print(f"distributed: removed {path}, a rendezvous file left by an earlier run that no process uses "
+              "any more", flush=True)
 
 
 def barrier(world_size: int) -> None:

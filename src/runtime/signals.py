@@ -5,7 +5,10 @@ the training loop asks ``should_stop`` once per iteration (all ranks agree throu
 saves a checkpoint, rank 0 calls ``requeue()`` (``scontrol requeue``) under Slurm, and every rank exits
 with ``PREEMPTED_EXIT_CODE`` (3). The scripts pass that status through. A process that cannot get there
 (blocked in a collective whose peer is gone or stopped) is ended by a watchdog thread, status 3 as well,
-after a second signal or after a grace period, leaving the last checkpoint as it is.
+after a second signal or after a grace period, leaving the last checkpoint as it is. Once the checkpoint
+is written (``stop_listening``), and once an entry script's ``main`` has ended (``run_main``), further
+stop signals are ignored: the status is decided, and during the interpreter's shutdown Python gives them
+back their default action, which would end the process with 128 + N (138, 143) instead.
 """
 import os
 import select
@@ -98,6 +101,11 @@ class PreemptionHandler:
                 elif time.monotonic() - first >= self.repeat_s:
                     _exit_at_once(f"{signal.Signals(signum).name} received again")
 
+    def stop_listening(self) -> None:
+        """The stop's checkpoint is written (or deliberately not): from now on stop signals are ignored,
+        so that a repeated one cannot turn the exit status 3 into 128 + N (see ``ignore_stop_signals``)."""
+        ignore_stop_signals()
+
     def should_stop(self, world_size: int = 1, device=None) -> bool:
         """True when any rank got a signal. Collective when world_size > 1: every rank must call it
         at the same point (e.g. once per iteration)."""
@@ -144,6 +152,16 @@ def _exit_at_once(reason: str) -> None:
     os.write(2, f"error: {reason}: stopped at once, without a new checkpoint (a rerun resumes from the "
                 f"last one, if any)\n".encode())
     os._exit(PREEMPTED_EXIT_CODE)
+
+
+def ignore_stop_signals(signals=STOP_SIGNALS) -> None:
+    """Ignore the stop signals from here on (a process that is ending with its status decided). Python's
+    shutdown restores the default action of signals that have a Python handler (ending the process with
+    128 + N) but leaves ignored ones ignored. From the main thread only; elsewhere it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    for s in signals:
+        signal.signal(s, signal.SIG_IGN)
 
 
 def ignore_preemption_signals_in_worker(worker_id: int = 0) -> None:
