@@ -424,11 +424,14 @@ class Saver:
     """save(epoch, iteration, loop=None, copy=False, background=False): the training checkpoint (and the
     epoch copy checkpoints/ckp-{epoch - 1}.pth when `copy`), each written atomically; collective. With
     `background`, from a host snapshot in a background thread (src/runtime/async_save.py); `wait()` joins
-    that write and raises its error."""
+    that write and raises its error. Not with DataLoader workers (the released pipeline): they are forked
+    at each epoch's start, and a fork while a thread writes copies the locks that thread holds."""
 
     def __init__(self, args, method):
         self.args, self.method = args, method
-        self.writer = BackgroundWriter()
+        forks_workers = args.workers > 0 and (args.augment == "released"
+                                              or (args.augment == "auto" and args.device.type != "cuda"))
+        self.writer = None if forks_workers else BackgroundWriter()
 
     def __call__(self, epoch, iteration, loop=None, copy=False, background=False):
         a, m = self.args, self.method
@@ -440,7 +443,8 @@ class Saver:
                         copy_path=copy_path, device=a.device, writer=self.writer if background else None)
 
     def wait(self):
-        self.writer.wait()
+        if self.writer is not None:
+            self.writer.wait()
 
 
 # ------------------------------------------------------------------ training

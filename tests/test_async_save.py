@@ -146,3 +146,16 @@ def test_cuda_snapshot_is_pinned_and_reused(tmp_path):
         writer.wait()
         assert torch.equal(safe_load(str(tmp_path / "c.pth"))["t"], torch.arange(1000.0) + k)
     assert len(writer._pinned) == 1 and writer._pinned[0].is_pinned()
+
+
+@pytest.mark.parametrize("flags, background", [(["--augment", "batched", "--workers", "10"], True),
+                                               (["--augment", "released", "--workers", "0"], True),
+                                               (["--augment", "released", "--workers", "2"], False),
+                                               (["--augment", "auto", "--workers", "2"], False)])
+def test_runs_that_fork_dataloader_workers_write_in_the_loop(flags, background):
+    """DataLoader workers are forked at each epoch's start: never while a thread writes (on the CPU `auto`
+    is the released pipeline)."""
+    import main_swav_unmix as M
+    args = M.get_parser().parse_args(flags)
+    args.device = torch.device("cpu")
+    assert (M.Saver(args, None).writer is not None) == background
