@@ -128,7 +128,7 @@ def device_seconds(prof):
     for e in prof.key_averages():
         if e.device_type == torch.autograd.DeviceType.CUDA:
             total_us += getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
-    return total_us / 1e6
+    return total_us / 1e6 or None  # None: the profiler saw no kernel (rather than a busy time of 0)
 
 
 def worker(argv):

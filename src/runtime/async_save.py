@@ -8,10 +8,11 @@ the file is pickled, written and fsynced. A kill at any instant still leaves the
 the new one (the write is atomic); the temporary file a kill leaves is removed at the next start
 (`remove_stale_temporaries`).
 
-`wait()` (at the next save, before a stop, at the end of a run) joins the write and raises its error,
-e.g. the OSError of a full disk that the entry scripts turn into exit status 6. The thread is not a
-daemon and `atexit` joins it too, so a process that ends otherwise (exit 4, an exception) does not cut a
-write short.
+The files hold the same records as a synchronous write; on CUDA the tensors are stored as CPU tensors
+(loads with any `map_location` give the same values). `wait()` (at the next save, before a stop, at the
+end of a run) joins the write and raises its error, e.g. the OSError of a full disk that the entry
+scripts turn into exit status 6. The thread is not a daemon and `atexit` joins it too, so a process that
+ends otherwise (exit 4, an exception) does not cut a write short.
 """
 import atexit
 import threading
