@@ -8,8 +8,8 @@ convolutions only sum in another order (oneDNN on and off) give updates of some 
 more than their own size, so a float32 comparison can either pass a real error or fail a correct compile.
 In float64 the compiled step's distance from eager is measured at most ~1e-8 of a tensor's update; the
 tolerance is TOL = 1e-6 of each float tensor's change (weights, BN statistics) and of the loss, and the
-same rule refuses an eager step with a 0.1 % larger learning rate (checked below). Compiling takes ~40-60 s
-of this test on 2 CPU cores (about 2 min on a loaded machine).
+same rule refuses an eager step with a 0.1 % larger learning rate (checked below). Compiling makes this
+test slow: about a minute of CPU time (measured 200 s of wall time on a busy 2-core machine).
 """
 import logging
 
