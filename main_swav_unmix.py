@@ -26,6 +26,7 @@ from src.method.resnet import ARCHS, build_model
 from src.method.train_step import UnmixSwAV, cosine_schedule
 from src.method.swav import LOSS_FORMS, SwavConfig
 from src.runtime import devices, launch, signals, startup
+from src.runtime.async_save import BackgroundWriter
 from src.runtime.checkpoint import CheckpointError, restart_from_checkpoint, save_checkpoint
 from src.runtime.cli import MAX_EPOCHS, ArgumentParser, bool_flag, check_seed, fail, run_main
 from src.runtime.logs import (AverageMeter, Clock, CurveWriter, Stats, create_logger, format_eta, format_provenance,
@@ -218,6 +219,7 @@ def main():
         if args.epochs_run_limit and epochs_this_process >= args.epochs_run_limit and epoch < args.epochs - 1:
             logger.info(f"Stopping after {epochs_this_process} epochs (--epochs_run_limit); rerun to resume.")
             break
+    loop.save.wait()  # the last checkpoint is on disk (a write error: exit 6)
     loop.curves.close()
     guard = loop.guard
     if guard.unsaved_epoch is not None:
@@ -331,8 +333,10 @@ def build_data(args, logger):
             test_images, test_labels, _ = load_split(args.data_path, train=False, download=args.download)
         except DataError as e:
             fail(str(e))
-        knn = (plain_tensor(train_images, CIFAR_MEAN, PRETRAIN_STD), train_labels,
-               plain_tensor(test_images, CIFAR_MEAN, PRETRAIN_STD), test_labels, len(classes))
+        from src.eval.knn import monitor_images  # CUDA: bfloat16, on the device under --augment batched
+        knn = (monitor_images(plain_tensor(train_images, CIFAR_MEAN, PRETRAIN_STD), device, augment == "batched"),
+               train_labels, monitor_images(plain_tensor(test_images, CIFAR_MEAN, PRETRAIN_STD), device,
+                                            augment == "batched"), test_labels, len(classes))
     return TrainData(iters_per_epoch, epoch_crops, knn)
 
 
@@ -420,19 +424,30 @@ def resume(args, method, iters_per_epoch, logger):
 
 
 class Saver:
-    """save(epoch, iteration, loop=None, copy=False): the training checkpoint (and the epoch copy
-    checkpoints/ckp-{epoch - 1}.pth when `copy`), each written atomically; collective."""
+    """save(epoch, iteration, loop=None, copy=False, background=False): the training checkpoint (and the
+    epoch copy checkpoints/ckp-{epoch - 1}.pth when `copy`), each written atomically; collective. With
+    `background`, from a host snapshot in a background thread (src/runtime/async_save.py); `wait()` joins
+    that write and raises its error. Not with DataLoader workers (the released pipeline): they are forked
+    at each epoch's start, and a fork while a thread writes copies the locks that thread holds."""
 
     def __init__(self, args, method):
         self.args, self.method = args, method
+        forks_workers = args.workers > 0 and (args.augment == "released"
+                                              or (args.augment == "auto" and args.device.type != "cuda"))
+        self.writer = None if forks_workers else BackgroundWriter()
 
-    def __call__(self, epoch, iteration, loop=None, copy=False):
+    def __call__(self, epoch, iteration, loop=None, copy=False, background=False):
         a, m = self.args, self.method
         copy_path = os.path.join(a.dump_path, "checkpoints", f"ckp-{epoch - 1}.pth") if copy else None
+        self.wait()  # one write at a time, in order
         state = m.state_dict()  # the queue, and the Un-Mix stream at the first iteration not trained
         save_checkpoint(a.dump_path, epoch, iteration, m.net, m.optimizer, state["unmix_rng"], a.arch, scaler=m.scaler,
                         queue=state["queue"], rank=a.rank, world_size=a.world_size, loop=loop,
-                        copy_path=copy_path, device=a.device)
+                        copy_path=copy_path, device=a.device, writer=self.writer if background else None)
+
+    def wait(self):
+        if self.writer is not None:
+            self.writer.wait()
 
 
 # ------------------------------------------------------------------ training
@@ -572,7 +587,8 @@ def end_of_epoch(loop, epoch, meter):
         tr_x, tr_y, te_x, te_y, n_cls = data.knn
         row["knn_top1"] = knn_monitor(net.forward_backbone, tr_x, tr_y, te_x, te_y, n_cls, batch_size=512,
                                       device=args.device, rank=args.rank, world_size=args.world_size,
-                                      k=args.knn_k, temperature=args.knn_temperature)
+                                      k=args.knn_k, temperature=args.knn_temperature,
+                                      autocast_dtype=torch.bfloat16 if args.device.type == "cuda" else None)
         net.train()
         logger.info(f"kNN monitor (k={args.knn_k}): top-1 {row['knn_top1']:.2f}% at epoch {epoch}")
     loop.stats.update(row)
@@ -588,7 +604,8 @@ def end_of_epoch(loop, epoch, meter):
                     f"written, {guard.kept()}.")
     else:
         guard.unsaved_epoch = None
-        loop.save(epoch + 1, 0, copy=epoch % args.checkpoint_freq == 0 or epoch == args.epochs - 1)
+        loop.save(epoch + 1, 0, copy=epoch % args.checkpoint_freq == 0 or epoch == args.epochs - 1,
+                  background=True)
 
 
 if __name__ == "__main__":

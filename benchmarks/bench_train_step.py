@@ -2,38 +2,39 @@
 loop's checks), side by side, for the c10 configuration of script_unmix_c10.sh: resnet18 (Bottleneck,
 2048-d), hidden_mlp 512, feat_dim 128, 100 prototypes, 2 crops of 32 px, batch 128, Un-Mix on.
 
-    python benchmarks/bench_train_step.py            # CUDA when present, else CPU
-    python benchmarks/bench_train_step.py --quick    # width 8, batch 16, a few iterations (smoke test)
+    python benchmarks/bench_train_step.py                 # CUDA when present, else CPU
+    python benchmarks/bench_train_step.py --configs eager compile cuda_graph compile+cuda_graph
+    python benchmarks/bench_train_step.py --quick         # width 8, batch 16, a few iterations (smoke test)
 
-The configurations are built by main_swav_unmix.py's own functions and run its `train_one_epoch` for
-windows of --iters iterations (each window ends with the loop's meter read, a device sync), interleaved
-(A, B, C, A, B, C, ...) after warm-up windows, so a ratio compares runs measured side by side. Each
-table row gives the median window. "ops" and "host reads" count aten ops and reads of a tensor value on
-the host per iteration in one extra window (see benchmarks/count_ops.py); on CUDA "% of bf16 peak" is the
-model's forward + backward FLOPs per second over the H100/H200 dense bf16 figure (989 TFLOP/s).
-Data: synthetic CIFAR-size images (--n), or --data_path for real ones.
+Each configuration runs in its own process (torch.compile caches, CUDA graphs and memory pools, cuDNN's
+autotuning as in a run of its own; a configuration that crashes costs only its row), built by
+main_swav_unmix.py's own functions, running its `train_one_epoch` for windows of --iters iterations (each
+window ends with the loop's meter read, a device sync). The processes are set up at the same time, then
+take turns (A, B, C, A, B, C, ...: one runs while the others wait), so a ratio compares windows measured
+side by side; a row gives the median window after the warm-up windows.
+
+On CUDA each row also gives the GPU's busy time per iteration (the kernels' device time summed by
+torch.profiler over one more window) next to the wall time: busy close to wall means the loop is bound by
+the GPU, far below it by the host. "% of peak" divides the model's forward + backward FLOPs per second
+(counted by torch's FlopCounterMode on an eager iteration) by the bf16 matmul speed measured on the same
+card in the same call (an 8192^3 bf16 matmul, timed with CUDA events). Data: synthetic CIFAR-size images
+(--n), or --data_path for real ones. Operation counts per iteration: benchmarks/count_ops.py.
 """
 import argparse
-import itertools
-import logging
+import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 
-import numpy as np
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
-
-import main_swav_unmix as M  # noqa: E402
-from benchmarks.count_ops import OpCounter  # noqa: E402
-
-BF16_PEAK_TFLOPS = 989.0  # H100 / H200 SXM, dense bf16 (spec sheet)
 
 C10 = ["--arch", "resnet18", "--hidden_mlp", "512", "--feat_dim", "128", "--nmb_prototypes", "100",
        "--min_scale_crops", "0.14", "--max_scale_crops", "1.0", "--size_crops", "32", "--nmb_crops", "2",
@@ -41,26 +42,42 @@ C10 = ["--arch", "resnet18", "--hidden_mlp", "512", "--feat_dim", "128", "--nmb_
        "--queue_length", "120", "--epoch_queue_starts", "15", "--use_fp16", "true",
        "--freeze_prototypes_niters", "5005", "--temperature", "0.1", "--epsilon", "0.05", "--download", "false",
        "--log_freq", "1000000"]
+FAST = ["--augment", "batched", "--amp_dtype", "bfloat16", "--channels_last", "true"]
 
 CONFIGS = {
     "released pipeline (PIL, 2 workers), fp16": ["--augment", "released", "--workers", "2"],
     "--augment batched, fp16": ["--augment", "batched"],
-    "--augment batched, bf16, channels_last": ["--augment", "batched", "--amp_dtype", "bfloat16",
-                                               "--channels_last", "true"],
-    "--augment batched, bf16, channels_last, --compile": ["--augment", "batched", "--amp_dtype", "bfloat16",
-                                                          "--channels_last", "true", "--compile", "true"],
-    "--augment batched, bf16, channels_last, --cuda_graph": ["--augment", "batched", "--amp_dtype", "bfloat16",
-                                                             "--channels_last", "true", "--cuda_graph", "true"],
+    "eager": FAST,
+    "compile": FAST + ["--compile", "true"],
+    "cuda_graph": FAST + ["--cuda_graph", "true"],
+    "compile+cuda_graph": FAST + ["--compile", "true", "--cuda_graph", "true"],
 }
-CUDA_ONLY = ("--compile", "--cuda_graph")
+TITLES = {"eager": "--augment batched, bf16, channels_last (eager)",
+          "compile": "... + --compile", "cuda_graph": "... + --cuda_graph",
+          "compile+cuda_graph": "... + --compile --cuda_graph"}
+CUDA_ONLY = ("compile", "cuda_graph")
+ITERS_PER_EPOCH = 50000 // 128  # 390: CIFAR's 50,000 training images, batch 128, drop_last
 
+
+# ------------------------------------------------------------------ one configuration (worker process)
 
 class Setup:
     """One configuration, built as main_swav_unmix.main() builds it; `window(n)` runs n real iterations."""
 
-    def __init__(self, argv, logger):
+    def __init__(self, argv):
+        import logging
+
+        import numpy as np
+
+        import main_swav_unmix as M
+        self.M = M
+        logger = logging.getLogger("bench")
+        logger.addHandler(logging.NullHandler())
+        logger.propagate = False
         self.args = args = M.get_parser().parse_args(argv)
         M.launch.init_distributed(args)
+        if args.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # as main_swav_unmix.set_up
         self.data = M.build_data(args, logger)
         net = M.build_network(args, logger)
         self.method = M.build_method(args, net, self.data.iters_per_epoch, np.random.RandomState(args.seed))
@@ -80,9 +97,17 @@ class Setup:
 
     def window(self, n):
         """Seconds for n iterations of train_one_epoch (its final meter read waits for the device)."""
+        import itertools
         t0 = time.perf_counter()
-        M.train_one_epoch(self.loop, self.epoch, 0, itertools.islice(self.stream(), n))
+        self.M.train_one_epoch(self.loop, self.epoch, 0, itertools.islice(self.stream(), n))
         return time.perf_counter() - t0
+
+    def busy(self, n):
+        """(wall seconds, GPU busy seconds) of one window of n iterations under torch.profiler."""
+        from torch.profiler import ProfilerActivity, profile
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            seconds = self.window(n)
+        return seconds, device_seconds(prof)
 
     def flops_per_iteration(self):
         from torch.utils.flop_counter import FlopCounterMode
@@ -97,15 +122,163 @@ class _NoPreemption:
     signum = None
 
 
-def machine(device):
+def device_seconds(prof):
+    """The summed device time of the CUDA kernels and copies a profile recorded."""
+    total_us = 0.0
+    for e in prof.key_averages():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            total_us += getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
+    return total_us / 1e6 or None  # None: the profiler saw no kernel (rather than a busy time of 0)
+
+
+def worker(argv):
+    """Serve one configuration: answers "window N", "busy N", "flops" on stdin with one JSON line each."""
+    out = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # anything else printed goes to the worker's log, not into the protocol
+    t0 = time.perf_counter()
+    setup = Setup(argv)
+    setup.window(5)  # compiling, cuDNN's autotuning, a graph's capture: while the other processes set up too
+    out.write(json.dumps({"ready": time.perf_counter() - t0}) + "\n")
+    for line in sys.stdin:
+        cmd, *rest = line.split()
+        if cmd == "window":
+            reply = {"seconds": setup.window(int(rest[0]))}
+        elif cmd == "busy":
+            seconds, busy = setup.busy(int(rest[0]))
+            reply = {"seconds": seconds, "busy": busy}
+        elif cmd == "flops":
+            reply = {"flops": setup.flops_per_iteration()}
+        else:
+            break
+        out.write(json.dumps(reply) + "\n")
+
+
+# ------------------------------------------------------------------ the driver
+
+class Worker:
+    """A configuration's process; `ask(cmd)` returns its JSON reply, or None once it has failed."""
+
+    def __init__(self, name, argv, log_path):
+        self.name, self.log_path, self.error = name, log_path, None
+        self.log = open(log_path, "w")
+        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", "--", *argv],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
+                                     cwd=ROOT)
+
+    def read(self):
+        if self.error:
+            return None
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait()
+            self.log.flush()
+            with open(self.log_path) as f:
+                tail = [ln.strip() for ln in f if ln.strip()]
+            self.error = f"exit {self.proc.returncode}: {tail[-1][:200] if tail else 'no output'}"
+            return None
+        return json.loads(line)
+
+    def ask(self, cmd):
+        if self.error:
+            return None
+        try:
+            self.proc.stdin.write(cmd + "\n")
+            self.proc.stdin.flush()
+        except BrokenPipeError:
+            pass
+        return self.read()
+
+    def close(self):
+        if self.proc.poll() is None:
+            try:
+                self.proc.stdin.close()
+            except BrokenPipeError:
+                pass
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.log.close()
+
+
+def measured_bf16_tflops(n=8192, reps=20):
+    """TFLOP/s of an n^3 bf16 matmul on this card (CUDA events, median of `reps` after a warm-up)."""
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        a @ b
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1000)
+    return 2 * n ** 3 / statistics.median(times) / 1e12
+
+
+def machine(cuda):
     cpu = platform.processor() or "?"
     try:
         with open("/proc/cpuinfo") as f:
             cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    gpu = torch.cuda.get_device_name(0) if device.type == "cuda" else "none"
+    gpu = torch.cuda.get_device_name(0) if cuda else "none"
     return f"GPU {gpu}; CPU {cpu} ({os.cpu_count()} cores); torch {torch.__version__}"
+
+
+def measure(workers, iters, rounds, warmup, cuda):
+    """Interleaved windows of every worker; then (CUDA) one profiled window each and the FLOPs of an
+    eager iteration. Returns {name: {"times": [...], "busy": (wall, busy) or None}}, flops or None."""
+    for w in workers:
+        w.setup_s = (w.read() or {}).get("ready")
+    for _ in range(warmup):
+        for w in workers:
+            w.ask(f"window {iters}")
+    times = {w.name: [] for w in workers}
+    for _ in range(rounds):
+        for w in workers:  # interleaved: A, B, C, A, B, C, ...
+            reply = w.ask(f"window {iters}")
+            if reply:
+                times[w.name].append(reply["seconds"])
+    busy, flops = {}, None
+    for w in workers:
+        reply = w.ask(f"busy {iters}") if cuda else None
+        busy[w.name] = (reply["seconds"], reply["busy"]) if reply else None
+    eager = [w for w in workers if not any(k in w.name for k in CUDA_ONLY)]
+    if cuda and eager:
+        flops = (eager[0].ask("flops") or {}).get("flops")
+    return times, busy, flops
+
+
+def table(names, workers, times, busy, flops, peak, iters, batch, cuda):
+    """The markdown rows, and the JSON rows ({name, ms, ...}; "error" for a configuration that failed)."""
+    rows, records = [], []
+    base = statistics.median(times[names[0]]) / iters if times[names[0]] else None
+    for name, w in zip(names, workers):
+        title = TITLES.get(name, name)
+        if not times[name]:
+            rows.append(f"| {title} | failed ({w.error or 'no timing'}) |" + " |" * (6 if cuda else 3))
+            records.append({"name": name, "error": w.error or "no timing"})
+            continue
+        med = statistics.median(times[name]) / iters
+        rec = {"name": name, "ms": 1000 * med, "images_per_s": batch / med, "s_per_epoch": med * ITERS_PER_EPOCH,
+               "setup_s": w.setup_s, "windows_ms": [1000 * t / iters for t in times[name]]}
+        cells = [f"{rec['ms']:.1f}", f"{rec['images_per_s']:,.0f}", f"{rec['s_per_epoch']:.1f}",
+                 f"{base / med:.2f}x" if base else "—"]
+        if cuda:
+            wall, gpu = busy[name] if busy.get(name) else (None, None)
+            rec["gpu_busy_ms"] = None if gpu is None else 1000 * gpu / iters
+            rec["gpu_busy_fraction"] = None if gpu is None else gpu / wall
+            rec["peak_fraction"] = flops / med / (peak * 1e12) if flops and peak else None
+            cells += ["—" if gpu is None else f"{rec['gpu_busy_ms']:.1f}",
+                      "—" if gpu is None else f"{100 * rec['gpu_busy_fraction']:.0f} %",
+                      "—" if rec["peak_fraction"] is None else f"{100 * rec['peak_fraction']:.1f} %"]
+        rows.append(f"| {title} | " + " | ".join(cells) + " |")
+        records.append(rec)
+    return rows, records
 
 
 def main():
@@ -117,73 +290,66 @@ def main():
     p.add_argument("--data_path", default=None, help="real data instead (CIFAR folder or image folder)")
     p.add_argument("--configs", nargs="+", default=None, help="subset of: " + " | ".join(CONFIGS))
     p.add_argument("--quick", action="store_true")
-    p.add_argument("--out", default=None)
+    p.add_argument("--out", default=None, help="the markdown table (default benchmarks/results_train_step_*.md)")
+    p.add_argument("--json", default=None, help="also the rows as JSON")
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("argv", nargs="*", help=argparse.SUPPRESS)
     a = p.parse_args()
+    if a.worker:
+        return worker(a.argv)
     cuda = torch.cuda.is_available() and not a.quick
     iters = a.iters or (3 if a.quick else (50 if cuda else 3))
     rounds = a.rounds or (2 if a.quick else (5 if cuda else 3))
     warmup = a.warmup if a.warmup is not None else (1 if a.quick else 2)
-    names = a.configs or [n for n in CONFIGS if cuda or not any(flag in n for flag in CUDA_ONLY)]
-    logger = logging.getLogger("bench")
-    logger.addHandler(logging.NullHandler())
-    logger.propagate = False
-
+    names = a.configs or [n for n in CONFIGS if cuda or not any(k in n for k in CUDA_ONLY)]
+    unknown = [n for n in names if n not in CONFIGS]
+    if unknown:
+        p.error(f"unknown configuration {unknown[0]!r}; choose from: " + " | ".join(CONFIGS))
     with tempfile.TemporaryDirectory() as tmp:
         data = a.data_path
         if data is None:
             from tools.synthetic_cifar import write_cifar10
             n = a.n or (400 if a.quick else 10000)
             data = write_cifar10(os.path.join(tmp, "data"), n_train_per_batch=n // 5, n_test=20)
-        size = (["--width_per_group", "8", "--batch_size", "16"] if a.quick else ["--batch_size", "128"])
-        setups = {}
-        for name in names:
-            setups[name] = Setup(C10 + size + CONFIGS[name] + ["--data_path", str(data),
-                                                                "--dump_path", os.path.join(tmp, "run")], logger)
-            for _ in range(warmup):
-                setups[name].window(iters)
-        times = {name: [] for name in names}
-        for _ in range(rounds):
-            for name in names:  # interleaved: A, B, C, A, B, C, ...
-                times[name].append(setups[name].window(iters))
-        rows = []
-        device = setups[names[0]].args.device
-        batch = setups[names[0]].args.batch_size
-        base = statistics.median(times[names[0]]) / iters
-        for name in names:
-            s = setups[name]
-            med = statistics.median(times[name]) / iters
-            counter = OpCounter()
-            with counter:
-                s.window(iters)
-            ops = sum(counter.ops.values()) / iters
-            reads = sum(counter.reads.values()) / iters
-            peak = ""
-            if device.type == "cuda":
-                tflops = s.flops_per_iteration() / med / 1e12
-                peak = f" {100 * tflops / BF16_PEAK_TFLOPS:.1f} % |"
-            epoch = med * (50000 // batch)  # drop_last
-            rows.append(f"| {name} | {med * 1000:.1f} | {batch / med:,.0f} | {epoch:.1f} | {base / med:.2f}x | "
-                        f"{ops:.0f} | {reads:.2f} |{peak}")
-            print(rows[-1], flush=True)
-    head = "| configuration | ms / iteration | images/s | s per 50,000-image epoch | speed-up | ops | host reads |"
-    sep = "|---|---:|---:|---:|---:|---:|---:|"
-    if device.type == "cuda":
-        head += " % of bf16 peak |"
-        sep += "---:|"
-    table = "\n".join([
-        f"Machine: {machine(device)}",
-        f"Command: python benchmarks/bench_train_step.py {' '.join(sys.argv[1:])}".rstrip(),
-        f"Median of {rounds} interleaved windows of {iters} iterations after {warmup} warm-up windows each; "
-        f"batch {batch}; {'width 8 (quick)' if a.quick else 'full width'}; device {device}. Epoch time from "
-        "the median iteration (kNN monitor and checkpoint not included)."
-        + (" On the CPU mixed precision is off (--use_fp16 applies on CUDA only)." if device.type == "cpu" else ""),
-        "", head, sep, *rows])
-    print("\n" + table)
-    out = a.out or os.path.join(ROOT, "benchmarks", f"results_train_step_{device.type}{'_quick' if a.quick else ''}.md")
+        size = ["--width_per_group", "8", "--batch_size", "16"] if a.quick else ["--batch_size", "128"]
+        workers = [Worker(name, C10 + size + CONFIGS[name] + ["--data_path", str(data), "--dump_path",
+                                                              os.path.join(tmp, f"run{i}")],
+                          os.path.join(tmp, f"worker{i}.log")) for i, name in enumerate(names)]
+        try:
+            times, busy, flops = measure(workers, iters, rounds, warmup, cuda)
+            peak = measured_bf16_tflops() if cuda else None
+        finally:
+            for w in workers:
+                w.close()
+        batch = 16 if a.quick else 128
+        rows, records = table(names, workers, times, busy, flops, peak, iters, batch, cuda)
+    head = "| configuration | ms / iteration | images/s | s per epoch (390 iterations) | speed-up |"
+    sep = "|---|---:|---:|---:|---:|"
+    if cuda:
+        head += " GPU busy ms / iteration | GPU busy / wall | % of measured bf16 peak |"
+        sep += "---:|---:|---:|"
+    lines = [f"Machine: {machine(cuda)}",
+             f"Command: python benchmarks/bench_train_step.py {' '.join(sys.argv[1:])}".rstrip(),
+             f"Each configuration in its own process; median of {rounds} interleaved windows of {iters} iterations "
+             f"after {warmup} warm-up windows each; batch {batch}; {'width 8 (quick)' if a.quick else 'full width'}; "
+             f"{'CUDA' if cuda else 'CPU'}. Epoch time from the median iteration (kNN monitor and checkpoint not "
+             "included)." + (" On the CPU mixed precision is off (--use_fp16 applies on CUDA only)." if not cuda
+                             else f" Measured bf16 matmul peak of this card: {peak:.0f} TFLOP/s"
+                             + (f"; {flops / 1e12:.3f} TFLOP per iteration (FlopCounterMode)." if flops else ".")),
+             "", head, sep, *rows]
+    text = "\n".join(lines)
+    print(text)
+    out = a.out or os.path.join(ROOT, "benchmarks", f"results_train_step_{'cuda' if cuda else 'cpu'}"
+                                f"{'_quick' if a.quick else ''}.md")
     with open(out, "w") as f:
-        f.write(table + "\n")
+        f.write(text + "\n")
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump({"cuda": cuda, "peak_tflops": peak, "flops_per_iteration": flops, "rows": records}, f,
+                      indent=1)
     print(f"written to {out}")
+    return 1 if any("error" in r for r in records) else 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

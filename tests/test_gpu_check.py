@@ -1,26 +1,92 @@
-"""benchmarks/gpu_check.sh --dry-run: every phase of the GPU check runs (tiny sizes, CPU) and reports, the
-column (phase e) included."""
+"""benchmarks/gpu_check.sh on the CPU: the dry run goes through every phase (tiny sizes, the fixture) and
+reports; a real run refuses to go on without CIFAR-10 (no data, or the test fixture) and unknown phases;
+the real run's variant is the fastest one shown equal to eager (benchmarks/pick_variant.py); the report
+of the real run states its training images."""
+import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
+import pandas as pd
+
 REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "benchmarks" / "gpu_check.sh"
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import pick_variant  # noqa: E402
+import real_run_report  # noqa: E402
 
 
-def test_gpu_check_dry_run_runs_every_phase(tmp_path):
+def run_check(tmp_path, *args, **env):
     out = tmp_path / "out"
-    env = dict(os.environ, OUT=str(out), OMP_NUM_THREADS="1", PHASES="a b c d e")
-    res = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_check.sh"), "--dry-run"], cwd=tmp_path, env=env,
-                         capture_output=True, text=True, timeout=600)
+    env = dict(os.environ, OUT=str(out), OMP_NUM_THREADS="1", **env)
+    res = subprocess.run(["bash", str(SCRIPT), *args], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=600)
+    summary = (out / "summary.md").read_text() if (out / "summary.md").exists() else ""
+    return res, summary
+
+
+def test_dry_run_goes_through_every_phase(tmp_path):
+    res, summary = run_check(tmp_path, "--dry-run")
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    summary = (out / "summary.md").read_text()
-    statuses = [line for line in summary.splitlines() if line.startswith("- ")]
-    assert {s.split(":")[0] for s in statuses} >= {"- a", "- b", "- c", "- d", "- e"}, summary
-    assert all(": status 0," in s for s in statuses if "status" in s), summary
-    assert "| released pipeline (PIL, 2 workers), fp16 |" in summary  # the side-by-side table
-    assert "Epoch 0 done" in summary
-    # the column: mode, pretraining stats every kNN epoch, the probe next to the published number
-    assert "- e: mode: eager (no CUDA device: no self-check)" in summary
-    assert "Pretraining: 2 of 2 epochs" in summary and "| 1 |" in summary
-    assert "Linear probe (released protocol, 2 epochs, batched crops)" in summary and "published Un-Mix" in summary
-    assert sorted(p.name for p in out.iterdir()) == ["device.txt", "gpu_check.log", "runs.tar.gz", "summary.md"]
+    statuses = [line for line in summary.splitlines() if ": status " in line]
+    assert [s.split(":")[0] for s in statuses] == ["- a", "- b", "- c"], summary
+    assert all(": status 0," in s for s in statuses), summary
+    assert "| --augment batched, bf16, channels_last (eager) |" in summary  # the side-by-side table
+    assert "- c: variant eager (--augment batched --amp_dtype bfloat16 --channels_last true)" in summary
+    assert "- c: trained on 300 training images" in summary and "| 0 |" in summary
+    assert "- problems: 0" in summary and "86.8" not in summary and "column" not in summary
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.iterdir()) == ["bench.json", "device.txt", "gpu_check.log", "runs.tar.gz",
+                                                     "summary.md"]
+    assert json.loads((out / "bench.json").read_text())["rows"][0]["name"] == "eager"
+
+
+def test_a_real_run_without_data_is_an_error(tmp_path):
+    res, summary = run_check(tmp_path, PHASES="c", DATA=str(tmp_path / "none"), ARCHIVE=str(tmp_path / "no.tar.xz"))
+    assert res.returncode != 0
+    assert f"error: no training data for (c): neither DATA={tmp_path / 'none'}/train nor ARCHIVE=" in summary
+    assert "pretraining" not in summary and "trained on" not in summary
+
+
+def test_a_real_run_refuses_the_test_fixture(tmp_path):
+    res, summary = run_check(tmp_path, PHASES="c", DATA=str(REPO / "tests" / "data" / "cifar10_jpg_small"))
+    assert res.returncode != 0
+    assert "is the test fixture (400 images): (c) needs CIFAR-10; not run" in summary
+    assert "pretraining" not in summary
+
+
+def test_unknown_phases_are_refused(tmp_path):
+    res, summary = run_check(tmp_path, PHASES="a e")
+    assert res.returncode == 2 and "unknown phase 'e'" in res.stderr and summary == ""
+
+
+def test_the_real_run_uses_the_fastest_variant_shown_equal():
+    rows = [{"name": "eager", "ms": 20.0}, {"name": "compile", "ms": 15.0}, {"name": "cuda_graph", "ms": 12.0},
+            {"name": "compile+cuda_graph", "error": "exit 1: RuntimeError"}]
+    log = ("tests/test_cuda.py::test_compiled_step_equals_eager_and_does_not_sync PASSED [ 40%]\n"
+           "tests/test_cuda.py::test_cuda_graph_replays_equal_eager[bf16] FAILED [ 60%]\n"
+           "tests/test_cuda.py::test_compiled_cuda_graph_replays_equal_compiled_eager PASSED [ 70%]\n")
+    name, why = pick_variant.pick(rows, log)
+    assert name == "compile" and "faster but not shown equal: cuda_graph" in why
+    assert pick_variant.pick(rows, log.replace("FAILED", "PASSED"))[0] == "cuda_graph"
+    assert pick_variant.pick(rows, "")[0] == "eager"   # no test passed: the reference
+    assert pick_variant.pick([], log)[0] == "eager"    # no timing
+    both = rows[:3] + [{"name": "compile+cuda_graph", "ms": 10.0}]
+    assert pick_variant.pick(both, log.replace("FAILED", "PASSED"))[0] == "compile+cuda_graph"
+    assert pick_variant.pick(both, log)[0] == "compile"  # its graph check failed
+
+
+def test_the_real_run_report_states_its_images_and_refuses_a_subset(tmp_path):
+    (tmp_path / "train.log").write_text("INFO - Building data done with 300 images loaded (10 classes, ...)\n")
+    pd.DataFrame({"epoch": [0, 1], "loss": [8.1, 7.9], "time": [20.0, 29.5], "knn_top1": [30.0, 33.5],
+                  "images_per_s": [5000.0, 5100.0], "max_memory_mb": [4000.0, 4000.0]}).to_csv(
+        tmp_path / "stats0.csv", index=False)
+    lines, ok = real_run_report.report(str(tmp_path), 200)
+    assert not ok and "- c: trained on 300 training images" in lines
+    assert any("only 300 training images; CIFAR has 50,000" in line for line in lines)
+    assert "| 1 | 7.9000 | 33.50 | 9.5 | 5,100 | 4,000 |" in lines
+    assert real_run_report.report(str(tmp_path), 200, dry_run=True)[1]
+    (tmp_path / "train.log").write_text("INFO - Building data done with 50000 images loaded (10 classes)\n")
+    assert real_run_report.report(str(tmp_path), 200)[1]

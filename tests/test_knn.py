@@ -129,3 +129,23 @@ def test_one_and_two_processes_agree(tmp_path):
         assert not entries_mismatch(r["features"], feats1, f"rank {rank} features")
         assert r["top1"] == pytest.approx(top1) and r["top5"] == pytest.approx(top5)
         assert r["top1_only"] == pytest.approx(top1)
+
+
+def test_monitor_images_stay_float32_on_the_cpu_and_autocast_applies_to_the_backbone_only():
+    """A CPU run keeps its float32 images and arithmetic (monitor_images returns them as they are); with
+    autocast (bf16 on CUDA) the backbone runs in bf16 while the similarities and votes stay float32."""
+    from src.eval.knn import monitor_images
+    imgs = torch.randn(12, 3, 6, 6, generator=torch.Generator().manual_seed(3))
+    assert monitor_images(imgs, "cpu", on_device=True) is imgs
+    dtypes = []
+
+    def backbone(x):
+        out = _tiny_model()(x)
+        dtypes.append((x.dtype, out.dtype, torch.is_autocast_enabled("cpu")))
+        return out
+    labels = torch.arange(12) % 3
+    top1 = knn_monitor(backbone, imgs.bfloat16(), labels, imgs.bfloat16(), labels, 3, batch_size=5, device="cpu",
+                       k=1, autocast_dtype=torch.bfloat16)
+    assert top1 == 100.0  # each image is its own nearest neighbour
+    assert dtypes and all(d == (torch.bfloat16, torch.bfloat16, True) for d in dtypes)
+    assert not torch.is_autocast_enabled("cpu")

@@ -97,14 +97,18 @@ def knn_scores(train_features, train_labels, test_features, num_classes, k=200, 
 
 @torch.no_grad()
 def knn_monitor(backbone_fn, train_images, train_labels, test_images, test_labels, num_classes, batch_size,
-                device, rank=0, world_size=1, k=200, temperature=0.1):
+                device, rank=0, world_size=1, k=200, temperature=0.1, autocast_dtype=None):
     """Weighted-kNN top-1 (%) of the test split against the training split; the same value on all ranks.
 
     `backbone_fn(x)` returns pooled backbone features (B x D) or a layer4 map (pooled here); the caller puts
     the model in eval mode. Training features are computed in shards and gathered; test samples are
     classified in shards (`test_images[rank::world_size]`) and the correct counts are all-reduced.
+    `autocast_dtype` (e.g. bfloat16 on CUDA): the backbone runs under autocast; the features, their
+    similarities and the votes stay float32. The images may already be on `device` (no copy then) or in
+    pinned host memory (copied without blocking).
     """
     device = torch.device(device)
+    backbone_fn = _under_autocast(backbone_fn, device, autocast_dtype)
     train_f = extract_features(backbone_fn, train_images, batch_size, device, rank, world_size)
     train_labels = torch.as_tensor(train_labels, dtype=torch.long).to(device)
     test_labels = torch.as_tensor(test_labels, dtype=torch.long)
@@ -122,3 +126,26 @@ def knn_monitor(backbone_fn, train_images, train_labels, test_images, test_label
         dist.all_reduce(counts)
         c1, n = (float(v) for v in counts.tolist())
     return 100.0 * c1 / max(n, 1)
+
+
+def _under_autocast(backbone_fn, device, dtype):
+    """`backbone_fn` run under autocast to `dtype` (None: as it is)."""
+    if dtype is None:
+        return backbone_fn
+
+    def run(x):
+        with torch.autocast(device.type, dtype=dtype):
+            return backbone_fn(x)
+    return run
+
+
+def monitor_images(images, device, on_device):
+    """Where and in which type the monitor keeps its (normalised float32) images: as they are for a CPU
+    run (float32: CPU results unchanged); for CUDA in bfloat16, the monitor's precision there (autocast
+    casts a convolution's input to it anyway), on the device when `on_device` (the bank is copied once,
+    not every epoch), else in pinned host memory (non-blocking copies of each batch)."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return images
+    images = images.to(torch.bfloat16)
+    return images.to(device) if on_device else images.pin_memory()

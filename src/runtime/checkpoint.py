@@ -204,14 +204,17 @@ def find_resume_checkpoint(dump_path, log=print):
 
 
 def save_checkpoint(dump_path, epoch, iteration, net, optimizer, np_rng, arch, scaler=None, queue=None,
-                    rank=0, world_size=1, loop=None, copy_path=None, device="cpu"):
+                    rank=0, world_size=1, loop=None, copy_path=None, device="cpu", writer=None):
     """The released checkpoint (`epoch`, `state_dict` with the `module.` prefix, `optimizer`, `amp`) plus
     what an exact restart needs: `iteration` (0 = epoch boundary), every RNG stream, every rank's queue
     ("queues": None without one) and every rank's mid-epoch `loop` state ("loops"; "loop" is rank 0's).
     Collective with several processes (`device`: where this rank's collectives run).
 
     Rank 0 writes `checkpoint.pth.tar`, and first the epoch copy `copy_path` if asked, so a kill between
-    the two never leaves an epoch without its copy; each rank also writes its `queue{rank}.pth` (released)."""
+    the two never leaves an epoch without its copy; each rank also writes its `queue{rank}.pth` (released).
+    `writer`: a src.runtime.async_save.BackgroundWriter that writes the files from a host snapshot in the
+    background (same files); None writes them here."""
+    jobs = []
     queues = None
     if queue is not None:  # every rank's queue goes into rank 0's single atomic file
         if world_size > 1:
@@ -219,7 +222,7 @@ def save_checkpoint(dump_path, epoch, iteration, net, optimizer, np_rng, arch, s
             torch.distributed.all_gather(queues, queue)
         else:
             queues = [queue]
-        atomic_save({"queue": queue}, os.path.join(dump_path, f"queue{rank}.pth"))
+        jobs.append(({"queue": queue}, os.path.join(dump_path, f"queue{rank}.pth")))
     loops = None if loop is None else gather_loop_states(loop, world_size, device)
     if rank == 0:
         save_dict = {"epoch": epoch, "iteration": iteration,
@@ -232,8 +235,13 @@ def save_checkpoint(dump_path, epoch, iteration, net, optimizer, np_rng, arch, s
         if loops is not None:
             save_dict["loop"], save_dict["loops"] = loops[0], loops
         if copy_path is not None:
-            atomic_save(save_dict, copy_path)
-        atomic_save(save_dict, os.path.join(dump_path, "checkpoint.pth.tar"))
+            jobs.append((save_dict, copy_path))
+        jobs.append((save_dict, os.path.join(dump_path, "checkpoint.pth.tar")))
+    if writer is not None:
+        writer.submit(jobs)
+    else:
+        for obj, path in jobs:
+            atomic_save(obj, path)
     if world_size > 1:
         torch.distributed.barrier()
 
