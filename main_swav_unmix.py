@@ -187,7 +187,7 @@ def main():
 
     # ============ model, optimiser, method ============
     net = build_network(args, logger)
-    method = build_method(args, net, data.iters_per_epoch, np_rng)
+    method = build_method(args, net, data.iters_per_epoch, np_rng, log=logger.warning)
     logger.info("Building optimizer done.")
 
     # ============ resume ============
@@ -375,7 +375,7 @@ def build_network(args, logger):
     return model
 
 
-def build_method(args, net, iters_per_epoch, np_rng):
+def build_method(args, net, iters_per_epoch, np_rng, log=print):
     """LARC around fused SGD (released settings), the learning-rate schedule, mixed precision, and the
     Un-Mix + SwAV method object that owns the step, the Un-Mix draws (`np_rng`), the queue and the
     non-finite guard; then the network's DDP / torch.compile wrapper runs its forward pass."""
@@ -388,7 +388,8 @@ def build_method(args, net, iters_per_epoch, np_rng):
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     method = UnmixSwAV(net, optimizer, SwavConfig.from_dict(vars(args)), rng=np_rng, lr_schedule=lr_schedule,
                        scaler=scaler, autocast_dtype=amp_dtype, channels_last=args.channels_last,
-                       skip_nonfinite=args.max_nonfinite_steps > 0, cuda_graph=args.cuda_graph)
+                       skip_nonfinite=args.max_nonfinite_steps > 0, cuda_graph=args.cuda_graph,
+                       log=log)  # where a failed CUDA-graph capture is said (train.log in a run)
     method.model = wrap_for_training(net, args)  # after the guard has laid out the BN buffers DDP keeps
     return method
 
