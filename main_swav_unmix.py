@@ -196,9 +196,11 @@ def main():
 
     # ============ epoch loop ============
     start_epoch, start_iter = (restart.epoch, restart.iteration) if restart else (0, 0)
-    clock = Clock(args.epochs, data.iters_per_epoch, start_epoch, start_iter, offset=stats.last("time", 0.0))
+    # the training time of the earlier processes, up to the checkpoint resumed (mid-epoch work included)
+    elapsed = restart.elapsed if restart is not None and restart.elapsed is not None else stats.last("time", 0.0)
+    clock = Clock(args.epochs, data.iters_per_epoch, start_epoch, start_iter, offset=elapsed)
     loop = Loop(args, data, method, guard=NonfiniteWatch(args, logger), preempt=preempt,
-                save=Saver(args, method), clock=clock, stats=stats,
+                save=Saver(args, method, clock), clock=clock, stats=stats,
                 curves=CurveWriter(args.dump_path, args.tensorboard, args.rank), logger=logger)
     if start_epoch >= args.epochs:
         logger.info(f"Nothing to do: the checkpoint is at epoch {start_epoch} of {args.epochs}.")
@@ -418,10 +420,11 @@ def resume(args, method, iters_per_epoch, logger):
 
 class Saver:
     """save(epoch, iteration, loop=None, copy=False): the training checkpoint (and the epoch copy
-    checkpoints/ckp-{epoch - 1}.pth when `copy`), each written atomically; collective."""
+    checkpoints/ckp-{epoch - 1}.pth when `copy`), each written atomically, with the training time of
+    `clock` so far; collective."""
 
-    def __init__(self, args, method):
-        self.args, self.method = args, method
+    def __init__(self, args, method, clock=None):
+        self.args, self.method, self.clock = args, method, clock
 
     def __call__(self, epoch, iteration, loop=None, copy=False):
         a, m = self.args, self.method
@@ -429,7 +432,8 @@ class Saver:
         state = m.state_dict()  # first: it puts the Un-Mix stream back at the first iteration not trained
         save_checkpoint(a.dump_path, epoch, iteration, m.net, m.optimizer, m.inputs.rng, a.arch, scaler=m.scaler,
                         queue=state["queue"], rank=a.rank, world_size=a.world_size, loop=loop,
-                        copy_path=copy_path, device=a.device)
+                        copy_path=copy_path, device=a.device,
+                        elapsed=None if self.clock is None else self.clock.elapsed())
 
 
 # ------------------------------------------------------------------ training
