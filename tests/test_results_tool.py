@@ -25,7 +25,8 @@ def _script_arguments(array):
     body = text.split(f"\n{array}=(\n", 1)[1].split("\n)\n", 1)[0]
     values = {"$ARCH": "resnet18", "$DATASET_PATH": "cifar10", "$EPOCHS": "400", "$BATCH_SIZE": "128",
               "$RUN_SWAV": "False", "$WORKERS": "2", "$EXPERIMENT_PATH": "exp", "$EVAL_PATH": "exp_linear_eval",
-              "$NUM_LABELS": "10", "$EVAL_EPOCHS": "100", "$EXPERIMENT_PATH/checkpoint.pth.tar": "exp/checkpoint.pth.tar"}
+              "$NUM_LABELS": "10", "$EVAL_EPOCHS": "100",
+              "$EXPERIMENT_PATH/checkpoint.pth.tar": "exp/checkpoint.pth.tar"}
     argv = []
     for line in body.splitlines():
         line = line.split("#", 1)[0].strip()
@@ -462,7 +463,8 @@ def test_an_evaluation_of_an_earlier_checkpoint_is_stale(tmp_path):
     assert (row()["linear top-1 best"], row()["wall time"]) == ("88.00", f"{(200 * 30 + 600) / 3600:.2f} h")
     checkpoint.write_bytes(b"weights of epoch 200, trained further")
     r = row()
-    assert (r["linear top-1 best"], r["linear top-1 last"], r["linear eval"], r["Δ best − published"]) == ("—",) * 4
+    assert (r["linear top-1 best"], r["linear top-1 last"], r["linear eval"]) == ("—",) * 3
+    assert r["Δ best − published"] == "—"
     assert r["released probe top-1 best / last"] == "stale (of an earlier checkpoint): 88.00 / 87.00"
     assert r["not compared because"] == "linear evaluation stale (of an earlier checkpoint)"
     assert r["wall time"] == f"{200 * 30 / 3600:.2f} h"
@@ -531,3 +533,13 @@ def test_every_run_keeps_its_own_outputs_whatever_its_name(tmp_path):
     assert "| r\\|1 | Un-Mix |" in md and _parse_table(md)["b"]["linear top-1 best"] == "80.00"
     plots = sorted(p.name for p in out.iterdir() if p.name.endswith("_curves.png"))
     assert len(plots) == len(runs) == 7 and len(written) == 9
+
+
+def test_moved_experiments_keep_their_evaluations(tmp_path):
+    """Experiments moved elsewhere after they ran: the recorded checkpoint path is gone, the evaluation is
+    paired by its name, and it is still of the run's current checkpoint (the same bytes)."""
+    exp = tmp_path / "exp"
+    _evaluated(exp / "unmix_linear_eval", _run_with_checkpoint(exp / "unmix"), 88.0)
+    os.rename(exp, tmp_path / "moved")
+    runs = _report([tmp_path / "moved"], tmp_path / "report")[0]
+    assert [(r["name"], r["best_top1"], r["not_compared"]) for r in runs] == [("unmix", 88.0, "")]

@@ -142,13 +142,15 @@ def evaluated_checkpoint(params):
 
 def run_of_evaluation(params, name_dump):
     """The real path of the pretraining dump an evaluation belongs to: the folder of the checkpoint it
-    evaluated (an absolute recorded path), else the dump its name attaches it to; None for random weights
-    or when neither tells."""
+    evaluated (an absolute recorded path; unless that folder is gone, e.g. the experiments were moved, and
+    the name tells), else the dump its name attaches it to; None for random weights or when neither tells."""
     checkpoint = evaluated_checkpoint(params)
     if checkpoint == "":
         return None
     if checkpoint and os.path.isabs(checkpoint):
-        return _real(_dump_of_checkpoint(checkpoint))
+        dump = _dump_of_checkpoint(checkpoint)
+        if os.path.isdir(dump) or not name_dump:
+            return _real(dump)
     return _real(name_dump) if name_dump else None
 
 
