@@ -19,9 +19,11 @@ import torch.nn as nn
 
 from src.data.constants import CIFAR_MEAN, EVAL_STD
 from src.data.transforms import LabeledDataset, eval_transforms, plain_tensor
+from src.eval.finished import finished_results, report_finished
 from src.eval.setup import (STATS_COLUMNS, EpochMeters, add_shared_new_flags, add_shared_released_flags,
                             check_shared_args, data_loaders, evaluate, load_splits, make_scheduler,
                             network_from_checkpoint, resume_evaluation, set_up, stop_if_preempted)
+from src.eval.setup import TIMED_STATS_COLUMNS
 from src.method.resnet import build_model
 from src.runtime import devices, launch
 from src.runtime.checkpoint import atomic_save
@@ -142,6 +144,12 @@ def main():
     if network:
         logger.info(network)
     t_start = time.time()
+    finished = finished_results(args.dump_path)  # this evaluation (set_up checked its checkpoint and arguments)
+    if finished is not None:
+        report_finished(finished, args.dump_path, logger)
+        logger.info(f"Top-1 test accuracy: {finished['best_top1']:.1f}")
+        launch.cleanup()
+        return
 
     # ============ data ============
     (train_images, train_labels, classes), (test_images, test_labels, _) = load_splits(args.data_path, args.download)
@@ -169,10 +177,10 @@ def main():
 
     if args.probe == "cached":
         best, last1, last5 = train_cached(args, model, train_data, test_data, curves, logger, t_start)
+        seconds = time.time() - t_start
     else:
-        best, last1, last5 = train_released(args, model, linear, train_data, test_data, maxk, curves, logger,
-                                            preempt)
-    seconds = time.time() - t_start
+        best, last1, last5, seconds = train_released(args, model, linear, train_data, test_data, maxk, curves,
+                                                     logger, preempt, t_start)
     logger.info("Training of the supervised linear classifier on frozen features completed.\n"
                 f"Top-1 test accuracy: {best:.1f}")
     crops = "" if args.probe == "cached" else f", {args.augment} crops"
@@ -211,10 +219,11 @@ def train_cached(args, model, train_data, test_data, curves, logger, t_start):
     return res["best_top1"], res["last_top1"], res["last_top5"]
 
 
-def train_released(args, model, linear, train_data, test_data, maxk, curves, logger, preempt):
+def train_released(args, model, linear, train_data, test_data, maxk, curves, logger, preempt, t_start):
     """The released loop: augmented crops, test after every epoch, best-of-epochs top-1. The crops come
     from the released loaders (DDP classifier) or, with --augment batched, from the device
-    (src/eval/batched_probe.py). Returns (best top-1, last top-1, last top-k)."""
+    (src/eval/batched_probe.py). Returns (best top-1, last top-1, last top-k, seconds of the evaluation
+    since this process started at `t_start`, its earlier processes included)."""
     if args.augment == "batched":
         from src.eval.batched_probe import BatchedProbe
         probe = BatchedProbe(model, train_data, test_data, args.crop_size, args.batch_size, args.seed, args.rank,
@@ -240,10 +249,12 @@ def train_released(args, model, linear, train_data, test_data, maxk, curves, log
     # ============ resume ============
     start_epoch, best_acc, resumed = resume_evaluation(args, LINEAR, linear, optimizer, scheduler, logger,
                                                        no_best=0.0)
-    stats = Stats(os.path.join(args.dump_path, f"stats{args.rank}"), STATS_COLUMNS,
+    stats = Stats(os.path.join(args.dump_path, f"stats{args.rank}"), TIMED_STATS_COLUMNS,
                   resume_before_epoch=start_epoch if resumed else None, log=logger.info)
     last1 = last5 = float("nan")
-    eta = Clock(args.epochs, iterations, start_epoch).eta
+    # the time of the earlier processes up to their last checkpoint, and this one's start-up
+    clock = Clock(args.epochs, iterations, start_epoch, offset=stats.last("time", 0.0) + time.time() - t_start)
+    eta = clock.eta
     pace = devices.CpuPace(args.rank == 0 and args.device.type == "cpu"
                            and devices.full_width(args.arch, args.width_per_group), iterations, logger.info)
 
@@ -260,7 +271,7 @@ def train_released(args, model, linear, train_data, test_data, maxk, curves, log
         logger.info(f"Test:\tLoss {loss_val:.4f}\tAcc@1 {last1:.3f}\tAcc@{maxk} {last5:.3f}\t"
                     f"Best Acc@1 so far {best_acc:.1f}")
         row = {"epoch": epoch, "loss": loss, "prec1": top1, "prec5": top5,
-               "loss_val": loss_val, "prec1_val": last1, "prec5_val": last5}
+               "loss_val": loss_val, "prec1_val": last1, "prec5_val": last5, "time": clock.elapsed()}
         stats.update(row)
         curves.scalars(epoch, curve_values(row, optimizer.param_groups[0]["lr"]))  # the lr of this epoch
         scheduler.step()
@@ -273,7 +284,7 @@ def train_released(args, model, linear, train_data, test_data, maxk, curves, log
     if start_epoch >= args.epochs:  # already finished: report the stored numbers
         last1 = stats.last("prec1_val", float("nan"))
         last5 = stats.last("prec5_val", float("nan"))
-    return best_acc, last1, last5
+    return best_acc, last1, last5, clock.elapsed()
 
 
 def train(model, linear, optimizer, loader, epoch, maxk, args, logger, eta, pace=None):

@@ -22,7 +22,8 @@ import torch.nn as nn
 
 from src.data.transforms import LabeledDataset, eval_transforms
 from src.eval.pretrained import PretrainedError, load_weights
-from src.eval.setup import (STATS_COLUMNS, EpochMeters, add_shared_new_flags, add_shared_released_flags,
+from src.eval.finished import finished_results, report_finished
+from src.eval.setup import (TIMED_STATS_COLUMNS, EpochMeters, add_shared_new_flags, add_shared_released_flags,
                             check_shared_args, data_loaders, evaluate, load_splits, make_scheduler,
                             network_from_checkpoint, resume_evaluation, set_up, stop_if_preempted)
 from src.eval.subset import SubsetError, balanced_subset, images_per_class
@@ -123,6 +124,11 @@ def main():
     if pretrained[2]:
         logger.info(pretrained[2])
     t_start = time.time()
+    finished = finished_results(args.dump_path)  # this fine-tuning (set_up checked its checkpoint and arguments)
+    if finished is not None:
+        report_finished(finished, args.dump_path, logger)
+        launch.cleanup()
+        return
 
     # ============ data ============
     (train_images, train_labels, classes), (test_images, test_labels, _) = load_splits(args.data_path, args.download)
@@ -147,10 +153,12 @@ def main():
                                                        no_best=(0.0, 0.0))
     if args.rank == 0:
         save_params(args, args.dump_path, extra={"pretrained_file": identity})
-    stats = Stats(os.path.join(args.dump_path, f"stats{args.rank}"), STATS_COLUMNS,
+    stats = Stats(os.path.join(args.dump_path, f"stats{args.rank}"), TIMED_STATS_COLUMNS,
                   resume_before_epoch=start_epoch if resumed else None, log=logger.info)
     last = (float("nan"), float("nan"))
-    eta = Clock(args.epochs, len(train_loader), start_epoch).eta
+    # the time of the earlier processes up to their last checkpoint, and this one's start-up
+    clock = Clock(args.epochs, len(train_loader), start_epoch, offset=stats.last("time", 0.0) + time.time() - t_start)
+    eta = clock.eta
     pace = devices.CpuPace(args.rank == 0 and args.device.type == "cpu"
                            and devices.full_width(args.arch, args.width_per_group), len(train_loader), logger.info)
 
@@ -165,7 +173,7 @@ def main():
         logger.info(f"Test:\tLoss {loss_val:.4f}\tAcc@1 {last[0]:.3f}\tAcc@{maxk} {last[1]:.3f}\t"
                     f"Best Acc@1 so far {best_acc[0]:.1f}")
         stats.update({"epoch": epoch, "loss": loss, "prec1": top1, "prec5": top5,
-                      "loss_val": loss_val, "prec1_val": last[0], "prec5_val": last[1]})
+                      "loss_val": loss_val, "prec1_val": last[0], "prec5_val": last[1], "time": clock.elapsed()})
         scheduler.step()
         if args.rank == 0:
             atomic_save({"epoch": epoch + 1,
@@ -177,7 +185,7 @@ def main():
     if start_epoch >= args.epochs:  # already finished: report the stored numbers
         last = (stats.last("prec1_val", float("nan")), stats.last("prec5_val", float("nan")))
 
-    seconds = time.time() - t_start
+    seconds = clock.elapsed()
     logger.info(f"Fine-tuning with {args.labels_perc}% of labels completed.\n"
                 f"Test accuracies: top-1 {best_acc[0]:.1f}, top-{maxk} {best_acc[1]:.1f}")
     logger.info(f"Last-epoch test accuracy: top-1 {last[0]:.1f} top-{maxk} {last[1]:.1f} ({format_eta(seconds)})")

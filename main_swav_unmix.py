@@ -199,9 +199,11 @@ def main():
 
     # ============ epoch loop ============
     start_epoch, start_iter = (restart.epoch, restart.iteration) if restart else (0, 0)
-    clock = Clock(args.epochs, data.iters_per_epoch, start_epoch, start_iter, offset=stats.last("time", 0.0))
+    # the training time of the earlier processes, up to the checkpoint resumed (mid-epoch work included)
+    elapsed = restart.elapsed if restart is not None and restart.elapsed is not None else stats.last("time", 0.0)
+    clock = Clock(args.epochs, data.iters_per_epoch, start_epoch, start_iter, offset=elapsed)
     loop = Loop(args, data, method, guard=NonfiniteWatch(args, logger), preempt=preempt,
-                save=Saver(args, method), clock=clock, stats=stats,
+                save=Saver(args, method, clock), clock=clock, stats=stats,
                 curves=CurveWriter(args.dump_path, args.tensorboard, args.rank), logger=logger)
     if start_epoch >= args.epochs:
         logger.info(f"Nothing to do: the checkpoint is at epoch {start_epoch} of {args.epochs}.")
@@ -426,13 +428,14 @@ def resume(args, method, iters_per_epoch, logger):
 
 class Saver:
     """save(epoch, iteration, loop=None, copy=False, background=False): the training checkpoint (and the
-    epoch copy checkpoints/ckp-{epoch - 1}.pth when `copy`), each written atomically; collective. With
-    `background`, from a host snapshot in a background thread (src/runtime/async_save.py); `wait()` joins
-    that write and raises its error. Not with DataLoader workers (the released pipeline): they are forked
-    at each epoch's start, and a fork while a thread writes copies the locks that thread holds."""
+    epoch copy checkpoints/ckp-{epoch - 1}.pth when `copy`), each written atomically, with the training time
+    of `clock` so far; collective. With `background`, from a host snapshot in a background thread
+    (src/runtime/async_save.py); `wait()` joins that write and raises its error. Not with DataLoader workers
+    (the released pipeline): they are forked at each epoch's start, and a fork while a thread writes copies
+    the locks that thread holds."""
 
-    def __init__(self, args, method):
-        self.args, self.method = args, method
+    def __init__(self, args, method, clock=None):
+        self.args, self.method, self.clock = args, method, clock
         forks_workers = args.workers > 0 and (args.augment == "released"
                                               or (args.augment == "auto" and args.device.type != "cuda"))
         self.writer = None if forks_workers else BackgroundWriter()
@@ -444,7 +447,8 @@ class Saver:
         state = m.state_dict()  # the queue, and the Un-Mix stream at the first iteration not trained
         save_checkpoint(a.dump_path, epoch, iteration, m.net, m.optimizer, state["unmix_rng"], a.arch, scaler=m.scaler,
                         queue=state["queue"], rank=a.rank, world_size=a.world_size, loop=loop,
-                        copy_path=copy_path, device=a.device, writer=self.writer if background else None)
+                        copy_path=copy_path, device=a.device, writer=self.writer if background else None,
+                        elapsed=None if self.clock is None else self.clock.elapsed())
 
     def wait(self):
         if self.writer is not None:

@@ -42,6 +42,7 @@ def env(tmp_path_factory):
     res = runner.run(script, args, cwd=root)
     assert res.returncode == 0, res.explain()
     (root / "eval_corrupt" / "checkpoint.pth.tar").write_bytes(b"\x00not a checkpoint\n" * 20)
+    (root / "eval_corrupt" / "results.json").unlink()  # unfinished: it has to resume (a finished one is only reported)
     (root / "bad_params").mkdir()
     (root / "bad_params" / "params.json").write_text('{"arch": "resnet18", "epo')
     # checkpoints whose fields make no sense, in copies of the finished run
@@ -200,10 +201,10 @@ def test_evaluation_resumes_only_its_own_checkpoint_and_arguments(env):
     recorded = json.loads((folder / "params.json").read_text())["pretrained_file"]
     assert recorded["path"] == str(ckpt) and len(recorded["sha256"]) == 64
     best_a = json.loads((folder / "results.json").read_text())["best_top1"]
-    res = runner.run(script, args, cwd=root)  # the same: reported again, not retrained
-    assert res.returncode == 0 and "Resumed linear evaluation from epoch 1" in res.stdout, res.explain()
     results_a = (folder / "results.json").read_text()
-    assert json.loads(results_a)["best_top1"] == best_a
+    res = runner.run(script, args, cwd=root)  # the same: reported again, not retrained, results.json untouched
+    assert res.returncode == 0 and "This evaluation finished earlier" in res.stdout, res.explain()
+    assert (folder / "results.json").read_text() == results_a and json.loads(results_a)["best_top1"] == best_a
 
     res = runner.run(script, args + ["--lr", 0.05], cwd=root)
     assert res.returncode == 2 and "holds another evaluation (lr: 0.3 -> 0.05)" in res.stderr, res.explain()

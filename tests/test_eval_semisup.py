@@ -116,7 +116,7 @@ def test_fine_tunes_the_whole_network_on_the_labelled_subset(env):
 
     # stats, the released report line and results.json agree
     stats = pd.read_pickle(dump / "stats0.pkl")
-    assert list(stats.columns) == STATS_COLUMNS and stats["epoch"].tolist() == [0, 1, 2]
+    assert list(stats.columns) == STATS_COLUMNS + ["time"] and stats["epoch"].tolist() == [0, 1, 2]
     best_row = stats.loc[stats["prec1_val"].idxmax()]
     results = json.loads((dump / "results.json").read_text())
     assert results["best_top1"] == best_row["prec1_val"] and results["best_top5"] == best_row["prec5_val"]
@@ -157,11 +157,14 @@ def test_resume_after_preemption_is_bit_exact(env):
     assert all(torch.equal(a["state_dict"][k], b["state_dict"][k]) for k in a["state_dict"])
     assert a["best_acc"] == b["best_acc"]
     sa, sb = pd.read_csv(env["root"] / "whole" / "stats0.csv"), pd.read_csv(env["root"] / "preempted" / "stats0.csv")
-    pd.testing.assert_frame_equal(sa, sb)
+    pd.testing.assert_frame_equal(sa.drop(columns="time"), sb.drop(columns="time"))   # seconds differ
 
-    # a rerun of the finished command reports the stored numbers; other arguments are refused
+    # a rerun of the finished command reports the stored numbers and changes no file; other arguments are refused
+    finished = {p.name: p.read_bytes() for p in (env["root"] / "whole").iterdir()
+                if p.is_file() and p.name not in ("train.log", "run.lock")}
     res = run_ok(env, args_a)
-    assert "Resumed fine-tuning from epoch 8" in res.stdout
+    assert "This evaluation finished earlier (8 epochs" in res.stdout
+    assert {name: (env["root"] / "whole" / name).read_bytes() for name in finished} == finished
     assert json.loads((env["root"] / "whole" / "results.json").read_text())["last_top1"] == sa["prec1_val"].iloc[-1]
     res = env["runner"].run(SEMISUP, args_a + ["--labels_perc", "1"], cwd=env["root"])
     assert res.returncode == 2 and "labels_perc: '10' -> '1'" in res.stderr, res.explain()
@@ -218,6 +221,7 @@ def bad(env):
         f.unlink()  # 60 + 60 + 2 images: 10 % takes 4 of each class
     run_ok(env, semisup_args(env, "corrupt", epochs=1))  # a fine-tuning whose checkpoint is then damaged
     (root / "corrupt" / "checkpoint.pth.tar").write_bytes(b"\x00not a checkpoint\n" * 20)
+    (root / "corrupt" / "results.json").unlink()   # unfinished: it has to resume (a finished one is only reported)
     (root / "afile").write_text("a regular file: nothing can be created below it")
     return {"uneven": data}
 

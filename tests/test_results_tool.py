@@ -18,11 +18,42 @@ import published  # noqa: E402
 import results  # noqa: E402
 
 
-def _pretrain_params(**kw):
-    p = dict(data_path="cifar10", epochs=400, batch_size=128, base_lr=0.6, final_lr=0.0006, arch="resnet18",
-             run_swav=False, unmix_prob=0.5, unmix_beta=1.0, seed=31, dump_path=".", knn_freq=0)
+def _script_arguments(array):
+    """The arguments of the bash array `array` (PRETRAIN or EVAL) in scripts/unmix_job.sh, with the script's
+    defaults for its variables: the released settings as the scripts run them."""
+    text = open(os.path.join(ROOT, "scripts", "unmix_job.sh")).read()
+    body = text.split(f"\n{array}=(\n", 1)[1].split("\n)\n", 1)[0]
+    values = {"$ARCH": "resnet18", "$DATASET_PATH": "cifar10", "$EPOCHS": "400", "$BATCH_SIZE": "128",
+              "$RUN_SWAV": "False", "$WORKERS": "2", "$EXPERIMENT_PATH": "exp", "$EVAL_PATH": "exp_linear_eval",
+              "$NUM_LABELS": "10", "$EVAL_EPOCHS": "100",
+              "$EXPERIMENT_PATH/checkpoint.pth.tar": "exp/checkpoint.pth.tar"}
+    argv = []
+    for line in body.splitlines():
+        line = line.split("#", 1)[0].strip()
+        if not line or line.startswith('"$'):   # the launcher, the script, EXTRA_ARGS, "$@"
+            continue
+        argv += [values.get(w.strip('"'), w.strip('"')) for w in line.split()]
+    return argv
+
+
+def _released_params(parser_module, array, **kw):
+    """params.json of a run with the released scripts' arguments (one process), changed by `kw`."""
+    from src.runtime.run_folder import params_dict
+    args = parser_module.get_parser().parse_args(_script_arguments(array))
+    args.world_size = 1
+    p = params_dict(args)
     p.update(kw)
     return p
+
+
+def _pretrain_params(**kw):
+    import main_swav_unmix
+    return _released_params(main_swav_unmix, "PRETRAIN", **kw)
+
+
+def _eval_params(**kw):
+    import eval_linear
+    return _released_params(eval_linear, "EVAL", **kw)
 
 
 def _dump(folder, params, stats):
@@ -68,11 +99,11 @@ def experiments(tmp_path):
     swav = exp / "swav_c10_200ep"
     _dump(swav, _pretrain_params(run_swav=True, epochs=200), _pretrain_stats(200, knn_every=50))
     ev = str(swav) + "_linear_eval"
-    _dump(ev, dict(num_labels=10, data_path="cifar10", epochs=100, batch_size=32, lr=0.3, probe="released"),
+    _dump(ev, _eval_params(),
           _eval_stats(100, [60.0 + 0.25 * e for e in range(98)] + [85.25, 84.5]))
     _results(ev, 85.25, 84.5, epochs=100, mode="released", seconds=600.0)
     #    ... and the cached probe in its own folder, and a semi-supervised evaluation (another tool's folder)
-    _dump(ev + "_cached", dict(num_labels=10, data_path="cifar10", epochs=100, probe="cached"),
+    _dump(ev + "_cached", _eval_params(probe="cached"),
           _eval_stats(100, [70.0] * 99 + [80.0]))
     _results(ev + "_cached", 81.0, 80.0, epochs=100, mode="cached", seconds=60.0)
     semisup = str(swav) + "_semisup_10pct"
@@ -102,7 +133,7 @@ def experiments(tmp_path):
                                           ("unmix_c10_w8_seed31", 31, 8, 50.0, "cifar10")):
         _dump(exp / "seeds" / name, _pretrain_params(seed=seed, width_per_group=width, data_path=data, epochs=200,
                                                      workers=seed - 30), _pretrain_stats(200, knn_every=100))
-        _dump(str(exp / "seeds" / name) + "_linear_eval", dict(num_labels=10, epochs=100), None)
+        _dump(str(exp / "seeds" / name) + "_linear_eval", _eval_params(), None)
         _results(str(exp / "seeds" / name) + "_linear_eval", best, best - 1, epochs=100, mode="released")
     # 6. a cached probe written into `<dump>_linear_eval` (as eval_linear.py --probe cached --dump_path ... can)
     cached_only = exp / "cached_only"
@@ -160,7 +191,7 @@ def test_table_and_plots(experiments, tmp_path):
     assert r["linear top-1 best"] == r["linear top-1 last"] == r["kNN top-1 (last)"] == "—"
     assert r["linear eval"] == "—" and r["Δ best − published"] == "—"
     assert r["cached probe top-1 best / last"] == r["semi-sup 10pct top-1 best / last"] == "—"
-    assert r["published top-1"] == "66.1"
+    assert r["published top-1"] == "66.1" and r["not compared because"] == "pretraining unfinished (37/400 epochs)"
     assert r["wall time"] == "37.0 min"
 
     r = rows["tiny_unmix"]
@@ -168,6 +199,7 @@ def test_table_and_plots(experiments, tmp_path):
     assert (r["linear top-1 best"], r["linear top-1 last"]) == ("31.00", "29.50")    # from eval stats0.pkl
     assert r["kNN top-1 (last)"] == "20.40"
     assert r["published top-1"] == "—"                                             # no 3-epoch row
+    assert r["Δ best − published"] == "—" and r["not compared because"] == "no published row for 3 epochs"
     assert r["linear eval"] == "released, 2/5 ep (unfinished)"
     assert r["wall time"] == "15 s"
 
@@ -216,8 +248,11 @@ def test_in_process_api_and_edge_cases(experiments, tmp_path):
     runs, written = results.write_report([str(lone)], str(tmp_path / "out2"))
     assert len(runs) == 1 and runs[0]["dataset"] == "cifar100" and runs[0]["best_top1"] == 12.0
     assert all(os.path.getsize(p) > 0 for p in written)
+    os.makedirs(tmp_path / "nothing_here")
     runs, written = results.write_report([str(tmp_path / "nothing_here")], str(tmp_path / "out3"))
     assert runs == [] and "—" in open(written[0]).read()
+    with pytest.raises(FileNotFoundError, match="no_such_folder: no such folder"):
+        results.write_report([str(tmp_path / "no_such_folder")], str(tmp_path / "out3"))
     _check_png(written[1])
 
 
@@ -287,7 +322,7 @@ def test_plan_report_tables_and_cell_statuses(tmp_path):
         c = by_name[name]
         _dump(c.experiment_path, _pretrain_params(run_swav=c.method == "swav", epochs=c.epochs, seed=c.seed),
               _pretrain_stats(c.epochs))
-        _dump(c.eval_path, dict(num_labels=10, epochs=100, probe="released"), None)
+        _dump(c.eval_path, _eval_params(), None)
         _results(c.eval_path, best, best - 1, epochs=100, mode="released")
         reproduce_tables.write_state(cells_dir, c, f"exit 0 7_{c.index}")
     # seed 32 of SwAV 200: pretraining failed; Un-Mix 400 seed 31: only a cached probe; seed 32: killed
@@ -352,3 +387,159 @@ def test_seeds_are_one_experiment_across_provenance_and_operational_flags(tmp_pa
     assert set(seeds) == {"unmix", "unmix_4gpus"}
     assert seeds["unmix"]["seeds"] == "31, 32" and seeds["unmix"]["linear top-1 best"] == "81.00 ± 1.41 (2)"
     assert seeds["unmix_4gpus"]["linear top-1 best"] == "70.00 (1)"
+
+
+def _evaluated(folder, checkpoint, best, seconds=1.0, **eval_kw):
+    """A finished released-probe evaluation in `folder` of `checkpoint` (recorded as eval_linear.py records
+    it: path, size, modification time, SHA-256)."""
+    from src.runtime.run_folder import checkpoint_identity
+    _dump(folder, _eval_params(pretrained=str(checkpoint), pretrained_file=checkpoint_identity(str(checkpoint)),
+                               **eval_kw), None)
+    _results(str(folder), best, best - 1, epochs=eval_kw.get("epochs", 100), mode="released", seconds=seconds)
+
+
+def _run_with_checkpoint(folder, content=b"weights of epoch 200", **kw):
+    _dump(folder, _pretrain_params(**{"epochs": 200, **kw}), _pretrain_stats(200))
+    (folder / "checkpoint.pth.tar").write_bytes(content)
+    return folder / "checkpoint.pth.tar"
+
+
+def _report(dirs, out):
+    """tools/results.py's report of `dirs` into `out`: (runs, the text of results.md)."""
+    runs, written = results.write_report([str(d) for d in dirs], str(out))
+    return runs, open(written[0]).read()
+
+
+def test_released_recipe_is_the_scripts():
+    """tools/published.py's recipe is what scripts/unmix_job.sh runs, for both methods and data sets."""
+    assert published.pretraining_differences(_pretrain_params(), swav=False) == []
+    assert published.pretraining_differences(_pretrain_params(run_swav=True), swav=True) == []
+    assert published.linear_eval_differences(_eval_params(), "cifar10") == []
+    assert published.linear_eval_differences(_eval_params(num_labels=100), "cifar100") == []
+    assert published.pretraining_differences(_pretrain_params(queue_length=3840), swav=False) == [
+        "queue_length 3840 (a queue in use)"]
+
+
+def test_published_numbers_only_next_to_the_released_recipe(tmp_path):
+    """A published number and a Δ only for a finished run of the released recipe evaluated by the released
+    protocol; every other run says why not."""
+    exp = tmp_path / "exp"
+    for name, kw, eval_kw in (("released", {}, {}), ("w8", dict(width_per_group=8), {}),
+                              ("b512", dict(batch_size=512), {}), ("two_procs", dict(batch_size=64, world_size=2), {}),
+                              ("hidden", dict(hidden_mlp=2048, nmb_prototypes=3000, feat_dim=64), {}),
+                              ("short_eval", {}, dict(epochs=5)), ("eval_w8", {}, dict(width_per_group=8))):
+        checkpoint = _run_with_checkpoint(exp / name, **kw)
+        _evaluated(exp / f"{name}_linear_eval", checkpoint, 88.0, **eval_kw)
+    rows = _parse_table(_report([exp], tmp_path / "report")[1])
+    reason = {name: row["not compared because"] for name, row in rows.items()}
+    assert (rows["released"]["published top-1"], rows["released"]["Δ best − published"], reason["released"]) == (
+        "86.8", "+1.20", "")
+    assert reason["w8"] == "not the released recipe: width_per_group 8"
+    assert reason["b512"] == "not the released recipe: batch_size 512"
+    assert reason["two_procs"] == "not the released recipe: batch_size 64, world_size 2"
+    assert reason["hidden"] == "not the released recipe: hidden_mlp 2048, feat_dim 64 (+1 more)"
+    assert reason["short_eval"] == "evaluation not the released protocol: epochs 5"
+    assert reason["eval_w8"] == "evaluation not the released protocol: width_per_group 8"
+    for name in ("w8", "b512", "two_procs", "hidden"):
+        assert (rows[name]["published top-1"], rows[name]["Δ best − published"]) == ("—", "—"), name
+    for name in ("short_eval", "eval_w8"):   # the recipe's published number, but no Δ
+        assert (rows[name]["published top-1"], rows[name]["Δ best − published"]) == ("86.8", "—"), name
+        assert rows[name]["linear top-1 best"] == "88.00"
+
+
+def test_an_evaluation_of_an_earlier_checkpoint_is_stale(tmp_path):
+    """An evaluation counts for its run only while the run's checkpoint.pth.tar is the one it evaluated (the
+    same bytes, even rewritten); after the pretraining went on it is shown as stale, not as the result."""
+    exp = tmp_path / "exp"
+    checkpoint = _run_with_checkpoint(exp / "unmix")
+    _evaluated(exp / "unmix_linear_eval", checkpoint, 88.0, seconds=600.0)
+
+    def row():
+        return _parse_table(_report([exp], tmp_path / "report")[1])["unmix"]
+
+    assert (row()["linear top-1 best"], row()["Δ best − published"]) == ("88.00", "+1.20")
+    checkpoint.write_bytes(b"weights of epoch 200")   # the same bytes written again: hashed, still current
+    os.utime(checkpoint, (1e9, 1e9))
+    assert (row()["linear top-1 best"], row()["wall time"]) == ("88.00", f"{(200 * 30 + 600) / 3600:.2f} h")
+    checkpoint.write_bytes(b"weights of epoch 200, trained further")
+    r = row()
+    assert (r["linear top-1 best"], r["linear top-1 last"], r["linear eval"]) == ("—",) * 3
+    assert r["Δ best − published"] == "—"
+    assert r["released probe top-1 best / last"] == "stale (of an earlier checkpoint): 88.00 / 87.00"
+    assert r["not compared because"] == "linear evaluation stale (of an earlier checkpoint)"
+    assert r["wall time"] == f"{200 * 30 / 3600:.2f} h"
+    # a new evaluation of the current checkpoint is the result again, the stale one stays shown as such
+    _evaluated(exp / "unmix_linear_eval_again", checkpoint, 89.0)
+    r = row()
+    assert (r["linear top-1 best"], r["Δ best − published"]) == ("89.00", "+2.20")
+    assert r["released probe top-1 best / last"] == "stale (of an earlier checkpoint): 88.00 / 87.00"
+
+
+def _cli(*argv):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "tools", "results.py"), *map(str, argv)],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_a_missing_folder_is_one_line_and_keeps_the_report(tmp_path):
+    exp = tmp_path / "exp"
+    _evaluated(exp / "unmix_linear_eval", _run_with_checkpoint(exp / "unmix"), 88.0)
+    out = tmp_path / "report"
+    _report([exp], out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert "unmix" in before["results.md"].decode()
+    for argv in ([exp, tmp_path / "exp_typo"], ["--plan", tmp_path / "plan-typo.tsv"]):
+        proc = _cli(*argv, "--out", out)
+        assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: "), proc.stderr
+        assert "typo" in proc.stderr and "Traceback" not in proc.stderr
+        assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def test_linked_runs_and_evaluations_are_found(tmp_path):
+    """A run folder or an evaluation folder that is a symbolic link inside the experiments folder is
+    found (each real folder once; a link loop ends)."""
+    store, exp = tmp_path / "store", tmp_path / "exp"
+    checkpoint = _run_with_checkpoint(store / "unmix_real")
+    _evaluated(store / "unmix_real_linear_eval", checkpoint, 88.0)
+    os.makedirs(exp)
+    os.symlink(store / "unmix_real", exp / "unmix_linked")
+    os.symlink(store / "unmix_real_linear_eval", exp / "unmix_linked_linear_eval")
+    _evaluated(store / "somewhere_else", _run_with_checkpoint(exp / "swav_here", run_swav=True), 86.0)
+    os.symlink(store / "somewhere_else", exp / "swav_here_linear_eval")
+    os.symlink(exp, exp / "loop")
+    runs = _report([exp], tmp_path / "report")[0]
+    assert {r["name"]: r["best_top1"] for r in runs} == {"unmix_linked": 88.0, "swav_here": 86.0}
+
+
+def test_every_run_keeps_its_own_outputs_whatever_its_name(tmp_path):
+    """Evaluations go with the run whose checkpoint they evaluated, whatever the folders' names: a
+    pretraining named like an evaluation (`x_linear_eval`) is a run of its own, an evaluation folder named
+    after one run that evaluated another's checkpoint is the other's; runs whose names differ only in
+    characters a file name cannot hold keep a plot each."""
+    exp = tmp_path / "exp"
+    _run_with_checkpoint(exp / "x")
+    _evaluated(exp / "x_linear_eval_linear_eval", _run_with_checkpoint(exp / "x_linear_eval"), 70.0)
+    _run_with_checkpoint(exp / "a")
+    _evaluated(exp / "a_linear_eval", _run_with_checkpoint(exp / "b"), 80.0)   # b's checkpoint, a's name
+    _evaluated(exp / "run a_linear_eval", _run_with_checkpoint(exp / "run a"), 81.0)
+    _evaluated(exp / "run_a_linear_eval", _run_with_checkpoint(exp / "run_a"), 82.0)
+    _evaluated(exp / "r|1_linear_eval", _run_with_checkpoint(exp / "r|1"), 83.0)
+    out = tmp_path / "report"
+    runs, written = results.write_report([str(exp)], str(out))
+    best = {r["name"]: r["best_top1"] for r in runs}
+    assert best == {"x": None, "x_linear_eval": 70.0, "a": None, "b": 80.0, "run a": 81.0, "run_a": 82.0,
+                    "r|1": 83.0}
+    assert all(not r["evals"] for r in runs if r["name"] in ("x", "a"))
+    md = (out / "results.md").read_text()
+    assert "| r\\|1 | Un-Mix |" in md and _parse_table(md)["b"]["linear top-1 best"] == "80.00"
+    plots = sorted(p.name for p in out.iterdir() if p.name.endswith("_curves.png"))
+    assert len(plots) == len(runs) == 7 and len(written) == 9
+
+
+def test_moved_experiments_keep_their_evaluations(tmp_path):
+    """Experiments moved elsewhere after they ran: the recorded checkpoint path is gone, the evaluation is
+    paired by its name, and it is still of the run's current checkpoint (the same bytes)."""
+    exp = tmp_path / "exp"
+    _evaluated(exp / "unmix_linear_eval", _run_with_checkpoint(exp / "unmix"), 88.0)
+    os.rename(exp, tmp_path / "moved")
+    runs = _report([tmp_path / "moved"], tmp_path / "report")[0]
+    assert [(r["name"], r["best_top1"], r["not_compared"]) for r in runs] == [("unmix", 88.0, "")]

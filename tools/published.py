@@ -3,7 +3,10 @@
 Source: the "Results from this repo" tables of the released README:
 ResNet-18 (Bottleneck variant), batch size 128, 1 GPU, linear evaluation with the released protocol
 (best test top-1 over 100 epochs). Keyed by data set, then method, then pretraining epochs.
+Also the released recipe those numbers came from, and how a run's arguments differ from it: a run is put
+next to a published number only when it is that recipe.
 """
+import math
 
 PUBLISHED = {
     "cifar10": {
@@ -26,3 +29,77 @@ def published_top1(method, dataset, epochs):
         return PUBLISHED[dataset][method][int(epochs)]
     except (KeyError, TypeError, ValueError):
         return None
+
+
+# The released recipe behind those numbers (script_unmix_c10.sh / script_unmix_c100.sh, scripts/unmix_job.sh):
+# pretraining arguments that change what is computed. Speed and precision choices (--augment, --use_fp16,
+# --amp_dtype, --compile, --cuda_graph, ...) are not part of it; Un-Mix's own arguments only count with Un-Mix.
+RELEASED_PRETRAINING = {
+    "arch": "resnet18", "width_per_group": 64, "hidden_mlp": 512, "feat_dim": 128, "nmb_prototypes": 100,
+    "batch_size": 128, "world_size": 1, "nmb_crops": [2], "size_crops": [32], "min_scale_crops": [0.14],
+    "max_scale_crops": [1.0], "crops_for_assign": [0, 1], "base_lr": 0.6, "final_lr": 0.0006, "warmup_epochs": 5,
+    "start_warmup": 0, "wd": 1e-6, "freeze_prototypes_niters": 5005, "temperature": 0.1, "epsilon": 0.05,
+    "sinkhorn_iterations": 3, "improve_numerical_stability": False,
+}
+RELEASED_UNMIX = {"unmix_prob": 0.5, "unmix_beta": 1.0, "unmix_loss_form": "released"}
+# The released linear evaluation (eval_linear.py's defaults, as the scripts run it); `num_labels` is the data set's.
+RELEASED_LINEAR = {
+    "arch": "resnet18", "width_per_group": 64, "probe": "released", "epochs": 100, "batch_size": 32, "world_size": 1,
+    "lr": 0.3, "wd": 1e-6, "nesterov": False, "scheduler_type": "cosine", "final_lr": 0.0, "crop_size": 32,
+    "global_pooling": True,
+}
+NUM_LABELS = {"cifar10": 10, "cifar100": 100}
+# Flags newer than the released code: a params.json written before they existed ran with their default.
+NEW_FLAG_DEFAULTS = {"width_per_group": 64, "unmix_loss_form": "released", "probe": "released"}
+
+
+def _same(value, released):
+    if isinstance(released, bool):
+        return str(value).strip().lower() in ("on", "true", "1") if released else \
+            str(value).strip().lower() in ("off", "false", "0")
+    if isinstance(released, list):
+        return isinstance(value, list) and len(value) == len(released) and all(map(_same, value, released))
+    if isinstance(released, (int, float)):
+        try:
+            return math.isclose(float(value), released, rel_tol=1e-9, abs_tol=1e-12)
+        except (TypeError, ValueError):
+            return False
+    return value == released
+
+
+def _world_size(params):
+    if params.get("world_size") not in (None, -1):
+        return params["world_size"]
+    return (params.get("provenance") or {}).get("world_size")
+
+
+def differences(params, released):
+    """The arguments of `params` (a params.json) that are not the released ones, as 'name value' strings
+    ('name not recorded' for one missing)."""
+    out = []
+    for name, want in released.items():
+        value = _world_size(params) if name == "world_size" else params.get(name, NEW_FLAG_DEFAULTS.get(name))
+        if value is None:
+            out.append(f"{name} not recorded")
+        elif not _same(value, want):
+            out.append(f"{name} {value}")
+    return out
+
+
+def pretraining_differences(params, swav):
+    """How a pretraining's arguments differ from the released recipe (also: a queue in use, which the
+    released settings leave at 0); `swav` for plain SwAV, whose runs ignore Un-Mix's arguments."""
+    out = differences(params, RELEASED_PRETRAINING if swav else {**RELEASED_PRETRAINING, **RELEASED_UNMIX})
+    try:
+        queue = int(params.get("queue_length", 0))
+        queue -= queue % (int(params.get("batch_size", 1)) * int(_world_size(params) or 1))
+    except (TypeError, ValueError):
+        queue = None
+    if queue:
+        out.append(f"queue_length {params['queue_length']} (a queue in use)")
+    return out
+
+
+def linear_eval_differences(params, dataset):
+    """How a linear evaluation's arguments differ from the released protocol on `dataset`."""
+    return differences(params, {**RELEASED_LINEAR, "num_labels": NUM_LABELS.get(dataset, 0)})

@@ -24,6 +24,8 @@ from .metrics import correct_counts
 from .pretrained import PretrainedError, network_config, read_state_dict
 
 STATS_COLUMNS = ["epoch", "loss", "prec1", "prec5", "loss_val", "prec1_val", "prec5_val"]  # released
+# ours after them: `time`, the evaluation's seconds up to the end of the epoch, its earlier processes included
+TIMED_STATS_COLUMNS = STATS_COLUMNS + ["time"]
 # How the messages name each evaluation: the run, running it, to run it.
 WORDS = {LINEAR: ("evaluation", "evaluating", "evaluate"), FINE_TUNING: ("fine-tuning", "fine-tuning", "fine-tune")}
 # How the resume messages name it: the run, what its checkpoint holds, what to do with a checkpoint that fails.

@@ -204,10 +204,11 @@ def find_resume_checkpoint(dump_path, log=print):
 
 
 def save_checkpoint(dump_path, epoch, iteration, net, optimizer, np_rng, arch, scaler=None, queue=None,
-                    rank=0, world_size=1, loop=None, copy_path=None, device="cpu", writer=None):
+                    rank=0, world_size=1, loop=None, copy_path=None, device="cpu", writer=None, elapsed=None):
     """The released checkpoint (`epoch`, `state_dict` with the `module.` prefix, `optimizer`, `amp`) plus
     what an exact restart needs: `iteration` (0 = epoch boundary), every RNG stream, every rank's queue
-    ("queues": None without one) and every rank's mid-epoch `loop` state ("loops"; "loop" is rank 0's).
+    ("queues": None without one) and every rank's mid-epoch `loop` state ("loops"; "loop" is rank 0's),
+    and `elapsed`, the run's training seconds up to this checkpoint (where a resumed run's clock goes on).
     Collective with several processes (`device`: where this rank's collectives run).
 
     Rank 0 writes `checkpoint.pth.tar`, and first the epoch copy `copy_path` if asked, so a kill between
@@ -234,6 +235,8 @@ def save_checkpoint(dump_path, epoch, iteration, net, optimizer, np_rng, arch, s
             save_dict["amp"] = scaler.state_dict()
         if loops is not None:
             save_dict["loop"], save_dict["loops"] = loops[0], loops
+        if elapsed is not None:
+            save_dict["elapsed"] = float(elapsed)
         if copy_path is not None:
             jobs.append((save_dict, copy_path))
         jobs.append((save_dict, os.path.join(dump_path, "checkpoint.pth.tar")))
@@ -279,6 +282,8 @@ class Restart:
         loops = ckpt.get("loops")
         own = loops[rank] if isinstance(loops, list) and rank < len(loops) else ckpt.get("loop")
         self.loop = own if self.iteration > 0 else None
+        elapsed = ckpt.get("elapsed")  # None in released checkpoints and older ones of ours
+        self.elapsed = float(elapsed) if isinstance(elapsed, (int, float)) else None
 
     def method_state(self, dump_path, rank, world_size):
         """The method's state for `UnmixSwAV.load_state_dict`: this rank's queue from the checkpoint, or
