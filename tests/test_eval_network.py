@@ -114,8 +114,9 @@ def documented(path, marker):
     """The command of `path` on the line that holds `marker` (a table cell in backquotes, or the shell block
     that follows it), joined into one line."""
     text = (REPO / path).read_text()
-    if "```bash" in text.split(marker, 1)[1][:400]:
-        block = text.split(marker, 1)[1].split("```bash", 1)[1].split("```", 1)[0]
+    section = text.split(marker, 1)[1].split("\n#", 1)[0]  # up to the next heading
+    if "```bash" in section:
+        block = section.split("```bash", 1)[1].split("```", 1)[0]
         return " ".join(line.rstrip("\\").strip() for line in block.strip().splitlines())
     line = next(ln for ln in text.splitlines() if marker in ln)
     return re.search(r"`([^`]*bash script_unmix_c10.sh)`", line).group(1)
