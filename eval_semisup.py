@@ -159,8 +159,7 @@ def main():
     # the time of the earlier processes up to their last checkpoint, and this one's start-up
     clock = Clock(args.epochs, len(train_loader), start_epoch, offset=stats.last("time", 0.0) + time.time() - t_start)
     eta = clock.eta
-    pace = devices.CpuPace(args.rank == 0 and args.device.type == "cpu"
-                           and devices.full_width(args.arch, args.width_per_group), len(train_loader), logger.info)
+    pace = devices.CpuPace.of_run(args, len(train_loader), logger.info)
 
     # ============ epoch loop ============
     for epoch in range(start_epoch, args.epochs):

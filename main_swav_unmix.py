@@ -523,8 +523,7 @@ def train_one_epoch(loop, epoch, first_iter, crops_of_epoch):
         torch.cuda.reset_peak_memory_stats(args.device)
     guard.start_epoch(first_iter)
     first_epoch_here = epoch == loop.clock.first // iters_per_epoch  # of this process: the pace is logged once
-    pace = devices.CpuPace(first_epoch_here and args.rank == 0 and args.device.type == "cpu"
-                           and devices.full_width(args.arch, args.width_per_group), iters_per_epoch, logger.info)
+    pace = devices.CpuPace.of_run(args, iters_per_epoch, logger.info, first_epoch_here)
     images = args.batch_size * args.world_size
     end = window_start = epoch_start = time.time()
     window = 0

@@ -105,6 +105,15 @@ def test_full_width_and_the_cpu_pace_line():
     assert (about(40), about(600), about(5 * 3600)) == ("40 s", "10 min", "5.0 h")
 
 
+def test_the_pace_of_a_run_is_measured_by_rank_0_on_the_cpu_at_full_width_in_its_first_epoch():
+    from argparse import Namespace
+    run_args = dict(rank=0, device=torch.device("cpu"), arch="resnet18", width_per_group=64)
+    assert CpuPace.of_run(Namespace(**run_args), 10, print).active
+    for other in (dict(rank=1), dict(device=torch.device("cuda", 0)), dict(width_per_group=8)):
+        assert not CpuPace.of_run(Namespace(**{**run_args, **other}), 10, print).active, other
+    assert not CpuPace.of_run(Namespace(**run_args), 10, print, first_epoch=False).active
+
+
 # ---------------------------------------------------------------------------------------------------------
 # the SBATCH scripts' DEVICE (a fake python records the commands; a fake srun runs them)
 # ---------------------------------------------------------------------------------------------------------

@@ -96,6 +96,13 @@ class CpuPace:
         self.active, self.iterations, self.log, self.after = active, iterations, log, after
         self.done, self.start = 0, None
 
+    @classmethod
+    def of_run(cls, args, iterations, log, first_epoch=True):
+        """The pace of a run with these arguments: measured by rank 0 on the CPU at full width, in the first
+        epoch this process trains."""
+        return cls(first_epoch and args.rank == 0 and args.device.type == "cpu"
+                   and full_width(args.arch, args.width_per_group), iterations, log)
+
     def step(self):
         if not self.active:
             return
