@@ -17,6 +17,10 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 import reproduce_tables as rt  # noqa: E402
+import table_plan  # noqa: E402
+import table_records  # noqa: E402
+import table_settings  # noqa: E402
+import table_submit  # noqa: E402
 from fake_cifar import write_cifar10, write_cifar100, write_image_folder  # noqa: E402
 
 SCRIPT = os.path.join(ROOT, "scripts", "reproduce_tables.sh")
@@ -113,58 +117,58 @@ def test_data_paths(tmp_path):
     write_cifar10(both, n_train_per_batch=2, n_test=2)
     write_cifar100(both, n_train=4, n_test=2)
     env = {"DATASET_PATH": str(both)}
-    assert rt.dataset_path_for("cifar10", env) == str(both / "cifar-10-batches-py")   # each its own folder
-    assert rt.dataset_path_for("cifar100", env) == str(both / "cifar-100-python")
+    assert table_plan.dataset_path_for("cifar10", env) == str(both / "cifar-10-batches-py")   # each its own folder
+    assert table_plan.dataset_path_for("cifar100", env) == str(both / "cifar-100-python")
     c100 = str(both / "cifar-100-python")
-    assert rt.dataset_path_for("cifar100", {"DATASET_PATH": c100}) == c100               # the folder itself
-    assert rt.dataset_path_for("cifar10", {}) == "cifar10"                               # the scripts' default
-    assert rt.dataset_path_for("cifar100", {"DATASET_PATH": "cifar100"}) == "cifar100"
+    assert table_plan.dataset_path_for("cifar100", {"DATASET_PATH": c100}) == c100               # the folder itself
+    assert table_plan.dataset_path_for("cifar10", {}) == "cifar10"                               # the scripts' default
+    assert table_plan.dataset_path_for("cifar100", {"DATASET_PATH": "cifar100"}) == "cifar100"
     jpg = write_image_folder(tmp_path / "jpg", 1, 1, classes=[f"c{i}" for i in range(10)])
     env = {"DATASET_PATH": str(jpg), "DATASET_PATH_C100": str(both)}
-    assert rt.dataset_path_for("cifar10", env) == str(jpg)                              # 10 class folders
-    assert rt.dataset_path_for("cifar100", env) == str(both / "cifar-100-python")       # own variable first
+    assert table_plan.dataset_path_for("cifar10", env) == str(jpg)                              # 10 class folders
+    assert table_plan.dataset_path_for("cifar100", env) == str(both / "cifar-100-python")       # own variable first
     with pytest.raises(ValueError, match="lacks cifar100.*set DATASET_PATH_C100"):
-        rt.dataset_path_for("cifar100", {"DATASET_PATH": str(jpg)})
+        table_plan.dataset_path_for("cifar100", {"DATASET_PATH": str(jpg)})
 
 
 def test_plan_file_and_helpers(tmp_path):
-    cells = rt.plan_cells(["cifar10", "cifar100"], ["swav", "unmix"], [200, 400], [31, 32], str(tmp_path),
+    cells = table_plan.plan_cells(["cifar10", "cifar100"], ["swav", "unmix"], [200, 400], [31, 32], str(tmp_path),
                           {"cifar10": "cifar10", "cifar100": "/data/cifar 100"}, "_linear_eval_cached")
     assert len(cells) == 16 and [c.index for c in cells] == list(range(16))
     assert cells[5].name == "c10_unmix_200ep_seed32"
     assert cells[5].eval_path == str(tmp_path / cells[5].name) + "_linear_eval_cached"
-    path = rt.write_plan(str(tmp_path), cells)
-    assert rt.write_plan(str(tmp_path), cells) == path                    # same cells, same file
-    assert rt.read_plan(path) == cells                                    # a path with a space survives
-    assert rt.array_spec([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8" and rt.array_spec([3]) == "3"
-    assert rt.eval_folder_suffix("") == rt.eval_folder_suffix("--probe released") == "_linear_eval"
-    assert rt.eval_folder_suffix("--batch_size 4 --probe cached") == "_linear_eval_cached"
-    assert rt.eval_folder_suffix("--probe=cached --probe released") == "_linear_eval"   # the last one wins
+    path = table_plan.write_plan(str(tmp_path), cells)
+    assert table_plan.write_plan(str(tmp_path), cells) == path                    # same cells, same file
+    assert table_plan.read_plan(path) == cells                                    # a path with a space survives
+    assert table_submit.array_spec([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8" and table_submit.array_spec([3]) == "3"
+    assert table_plan.eval_folder_suffix("") == table_plan.eval_folder_suffix("--probe released") == "_linear_eval"
+    assert table_plan.eval_folder_suffix("--batch_size 4 --probe cached") == "_linear_eval_cached"
+    assert table_plan.eval_folder_suffix("--probe=cached --probe released") == "_linear_eval"   # the last one wins
 
 
 def test_cell_status(tmp_path):
-    cells = rt.plan_cells(["cifar10"], ["unmix"], [1], list(range(8)), str(tmp_path), {"cifar10": "cifar10"},
+    cells = table_plan.plan_cells(["cifar10"], ["unmix"], [1], list(range(8)), str(tmp_path), {"cifar10": "cifar10"},
                           "_linear_eval")
     cells_dir, host = str(tmp_path / "_cells"), socket.gethostname()
     os.makedirs(cells_dir)
     done, failed, preempted, killed, here, queued, started, missing = cells
     os.makedirs(done.eval_path)
     open(os.path.join(done.eval_path, "results.json"), "w").close()
-    rt.write_state(cells_dir, done, "exit 21 5_0")                         # results.json decides
-    rt.write_state(cells_dir, failed, "exit 11 5_1")
-    rt.write_state(cells_dir, preempted, "exit 3 5_2")
+    table_records.write_state(cells_dir, done, "exit 21 5_0")                         # results.json decides
+    table_records.write_state(cells_dir, failed, "exit 11 5_1")
+    table_records.write_state(cells_dir, preempted, "exit 3 5_2")
     dead = subprocess.Popen(["true"])
     dead.wait()
-    rt.write_state(cells_dir, killed, f"running local:{dead.pid}@{host}")
-    rt.write_state(cells_dir, here, f"running local:{os.getpid()}@{host}")   # alive, but not a cell's shell
-    rt.write_state(cells_dir, queued, "queued 6_5")
+    table_records.write_state(cells_dir, killed, f"running local:{dead.pid}@{host}")
+    table_records.write_state(cells_dir, here, f"running local:{os.getpid()}@{host}")   # alive, but not a cell's shell
+    table_records.write_state(cells_dir, queued, "queued 6_5")
     os.makedirs(started.experiment_path)                                  # started by hand, no record
-    status = {c.name: rt.cell_status(c, cells_dir, {"6_5": "pending", "5_2": "pending"}, host) for c in cells}
+    status = {c.name: table_records.cell_status(c, cells_dir, {"6_5": "pending", "5_2": "pending"}, host) for c in cells}
     assert [status[c.name][0] for c in cells] == ["done", "failed", "pending", "interrupted", "interrupted",
                                                   "pending", "interrupted", "missing"]
     assert status[failed.name][1] == "exit 11: pretraining failed, job 5_1"
-    assert rt.cell_status(preempted, cells_dir, None, host)[0] == "interrupted"    # not requeued (no queue)
-    assert rt.cell_status(queued, cells_dir, {}, host)[0] == "interrupted"         # gone from the queue
+    assert table_records.cell_status(preempted, cells_dir, None, host)[0] == "interrupted"    # not requeued (no queue)
+    assert table_records.cell_status(queued, cells_dir, {}, host)[0] == "interrupted"         # gone from the queue
 
 
 def _proc_start(pid):
@@ -179,32 +183,32 @@ def test_a_local_cell_is_running_only_while_its_own_shell_runs(tmp_path):
     code = tmp_path / "code"
     code.mkdir()
     (code / "script_unmix_c10.sh").write_text("sleep 60\n")   # a cell that runs until killed
-    cells = rt.plan_cells(["cifar10"], ["unmix"], [1], [31], str(tmp_path), {"cifar10": "cifar10"}, "_linear_eval")
+    cells = table_plan.plan_cells(["cifar10"], ["unmix"], [1], [31], str(tmp_path), {"cifar10": "cifar10"}, "_linear_eval")
     cells_dir, host, cell = str(tmp_path / "_cells"), socket.gethostname(), cells[0]
     os.makedirs(cells_dir)
-    plan = rt.write_plan(cells_dir, cells)
+    plan = table_plan.write_plan(cells_dir, cells)
     shell = subprocess.Popen(["bash", os.path.join(ROOT, "scripts", "table_cell.sh"), plan, "0"], stdout=subprocess.DEVNULL,
                              env=_clean_env(CODE_DIR=str(code)), start_new_session=True)
     try:
         deadline = time.time() + 30
-        while (rt.read_state(cells_dir, cell) or ("",))[0] != "running":
+        while (table_records.read_state(cells_dir, cell) or ("",))[0] != "running":
             assert time.time() < deadline and shell.poll() is None
             time.sleep(0.05)
-        record = rt.read_state(cells_dir, cell)[1]
+        record = table_records.read_state(cells_dir, cell)[1]
         assert record == f"local:{shell.pid}.{_proc_start(shell.pid)}@{host}"
-        assert rt.cell_status(cell, cells_dir, None, host) == ("running", f"pid {shell.pid}")
-        rt.write_state(cells_dir, cell, f"running local:{shell.pid}.1@{host}")            # the PID, another start
-        assert rt.cell_status(cell, cells_dir, None, host)[0] == "interrupted"
+        assert table_records.cell_status(cell, cells_dir, None, host) == ("running", f"pid {shell.pid}")
+        table_records.write_state(cells_dir, cell, f"running local:{shell.pid}.1@{host}")            # the PID, another start
+        assert table_records.cell_status(cell, cells_dir, None, host)[0] == "interrupted"
         me = os.getpid()
-        rt.write_state(cells_dir, cell, f"running local:{me}.{_proc_start(me)}@{host}")  # another program
-        assert rt.cell_status(cell, cells_dir, None, host)[0] == "interrupted"
-        rt.write_state(cells_dir, cell, f"running {record}")
-        assert rt.cell_status(cell, cells_dir, None, host)[0] == "running"
+        table_records.write_state(cells_dir, cell, f"running local:{me}.{_proc_start(me)}@{host}")  # another program
+        assert table_records.cell_status(cell, cells_dir, None, host)[0] == "interrupted"
+        table_records.write_state(cells_dir, cell, f"running {record}")
+        assert table_records.cell_status(cell, cells_dir, None, host)[0] == "running"
     finally:
         os.killpg(shell.pid, signal.SIGKILL)
         shell.wait()
-    assert rt.read_state(cells_dir, cell)[:2] == ("running", record)    # killed: no exit record
-    assert rt.cell_status(cell, cells_dir, None, host)[0] == "interrupted"
+    assert table_records.read_state(cells_dir, cell)[:2] == ("running", record)    # killed: no exit record
+    assert table_records.cell_status(cell, cells_dir, None, host)[0] == "interrupted"
 
 
 def test_a_cell_started_with_other_settings_is_not_taken_for_this_one(tmp_path, capsys):
@@ -217,14 +221,14 @@ def test_a_cell_started_with_other_settings_is_not_taken_for_this_one(tmp_path, 
     argv = ["--local", "--datasets", "c10", "--methods", "unmix", "--epochs", "1", "--experiments",
             str(tmp_path / "exp")]
     env = {"DATASET_PATH": str(data), "EXTRA_ARGS": "--width_per_group 8", "EVAL_EXTRA_ARGS": "--probe cached"}
-    cell = rt.plan_cells(["cifar10"], ["unmix"], [1], [31], str(tmp_path / "exp"), {"cifar10": ""},
+    cell = table_plan.plan_cells(["cifar10"], ["unmix"], [1], [31], str(tmp_path / "exp"), {"cifar10": ""},
                          "_linear_eval_cached")[0]
     cells_dir = str(tmp_path / "exp" / "_cells")
     os.makedirs(cell.eval_path)
     open(os.path.join(cell.eval_path, "results.json"), "w").close()
     os.makedirs(cells_dir)
     path = str(data / "cifar-10-batches-py")
-    rt.write_settings(cells_dir, cell, rt.cell_settings(env, path, rt.data_identity(path)))
+    table_settings.write_settings(cells_dir, cell, table_settings.cell_settings(env, path, table_settings.data_identity(path)))
     assert rt.main(argv + ["--dry-run"], dict(env, EXTRA_ARGS=" --width_per_group  8 ", BATCH_SIZE="128")) == 0
     assert "dry run: would run 0 cell(s)" in capsys.readouterr().out
     (data / "cifar-10-batches-py" / "data_batch_1").write_bytes(b"other data")
