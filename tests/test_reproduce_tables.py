@@ -1,6 +1,7 @@
 """scripts/reproduce_tables.sh (tools/reproduce_tables.py, scripts/table_cell.sh): the plan, bad input, cell
 statuses, and tiny tables run for real, here one cell after another and through a job array and a report job
 on a private one-node Slurm (tests/slurm_cluster.py; skipped with the reason when Slurm is missing)."""
+import json
 import os
 import re
 import signal
@@ -356,3 +357,108 @@ def test_slurm_tiny_table_array_report_failure_and_rerun(cluster, cifar, tmp_pat
         assert (exp / "_cells" / f"{name}.log").read_text().count("==== cell") == 1      # ran once
     assert (exp / "_cells" / "c10_swav_1ep_seed32.log").read_text().count("==== cell") == 2
     print(f"\n[tiny table through Slurm: first submission {first:.0f}s, rerun {time.time() - t0 - first:.0f}s]")
+
+
+# --------------------------------------------------------------------------------------------------
+# what a cell's settings record holds
+# --------------------------------------------------------------------------------------------------
+
+def test_the_data_identity_covers_every_byte(tmp_path):
+    """A CIFAR pickle changed past its first 64 KiB (a pickle is 30 MB) is other data."""
+    folder = write_cifar10(tmp_path / "c10", n_train_per_batch=40, n_test=2)
+    before = table_settings.data_identity(str(folder))
+    batch = folder / "data_batch_1"
+    data = bytearray(batch.read_bytes())
+    assert len(data) > 2 * 65536
+    data[-1000] ^= 1                                          # one bit of one pixel, near the end
+    batch.write_bytes(bytes(data))
+    assert table_settings.data_identity(str(folder)) != before
+    assert table_settings.data_identity("cifar10") == "cifar10"           # a keyword is its own identity
+
+
+@pytest.mark.parametrize("name, one, other", [
+    ("WORKERS", "2", "4"),                   # DataLoader workers seed each crop's randomness
+    ("WORKERS", "", "0"),
+    ("SEMISUP_LABELS", "", "10"),            # the fine-tunings the report shows
+    ("SEMISUP_EXTRA_ARGS", "", "--epochs 5"),
+    ("DEVICE", "", "cpu"),
+    ("SBATCH_ARGS", "-p gpu", "-p gpu --ntasks-per-node=2"),   # processes, hence the global batch
+    ("SBATCH_ARGS", "", "-N 2"),
+    ("SBATCH_ARGS", "--nodes=2", "--nodes 1"),
+])
+def test_settings_that_change_a_cell_are_recorded(name, one, other):
+    assert table_settings.cell_settings({name: one}, "cifar10", "cifar10") != table_settings.cell_settings({name: other}, "cifar10", "cifar10")
+
+
+@pytest.mark.parametrize("name, one, other", [
+    ("WORKERS", "", "2"),                    # the scripts' default spelt out
+    ("SBATCH_ARGS", "", "-p gpu --time=24:00:00 --mem=40G"),   # where and how long, not what
+    ("SBATCH_ARGS", "--ntasks-per-node 2", "-p x --ntasks-per-node=2"),
+    ("PYTHON", "", "python3"),
+    ("REPORT_SBATCH_ARGS", "", "-p cpu"),
+])
+def test_settings_that_do_not_change_a_cell_are_not_recorded(name, one, other):
+    assert table_settings.cell_settings({name: one}, "cifar10", "cifar10") == table_settings.cell_settings({name: other}, "cifar10", "cifar10")
+
+
+def test_the_worker_count_changes_the_released_crops():
+    """Why WORKERS is recorded: the released pipeline's crops draw from per-worker random streams (seeded
+    base + worker id, each worker handling every n-th batch), so the same seed gives other crops with
+    another number of workers."""
+    import numpy as np
+    import torch
+    from src.data.transforms import MultiCropDataset, MultiCropTransform
+    images = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    dataset = MultiCropDataset(images, MultiCropTransform([16], [2], [0.14], [1.0]))
+
+    def crops(workers):
+        torch.manual_seed(31)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=workers)
+        return torch.cat([torch.cat(batch) for batch in loader])
+    assert torch.equal(crops(2), crops(2))                    # the same count: the same crops
+    assert not torch.equal(crops(1), crops(2)) and not torch.equal(crops(0), crops(1))
+
+
+def _earlier_version_data_digest(path):
+    """The data digest of records written before the whole data was hashed: relative path, size and
+    first 64 KiB of each file (what such a record holds, to write one here)."""
+    import hashlib
+    digest = hashlib.sha1()
+    for dirpath, dirnames, filenames in os.walk(path, followlinks=True):
+        dirnames.sort()
+        for name in sorted(filenames):
+            full = os.path.join(dirpath, name)
+            with open(full, "rb") as f:
+                head, size = f.read(1 << 16), os.fstat(f.fileno()).st_size
+            digest.update(f"{os.path.relpath(full, path)}\0{size}\0".encode() + hashlib.sha1(head).digest())
+    return digest.hexdigest()
+
+
+def test_a_record_of_an_earlier_version_is_still_read(tmp_path, capsys):
+    """A table upgraded mid-way: a cell recorded by the earlier version (no WORKERS etc., the data's first
+    64 KiB per file) is compared on what it recorded, said in one line, and refused when that differs."""
+    folder = write_cifar10(tmp_path / "c10", n_train_per_batch=2, n_test=2)
+    argv = ["--local", "--datasets", "c10", "--methods", "unmix", "--epochs", "1", "--experiments",
+            str(tmp_path / "exp")]
+    env = {"DATASET_PATH": str(folder), "EXTRA_ARGS": "--width_per_group 8"}
+    cell = table_plan.plan_cells(["cifar10"], ["unmix"], [1], [31], str(tmp_path / "exp"), {"cifar10": ""},
+                         "_linear_eval")[0]
+    os.makedirs(cell.eval_path)
+    open(os.path.join(cell.eval_path, "results.json"), "w").close()
+    cells_dir = tmp_path / "exp" / "_cells"
+    cells_dir.mkdir()
+    earlier = {"ARCH": "resnet18", "AUGMENT": "", "BATCH_SIZE": "128", "DATASET_PATH": str(folder),
+               "EVAL_EPOCHS": "100", "EVAL_EXTRA_ARGS": "", "EXTRA_ARGS": "--width_per_group 8", "NPROC": "",
+               "data": _earlier_version_data_digest(str(folder))}
+    (cells_dir / f"{cell.name}.settings").write_text(json.dumps(earlier, indent=1, sort_keys=True) + "\n")
+    assert rt.main(argv + ["--dry-run"], dict(env, WORKERS="4")) == 0
+    out = capsys.readouterr().out
+    assert "dry run: would run 0 cell(s)" in out
+    assert re.search(r"^1 cell\(s\) recorded by an earlier version .*WORKERS.* not checked", out, flags=re.M), out
+    with pytest.raises(SystemExit) as e:
+        rt.main(argv, dict(env, ARCH="resnet50"))
+    assert e.value.code == 2 and "ARCH: 'resnet18' -> 'resnet50'" in capsys.readouterr().err
+    (folder / "batches.meta").write_bytes(b"other data")
+    with pytest.raises(SystemExit) as e:
+        rt.main(argv, env)
+    assert e.value.code == 2 and "data: " in capsys.readouterr().err

@@ -29,8 +29,8 @@ from src.runtime.cli import fail  # noqa: E402
 from table_plan import (DATASETS, METHODS, dataset_path_for, eval_folder_suffix, parse_counts,  # noqa: E402
                         parse_names, plan_cells, write_plan)
 from table_records import STATUSES, cell_status, slurm_queue  # noqa: E402
-from table_settings import (cell_settings, changed_settings, data_identity, refuse_other_settings,  # noqa: E402
-                            write_settings)
+from table_settings import (cell_settings, compare_with_records, data_identity, format_1_note,  # noqa: E402
+                            refuse_other_settings, write_settings)
 from table_submit import array_spec, download_once, run_here, submit_to_slurm  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "tools", "results.py")
@@ -115,7 +115,9 @@ def main(argv=None, environ=None):
     todo = [c for c in cells if statuses[c.name][0] in ("missing", "failed", "interrupted")]
     print_cells(cells, statuses)
     settings = {ds: cell_settings(environ, path, data_identity(path)) for ds, path in dataset_paths.items()}
-    changes = {c.name: changed_settings(cells_dir, c, settings[c.dataset]) for c in cells}
+    changes, format_1 = compare_with_records(cells, cells_dir, settings)
+    if format_1:
+        print(format_1_note(format_1))
     if args.status:
         for c in cells:
             if changes[c.name]:
