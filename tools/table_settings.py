@@ -52,7 +52,9 @@ def data_identity(path, head=None):
             try:
                 with open(full, "rb") as f:
                     size = os.fstat(f.fileno()).st_size
-                    content = hashlib.file_digest(f, "sha1") if head is None else hashlib.sha1(f.read(head))
+                    content = hashlib.sha1(f.read(1 << 20 if head is None else head))  # then the rest:
+                    while head is None and (piece := f.read(1 << 20)):
+                        content.update(piece)
             except OSError:
                 continue
             digest.update(f"{os.path.relpath(full, path)}\0{size}\0".encode() + content.digest())
