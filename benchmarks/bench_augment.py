@@ -153,6 +153,34 @@ def machine_description(device):
     return "\n".join(lines)
 
 
+def report_text(rows, device, n, repeats, cmd):
+    """The Markdown table of `rows` (path, setting, images/s, per process, per CPU-second or None)."""
+    base = [r for r in rows if r[0].startswith("released")]
+    base_pp = max(r[3] for r in base)
+    base_cpu = [r[4] for r in base if r[4] is not None]
+    base_cpu = max(base_cpu) if base_cpu else None
+    out = [f"# Augmentation throughput ({device})", "",
+           f"Command: `{cmd.strip()}`", "",
+           "One image = its 2 crops of 32 px (the CIFAR recipe: `--size_crops 32 --nmb_crops 2 "
+           "--min_scale_crops 0.14 --max_scale_crops 1`); synthetic uint8 data of CIFAR size "
+           f"({n} images); median of {repeats} repeats after a warm-up.", "",
+           machine_description(device), "",
+           "| path | setting | images/s (wall) | per process | vs best PIL per process "
+           "| images per CPU-second | vs PIL per CPU-second |",
+           "|---|---|---:|---:|---:|---:|---:|"]
+    for path, setting, rate, pp, cpu in rows:
+        cpu_s = f"{cpu:,.0f}" if cpu is not None else "-"
+        cpu_x = f"{cpu / base_cpu:.1f}x" if cpu is not None and base_cpu else "-"
+        out.append(f"| {path} | {setting} | {rate:,.0f} | {pp:,.0f} | {pp / base_pp:.1f}x | {cpu_s} | {cpu_x} |")
+    out += ["", "Per process: the PIL pipeline's images/s divided by the processes that augment (the main "
+            "process with 0 workers, else the workers); the batched path runs in the training process "
+            "(on the CPU with the stated number of torch threads). Images per CPU-second: images divided "
+            "by the CPU time of the measuring process (only where that process does all the work); it is "
+            "the per-core figure and is far less sensitive than wall time to other jobs on a shared "
+            "machine."]
+    return "\n".join(out) + "\n"
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=50000, help="synthetic images (CIFAR training split size)")
@@ -203,31 +231,8 @@ def main(argv=None):
             show(rows[-1])
     torch.set_num_threads(default_threads)
 
-    base = [r for r in rows if r[0].startswith("released")]
-    base_pp = max(r[3] for r in base)
-    base_cpu = [r[4] for r in base if r[4] is not None]
-    base_cpu = max(base_cpu) if base_cpu else None
     cmd = "python benchmarks/bench_augment.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    out = [f"# Augmentation throughput ({device})", "",
-           f"Command: `{cmd.strip()}`", "",
-           "One image = its 2 crops of 32 px (the CIFAR recipe: `--size_crops 32 --nmb_crops 2 "
-           "--min_scale_crops 0.14 --max_scale_crops 1`); synthetic uint8 data of CIFAR size "
-           f"({args.n} images); median of {args.repeats} repeats after a warm-up.", "",
-           machine_description(device), "",
-           "| path | setting | images/s (wall) | per process | vs best PIL per process "
-           "| images per CPU-second | vs PIL per CPU-second |",
-           "|---|---|---:|---:|---:|---:|---:|"]
-    for path, setting, rate, pp, cpu in rows:
-        cpu_s = f"{cpu:,.0f}" if cpu is not None else "-"
-        cpu_x = f"{cpu / base_cpu:.1f}x" if cpu is not None and base_cpu else "-"
-        out.append(f"| {path} | {setting} | {rate:,.0f} | {pp:,.0f} | {pp / base_pp:.1f}x | {cpu_s} | {cpu_x} |")
-    out += ["", "Per process: the PIL pipeline's images/s divided by the processes that augment (the main "
-            "process with 0 workers, else the workers); the batched path runs in the training process "
-            "(on the CPU with the stated number of torch threads). Images per CPU-second: images divided "
-            "by the CPU time of the measuring process (only where that process does all the work); it is "
-            "the per-core figure and is far less sensitive than wall time to other jobs on a shared "
-            "machine."]
-    text = "\n".join(out) + "\n"
+    text = report_text(rows, device, args.n, args.repeats, cmd)
     print()
     print(text)
     path = args.out or os.path.join(ROOT, "benchmarks", f"results_augment_{torch.device(device).type}.md")

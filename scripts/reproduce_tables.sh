@@ -24,15 +24,17 @@
 #   another, then the report. Running the command again skips finished cells, resumes interrupted or
 #   failed ones and leaves queued or running ones alone (its report job also waits for those). A cell
 #   records the settings and data it was started with (_cells/<cell>.settings); run again with other ones
-#   (EXTRA_ARGS, EVAL_EXTRA_ARGS, BATCH_SIZE, ARCH, EVAL_EPOCHS, AUGMENT, NPROC, the data), the command stops
-#   with one line naming the difference: use another --experiments folder for other settings.
+#   (EXTRA_ARGS, EVAL_EXTRA_ARGS, BATCH_SIZE, ARCH, EVAL_EPOCHS, AUGMENT, NPROC, WORKERS, SEMISUP_LABELS,
+#   SEMISUP_EXTRA_ARGS, DEVICE, the --nodes/--ntasks/--ntasks-per-node of SBATCH_ARGS, any byte of the
+#   data), the command stops with one line naming the difference: use another --experiments folder for
+#   other settings. Cells recorded by an earlier version are checked on what they recorded (one line says so).
 #
 # ENVIRONMENT (passed to every cell as script_unmix_c10.sh defines them)
 #   DATASET_PATH         data of every cell; a folder holding both cifar-10-batches-py/ and
 #                        cifar-100-python/ serves both data sets. DATASET_PATH_C10, DATASET_PATH_C100:
 #                        per data set. Default: the keywords cifar10 / cifar100 (downloaded once, before
 #                        the cells start, into data/ of the current folder)
-#   BATCH_SIZE ARCH WORKERS EVAL_EPOCHS EXTRA_ARGS EVAL_EXTRA_ARGS SEMISUP_LABELS SEMISUP_EXTRA_ARGS NPROC PYTHON
+#   BATCH_SIZE ARCH WORKERS AUGMENT DEVICE EVAL_EPOCHS EXTRA_ARGS EVAL_EXTRA_ARGS SEMISUP_LABELS SEMISUP_EXTRA_ARGS NPROC PYTHON
 #                        as in script_unmix_c10.sh
 #                        (EVAL_EXTRA_ARGS="--probe cached": evaluation folders <cell>_linear_eval_cached)
 #   EPOCHS RUN_SWAV EXPERIMENT_PATH, and --seed/--epochs/--run_swav/--dump_path/--data_path in

@@ -1,6 +1,7 @@
 """scripts/reproduce_tables.sh (tools/reproduce_tables.py, scripts/table_cell.sh): the plan, bad input, cell
 statuses, and tiny tables run for real, here one cell after another and through a job array and a report job
 on a private one-node Slurm (tests/slurm_cluster.py; skipped with the reason when Slurm is missing)."""
+import json
 import os
 import re
 import signal
@@ -17,6 +18,10 @@ sys.path.insert(0, os.path.join(ROOT, "tools"))
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 import reproduce_tables as rt  # noqa: E402
+import table_plan  # noqa: E402
+import table_records  # noqa: E402
+import table_settings  # noqa: E402
+import table_submit  # noqa: E402
 from fake_cifar import write_cifar10, write_cifar100, write_image_folder  # noqa: E402
 
 SCRIPT = os.path.join(ROOT, "scripts", "reproduce_tables.sh")
@@ -113,58 +118,58 @@ def test_data_paths(tmp_path):
     write_cifar10(both, n_train_per_batch=2, n_test=2)
     write_cifar100(both, n_train=4, n_test=2)
     env = {"DATASET_PATH": str(both)}
-    assert rt.dataset_path_for("cifar10", env) == str(both / "cifar-10-batches-py")   # each its own folder
-    assert rt.dataset_path_for("cifar100", env) == str(both / "cifar-100-python")
+    assert table_plan.dataset_path_for("cifar10", env) == str(both / "cifar-10-batches-py")   # each its own folder
+    assert table_plan.dataset_path_for("cifar100", env) == str(both / "cifar-100-python")
     c100 = str(both / "cifar-100-python")
-    assert rt.dataset_path_for("cifar100", {"DATASET_PATH": c100}) == c100               # the folder itself
-    assert rt.dataset_path_for("cifar10", {}) == "cifar10"                               # the scripts' default
-    assert rt.dataset_path_for("cifar100", {"DATASET_PATH": "cifar100"}) == "cifar100"
+    assert table_plan.dataset_path_for("cifar100", {"DATASET_PATH": c100}) == c100               # the folder itself
+    assert table_plan.dataset_path_for("cifar10", {}) == "cifar10"                               # the scripts' default
+    assert table_plan.dataset_path_for("cifar100", {"DATASET_PATH": "cifar100"}) == "cifar100"
     jpg = write_image_folder(tmp_path / "jpg", 1, 1, classes=[f"c{i}" for i in range(10)])
     env = {"DATASET_PATH": str(jpg), "DATASET_PATH_C100": str(both)}
-    assert rt.dataset_path_for("cifar10", env) == str(jpg)                              # 10 class folders
-    assert rt.dataset_path_for("cifar100", env) == str(both / "cifar-100-python")       # own variable first
+    assert table_plan.dataset_path_for("cifar10", env) == str(jpg)                              # 10 class folders
+    assert table_plan.dataset_path_for("cifar100", env) == str(both / "cifar-100-python")       # own variable first
     with pytest.raises(ValueError, match="lacks cifar100.*set DATASET_PATH_C100"):
-        rt.dataset_path_for("cifar100", {"DATASET_PATH": str(jpg)})
+        table_plan.dataset_path_for("cifar100", {"DATASET_PATH": str(jpg)})
 
 
 def test_plan_file_and_helpers(tmp_path):
-    cells = rt.plan_cells(["cifar10", "cifar100"], ["swav", "unmix"], [200, 400], [31, 32], str(tmp_path),
+    cells = table_plan.plan_cells(["cifar10", "cifar100"], ["swav", "unmix"], [200, 400], [31, 32], str(tmp_path),
                           {"cifar10": "cifar10", "cifar100": "/data/cifar 100"}, "_linear_eval_cached")
     assert len(cells) == 16 and [c.index for c in cells] == list(range(16))
     assert cells[5].name == "c10_unmix_200ep_seed32"
     assert cells[5].eval_path == str(tmp_path / cells[5].name) + "_linear_eval_cached"
-    path = rt.write_plan(str(tmp_path), cells)
-    assert rt.write_plan(str(tmp_path), cells) == path                    # same cells, same file
-    assert rt.read_plan(path) == cells                                    # a path with a space survives
-    assert rt.array_spec([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8" and rt.array_spec([3]) == "3"
-    assert rt.eval_folder_suffix("") == rt.eval_folder_suffix("--probe released") == "_linear_eval"
-    assert rt.eval_folder_suffix("--batch_size 4 --probe cached") == "_linear_eval_cached"
-    assert rt.eval_folder_suffix("--probe=cached --probe released") == "_linear_eval"   # the last one wins
+    path = table_plan.write_plan(str(tmp_path), cells)
+    assert table_plan.write_plan(str(tmp_path), cells) == path                    # same cells, same file
+    assert table_plan.read_plan(path) == cells                                    # a path with a space survives
+    assert table_submit.array_spec([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8" and table_submit.array_spec([3]) == "3"
+    assert table_plan.eval_folder_suffix("") == table_plan.eval_folder_suffix("--probe released") == "_linear_eval"
+    assert table_plan.eval_folder_suffix("--batch_size 4 --probe cached") == "_linear_eval_cached"
+    assert table_plan.eval_folder_suffix("--probe=cached --probe released") == "_linear_eval"   # the last one wins
 
 
 def test_cell_status(tmp_path):
-    cells = rt.plan_cells(["cifar10"], ["unmix"], [1], list(range(8)), str(tmp_path), {"cifar10": "cifar10"},
+    cells = table_plan.plan_cells(["cifar10"], ["unmix"], [1], list(range(8)), str(tmp_path), {"cifar10": "cifar10"},
                           "_linear_eval")
     cells_dir, host = str(tmp_path / "_cells"), socket.gethostname()
     os.makedirs(cells_dir)
     done, failed, preempted, killed, here, queued, started, missing = cells
     os.makedirs(done.eval_path)
     open(os.path.join(done.eval_path, "results.json"), "w").close()
-    rt.write_state(cells_dir, done, "exit 21 5_0")                         # results.json decides
-    rt.write_state(cells_dir, failed, "exit 11 5_1")
-    rt.write_state(cells_dir, preempted, "exit 3 5_2")
+    table_records.write_state(cells_dir, done, "exit 21 5_0")                         # results.json decides
+    table_records.write_state(cells_dir, failed, "exit 11 5_1")
+    table_records.write_state(cells_dir, preempted, "exit 3 5_2")
     dead = subprocess.Popen(["true"])
     dead.wait()
-    rt.write_state(cells_dir, killed, f"running local:{dead.pid}@{host}")
-    rt.write_state(cells_dir, here, f"running local:{os.getpid()}@{host}")   # alive, but not a cell's shell
-    rt.write_state(cells_dir, queued, "queued 6_5")
+    table_records.write_state(cells_dir, killed, f"running local:{dead.pid}@{host}")
+    table_records.write_state(cells_dir, here, f"running local:{os.getpid()}@{host}")   # alive, but not a cell's shell
+    table_records.write_state(cells_dir, queued, "queued 6_5")
     os.makedirs(started.experiment_path)                                  # started by hand, no record
-    status = {c.name: rt.cell_status(c, cells_dir, {"6_5": "pending", "5_2": "pending"}, host) for c in cells}
+    status = {c.name: table_records.cell_status(c, cells_dir, {"6_5": "pending", "5_2": "pending"}, host) for c in cells}
     assert [status[c.name][0] for c in cells] == ["done", "failed", "pending", "interrupted", "interrupted",
                                                   "pending", "interrupted", "missing"]
     assert status[failed.name][1] == "exit 11: pretraining failed, job 5_1"
-    assert rt.cell_status(preempted, cells_dir, None, host)[0] == "interrupted"    # not requeued (no queue)
-    assert rt.cell_status(queued, cells_dir, {}, host)[0] == "interrupted"         # gone from the queue
+    assert table_records.cell_status(preempted, cells_dir, None, host)[0] == "interrupted"    # not requeued (no queue)
+    assert table_records.cell_status(queued, cells_dir, {}, host)[0] == "interrupted"         # gone from the queue
 
 
 def _proc_start(pid):
@@ -179,32 +184,32 @@ def test_a_local_cell_is_running_only_while_its_own_shell_runs(tmp_path):
     code = tmp_path / "code"
     code.mkdir()
     (code / "script_unmix_c10.sh").write_text("sleep 60\n")   # a cell that runs until killed
-    cells = rt.plan_cells(["cifar10"], ["unmix"], [1], [31], str(tmp_path), {"cifar10": "cifar10"}, "_linear_eval")
+    cells = table_plan.plan_cells(["cifar10"], ["unmix"], [1], [31], str(tmp_path), {"cifar10": "cifar10"}, "_linear_eval")
     cells_dir, host, cell = str(tmp_path / "_cells"), socket.gethostname(), cells[0]
     os.makedirs(cells_dir)
-    plan = rt.write_plan(cells_dir, cells)
+    plan = table_plan.write_plan(cells_dir, cells)
     shell = subprocess.Popen(["bash", os.path.join(ROOT, "scripts", "table_cell.sh"), plan, "0"], stdout=subprocess.DEVNULL,
                              env=_clean_env(CODE_DIR=str(code)), start_new_session=True)
     try:
         deadline = time.time() + 30
-        while (rt.read_state(cells_dir, cell) or ("",))[0] != "running":
+        while (table_records.read_state(cells_dir, cell) or ("",))[0] != "running":
             assert time.time() < deadline and shell.poll() is None
             time.sleep(0.05)
-        record = rt.read_state(cells_dir, cell)[1]
+        record = table_records.read_state(cells_dir, cell)[1]
         assert record == f"local:{shell.pid}.{_proc_start(shell.pid)}@{host}"
-        assert rt.cell_status(cell, cells_dir, None, host) == ("running", f"pid {shell.pid}")
-        rt.write_state(cells_dir, cell, f"running local:{shell.pid}.1@{host}")            # the PID, another start
-        assert rt.cell_status(cell, cells_dir, None, host)[0] == "interrupted"
+        assert table_records.cell_status(cell, cells_dir, None, host) == ("running", f"pid {shell.pid}")
+        table_records.write_state(cells_dir, cell, f"running local:{shell.pid}.1@{host}")            # the PID, another start
+        assert table_records.cell_status(cell, cells_dir, None, host)[0] == "interrupted"
         me = os.getpid()
-        rt.write_state(cells_dir, cell, f"running local:{me}.{_proc_start(me)}@{host}")  # another program
-        assert rt.cell_status(cell, cells_dir, None, host)[0] == "interrupted"
-        rt.write_state(cells_dir, cell, f"running {record}")
-        assert rt.cell_status(cell, cells_dir, None, host)[0] == "running"
+        table_records.write_state(cells_dir, cell, f"running local:{me}.{_proc_start(me)}@{host}")  # another program
+        assert table_records.cell_status(cell, cells_dir, None, host)[0] == "interrupted"
+        table_records.write_state(cells_dir, cell, f"running {record}")
+        assert table_records.cell_status(cell, cells_dir, None, host)[0] == "running"
     finally:
         os.killpg(shell.pid, signal.SIGKILL)
         shell.wait()
-    assert rt.read_state(cells_dir, cell)[:2] == ("running", record)    # killed: no exit record
-    assert rt.cell_status(cell, cells_dir, None, host)[0] == "interrupted"
+    assert table_records.read_state(cells_dir, cell)[:2] == ("running", record)    # killed: no exit record
+    assert table_records.cell_status(cell, cells_dir, None, host)[0] == "interrupted"
 
 
 def test_a_cell_started_with_other_settings_is_not_taken_for_this_one(tmp_path, capsys):
@@ -217,14 +222,14 @@ def test_a_cell_started_with_other_settings_is_not_taken_for_this_one(tmp_path, 
     argv = ["--local", "--datasets", "c10", "--methods", "unmix", "--epochs", "1", "--experiments",
             str(tmp_path / "exp")]
     env = {"DATASET_PATH": str(data), "EXTRA_ARGS": "--width_per_group 8", "EVAL_EXTRA_ARGS": "--probe cached"}
-    cell = rt.plan_cells(["cifar10"], ["unmix"], [1], [31], str(tmp_path / "exp"), {"cifar10": ""},
+    cell = table_plan.plan_cells(["cifar10"], ["unmix"], [1], [31], str(tmp_path / "exp"), {"cifar10": ""},
                          "_linear_eval_cached")[0]
     cells_dir = str(tmp_path / "exp" / "_cells")
     os.makedirs(cell.eval_path)
     open(os.path.join(cell.eval_path, "results.json"), "w").close()
     os.makedirs(cells_dir)
     path = str(data / "cifar-10-batches-py")
-    rt.write_settings(cells_dir, cell, rt.cell_settings(env, path, rt.data_identity(path)))
+    table_settings.write_settings(cells_dir, cell, table_settings.cell_settings(env, path, table_settings.data_identity(path)))
     assert rt.main(argv + ["--dry-run"], dict(env, EXTRA_ARGS=" --width_per_group  8 ", BATCH_SIZE="128")) == 0
     assert "dry run: would run 0 cell(s)" in capsys.readouterr().out
     (data / "cifar-10-batches-py" / "data_batch_1").write_bytes(b"other data")
@@ -352,3 +357,108 @@ def test_slurm_tiny_table_array_report_failure_and_rerun(cluster, cifar, tmp_pat
         assert (exp / "_cells" / f"{name}.log").read_text().count("==== cell") == 1      # ran once
     assert (exp / "_cells" / "c10_swav_1ep_seed32.log").read_text().count("==== cell") == 2
     print(f"\n[tiny table through Slurm: first submission {first:.0f}s, rerun {time.time() - t0 - first:.0f}s]")
+
+
+# --------------------------------------------------------------------------------------------------
+# what a cell's settings record holds
+# --------------------------------------------------------------------------------------------------
+
+def test_the_data_identity_covers_every_byte(tmp_path):
+    """A CIFAR pickle changed past its first 64 KiB (a pickle is 30 MB) is other data."""
+    folder = write_cifar10(tmp_path / "c10", n_train_per_batch=40, n_test=2)
+    before = table_settings.data_identity(str(folder))
+    batch = folder / "data_batch_1"
+    data = bytearray(batch.read_bytes())
+    assert len(data) > 2 * 65536
+    data[-1000] ^= 1                                          # one bit of one pixel, near the end
+    batch.write_bytes(bytes(data))
+    assert table_settings.data_identity(str(folder)) != before
+    assert table_settings.data_identity("cifar10") == "cifar10"           # a keyword is its own identity
+
+
+@pytest.mark.parametrize("name, one, other", [
+    ("WORKERS", "2", "4"),                   # DataLoader workers seed each crop's randomness
+    ("WORKERS", "", "0"),
+    ("SEMISUP_LABELS", "", "10"),            # the fine-tunings the report shows
+    ("SEMISUP_EXTRA_ARGS", "", "--epochs 5"),
+    ("DEVICE", "", "cpu"),
+    ("SBATCH_ARGS", "-p gpu", "-p gpu --ntasks-per-node=2"),   # processes, hence the global batch
+    ("SBATCH_ARGS", "", "-N 2"),
+    ("SBATCH_ARGS", "--nodes=2", "--nodes 1"),
+])
+def test_settings_that_change_a_cell_are_recorded(name, one, other):
+    assert table_settings.cell_settings({name: one}, "cifar10", "cifar10") != table_settings.cell_settings({name: other}, "cifar10", "cifar10")
+
+
+@pytest.mark.parametrize("name, one, other", [
+    ("WORKERS", "", "2"),                    # the scripts' default spelt out
+    ("SBATCH_ARGS", "", "-p gpu --time=24:00:00 --mem=40G"),   # where and how long, not what
+    ("SBATCH_ARGS", "--ntasks-per-node 2", "-p x --ntasks-per-node=2"),
+    ("PYTHON", "", "python3"),
+    ("REPORT_SBATCH_ARGS", "", "-p cpu"),
+])
+def test_settings_that_do_not_change_a_cell_are_not_recorded(name, one, other):
+    assert table_settings.cell_settings({name: one}, "cifar10", "cifar10") == table_settings.cell_settings({name: other}, "cifar10", "cifar10")
+
+
+def test_the_worker_count_changes_the_released_crops():
+    """Why WORKERS is recorded: the released pipeline's crops draw from per-worker random streams (seeded
+    base + worker id, each worker handling every n-th batch), so the same seed gives other crops with
+    another number of workers."""
+    import numpy as np
+    import torch
+    from src.data.transforms import MultiCropDataset, MultiCropTransform
+    images = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    dataset = MultiCropDataset(images, MultiCropTransform([16], [2], [0.14], [1.0]))
+
+    def crops(workers):
+        torch.manual_seed(31)
+        loader = torch.utils.data.DataLoader(dataset, batch_size=2, num_workers=workers)
+        return torch.cat([torch.cat(batch) for batch in loader])
+    assert torch.equal(crops(2), crops(2))                    # the same count: the same crops
+    assert not torch.equal(crops(1), crops(2)) and not torch.equal(crops(0), crops(1))
+
+
+def _earlier_version_data_digest(path):
+    """The data digest of records written before the whole data was hashed: relative path, size and
+    first 64 KiB of each file (what such a record holds, to write one here)."""
+    import hashlib
+    digest = hashlib.sha1()
+    for dirpath, dirnames, filenames in os.walk(path, followlinks=True):
+        dirnames.sort()
+        for name in sorted(filenames):
+            full = os.path.join(dirpath, name)
+            with open(full, "rb") as f:
+                head, size = f.read(1 << 16), os.fstat(f.fileno()).st_size
+            digest.update(f"{os.path.relpath(full, path)}\0{size}\0".encode() + hashlib.sha1(head).digest())
+    return digest.hexdigest()
+
+
+def test_a_record_of_an_earlier_version_is_still_read(tmp_path, capsys):
+    """A table upgraded mid-way: a cell recorded by the earlier version (no WORKERS etc., the data's first
+    64 KiB per file) is compared on what it recorded, said in one line, and refused when that differs."""
+    folder = write_cifar10(tmp_path / "c10", n_train_per_batch=2, n_test=2)
+    argv = ["--local", "--datasets", "c10", "--methods", "unmix", "--epochs", "1", "--experiments",
+            str(tmp_path / "exp")]
+    env = {"DATASET_PATH": str(folder), "EXTRA_ARGS": "--width_per_group 8"}
+    cell = table_plan.plan_cells(["cifar10"], ["unmix"], [1], [31], str(tmp_path / "exp"), {"cifar10": ""},
+                         "_linear_eval")[0]
+    os.makedirs(cell.eval_path)
+    open(os.path.join(cell.eval_path, "results.json"), "w").close()
+    cells_dir = tmp_path / "exp" / "_cells"
+    cells_dir.mkdir()
+    earlier = {"ARCH": "resnet18", "AUGMENT": "", "BATCH_SIZE": "128", "DATASET_PATH": str(folder),
+               "EVAL_EPOCHS": "100", "EVAL_EXTRA_ARGS": "", "EXTRA_ARGS": "--width_per_group 8", "NPROC": "",
+               "data": _earlier_version_data_digest(str(folder))}
+    (cells_dir / f"{cell.name}.settings").write_text(json.dumps(earlier, indent=1, sort_keys=True) + "\n")
+    assert rt.main(argv + ["--dry-run"], dict(env, WORKERS="4")) == 0
+    out = capsys.readouterr().out
+    assert "dry run: would run 0 cell(s)" in out
+    assert re.search(r"^1 cell\(s\) recorded by an earlier version .*WORKERS.* not checked", out, flags=re.M), out
+    with pytest.raises(SystemExit) as e:
+        rt.main(argv, dict(env, ARCH="resnet50"))
+    assert e.value.code == 2 and "ARCH: 'resnet18' -> 'resnet50'" in capsys.readouterr().err
+    (folder / "batches.meta").write_bytes(b"other data")
+    with pytest.raises(SystemExit) as e:
+        rt.main(argv, env)
+    assert e.value.code == 2 and "data: " in capsys.readouterr().err

@@ -308,13 +308,14 @@ def test_semisup_table(tmp_path):
 def test_plan_report_tables_and_cell_statuses(tmp_path):
     """A plan of scripts/reproduce_tables.sh: the published grid with ours as mean ± std over seeds, and every
     cell with its status (finished, failed, interrupted, never started)."""
-    import reproduce_tables
+    import table_plan
+    import table_records
     exp = tmp_path / "exp"
-    cells = reproduce_tables.plan_cells(["cifar10"], ["swav", "unmix"], [200, 400], [31, 32], str(exp),
-                                        {"cifar10": "cifar10"}, "_linear_eval")
+    cells = table_plan.plan_cells(["cifar10"], ["swav", "unmix"], [200, 400], [31, 32], str(exp),
+                                  {"cifar10": "cifar10"}, "_linear_eval")
     cells_dir = str(exp / "_cells")
     os.makedirs(cells_dir)
-    plan = reproduce_tables.write_plan(cells_dir, cells)
+    plan = table_plan.write_plan(cells_dir, cells)
     by_name = {c.name: c for c in cells}
     finished = {"c10_unmix_200ep_seed31": 86.0, "c10_unmix_200ep_seed32": 87.0, "c10_swav_200ep_seed31": 84.0,
                 "c10_swav_400ep_seed31": 88.0}
@@ -324,14 +325,14 @@ def test_plan_report_tables_and_cell_statuses(tmp_path):
               _pretrain_stats(c.epochs))
         _dump(c.eval_path, _eval_params(), None)
         _results(c.eval_path, best, best - 1, epochs=100, mode="released")
-        reproduce_tables.write_state(cells_dir, c, f"exit 0 7_{c.index}")
+        table_records.write_state(cells_dir, c, f"exit 0 7_{c.index}")
     # seed 32 of SwAV 200: pretraining failed; Un-Mix 400 seed 31: only a cached probe; seed 32: killed
-    reproduce_tables.write_state(cells_dir, by_name["c10_swav_200ep_seed32"], "exit 11 7_1")
+    table_records.write_state(cells_dir, by_name["c10_swav_200ep_seed32"], "exit 11 7_1")
     c = by_name["c10_unmix_400ep_seed31"]
     _dump(c.experiment_path, _pretrain_params(epochs=400), _pretrain_stats(400))
     _dump(c.experiment_path + "_linear_eval_cached", dict(num_labels=10, epochs=100, probe="cached"), None)
     _results(c.experiment_path + "_linear_eval_cached", 75.0, 74.0, epochs=100, mode="cached")
-    reproduce_tables.write_state(cells_dir, by_name["c10_unmix_400ep_seed32"], "running 7_7")
+    table_records.write_state(cells_dir, by_name["c10_unmix_400ep_seed32"], "running 7_7")
 
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "results.py"), "--plan", plan, "--out",
                            str(tmp_path / "report")], capture_output=True, text=True, timeout=120)

@@ -42,7 +42,8 @@ import sys
 TOOLS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, TOOLS)
 sys.path.insert(0, os.path.dirname(TOOLS))
-import reproduce_tables  # noqa: E402
+from table_plan import read_plan  # noqa: E402
+from table_records import cell_status, slurm_queue  # noqa: E402
 from results_plots import plot_accuracy_vs_epochs, run_curves_figure, save_figure  # noqa: E402,F401
 from results_runs import load_run, load_runs, runs_under  # noqa: E402,F401
 from results_tables import markdown, plan_sections  # noqa: E402
@@ -59,18 +60,18 @@ def missing_folders(dirs):
 def write_report(dirs, out_dir, plan=None, queue=None):
     """Write results.md and the plots; returns (runs, list of written paths). With `plan` (a plan file of
     scripts/reproduce_tables.sh), its cells are reported too; `queue` ({job id: state}, see
-    reproduce_tables.slurm_queue) tells which of them are still pending or running. A folder in `dirs` that
+    table_records.slurm_queue) tells which of them are still pending or running. A folder in `dirs` that
     does not exist is a FileNotFoundError, before anything is written."""
     missing = missing_folders(dirs)
     if missing:
         raise FileNotFoundError(f"{missing[0]}: no such folder")
-    cells = reproduce_tables.read_plan(plan) if plan is not None else []
+    cells = read_plan(plan) if plan is not None else []
     runs, finetunings = runs_under(dirs, [c.experiment_path for c in cells])
     plan_lines = []
     if plan is not None:
         cells_dir = os.path.dirname(os.path.abspath(plan))
         host = socket.gethostname()
-        statuses = {c.name: reproduce_tables.cell_status(c, cells_dir, queue, host) for c in cells}
+        statuses = {c.name: cell_status(c, cells_dir, queue, host) for c in cells}
         plan_lines = plan_sections(cells, statuses, {os.path.realpath(r["path"]): r for r in runs}, cells_dir)
     text = markdown(runs, plan_lines, finetunings)
     os.makedirs(out_dir, exist_ok=True)
@@ -102,7 +103,7 @@ def main(argv=None):
     missing = missing_folders(args.dirs)
     if missing:
         fail(f"{missing[0]}: no such folder; nothing was written (the report in {args.out} is unchanged)")
-    queue = reproduce_tables.slurm_queue(dict(os.environ)) if args.plan else None
+    queue = slurm_queue(dict(os.environ)) if args.plan else None
     runs, written = write_report(args.dirs, args.out, args.plan, queue)
     with open(written[0]) as f:
         print(f.read())

@@ -10,7 +10,8 @@ import sys
 
 TOOLS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, TOOLS)
-import reproduce_tables  # noqa: E402
+from table_plan import DATASETS, METHODS  # noqa: E402
+from table_records import STATUSES  # noqa: E402
 from published import published_top1  # noqa: E402
 from results_runs import group_by_seed  # noqa: E402
 
@@ -162,12 +163,12 @@ def plan_sections(cells, statuses, runs_by_path, cells_dir):
     """The published tables with our cells next to them, then every cell with its status."""
     lines = []
     marks_used = set()
-    for ds in [d for d in reproduce_tables.DATASETS.values() if any(c.dataset == d for c in cells)]:
+    for ds in [d for d in DATASETS.values() if any(c.dataset == d for c in cells)]:
         epochs = sorted({c.epochs for c in cells if c.dataset == ds})
         lines += [f"## {ds}: linear top-1 (%), ours (mean ± std over seeds, n) next to the published", ""]
         rows = []
-        for m in [m for m in reproduce_tables.METHODS if any(c.method == m and c.dataset == ds for c in cells)]:
-            name = reproduce_tables.METHODS[m]
+        for m in [m for m in METHODS if any(c.method == m and c.dataset == ds for c in cells)]:
+            name = METHODS[m]
             ours = []
             for ep in epochs:
                 values, marks = [], set()
@@ -190,7 +191,7 @@ def plan_sections(cells, statuses, runs_by_path, cells_dir):
     if "†" in marks_used:
         lines += ["† not compared with the published number: another recipe, unfinished, or evaluated otherwise "
                   "(the column \"not compared because\" of the runs' table says why).", ""]
-    counts = {s: sum(1 for st, _ in statuses.values() if st == s) for s in reproduce_tables.STATUSES}
+    counts = {s: sum(1 for st, _ in statuses.values() if st == s) for s in STATUSES}
     lines += ["## Cells", "", f"{len(cells)} cells: " + ", ".join(f"{n} {s}" for s, n in counts.items() if n) + ".",
               ""]
     rows = []
@@ -198,7 +199,7 @@ def plan_sections(cells, statuses, runs_by_path, cells_dir):
         status, detail = statuses[c.name]
         run = runs_by_path.get(os.path.realpath(c.experiment_path))
         value, mark = _headline(run) if run else (None, "")
-        rows.append([c.name, c.dataset, reproduce_tables.METHODS[c.method], c.epochs, c.seed,
+        rows.append([c.name, c.dataset, METHODS[c.method], c.epochs, c.seed,
                      status + (f" ({detail})" if detail else ""), _pct(value) + (f" {mark}" if mark else ""),
                      os.path.relpath(os.path.join(cells_dir, f"{c.name}.log"), os.path.dirname(cells_dir))])
     lines += _md_table(["cell", "data set", "method", "epochs", "seed", "status", "linear top-1 best", "log"],
