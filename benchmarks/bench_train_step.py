@@ -13,17 +13,26 @@ window ends with the loop's meter read, a device sync). The processes are set up
 take turns (A, B, C, A, B, C, ...: one runs while the others wait), so a ratio compares windows measured
 side by side; a row gives the median window after the warm-up windows.
 
-On CUDA each row also gives the GPU's busy time per iteration (the kernels' device time summed by
-torch.profiler over one more window) next to the wall time: busy close to wall means the loop is bound by
-the GPU, far below it by the host. "% of peak" divides the model's forward + backward FLOPs per second
+On CUDA each row also gives the GPU's busy time per iteration next to the wall time, over one more window
+under torch.profiler: the time during which at least one kernel or copy ran (the union of their device
+intervals, so that overlapping kernels are not counted twice): busy close to wall means the loop is bound
+by the GPU, far below it by the host. Every worker starts the profiler once before its first CUDA graph
+is captured (torch.profiler._utils._init_for_cuda_graphs): a graph captured before the profiler's first
+use can lose its kernels from the trace, or crash or hang the profiled replay. "% of peak" divides the model's forward + backward FLOPs per second
 (counted by torch's FlopCounterMode on an eager iteration) by the bf16 matmul speed measured on the same
 card in the same call (an 8192^3 bf16 matmul, timed with CUDA events). Data: synthetic CIFAR-size images
 (--n), or --data_path for real ones. Operation counts per iteration: benchmarks/count_ops.py.
+
+With --deadline_s the driver ends on its own within that many seconds: a worker that has not answered in
+time (a compile still running, a hang) is stopped and its row says so. The table and the JSON are written
+as soon as the timed windows are in, then again with the busy times and the peak, so that a stop from
+outside still leaves the timings.
 """
 import argparse
 import json
 import os
 import platform
+import select
 import statistics
 import subprocess
 import sys
@@ -107,7 +116,9 @@ class Setup:
         from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             seconds = self.window(n)
-        return seconds, device_seconds(prof)
+        spans = [(e.time_range.start, e.time_range.end) for e in prof.events()
+                 if e.device_type == torch.autograd.DeviceType.CUDA]
+        return seconds, busy_seconds(spans)
 
     def flops_per_iteration(self):
         from torch.utils.flop_counter import FlopCounterMode
@@ -122,13 +133,27 @@ class _NoPreemption:
     signum = None
 
 
-def device_seconds(prof):
-    """The summed device time of the CUDA kernels and copies a profile recorded."""
-    total_us = 0.0
-    for e in prof.key_averages():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            total_us += getattr(e, "self_device_time_total", None) or getattr(e, "self_cuda_time_total", 0.0)
-    return total_us / 1e6 or None  # None: the profiler saw no kernel (rather than a busy time of 0)
+def busy_seconds(spans_us):
+    """Seconds during which at least one of the (start, end) device intervals (microseconds) ran: their
+    union. None when there is none (the profiler saw no kernel, rather than a busy time of 0)."""
+    total, end = 0.0, None
+    for a, b in sorted(spans_us):
+        if end is None or a > end:
+            total, end = total + (b - a), b
+        elif b > end:
+            total, end = total + (b - end), b
+    return total / 1e6 or None
+
+
+def init_profiler_for_cuda_graphs():
+    """Start and stop the profiler once, before any graph is captured (see the module docstring)."""
+    from torch.profiler import _utils
+    init = getattr(_utils, "_init_for_cuda_graphs", None)
+    if init is not None:
+        init()
+    else:
+        with torch.profiler.profile():
+            pass
 
 
 def worker(argv):
@@ -136,6 +161,8 @@ def worker(argv):
     out = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # anything else printed goes to the worker's log, not into the protocol
     t0 = time.perf_counter()
+    if torch.cuda.is_available():
+        init_profiler_for_cuda_graphs()
     setup = Setup(argv)
     setup.window(5)  # compiling, cuDNN's autotuning, a graph's capture: while the other processes set up too
     out.write(json.dumps({"ready": time.perf_counter() - t0}) + "\n")
@@ -156,17 +183,23 @@ def worker(argv):
 # ------------------------------------------------------------------ the driver
 
 class Worker:
-    """A configuration's process; `ask(cmd)` returns its JSON reply, or None once it has failed."""
+    """A configuration's process; `ask(cmd)` returns its JSON reply, or None once it has failed (exited,
+    or not answered within `timeout` seconds: then it is stopped). `command`: another process (tests)."""
 
-    def __init__(self, name, argv, log_path):
+    def __init__(self, name, argv, log_path, command=None):
         self.name, self.log_path, self.error = name, log_path, None
         self.log = open(log_path, "w")
-        self.proc = subprocess.Popen([sys.executable, os.path.abspath(__file__), "--worker", "--", *argv],
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True,
-                                     cwd=ROOT)
+        command = command or [sys.executable, os.path.abspath(__file__), "--worker", "--", *argv]
+        self.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log,
+                                     text=True, cwd=ROOT)
 
-    def read(self):
+    def read(self, timeout=None):
         if self.error:
+            return None
+        if timeout is not None and not select.select([self.proc.stdout], [], [], max(timeout, 0))[0]:
+            self.proc.kill()
+            self.proc.wait()
+            self.error = f"no reply within {max(timeout, 0):.0f} s (stopped)"
             return None
         line = self.proc.stdout.readline()
         if not line:
@@ -178,7 +211,7 @@ class Worker:
             return None
         return json.loads(line)
 
-    def ask(self, cmd):
+    def ask(self, cmd, timeout=None):
         if self.error:
             return None
         try:
@@ -186,7 +219,7 @@ class Worker:
             self.proc.stdin.flush()
         except BrokenPipeError:
             pass
-        return self.read()
+        return self.read(timeout)
 
     def close(self):
         if self.proc.poll() is None:
@@ -229,28 +262,34 @@ def machine(cuda):
     return f"GPU {gpu}; CPU {cpu} ({os.cpu_count()} cores); torch {torch.__version__}"
 
 
-def measure(workers, iters, rounds, warmup, cuda):
-    """Interleaved windows of every worker; then (CUDA) one profiled window each and the FLOPs of an
-    eager iteration. Returns {name: {"times": [...], "busy": (wall, busy) or None}}, flops or None."""
+def measure(workers, iters, rounds, warmup, cuda, left, report):
+    """Interleaved windows of every worker, handed to `report(times, busy, flops, peak)` as soon as they
+    are in; then (CUDA) one profiled window each, the FLOPs of an eager iteration and the bf16 peak, and
+    `report` again. `left()`: seconds to the deadline (None: none); a worker that has not answered by
+    then is stopped (its row says so)."""
     for w in workers:
-        w.setup_s = (w.read() or {}).get("ready")
+        w.setup_s = (w.read(left()) or {}).get("ready")
     for _ in range(warmup):
         for w in workers:
-            w.ask(f"window {iters}")
+            w.ask(f"window {iters}", left())
     times = {w.name: [] for w in workers}
     for _ in range(rounds):
         for w in workers:  # interleaved: A, B, C, A, B, C, ...
-            reply = w.ask(f"window {iters}")
+            reply = w.ask(f"window {iters}", left())
             if reply:
                 times[w.name].append(reply["seconds"])
-    busy, flops = {}, None
+    busy, flops, peak = {}, None, None
+    report(times, busy, flops, peak)
+    if not cuda:
+        return
     for w in workers:
-        reply = w.ask(f"busy {iters}") if cuda else None
+        reply = w.ask(f"busy {iters}", left())
         busy[w.name] = (reply["seconds"], reply["busy"]) if reply else None
     eager = [w for w in workers if not any(k in w.name for k in CUDA_ONLY)]
-    if cuda and eager:
-        flops = (eager[0].ask("flops") or {}).get("flops")
-    return times, busy, flops
+    if eager:
+        flops = (eager[0].ask("flops", left()) or {}).get("flops")
+    peak = measured_bf16_tflops()
+    report(times, busy, flops, peak)
 
 
 def table(names, workers, times, busy, flops, peak, iters, batch, cuda):
@@ -292,63 +331,85 @@ def main():
     p.add_argument("--quick", action="store_true")
     p.add_argument("--out", default=None, help="the markdown table (default benchmarks/results_train_step_*.md)")
     p.add_argument("--json", default=None, help="also the rows as JSON")
+    p.add_argument("--deadline_s", type=float, default=None, help="end within this many seconds (see above)")
+    p.add_argument("--log_dir", default=None, help="keep the workers' logs here (default: a temporary folder)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("argv", nargs="*", help=argparse.SUPPRESS)
     a = p.parse_args()
     if a.worker:
         return worker(a.argv)
+    t0 = time.perf_counter()
     cuda = torch.cuda.is_available() and not a.quick
-    iters = a.iters or (3 if a.quick else (50 if cuda else 3))
-    rounds = a.rounds or (2 if a.quick else (5 if cuda else 3))
-    warmup = a.warmup if a.warmup is not None else (1 if a.quick else 2)
+    a.iters = a.iters or (3 if a.quick else (50 if cuda else 3))
+    a.rounds = a.rounds or (2 if a.quick else (5 if cuda else 3))
+    a.warmup = a.warmup if a.warmup is not None else (1 if a.quick else 2)
     names = a.configs or [n for n in CONFIGS if cuda or not any(k in n for k in CUDA_ONLY)]
     unknown = [n for n in names if n not in CONFIGS]
     if unknown:
         p.error(f"unknown configuration {unknown[0]!r}; choose from: " + " | ".join(CONFIGS))
+    a.out = a.out or os.path.join(ROOT, "benchmarks", f"results_train_step_{'cuda' if cuda else 'cpu'}"
+                                  f"{'_quick' if a.quick else ''}.md")
+    reserve = 10.0  # seconds kept for the peak matmul and the files
+
+    def left():
+        return None if a.deadline_s is None else a.deadline_s - reserve - (time.perf_counter() - t0)
+
+    records = []
+
+    def report(times, busy, flops, peak):
+        records[:] = write_report(a, names, workers, times, busy, flops, peak, cuda)
+
     with tempfile.TemporaryDirectory() as tmp:
         data = a.data_path
         if data is None:
             from tools.synthetic_cifar import write_cifar10
             n = a.n or (400 if a.quick else 10000)
             data = write_cifar10(os.path.join(tmp, "data"), n_train_per_batch=n // 5, n_test=20)
+        logs = a.log_dir or tmp
+        os.makedirs(logs, exist_ok=True)
         size = ["--width_per_group", "8", "--batch_size", "16"] if a.quick else ["--batch_size", "128"]
         workers = [Worker(name, C10 + size + CONFIGS[name] + ["--data_path", str(data), "--dump_path",
                                                               os.path.join(tmp, f"run{i}")],
-                          os.path.join(tmp, f"worker{i}.log")) for i, name in enumerate(names)]
+                          os.path.join(logs, f"worker{i}_{name.replace(' ', '_')[:40]}.log"))
+                   for i, name in enumerate(names)]
         try:
-            times, busy, flops = measure(workers, iters, rounds, warmup, cuda)
-            peak = measured_bf16_tflops() if cuda else None
+            measure(workers, a.iters, a.rounds, a.warmup, cuda, left, report)
         finally:
             for w in workers:
                 w.close()
-        batch = 16 if a.quick else 128
-        rows, records = table(names, workers, times, busy, flops, peak, iters, batch, cuda)
+    print(f"written to {a.out}")
+    return 1 if any("error" in r for r in records) else 0
+
+
+def write_report(a, names, workers, times, busy, flops, peak, cuda):
+    """The markdown table (printed, and written to --out) and the JSON rows (--json); returns the rows."""
+    batch = 16 if a.quick else 128
+    rows, records = table(names, workers, times, busy, flops, peak, a.iters, batch, cuda)
     head = "| configuration | ms / iteration | images/s | s per epoch (390 iterations) | speed-up |"
     sep = "|---|---:|---:|---:|---:|"
     if cuda:
         head += " GPU busy ms / iteration | GPU busy / wall | % of measured bf16 peak |"
         sep += "---:|---:|---:|"
+    measured = (" Measured bf16 matmul peak of this card: " + ("not yet measured" if peak is None else
+                                                              f"{peak:.0f} TFLOP/s")
+                + (f"; {flops / 1e12:.3f} TFLOP per iteration (FlopCounterMode)." if flops else "."))
     lines = [f"Machine: {machine(cuda)}",
              f"Command: python benchmarks/bench_train_step.py {' '.join(sys.argv[1:])}".rstrip(),
-             f"Each configuration in its own process; median of {rounds} interleaved windows of {iters} iterations "
-             f"after {warmup} warm-up windows each; batch {batch}; {'width 8 (quick)' if a.quick else 'full width'}; "
-             f"{'CUDA' if cuda else 'CPU'}. Epoch time from the median iteration (kNN monitor and checkpoint not "
-             "included)." + (" On the CPU mixed precision is off (--use_fp16 applies on CUDA only)." if not cuda
-                             else f" Measured bf16 matmul peak of this card: {peak:.0f} TFLOP/s"
-                             + (f"; {flops / 1e12:.3f} TFLOP per iteration (FlopCounterMode)." if flops else ".")),
+             f"Each configuration in its own process; median of {a.rounds} interleaved windows of {a.iters} "
+             f"iterations after {a.warmup} warm-up windows each; batch {batch}; "
+             f"{'width 8 (quick)' if a.quick else 'full width'}; {'CUDA' if cuda else 'CPU'}. Epoch time from "
+             "the median iteration (kNN monitor and checkpoint not included)."
+             + (" On the CPU mixed precision is off (--use_fp16 applies on CUDA only)." if not cuda else measured),
              "", head, sep, *rows]
     text = "\n".join(lines)
-    print(text)
-    out = a.out or os.path.join(ROOT, "benchmarks", f"results_train_step_{'cuda' if cuda else 'cpu'}"
-                                f"{'_quick' if a.quick else ''}.md")
-    with open(out, "w") as f:
+    print(text, flush=True)
+    with open(a.out, "w") as f:
         f.write(text + "\n")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"cuda": cuda, "peak_tflops": peak, "flops_per_iteration": flops, "rows": records}, f,
                       indent=1)
-    print(f"written to {out}")
-    return 1 if any("error" in r for r in records) else 0
+    return records
 
 
 if __name__ == "__main__":

@@ -9,11 +9,13 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "gpu_check.sh"
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+import bench_train_step  # noqa: E402
 import pick_variant  # noqa: E402
 import real_run_report  # noqa: E402
 
@@ -90,3 +92,25 @@ def test_the_real_run_report_states_its_images_and_refuses_a_subset(tmp_path):
     assert real_run_report.report(str(tmp_path), 200, dry_run=True)[1]
     (tmp_path / "train.log").write_text("INFO - Building data done with 50000 images loaded (10 classes)\n")
     assert real_run_report.report(str(tmp_path), 200)[1]
+
+
+def test_gpu_busy_time_is_the_union_of_the_device_intervals():
+    """Overlapping kernels (two streams) count once: busy time can never exceed the wall time."""
+    spans = [(20, 30), (0, 10), (5, 15), (21, 22), (30, 31)]
+    assert bench_train_step.busy_seconds(spans) == pytest.approx(26e-6)
+    assert bench_train_step.busy_seconds([]) is None
+
+
+def test_the_side_by_side_ends_by_its_deadline_and_names_the_worker_it_stopped(tmp_path):
+    """A worker that has not answered by --deadline_s (a compile still running) is stopped; the table and
+    the JSON are still written, with its row saying why."""
+    out, js = tmp_path / "bench.md", tmp_path / "bench.json"
+    res = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_train_step.py"), "--quick", "--configs",
+                          "eager", "--deadline_s", "10.5", "--out", str(out), "--json", str(js), "--log_dir",
+                          str(tmp_path / "logs")], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert res.returncode == 1, res.stdout[-2000:] + res.stderr[-2000:]
+    row = json.loads(js.read_text())["rows"][0]
+    assert row["name"] == "eager" and row["error"].startswith("no reply within")
+    assert "| failed (no reply within" in out.read_text()
+    assert [p.name for p in (tmp_path / "logs").iterdir()] == ["worker0_eager.log"]
