@@ -24,7 +24,8 @@ card in the same call (an 8192^3 bf16 matmul, timed with CUDA events). Data: syn
 (--n), or --data_path for real ones. Operation counts per iteration: benchmarks/count_ops.py.
 
 With --deadline_s the driver ends on its own within that many seconds: a worker that has not answered in
-time (a compile still running, a hang) is stopped and its row says so. The table and the JSON are written
+time (a hang) is stopped and its row says so; with --ready_s, also one not set up by then (a compile still
+running), so that the others keep the time to be measured. The table and the JSON are written
 as soon as the timed windows are in, then again with the busy times and the peak, so that a stop from
 outside still leaves the timings.
 """
@@ -199,7 +200,7 @@ class Worker:
         if timeout is not None and not select.select([self.proc.stdout], [], [], max(timeout, 0))[0]:
             self.proc.kill()
             self.proc.wait()
-            self.error = f"no reply within {max(timeout, 0):.0f} s (stopped)"
+            self.error = "no reply by the deadline (stopped)"
             return None
         line = self.proc.stdout.readline()
         if not line:
@@ -265,10 +266,10 @@ def machine(cuda):
 def measure(workers, iters, rounds, warmup, cuda, left, report):
     """Interleaved windows of every worker, handed to `report(times, busy, flops, peak)` as soon as they
     are in; then (CUDA) one profiled window each, the FLOPs of an eager iteration and the bf16 peak, and
-    `report` again. `left()`: seconds to the deadline (None: none); a worker that has not answered by
-    then is stopped (its row says so)."""
+    `report` again. `left(ready)`: seconds to the deadline (None: none), `ready`: the one for being set
+    up; a worker that has not answered by then is stopped (its row says so)."""
     for w in workers:
-        w.setup_s = (w.read(left()) or {}).get("ready")
+        w.setup_s = (w.read(left(ready=True)) or {}).get("ready")
     for _ in range(warmup):
         for w in workers:
             w.ask(f"window {iters}", left())
@@ -332,6 +333,7 @@ def main():
     p.add_argument("--out", default=None, help="the markdown table (default benchmarks/results_train_step_*.md)")
     p.add_argument("--json", default=None, help="also the rows as JSON")
     p.add_argument("--deadline_s", type=float, default=None, help="end within this many seconds (see above)")
+    p.add_argument("--ready_s", type=float, default=None, help="workers set up within this many seconds")
     p.add_argument("--log_dir", default=None, help="keep the workers' logs here (default: a temporary folder)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("argv", nargs="*", help=argparse.SUPPRESS)
@@ -351,8 +353,10 @@ def main():
                                   f"{'_quick' if a.quick else ''}.md")
     reserve = 10.0  # seconds kept for the peak matmul and the files
 
-    def left():
-        return None if a.deadline_s is None else a.deadline_s - reserve - (time.perf_counter() - t0)
+    def left(ready=False):
+        ends = ([] if a.deadline_s is None else [a.deadline_s - reserve]) + ([a.ready_s] if ready and a.ready_s
+                                                                            is not None else [])
+        return min(ends) - (time.perf_counter() - t0) if ends else None
 
     records = []
 
