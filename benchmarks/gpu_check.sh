@@ -4,7 +4,7 @@
 # whole command ends within A_SECONDS + B_SECONDS + C_SECONDS + 30 s of kill grace (about 9 minutes with
 # the defaults: under a 10-minute limit per command), and a phase cut short still leaves what it measured:
 # the tests that finished, the side-by-side table of the windows timed so far (bench_train_step.py stops
-# a worker not set up within B_SECONDS - 60, so the others keep a minute to be measured, ends by its own
+# a worker not set up within B_SECONDS - 55, so the others keep 40 s to be measured, ends by its own
 # deadline, B_SECONDS - 15, and writes its table as soon as the timed windows are in), the real
 # run's finished epochs. Writes $OUT/summary.md (appended phase by phase), gpu_check.log (with pytest's
 # test durations, to size the limits), device.txt, bench.json and runs.tar.gz (logs and stats, no
@@ -47,8 +47,8 @@ PHASES=${PHASES:-"a b c"}
 DATA=${DATA:-local_data/cifar10}
 ARCHIVE=${ARCHIVE:-local_data/cifar10-jpg.tar.xz}
 EPOCHS_RUN=${EPOCHS_RUN:-2}
-A_SECONDS=${A_SECONDS:-220}
-B_SECONDS=${B_SECONDS:-170}
+A_SECONDS=${A_SECONDS:-200}
+B_SECONDS=${B_SECONDS:-190}
 C_SECONDS=${C_SECONDS:-130}
 VARIANTS=${VARIANTS:-"eager compile cuda_graph compile+cuda_graph"}
 PY=${PYTHON:-python3}
@@ -128,7 +128,7 @@ if want b; then
         BENCH=(--iters 50 --rounds 3 --warmup 2 --configs "${NAMES[@]}")
     fi
     phase "b: bench_train_step" "$B_SECONDS" "$PY" benchmarks/bench_train_step.py "${BENCH[@]}" \
-        --ready_s $((B_SECONDS - 60)) --deadline_s $((B_SECONDS - 15)) --log_dir "$WORK/bench_logs" --out "$WORK/bench.md" --json "$OUT/bench.json"
+        --ready_s $((B_SECONDS - 55)) --deadline_s $((B_SECONDS - 15)) --log_dir "$WORK/bench_logs" --out "$WORK/bench.md" --json "$OUT/bench.json"
     cat "$WORK/bench.md" >> "$SUMMARY" 2>/dev/null
 fi
 
