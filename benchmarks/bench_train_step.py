@@ -14,20 +14,19 @@ take turns (A, B, C, A, B, C, ...: one runs while the others wait), so a ratio c
 side by side; a row gives the median window after the warm-up windows.
 
 On CUDA each row also gives the GPU's busy time per iteration next to the wall time, over one more window
-under torch.profiler: the time during which at least one kernel or copy ran (the union of their device
-intervals, so that overlapping kernels are not counted twice): busy close to wall means the loop is bound
-by the GPU, far below it by the host. Every worker starts the profiler once before its first CUDA graph
-is captured (torch.profiler._utils._init_for_cuda_graphs): a graph captured before the profiler's first
-use can lose its kernels from the trace, or crash or hang the profiled replay. "% of peak" divides the model's forward + backward FLOPs per second
-(counted by torch's FlopCounterMode on an eager iteration) by the bf16 matmul speed measured on the same
-card in the same call (an 8192^3 bf16 matmul, timed with CUDA events). Data: synthetic CIFAR-size images
-(--n), or --data_path for real ones. Operation counts per iteration: benchmarks/count_ops.py.
+under torch.profiler: the union of the kernels' and copies' device intervals (overlaps count once); busy
+close to wall means the loop is bound by the GPU, far below it by the host. Each worker starts the profiler
+once before its first CUDA graph is captured (torch.profiler._utils._init_for_cuda_graphs): otherwise a
+graph's kernels can be missing from the trace, or its profiled replay can fail. "% of peak" divides the
+forward + backward FLOPs per second (FlopCounterMode, an eager iteration) by the bf16 matmul speed measured
+on the same card in the same call (8192^3, CUDA events). --quick runs the profiled window and the FLOP
+count too (no kernel on the CPU: no busy time). Data: synthetic CIFAR-size images (--n), or --data_path.
+Operation counts per iteration: benchmarks/count_ops.py.
 
 With --deadline_s the driver ends on its own within that many seconds: a worker that has not answered in
 time (a hang) is stopped and its row says so; with --ready_s, also one not set up by then (a compile still
-running), so that the others keep the time to be measured. The table and the JSON are written
-as soon as the timed windows are in, then again with the busy times and the peak, so that a stop from
-outside still leaves the timings.
+running), so that the others keep the time to be measured. The table and the JSON are written as soon as
+the timed windows are in, then again with the busy times and the peak.
 """
 import argparse
 import json
@@ -115,7 +114,8 @@ class Setup:
     def busy(self, n):
         """(wall seconds, GPU busy seconds) of one window of n iterations under torch.profiler."""
         from torch.profiler import ProfilerActivity, profile
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        cuda = torch.cuda.is_available()  # --quick on the CPU: the same path, no kernel, busy None
+        with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
             seconds = self.window(n)
         spans = [(e.time_range.start, e.time_range.end) for e in prof.events()
                  if e.device_type == torch.autograd.DeviceType.CUDA]
@@ -146,24 +146,14 @@ def busy_seconds(spans_us):
     return total / 1e6 or None
 
 
-def init_profiler_for_cuda_graphs():
-    """Start and stop the profiler once, before any graph is captured (see the module docstring)."""
-    from torch.profiler import _utils
-    init = getattr(_utils, "_init_for_cuda_graphs", None)
-    if init is not None:
-        init()
-    else:
-        with torch.profiler.profile():
-            pass
-
-
 def worker(argv):
     """Serve one configuration: answers "window N", "busy N", "flops" on stdin with one JSON line each."""
     out = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # anything else printed goes to the worker's log, not into the protocol
     t0 = time.perf_counter()
-    if torch.cuda.is_available():
-        init_profiler_for_cuda_graphs()
+    if torch.cuda.is_available():  # the profiler started once before any graph is captured (see above)
+        from torch.profiler._utils import _init_for_cuda_graphs
+        _init_for_cuda_graphs()
     setup = Setup(argv)
     setup.window(5)  # compiling, cuDNN's autotuning, a graph's capture: while the other processes set up too
     out.write(json.dumps({"ready": time.perf_counter() - t0}) + "\n")
@@ -263,10 +253,10 @@ def machine(cuda):
     return f"GPU {gpu}; CPU {cpu} ({os.cpu_count()} cores); torch {torch.__version__}"
 
 
-def measure(workers, iters, rounds, warmup, cuda, left, report):
+def measure(workers, iters, rounds, warmup, profiled, cuda, left, report):
     """Interleaved windows of every worker, handed to `report(times, busy, flops, peak)` as soon as they
-    are in; then (CUDA) one profiled window each, the FLOPs of an eager iteration and the bf16 peak, and
-    `report` again. `left(ready)`: seconds to the deadline (None: none), `ready`: the one for being set
+    are in; then (`profiled`) one profiled window each and the FLOPs of an eager iteration, (`cuda`) the
+    bf16 peak, and `report` again. `left(ready)`: seconds to the deadline (None: none), `ready`: the one for being set
     up; a worker that has not answered by then is stopped (its row says so)."""
     for w in workers:
         w.setup_s = (w.read(left(ready=True)) or {}).get("ready")
@@ -281,7 +271,7 @@ def measure(workers, iters, rounds, warmup, cuda, left, report):
                 times[w.name].append(reply["seconds"])
     busy, flops, peak = {}, None, None
     report(times, busy, flops, peak)
-    if not cuda:
+    if not profiled:
         return
     for w in workers:
         reply = w.ask(f"busy {iters}", left())
@@ -289,18 +279,19 @@ def measure(workers, iters, rounds, warmup, cuda, left, report):
     eager = [w for w in workers if not any(k in w.name for k in CUDA_ONLY)]
     if eager:
         flops = (eager[0].ask("flops", left()) or {}).get("flops")
-    peak = measured_bf16_tflops()
+    peak = measured_bf16_tflops() if cuda else None
     report(times, busy, flops, peak)
 
 
-def table(names, workers, times, busy, flops, peak, iters, batch, cuda):
-    """The markdown rows, and the JSON rows ({name, ms, ...}; "error" for a configuration that failed)."""
+def table(names, workers, times, busy, flops, peak, iters, batch, profiled):
+    """The markdown rows, and the JSON rows ({name, ms, ...}; "error" for a configuration that failed);
+    `profiled`: with the busy-time and peak columns."""
     rows, records = [], []
     base = statistics.median(times[names[0]]) / iters if times[names[0]] else None
     for name, w in zip(names, workers):
         title = TITLES.get(name, name)
         if not times[name]:
-            rows.append(f"| {title} | failed ({w.error or 'no timing'}) |" + " |" * (6 if cuda else 3))
+            rows.append(f"| {title} | failed ({w.error or 'no timing'}) |" + " |" * (6 if profiled else 3))
             records.append({"name": name, "error": w.error or "no timing"})
             continue
         med = statistics.median(times[name]) / iters
@@ -308,8 +299,9 @@ def table(names, workers, times, busy, flops, peak, iters, batch, cuda):
                "setup_s": w.setup_s, "windows_ms": [1000 * t / iters for t in times[name]]}
         cells = [f"{rec['ms']:.1f}", f"{rec['images_per_s']:,.0f}", f"{rec['s_per_epoch']:.1f}",
                  f"{base / med:.2f}x" if base else "—"]
-        if cuda:
+        if profiled:
             wall, gpu = busy[name] if busy.get(name) else (None, None)
+            rec["profiled_window_s"] = wall
             rec["gpu_busy_ms"] = None if gpu is None else 1000 * gpu / iters
             rec["gpu_busy_fraction"] = None if gpu is None else gpu / wall
             rec["peak_fraction"] = flops / med / (peak * 1e12) if flops and peak else None
@@ -377,7 +369,7 @@ def main():
                           os.path.join(logs, f"worker{i}_{name.replace(' ', '_')[:40]}.log"))
                    for i, name in enumerate(names)]
         try:
-            measure(workers, a.iters, a.rounds, a.warmup, cuda, left, report)
+            measure(workers, a.iters, a.rounds, a.warmup, cuda or a.quick, cuda, left, report)
         finally:
             for w in workers:
                 w.close()
@@ -388,10 +380,10 @@ def main():
 def write_report(a, names, workers, times, busy, flops, peak, cuda):
     """The markdown table (printed, and written to --out) and the JSON rows (--json); returns the rows."""
     batch = 16 if a.quick else 128
-    rows, records = table(names, workers, times, busy, flops, peak, a.iters, batch, cuda)
+    rows, records = table(names, workers, times, busy, flops, peak, a.iters, batch, cuda or a.quick)
     head = "| configuration | ms / iteration | images/s | s per epoch (390 iterations) | speed-up |"
     sep = "|---|---:|---:|---:|---:|"
-    if cuda:
+    if cuda or a.quick:  # --quick: the busy and FLOP paths run too (a smoke test of them)
         head += " GPU busy ms / iteration | GPU busy / wall | % of measured bf16 peak |"
         sep += "---:|---:|---:|"
     measured = (" Measured bf16 matmul peak of this card: " + ("not yet measured" if peak is None else

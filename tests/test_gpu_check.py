@@ -42,7 +42,11 @@ def test_dry_run_goes_through_every_phase(tmp_path):
     out = tmp_path / "out"
     assert sorted(p.name for p in out.iterdir()) == ["bench.json", "device.txt", "gpu_check.log", "runs.tar.gz",
                                                      "summary.md"]
-    assert json.loads((out / "bench.json").read_text())["rows"][0]["name"] == "eager"
+    bench = json.loads((out / "bench.json").read_text())
+    assert bench["rows"][0]["name"] == "eager"
+    # the profiled window and the FLOP count ran too (on the CPU: no kernel, so no busy time)
+    assert bench["rows"][0]["profiled_window_s"] > 0 and bench["rows"][0]["gpu_busy_ms"] is None
+    assert bench["flops_per_iteration"] > 0 and bench["peak_tflops"] is None
 
 
 def test_a_real_run_without_data_is_an_error(tmp_path):
