@@ -25,8 +25,8 @@
 #       time next to the wall time, % of the bf16 matmul peak measured on this card in this call.
 #   (c) a short real run: main_swav_unmix.py on CIFAR-10 (50,000 training images), c10 recipe at full
 #       width, EPOCHS_RUN epochs of the 200-epoch schedule with the kNN monitor every epoch, with the
-#       fastest variant of (b) whose equality tests passed in (a) (benchmarks/pick_variant.py; eager when
-#       none did). It checks the real loop on real data and measures s / epoch with kNN and checkpoint;
+#       fastest variant of (b) whose equality tests passed in (a) (benchmarks/pick_variant.py; a compiled
+#       variant also needs the bf16 + channels_last test of the compiled network; eager when none did). It checks the real loop on real data and measures s / epoch with kNN and checkpoint;
 #       it is not a result to set next to the published table.
 #
 #   bash benchmarks/gpu_check.sh                  # phases a b c
