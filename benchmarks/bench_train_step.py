@@ -212,14 +212,14 @@ class Worker:
             pass
         return self.read(timeout)
 
-    def close(self):
+    def close(self, timeout=60):
         if self.proc.poll() is None:
             try:
                 self.proc.stdin.close()
             except BrokenPipeError:
                 pass
             try:
-                self.proc.wait(timeout=60)
+                self.proc.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
         self.log.close()
@@ -371,8 +371,8 @@ def main():
         try:
             measure(workers, a.iters, a.rounds, a.warmup, cuda or a.quick, cuda, left, report)
         finally:
-            for w in workers:
-                w.close()
+            for w in workers:  # within the deadline's reserve: a worker stuck on the device is killed
+                w.close(60 if a.deadline_s is None else max(1.0, left() + reserve / 2))
     print(f"written to {a.out}")
     return 1 if any("error" in r for r in records) else 0
 
