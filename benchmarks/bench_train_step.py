@@ -15,7 +15,8 @@ side by side; a row gives the median window after the warm-up windows.
 
 On CUDA each row also gives the GPU's busy time per iteration next to the wall time, over one more window
 under torch.profiler: the union of the kernels' and copies' device intervals (overlaps count once); busy
-close to wall means the loop is bound by the GPU, far below it by the host. Each worker starts the profiler
+close to wall means the loop is bound by the GPU, far below it by the host ("busy / wall" divides it by
+the median unprofiled iteration: the profiler slows a host-bound loop). Each worker starts the profiler
 once before its first CUDA graph is captured (torch.profiler._utils._init_for_cuda_graphs): otherwise a
 graph's kernels can be missing from the trace, or its profiled replay can fail. "% of peak" divides the
 forward + backward FLOPs per second (FlopCounterMode, an eager iteration) by the bf16 matmul speed measured
@@ -303,7 +304,8 @@ def table(names, workers, times, busy, flops, peak, iters, batch, profiled):
             wall, gpu = busy[name] if busy.get(name) else (None, None)
             rec["profiled_window_s"] = wall
             rec["gpu_busy_ms"] = None if gpu is None else 1000 * gpu / iters
-            rec["gpu_busy_fraction"] = None if gpu is None else gpu / wall
+            # over the unprofiled median: the profiler's own launch overhead slows a host-bound loop
+            rec["gpu_busy_fraction"] = None if gpu is None else gpu / iters / med
             rec["peak_fraction"] = flops / med / (peak * 1e12) if flops and peak else None
             cells += ["—" if gpu is None else f"{rec['gpu_busy_ms']:.1f}",
                       "—" if gpu is None else f"{100 * rec['gpu_busy_fraction']:.0f} %",
