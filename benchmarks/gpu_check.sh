@@ -10,7 +10,7 @@
 # test durations, to size the limits), device.txt, bench.json and runs.tar.gz (logs and stats, no
 # checkpoint; the side-by-side workers' logs in bench_logs/).
 # Where the time goes (estimates): (a) ~1 min of CUDA tests, then ~2 min of torch.compile in its last
-# three tests (they run last, so a cut loses only them); (b) ~1.5-2 min until the two compiling workers
+# three tests (they run last, so a cut loses only them, and (c) then runs a variant without --compile); (b) ~1.5-2 min until the two compiling workers
 # are ready (inductor, full width, in parallel), then ~40 s of windows, profiles and the peak matmul;
 # (c) ~1-1.5 min: loading 60,000 JPEGs, cuDNN's autotuning in the first iteration, the compile again
 # when the picked variant compiles (from inductor's cache of (b)), 2 epochs with the kNN monitor.
@@ -26,8 +26,9 @@
 #   (c) a short real run: main_swav_unmix.py on CIFAR-10 (50,000 training images), c10 recipe at full
 #       width, EPOCHS_RUN epochs of the 200-epoch schedule with the kNN monitor every epoch, with the
 #       fastest variant of (b) whose equality tests passed in (a) (benchmarks/pick_variant.py; a compiled
-#       variant also needs the bf16 + channels_last test of the compiled network; eager when none did). It checks the real loop on real data and measures s / epoch with kNN and checkpoint;
-#       it is not a result to set next to the published table.
+#       variant also needs the bf16 + channels_last test of the compiled network; eager when none did).
+#       It checks the real loop on real data and measures s / epoch with kNN and checkpoint; it is not a
+#       result to set next to the published table.
 #
 #   bash benchmarks/gpu_check.sh                  # phases a b c
 #   PHASES="a c" bash benchmarks/gpu_check.sh     # only some
