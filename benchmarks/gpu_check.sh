@@ -38,7 +38,7 @@
 # Data for (c): DATA (train/ and test/ class folders, or a CIFAR folder; default local_data/cifar10); when
 # DATA/train is missing, the CIFAR-10 JPEG archive ARCHIVE (default local_data/cifar10-jpg.tar.xz) is
 # unpacked into DATA, in the background while (a) and (b) run. Without either, (c) is an error; the test
-# fixture is refused outside a dry run. Golden vectors: tests/data/golden (UNMIX_GOLDEN names another copy).
+# fixture is refused outside a dry run. Where torch sees no GPU, a run other than a dry run stops at once. Golden vectors: tests/data/golden (UNMIX_GOLDEN names another copy).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DRY=0
@@ -90,7 +90,7 @@ problem() {  # a reason the check cannot be trusted: in the summary, and the exi
 
 {
     { command -v nvidia-smi > /dev/null && nvidia-smi -L 2>&1; } || echo "no nvidia-smi"
-    "$PY" -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'cuDNN', torch.backends.cudnn.version()); print(torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no CUDA device')"
+    "$PY" -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'cuDNN', torch.backends.cudnn.version()); print('CUDA device: ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no CUDA device')"
 } > "$OUT/device.txt" 2>&1
 cat "$OUT/device.txt" >> "$SUMMARY"
 
@@ -111,6 +111,14 @@ if want c; then
     else
         problem "no training data for (c): neither DATA=$DATA/train nor ARCHIVE=$ARCHIVE exists (put the CIFAR-10 JPEG archive at $ARCHIVE, or set DATA); not run"
     fi
+fi
+# without a GPU every phase would run on the CPU for its whole limit (the tests all skipped, the loop at
+# full width): stop now, in seconds rather than minutes
+if [ $DRY -eq 0 ] && ! grep -q "^CUDA device: " "$OUT/device.txt"; then
+    problem "torch sees no CUDA device (see device.txt); nothing run (on the CPU: --dry-run)"
+    echo "- problems: $FAILED" >> "$SUMMARY"
+    cat "$SUMMARY"
+    exit 1
 fi
 
 if want a; then

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "gpu_check.sh"
@@ -54,6 +55,9 @@ def test_a_real_run_without_data_is_an_error(tmp_path):
     assert res.returncode != 0
     assert f"error: no training data for (c): neither DATA={tmp_path / 'none'}/train nor ARCHIVE=" in summary
     assert "pretraining" not in summary and "trained on" not in summary
+    if not torch.cuda.is_available():  # nothing runs: every phase would spend its limit on the CPU
+        assert res.returncode == 1 and "- problems: 2" in summary
+        assert "- error: torch sees no CUDA device (see device.txt); nothing run (on the CPU: --dry-run)" in summary
 
 
 def test_a_real_run_refuses_the_test_fixture(tmp_path):
