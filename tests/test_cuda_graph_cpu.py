@@ -113,8 +113,48 @@ def test_the_cuda_backend_captures_every_graph_into_one_pool_on_one_stream(monke
     monkeypatch.setattr(cuda_graph.torch.cuda, "graph", graph)
     monkeypatch.setattr(cuda_graph.torch.cuda, "CUDAGraph", object)
     monkeypatch.setattr(cuda_graph.torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(cuda_graph.torch.cuda, "current_stream", lambda: "main")
+    monkeypatch.setattr(cuda_graph.torch.cuda, "set_stream", lambda s: None)
     backend = object.__new__(CudaBackend)  # its __init__ needs a GPU for the stream and the pool
     backend.stream, backend.pool = "stream", "pool"
     for _ in range(3):
         assert backend.capture(lambda: "loss")[1] == "loss"
     assert calls == [{"pool": "pool", "stream": "stream", "capture_error_mode": "thread_local"}] * 3
+
+
+def test_a_failed_cuda_capture_gives_back_the_stream_and_says_the_first_error(monkeypatch):
+    """torch.cuda.graph's exit ends an invalidated capture with an error of its own and then skips putting
+    the previous stream back. CudaBackend.capture puts it back (the rest of the run stays on its stream),
+    and the log line names the error that broke the capture, not the one from ending it."""
+    current = ["main"]
+
+    class Graph:  # the order of torch.cuda.graph's __enter__ / __exit__ (torch/cuda/graphs.py)
+        def __init__(self, g, stream, **kwargs):
+            self.stream = stream
+
+        def __enter__(self):
+            current[0] = self.stream
+
+        def __exit__(self, kind, error, tb):
+            if error is not None:  # cudaStreamEndCapture fails; the stream context is not exited
+                raise RuntimeError("CUDA error: operation failed due to a previous error during capture")
+            current[0] = "main"
+
+    monkeypatch.setattr(cuda_graph.torch.cuda, "graph", Graph)
+    monkeypatch.setattr(cuda_graph.torch.cuda, "CUDAGraph", object)
+    monkeypatch.setattr(cuda_graph.torch.cuda, "synchronize", lambda: None)
+    monkeypatch.setattr(cuda_graph.torch.cuda, "current_stream", lambda: current[0])
+    monkeypatch.setattr(cuda_graph.torch.cuda, "set_stream", lambda s: current.__setitem__(0, s))
+    backend = object.__new__(CudaBackend)
+    backend.stream, backend.pool = "capture stream", "pool"
+    assert backend.capture(lambda: "loss")[1] == "loss" and current == ["main"]
+
+    def host_read():
+        raise RuntimeError("CUDA error: operation not permitted when stream is capturing\nmore")
+
+    try:
+        backend.capture(host_read)
+    except RuntimeError as e:
+        assert cuda_graph.first_line(cuda_graph.original_error(e)) == (
+            "CUDA error: operation not permitted when stream is capturing")
+    assert current == ["main"]

@@ -9,11 +9,14 @@ import sys
 from pathlib import Path
 
 import pandas as pd
+import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "gpu_check.sh"
 sys.path.insert(0, str(REPO / "benchmarks"))
 
+import bench_train_step  # noqa: E402
 import pick_variant  # noqa: E402
 import real_run_report  # noqa: E402
 
@@ -40,7 +43,11 @@ def test_dry_run_goes_through_every_phase(tmp_path):
     out = tmp_path / "out"
     assert sorted(p.name for p in out.iterdir()) == ["bench.json", "device.txt", "gpu_check.log", "runs.tar.gz",
                                                      "summary.md"]
-    assert json.loads((out / "bench.json").read_text())["rows"][0]["name"] == "eager"
+    bench = json.loads((out / "bench.json").read_text())
+    assert bench["rows"][0]["name"] == "eager"
+    # the profiled window and the FLOP count ran too (on the CPU: no kernel, so no busy time)
+    assert bench["rows"][0]["profiled_window_s"] > 0 and bench["rows"][0]["gpu_busy_ms"] is None
+    assert bench["flops_per_iteration"] > 0 and bench["peak_tflops"] is None
 
 
 def test_a_real_run_without_data_is_an_error(tmp_path):
@@ -48,6 +55,9 @@ def test_a_real_run_without_data_is_an_error(tmp_path):
     assert res.returncode != 0
     assert f"error: no training data for (c): neither DATA={tmp_path / 'none'}/train nor ARCHIVE=" in summary
     assert "pretraining" not in summary and "trained on" not in summary
+    if not torch.cuda.is_available():  # nothing runs: every phase would spend its limit on the CPU
+        assert res.returncode == 1 and "- problems: 2" in summary
+        assert "- error: torch sees no CUDA device (see device.txt); nothing run (on the CPU: --dry-run)" in summary
 
 
 def test_a_real_run_refuses_the_test_fixture(tmp_path):
@@ -65,11 +75,14 @@ def test_unknown_phases_are_refused(tmp_path):
 def test_the_real_run_uses_the_fastest_variant_shown_equal():
     rows = [{"name": "eager", "ms": 20.0}, {"name": "compile", "ms": 15.0}, {"name": "cuda_graph", "ms": 12.0},
             {"name": "compile+cuda_graph", "error": "exit 1: RuntimeError"}]
-    log = ("tests/test_cuda.py::test_compiled_step_equals_eager_and_does_not_sync PASSED [ 40%]\n"
-           "tests/test_cuda.py::test_cuda_graph_replays_equal_eager[bf16] FAILED [ 60%]\n"
-           "tests/test_cuda.py::test_compiled_cuda_graph_replays_equal_compiled_eager PASSED [ 70%]\n")
+    log = ("tests/test_cuda.py::test_cuda_graph_replays_equal_eager[bf16] FAILED [ 60%]\n"
+           "tests/test_cuda.py::test_compiled_step_equals_eager_and_does_not_sync PASSED [ 80%]\n"
+           "tests/test_cuda.py::test_compiled_cuda_graph_replays_equal_compiled_eager PASSED [ 90%]\n"
+           "tests/test_cuda.py::test_compiled_fast_path_is_close_to_eager_and_does_not_sync PASSED [100%]\n")
     name, why = pick_variant.pick(rows, log)
     assert name == "compile" and "faster but not shown equal: cuda_graph" in why
+    # compiled but not shown close to eager under the run's bf16 + channels_last (or cut by the time limit)
+    assert pick_variant.pick(rows, log.replace("fast_path_is_close_to_eager_and_does_not_sync PASSED", ""))[0] == "eager"
     assert pick_variant.pick(rows, log.replace("FAILED", "PASSED"))[0] == "cuda_graph"
     assert pick_variant.pick(rows, "")[0] == "eager"   # no test passed: the reference
     assert pick_variant.pick([], log)[0] == "eager"    # no timing
@@ -90,3 +103,25 @@ def test_the_real_run_report_states_its_images_and_refuses_a_subset(tmp_path):
     assert real_run_report.report(str(tmp_path), 200, dry_run=True)[1]
     (tmp_path / "train.log").write_text("INFO - Building data done with 50000 images loaded (10 classes)\n")
     assert real_run_report.report(str(tmp_path), 200)[1]
+
+
+def test_gpu_busy_time_is_the_union_of_the_device_intervals():
+    """Overlapping kernels (two streams) count once: busy time can never exceed the wall time."""
+    spans = [(20, 30), (0, 10), (5, 15), (21, 22), (30, 31)]
+    assert bench_train_step.busy_seconds(spans) == pytest.approx(26e-6)
+    assert bench_train_step.busy_seconds([]) is None
+
+
+def test_the_side_by_side_ends_by_its_deadline_and_names_the_worker_it_stopped(tmp_path):
+    """A worker not set up by --ready_s (a compile still running) is stopped, well before --deadline_s; the
+    table and the JSON are still written, with its row saying why."""
+    out, js = tmp_path / "bench.md", tmp_path / "bench.json"
+    res = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench_train_step.py"), "--quick", "--configs",
+                          "eager", "--ready_s", "0.5", "--deadline_s", "100", "--out", str(out), "--json", str(js), "--log_dir",
+                          str(tmp_path / "logs")], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert res.returncode == 1, res.stdout[-2000:] + res.stderr[-2000:]
+    row = json.loads(js.read_text())["rows"][0]
+    assert row == {"name": "eager", "error": "no reply by the deadline (stopped)"}
+    assert "| failed (no reply by the deadline (stopped)) |" in out.read_text()
+    assert [p.name for p in (tmp_path / "logs").iterdir()] == ["worker0_eager.log"]

@@ -41,11 +41,17 @@ class CudaBackend:
     def capture(self, fn):
         """Record fn into a new graph (nothing runs). Returns (graph, fn's output). "thread_local": another
         thread (a DataLoader's pin-memory thread) may allocate pinned memory meanwhile, which the
-        default mode ("global") turns into a failed capture."""
+        default mode ("global") turns into a failed capture. The stream current before is current after,
+        also when the capture fails: torch.cuda.graph's exit does not put it back when ending an
+        invalidated capture raises, which would leave the rest of the run on the capture stream."""
         graph = torch.cuda.CUDAGraph()
         torch.cuda.synchronize()
-        with torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"):
-            out = fn()
+        outer = torch.cuda.current_stream()
+        try:
+            with torch.cuda.graph(graph, pool=self.pool, stream=self.stream, capture_error_mode="thread_local"):
+                out = fn()
+        finally:
+            torch.cuda.set_stream(outer)
         return graph, out
 
 
@@ -101,7 +107,7 @@ class CudaGraphs:
             graph, loss = self.backend.capture(lambda: self.method.iterate(inputs, frozen, plan))
         except RuntimeError as e:
             self.method.optimizer.zero_grad(set_to_none=True)
-            reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            reason = first_line(original_error(e))
             self.failed[key] = reason
             self.log(f"CUDA graph: capturing a new case of the iteration failed ({reason}); it runs eagerly "
                      f"from now on ({len(self.failed)} such case(s), {self.captures} captured)")
@@ -109,3 +115,15 @@ class CudaGraphs:
         self.captures += 1
         self.graphs[key] = (inputs, graph, loss)
         return self.graphs[key]
+
+
+def original_error(e):
+    """The error that made a capture fail: ending an invalidated capture raises its own error ("operation
+    failed due to a previous error during capture") while the first one is being handled."""
+    while isinstance(e.__context__, RuntimeError):
+        e = e.__context__
+    return e
+
+
+def first_line(e):
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
