@@ -10,6 +10,8 @@ import hashlib
 import json
 import random
 import sys
+import time
+from datetime import timedelta
 from typing import Mapping, Optional
 
 import numpy as np
@@ -74,21 +76,33 @@ def first_problem(problem: Optional[str], world_size: int, device=None, size: in
     return found and found[1]
 
 
-def first_refusal(problem: Optional[str], status: int, world_size: int, device=None, size: int = 1024):
-    """Collective (one all-gather): (rank, problem, status) of the lowest rank with a one-line `problem`
-    (`status`, 1 to 255, is what it exits with), or None when no rank has one."""
+def first_refusal(problem: Optional[str], status: int, world_size: int, device=None, size: int = 1024,
+                  group=None, wait_s: Optional[float] = None):
+    """Collective (one all-gather in `group`): (rank, problem, status) of the lowest rank with a one-line
+    `problem` (`status`, 1 to 255, is what it exits with), or None when no rank has one. TimeoutError when
+    the others have not joined within `wait_s` seconds."""
     mine = torch.zeros(size, dtype=torch.uint8, device=device)
     if problem:
         raw = problem.encode()[:size - 2]
         mine[0] = status
         mine[1:1 + len(raw)] = torch.tensor(list(raw), dtype=torch.uint8, device=device)
     every = [torch.empty_like(mine) for _ in range(world_size)]
-    dist.all_gather(every, mine)
+    work = dist.all_gather(every, mine, group=group, async_op=True)
+    deadline = None if wait_s is None else time.monotonic() + wait_s
+    while deadline is not None and not work.is_completed():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the other processes did not join within {wait_s:g} s")
+        time.sleep(0.01)
+    work.wait()
     for rank, t in enumerate(every):
         raw = bytes(t.cpu().tolist())
         if raw[0]:
             return rank, raw[1:].rstrip(b"\0").decode(errors="replace"), raw[0]
     return None
+
+
+# How long a process that refused at start-up waits for the others to refuse too or reach `agree_to_start`.
+REFUSAL_WAIT_S = 30.0
 
 
 class StartVote:
@@ -98,15 +112,19 @@ class StartVote:
     the lowest refusing rank says its line (once for the job, not once per process) and every process exits
     with its status, the others silently. Rank 0 undoes its start only then (src/runtime/refused_start.py),
     when no other process is left to write in the folder. A process refuses at a check or reaches
-    `agree_to_start`: the same collective either way."""
+    `agree_to_start`: the same collective either way, in a process group of its own, so that it is never
+    mistaken for another collective. A process that refused waits `wait_s` for the others at most: those
+    that wait in another collective (a check that only this process failed, e.g. a node's copy of the
+    data missing) then stop as when a process is lost, and this one says its own line."""
 
-    def __init__(self, rank, world_size, device):
-        self.rank, self.world_size, self.device = rank, world_size, device
+    def __init__(self, rank, world_size, group, wait_s=REFUSAL_WAIT_S):
+        self.rank, self.world_size, self.group, self.wait_s = rank, world_size, group, wait_s
 
     def __call__(self, problem, status):
         try:
-            found = first_refusal(problem, status, self.world_size, self.device)
-        except RuntimeError:  # the others wait in another collective (a check that only this process failed)
+            found = first_refusal(problem, status, self.world_size, group=self.group,
+                                  wait_s=None if problem is None else self.wait_s)
+        except (RuntimeError, TimeoutError):
             if problem is None:
                 raise
             found = None
@@ -159,4 +177,5 @@ def agree_or_fail(args, problem):
     if problem:
         fail(problem)
     if args.world_size > 1:  # from here to agree_to_start, the processes refuse together
-        hold_refusals(StartVote(args.rank, args.world_size, args.device))
+        group = dist.new_group(backend="gloo", timeout=timedelta(seconds=args.dist_timeout))
+        hold_refusals(StartVote(args.rank, args.world_size, group))
