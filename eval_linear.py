@@ -30,6 +30,7 @@ from src.runtime.checkpoint import atomic_save
 from src.runtime.cli import ArgumentParser, bool_flag, fail, parse_given, run_main
 from src.runtime.logs import Clock, CurveWriter, Stats, format_eta
 from src.runtime.run_folder import LINEAR, OPERATIONAL_FLAGS, save_params, write_json
+from src.runtime.startup import agree_to_start
 
 
 def get_parser():
@@ -171,6 +172,7 @@ def main():
         fail(str(e))
     if args.use_bn:
         logger.info("--use_bn true: no BatchNorm with global pooling (as released, it belongs to the 6x6 pooling)")
+    agree_to_start(logger)  # every process passed its checks: the evaluation starts
     if args.rank == 0:  # every check passed: the folder is this evaluation's, of this checkpoint
         save_params(args, args.dump_path, extra={"pretrained_file": identity})
     curves = CurveWriter(args.dump_path, args.tensorboard, args.rank)

@@ -34,6 +34,7 @@ from src.runtime.checkpoint import atomic_save, rng_state
 from src.runtime.cli import ArgumentParser, bool_flag, fail, parse_given, run_main
 from src.runtime.logs import AverageMeter, Clock, Stats, format_eta
 from src.runtime.run_folder import FINE_TUNING, OPERATIONAL_FLAGS, save_params, write_json
+from src.runtime.startup import agree_to_start
 
 SUBSET_FILE = "labelled_subset.json"
 
@@ -151,6 +152,7 @@ def main():
     # ============ resume ============
     start_epoch, best_acc, resumed = resume_evaluation(args, FINE_TUNING, model, optimizer, scheduler, logger,
                                                        no_best=(0.0, 0.0))
+    agree_to_start(logger)  # every process passed its checks: the fine-tuning starts
     if args.rank == 0:
         save_params(args, args.dump_path, extra={"pretrained_file": identity})
     stats = Stats(os.path.join(args.dump_path, f"stats{args.rank}"), TIMED_STATS_COLUMNS,

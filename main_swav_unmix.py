@@ -32,7 +32,7 @@ from src.runtime.cli import MAX_EPOCHS, ArgumentParser, bool_flag, check_seed, f
 from src.runtime.logs import (AverageMeter, Clock, CurveWriter, Stats, create_logger, format_eta, format_provenance,
                               provenance)
 from src.runtime.run_folder import OPERATIONAL_FLAGS, claim_pretraining_folder, save_params
-from src.runtime.startup import agree_or_fail, start_processes
+from src.runtime.startup import agree_or_fail, agree_to_start, start_processes
 
 
 def get_parser():
@@ -192,6 +192,7 @@ def main():
 
     # ============ resume ============
     restart = resume(args, method, data.iters_per_epoch, logger)
+    agree_to_start(logger)  # every process passed its checks: the run starts
     if args.rank == 0:
         save_params(args, args.dump_path)
     stats = Stats(os.path.join(args.dump_path, f"stats{args.rank}"), STATS_COLUMNS,
@@ -243,7 +244,7 @@ def set_up(args):
     np_rng = np.random.RandomState(args.seed)  # the released code drew lam, r and box centres here
     lock, problem = claim_pretraining_folder(args, OPERATIONAL_FLAGS) if args.rank == 0 else (None, None)
     agree_or_fail(args, problem)
-    logger = create_logger(args.dump_path, args.rank)
+    logger = create_logger(args.dump_path, args.rank, held=args.world_size > 1)  # see agree_to_start
     logger.info(devices.describe_device(args.device))
     logger.info(f"Process rank {args.rank} of world size {args.world_size} (local rank {args.local_rank}) "
                 f"on {args.device}")

@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
+
 from tests.fake_cifar import write_cifar10
 
 REPO = Path(__file__).resolve().parents[1]
@@ -186,6 +188,27 @@ class _Handle:
     pid: int
     out: Path
     err: Path
+
+
+def forked_run_fixtures(name):
+    """Module-scoped fixtures `work` (a folder named `name`), `data` (the fake CIFAR-10 in it) and `runner`
+    (a warmed-up ForkRunner) for a module of tiny runs: `work, data, runner = forked_run_fixtures("...")`."""
+    @pytest.fixture(scope="module")
+    def work(tmp_path_factory):
+        return tmp_path_factory.mktemp(name)
+
+    @pytest.fixture(scope="module")
+    def data(work):
+        return make_fake_cifar10(work / "cifar")
+
+    @pytest.fixture(scope="module")
+    def runner(work):
+        r = ForkRunner(work / "runner")
+        r.warm_up(work)
+        yield r
+        r.close()
+
+    return work, data, runner
 
 
 def wait_for_log(path, needle, timeout=120, poll=0.005, alive=None):

@@ -15,29 +15,14 @@ import pandas as pd
 import pytest
 import torch
 
-from tests.e2e_helpers import EVAL, MAIN, ForkRunner, make_fake_cifar10, pid_alive, tiny_args, wait_for_log
+from tests.e2e_helpers import EVAL, MAIN, forked_run_fixtures, pid_alive, tiny_args, wait_for_log
 
 pytestmark = pytest.mark.slow
 
 PAUSE = 3.0  # seconds a first process is held (SIGSTOP) before it is stopped
 
 
-@pytest.fixture(scope="module")
-def work(tmp_path_factory):
-    return tmp_path_factory.mktemp("recorded_times")
-
-
-@pytest.fixture(scope="module")
-def data(work):
-    return make_fake_cifar10(work / "cifar")
-
-
-@pytest.fixture(scope="module")
-def runner(work):
-    r = ForkRunner(work / "runner")
-    r.warm_up(work)
-    yield r
-    r.close()
+work, data, runner = forked_run_fixtures("recorded_times")
 
 
 def eval_args(data, dump, pretrained, epochs, *extra):

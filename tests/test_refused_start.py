@@ -3,7 +3,9 @@ data path or a bad flag value, removes the folder it created (with the parents i
 existing run folder exactly as it was (its file list and every byte), whether it is refused at the folder
 check or later (data, classes, weights). src/runtime/refused_start.py does the undoing."""
 import os
+import re
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -124,3 +126,53 @@ def test_refused_script_run_leaves_no_folder_and_keeps_an_existing_one(env, tmp_
            EXPERIMENT_PATH=str(existing))
     script("--allow_changed_args", "true", DATASET_PATH=str(env["root"] / "no_such_data"), EXPERIMENT_PATH=str(existing))
     assert snapshot(existing) == before and os.listdir(tmp_path) == ["mine"]
+
+
+def torchrun(script, args, cwd):
+    """`torchrun --nproc_per_node 2 script args` (gloo on the CPU); (status of each rank from torchrun's
+    report of the failed processes, stderr)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+                        f"--master_port={port}", str(script), *map(str, args)], cwd=cwd, env=RUN_ENV,
+                       capture_output=True, text=True, timeout=120)
+    ranks = re.findall(r"rank\s*: (\d) \(local_rank: \d\)\s*\n\s*exitcode\s*: (-?\d+)", p.stderr)
+    return dict((int(r), int(code)) for r, code in ranks), p.stderr
+
+
+def two_process_folder(env, name):
+    """A copy of the finished pretraining as a 2-process run leaves it (with rank 1's log), whose checkpoint
+    and epoch copy are cut in half: its resume is refused after the folder is claimed."""
+    folder = env["root"] / name
+    shutil.copytree(env["root"] / "pretraining", folder)
+    (folder / "train.log-1").write_text("INFO - rank 1 of the earlier run\n")
+    for path in [folder / "checkpoint.pth.tar", *(folder / "checkpoints").iterdir()]:
+        path.write_bytes(path.read_bytes()[:path.stat().st_size // 2])
+    return folder
+
+
+@pytest.mark.parametrize("kind", ["pretraining", "linear"])
+def test_refused_start_with_two_processes(env, kind):
+    """torchrun, 2 processes, refused after rank 0 claimed the folder: the pretraining resuming an existing
+    2-process folder whose checkpoints are unreadable, the linear evaluation in a new folder with data of
+    other classes (eval_semisup.py refuses the same way, with the same set-up and `agree_to_start`; left out for time).
+    One line for the job (not one per process), every process ends with status 2, and the folder is as
+    before: rank 1 wrote nothing there (its log is written once the run starts) and rank 0 undid its start
+    after both had stopped."""
+    if kind == "pretraining":
+        target = two_process_folder(env, "two_process_pretraining")
+        args, words = pretrain_args(env, target, "--epochs", 2, "--allow_changed_args", "true"), "no readable checkpoint"
+    else:
+        target = env["root"] / "new_two_process_linear" / "run"
+        args, words = linear_args(env, target, "--num_labels", 100), "has 10 classes"
+    before = snapshot(target) if target.exists() else None
+    statuses, stderr = torchrun(SCRIPTS[kind][0], args, env["root"])
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and words in errors[0], stderr
+    assert statuses == {0: 2, 1: 2}, stderr
+    assert stderr.count("Traceback") == stderr.count("ChildFailedError:"), stderr  # torchrun's own report only
+    if before is None:
+        assert not target.parent.exists(), sorted(str(p) for p in target.parent.rglob("*"))
+    else:
+        assert snapshot(target) == before

@@ -22,7 +22,7 @@ import torch
 from src.runtime.checkpoint import (CheckpointError, atomic_write, find_resume_checkpoint, remove_stale_temporaries,
                                     safe_load)
 from src.runtime.signals import PREEMPTED_EXIT_CODE
-from tests.e2e_helpers import (MAIN, REPO, ForkRunner, kill, make_fake_cifar10, pid_alive, run_script, tiny_args,
+from tests.e2e_helpers import (MAIN, REPO, forked_run_fixtures, kill, pid_alive, run_script, tiny_args,
                                wait_for_log)
 
 pytestmark = pytest.mark.slow
@@ -34,22 +34,7 @@ ITERS = 6  # iterations per epoch of the tiny runs
 # fixtures and helpers
 # ----------------------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def work(tmp_path_factory):
-    return tmp_path_factory.mktemp("resume")
-
-
-@pytest.fixture(scope="module")
-def data(work):
-    return make_fake_cifar10(work / "cifar")
-
-
-@pytest.fixture(scope="module")
-def runner(work):
-    r = ForkRunner(work / "runner")
-    r.warm_up(work)
-    yield r
-    r.close()
+work, data, runner = forked_run_fixtures("resume")
 
 
 @pytest.fixture(scope="module")
@@ -208,14 +193,16 @@ def test_sigkill_at_random_moments_then_restart_until_done(work, data, runner, r
     random point of the run (start-up, the log line of one of its first 11 iterations, or "Epoch 0 done",
     after which the checkpoint and its epoch copy are written; a point the checkpoint has passed means
     start-up) plus a random extra delay, so kills land anywhere: start-up, mid-epoch, and while stats and
-    checkpoints are written at an epoch's end."""
-    dump = work / "killed"
-    args = tiny_args(data, dump, 2, "--log_freq", 1)
-    log = dump / "train.log"
+    checkpoints are written at an epoch's end. A run that finishes before its kill lands (a kill meant for
+    its last iterations, on a loaded machine) is a valid end, checked like the last one; the kills left go
+    on in a new folder."""
+    dumps = [work / "killed"]
     rng = random.Random(0)
     n_kills = int(os.environ.get("UNMIX_FAULT_KILLS", "6"))
     history, kills = [], 0
     for _ in range(n_kills + 20):
+        dump = dumps[-1]
+        args, log = tiny_args(data, dump, 2, "--log_freq", 1), dump / "train.log"
         ck = load(dump) if (dump / "checkpoint.pth.tar").exists() else None
         done = 0 if ck is None else ck["epoch"] * ITERS + ck["iteration"]
         offset = log.stat().st_size if log.exists() else 0
@@ -242,22 +229,27 @@ def test_sigkill_at_random_moments_then_restart_until_done(work, data, runner, r
         res = runner.wait(h)
         kills += res.returncode == -signal.SIGKILL
         ck = load(dump) if (dump / "checkpoint.pth.tar").exists() else None
-        history.append((moment if res.returncode else "not killed", res.returncode,
+        history.append((dump.name, moment if res.returncode else "not killed", res.returncode,
                         None if ck is None else (ck["epoch"], ck["iteration"])))
         if res.returncode == 0:
-            break
+            assert "Pretraining done." in res.stdout, res.explain()
+            if kills >= n_kills:
+                break
+            dumps.append(work / f"killed_{len(dumps)}")  # finished before its kill landed: the next kills there
+            continue
         assert res.returncode == -signal.SIGKILL, res.explain()
-    print("\nSIGKILL history (last log line + extra delay at the kill, exit status, checkpoint after):")
+    print("\nSIGKILL history (folder, last log line + extra delay at the kill, exit status, checkpoint after):")
     for row in history:
         print("  ", row)
     assert res.returncode == 0 and "Pretraining done." in res.stdout, res.explain()
     assert kills >= min(n_kills, 4), history
-    assert_same_run(dump, reference)
-    ckp1 = load(dump, "checkpoints/ckp-1.pth")
-    assert all(torch.equal(v, load(dump)["state_dict"][k]) for k, v in ckp1["state_dict"].items())
-    assert (dump / "checkpoints" / "ckp-0.pth").is_file()
-    leftovers = [p.name for p in list(dump.glob(".*")) + list((dump / "checkpoints").glob(".*"))]
-    assert not leftovers, f"temporary files left behind: {leftovers}"
+    for dump in dumps:  # every folder holds a finished run, the uninterrupted one's to the bit
+        assert_same_run(dump, reference)
+        ckp1 = load(dump, "checkpoints/ckp-1.pth")
+        assert all(torch.equal(v, load(dump)["state_dict"][k]) for k, v in ckp1["state_dict"].items())
+        assert (dump / "checkpoints" / "ckp-0.pth").is_file()
+        leftovers = [p.name for p in list(dump.glob(".*")) + list((dump / "checkpoints").glob(".*"))]
+        assert not leftovers, f"temporary files left behind in {dump.name}: {leftovers}"
 
 
 def wait_for_log_after(path, offset, needle, timeout=120, alive=None):

@@ -130,7 +130,7 @@ def set_up(args, kind, operational_flags):
     lock, identity, moved, problem = (claim_evaluation_folder(args, kind, operational_flags) if args.rank == 0
                                       else (None, None, None, None))
     agree_or_fail(args, problem)
-    logger = create_logger(args.dump_path, args.rank)
+    logger = create_logger(args.dump_path, args.rank, held=args.world_size > 1)  # see agree_to_start
     logger.info(devices.describe_device(args.device))
     logger.info(format_provenance(provenance(args.device, args.world_size)))
     if moved:

@@ -44,9 +44,30 @@ def bool_flag(s):
     raise argparse.ArgumentTypeError(f"invalid boolean value {s!r} (use on/true/1 or off/false/0)")
 
 
+# The processes of a job that have not yet agreed to start: at most one vote (see `hold_refusals`).
+_START_VOTE = []
+
+
+def hold_refusals(vote):
+    """Until `release_refusals`, `fail` first hands its problem and status to `vote(problem, status)`, which
+    returns the (problem, status) this process ends with and whether it is the one to say it: the processes
+    of a job agree on one refusal (src/runtime/startup.py, `StartVote`)."""
+    _START_VOTE[:] = [vote]
+
+
+def release_refusals():
+    """The vote that `hold_refusals` set, now removed; None when there was none."""
+    return _START_VOTE.pop() if _START_VOTE else None
+
+
 def fail(msg, status=2):
-    """Bad input: one line on stderr, exit status 2 (or `status`), no traceback."""
-    print(f"error: {msg}", file=sys.stderr, flush=True)
+    """Bad input: one line on stderr, exit status 2 (or `status`), no traceback. During a job's start-up
+    (`hold_refusals`) the job's processes agree first: one of them says the line, all end with its status."""
+    vote, say = release_refusals(), True
+    if vote is not None:
+        msg, status, say = vote(msg, status)
+    if say:
+        print(f"error: {msg}", file=sys.stderr, flush=True)
     sys.exit(status)
 
 

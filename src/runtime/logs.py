@@ -39,8 +39,10 @@ class _ElapsedFormatter(logging.Formatter):
         return prefix + record.getMessage().replace("\n", "\n" + " " * len(prefix))
 
 
-def create_logger(dump_path, rank, name="unmix"):
-    """Log to `train.log` (rank 0) or `train.log-{rank}`, appending across restarts; rank 0 also to stdout."""
+def create_logger(dump_path, rank, name="unmix", held=False):
+    """Log to `train.log` (rank 0) or `train.log-{rank}`, appending across restarts; rank 0 also to stdout.
+    `held`: a process other than rank 0 keeps its lines in memory until `write_held_log` (its job's run has
+    started), so that no file of it is in the folder of a start that is refused."""
     path = os.path.join(dump_path, "train.log" if rank == 0 else f"train.log-{rank}")
     logger = logging.getLogger(f"{name}.{rank}.{path}")
     logger.setLevel(logging.INFO)
@@ -49,7 +51,7 @@ def create_logger(dump_path, rank, name="unmix"):
         logger.removeHandler(h)
         h.close()
     fmt = _ElapsedFormatter()
-    fh = logging.FileHandler(path, mode="a")
+    fh = _HeldLines(path) if held and rank != 0 else logging.FileHandler(path, mode="a")
     fh.setFormatter(fmt)
     logger.addHandler(fh)
     if rank == 0:
@@ -57,6 +59,29 @@ def create_logger(dump_path, rank, name="unmix"):
         sh.setFormatter(fmt)
         logger.addHandler(sh)
     return logger
+
+
+class _HeldLines(logging.Handler):
+    """The records of a log whose file is not written yet (`create_logger` with `held`)."""
+
+    def __init__(self, path):
+        super().__init__()
+        self.path, self.records = path, []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
+def write_held_log(logger):
+    """The lines `logger` held (`create_logger` with `held`) go to its file, and the next ones as they come."""
+    for h in list(logger.handlers):
+        if isinstance(h, _HeldLines):
+            fh = logging.FileHandler(h.path, mode="a")
+            fh.setFormatter(h.formatter)
+            for record in h.records:
+                fh.handle(record)
+            logger.removeHandler(h)
+            logger.addHandler(fh)
 
 
 class Stats:
