@@ -173,8 +173,11 @@ classes_of() {
 # Checked now, not after a pretraining of hours: the evaluation would refuse other numbers of classes.
 DATA_CLASSES=$(classes_of "$DATASET_PATH")
 if [ -n "$DATA_CLASSES" ] && [ "$DATA_CLASSES" != "$EVAL_LABELS" ]; then
+    case "$DATA_CLASSES" in  # point to the script for the data given
+        10) HINT="CIFAR-10: script_unmix_c10.sh; or " ;; 100) HINT="CIFAR-100: script_unmix_c100.sh; or " ;; *) HINT="" ;;
+    esac
     die "$DATASET_PATH has $DATA_CLASSES classes, but the linear evaluation would use --num_labels $EVAL_LABELS" \
-        "(CIFAR-100: script_unmix_c100.sh; or set --num_labels in EVAL_EXTRA_ARGS)"
+        "(${HINT}set --num_labels in EVAL_EXTRA_ARGS)"
 fi
 
 if [ -z "${PYTHON:-}" ]; then
