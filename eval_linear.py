@@ -172,7 +172,8 @@ def main():
     if args.use_bn:
         logger.info("--use_bn true: no BatchNorm with global pooling (as released, it belongs to the 6x6 pooling)")
     if args.rank == 0:  # every check passed: the folder is this evaluation's, of this checkpoint
-        save_params(args, args.dump_path, extra={"pretrained_file": identity})
+        save_params(args, args.dump_path, extra={"pretrained_file": identity, "data": {
+            "train_images": len(train_images), "test_images": len(test_images), "classes": len(classes)}})
     curves = CurveWriter(args.dump_path, args.tensorboard, args.rank)
 
     if args.probe == "cached":

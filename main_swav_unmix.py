@@ -193,7 +193,7 @@ def main():
     # ============ resume ============
     restart = resume(args, method, data.iters_per_epoch, logger)
     if args.rank == 0:
-        save_params(args, args.dump_path)
+        save_params(args, args.dump_path, extra={"data": data.sizes})
     stats = Stats(os.path.join(args.dump_path, f"stats{args.rank}"), STATS_COLUMNS,
                   resume_before_epoch=restart.epoch if restart else None, log=logger.info)
 
@@ -228,7 +228,10 @@ def main():
         print(f"error: training stopped with non-finite losses at epoch {guard.unsaved_epoch}; its checkpoint was "
               f"not written, {guard.kept()} (lower --base_lr or check the data)", file=sys.stderr, flush=True)
         sys.exit(4)
-    logger.info("Pretraining done." if epoch >= args.epochs - 1 else "Pretraining paused.")
+    checkpoint = os.path.join(args.dump_path, "checkpoint.pth.tar")
+    logger.info(f"Pretraining done. Checkpoint: {checkpoint} ({args.epochs} epochs)" if epoch >= args.epochs - 1
+                else f"Pretraining paused. Checkpoint: {checkpoint} ({epoch + 1} of {args.epochs} epochs); rerun "
+                     f"the same command to resume")
     launch.cleanup()
 
 
@@ -277,6 +280,7 @@ class TrainData:
     iters_per_epoch: int
     epoch_crops: Callable  # (epoch, first_iter, torch_rng) -> iterator over lists of crops on the device
     knn: Optional[tuple]   # (train images, labels, test images, labels, classes) for the kNN monitor
+    sizes: dict            # params.json's `data`: the data set's size, so reports can tell a part of it
 
 
 def build_data(args, logger):
@@ -339,7 +343,7 @@ def build_data(args, logger):
         knn = (monitor_images(plain_tensor(train_images, CIFAR_MEAN, PRETRAIN_STD), device, augment == "batched"),
                train_labels, monitor_images(plain_tensor(test_images, CIFAR_MEAN, PRETRAIN_STD), device,
                                             augment == "batched"), test_labels, len(classes))
-    return TrainData(iters_per_epoch, epoch_crops, knn)
+    return TrainData(iters_per_epoch, epoch_crops, knn, {"train_images": len(train_images), "classes": len(classes)})
 
 
 def data_fingerprint(images, labels, classes, iters_per_epoch):
