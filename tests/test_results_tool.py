@@ -469,6 +469,19 @@ def test_a_part_of_the_data_set_stands_next_to_no_published_number(tmp_path):
     assert (rows["small_test"]["published top-1"], rows["small_test"]["Δ best − published"]) == ("86.8", "—")
 
 
+def test_a_run_folder_given_directly_keeps_its_evaluations(tmp_path):
+    """`tools/results.py experiments/run` (the run itself, not the folder above it) reports the run with the
+    evaluations beside it, as `tools/results.py experiments/` does; not as a run never evaluated."""
+    exp = tmp_path / "exp"
+    _evaluated(exp / "released_linear_eval", _run_with_checkpoint(exp / "released"), 88.0)
+    _evaluated(exp / "other_linear_eval", _run_with_checkpoint(exp / "other"), 80.0)
+    whole = _parse_table(_report([exp], tmp_path / "report")[1])
+    alone = _parse_table(_report([exp / "released"], tmp_path / "report_one")[1])
+    assert list(alone) == ["released"]
+    assert alone["released"] == whole["released"]
+    assert alone["released"]["Δ best − published"] == "+1.20"
+
+
 def test_an_evaluation_of_an_earlier_checkpoint_is_stale(tmp_path):
     """An evaluation counts for its run only while the run's checkpoint.pth.tar is the one it evaluated (the
     same bytes, even rewritten); after the pretraining went on it is shown as stale, not as the result."""
