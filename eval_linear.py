@@ -84,6 +84,8 @@ def check_args(args):
              f"(got {args.workers}, {args.dist_timeout})")
     if args.augment == "batched" and args.probe == "cached":
         fail("--augment batched makes the crops of --probe released; --probe cached trains on un-augmented images")
+    if args.lr < 0 or args.wd < 0:  # what SGD refuses, said before anything is built
+        fail(f"--lr and --wd must not be negative (got {args.lr}, {args.wd})")
     if args.crops_per_chunk < 0:
         fail(f"--crops_per_chunk must not be negative, got {args.crops_per_chunk}")
 

@@ -170,6 +170,8 @@ def check_args(args):
     if args.temperature <= 0 or args.epsilon <= 0 or args.knn_temperature <= 0:
         fail(f"--temperature, --epsilon and --knn_temperature must be positive (got {args.temperature}, "
              f"{args.epsilon}, {args.knn_temperature})")
+    if args.base_lr < 0 or args.wd < 0:  # what SGD refuses, said before anything is built
+        fail(f"--base_lr and --wd must not be negative (got {args.base_lr}, {args.wd})")
     if args.nmb_prototypes < 2:
         fail(f"--nmb_prototypes must be at least 2, got {args.nmb_prototypes}: with one prototype every code "
              "is the same and the loss is 0")
