@@ -83,6 +83,7 @@ CASES = {
     "negative_epochs": (lambda e: pre(e, epochs=-3), "--epochs must be positive"),
     "zero_log_freq": (lambda e: pre(e, "--log_freq", 0), "--log_freq must be at least 1"),
     "unwritable_dump_path": (lambda e: pre(e, dump="afile/sub"), "is not writable"),
+    "dump_path_is_a_file": (lambda e: pre(e, dump="afile"), "afile' is a file, not a folder"),
     "corrupt_checkpoint": (lambda e: pre(e, dump="corrupt_ckpt"), "no readable checkpoint"),
     "dump_holds_other_run": (lambda e: pre(e, "--base_lr", 0.3, dump="prior"), "base_lr: 0.6 -> 0.3"),
     "unreadable_params_json": (lambda e: pre(e, dump="bad_params"), "params.json is unreadable"),
