@@ -115,4 +115,5 @@ def pretraining_differences(params, swav):
 
 def linear_eval_differences(params, dataset):
     """How a linear evaluation's arguments differ from the released protocol on `dataset`."""
-    return data_differences(params) + differences(params, {**RELEASED_LINEAR, "num_labels": NUM_LABELS.get(dataset, 0)})
+    released = {**RELEASED_LINEAR, "num_labels": NUM_LABELS.get(dataset, 0)}
+    return data_differences(params) + differences(params, released)
