@@ -200,7 +200,9 @@ if [ -n "${SLURM_JOB_ID:-}" ]; then
     LAUNCH=(srun --kill-on-bad-exit=0 --wait=600 "$PYTHON" -u)
     WHERE="slurm job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}), ${SLURM_NTASKS:-1} task(s) on ${SLURM_JOB_NODELIST:-?}"
 else
+    NPROC_NOTE=
     if [ -z "${NPROC:-}" ]; then
+        NPROC_NOTE=1  # chosen here from the GPUs, not asked for
         if [ -n "${CUDA_VISIBLE_DEVICES+x}" ]; then
             if [ -z "$CUDA_VISIBLE_DEVICES" ] || [ "$CUDA_VISIBLE_DEVICES" = "-1" ]; then NPROC=0
             else NPROC=$(awk -F, '{print NF}' <<< "$CUDA_VISIBLE_DEVICES"); fi
@@ -218,6 +220,10 @@ else
         LAUNCH=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NPROC")
     fi
     WHERE="no Slurm, $NPROC process(es) on $(hostname)"
+    if [ -n "$NPROC_NOTE" ] && [ "$NPROC" -gt 1 ]; then  # the released runs used one GPU (--nproc_per_node=1)
+        WHERE="$WHERE ($NPROC processes, one per visible GPU: a global batch of $NPROC x $BATCH_SIZE at the same"
+        WHERE="$WHERE --base_lr, not the released 1-GPU recipe (NPROC=1 runs that))"
+    fi
 fi
 
 # Each step runs in the background while this shell waits for it, so that a signal reaches the shell at

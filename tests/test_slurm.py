@@ -286,8 +286,12 @@ def test_script_outside_slurm_uses_torchrun_for_several_processes(fake):
     r, calls = fake(NPROC="2")
     assert r.returncode == 0
     assert calls[0].startswith(f"-m torch.distributed.run --standalone --nproc_per_node=2 {fake.code}/main_swav_unmix.py")
+    assert "not the released" not in r.stdout   # NPROC asked for by name: no note
     r, calls = fake(CUDA_VISIBLE_DEVICES="0,1,3")
     assert calls[0].startswith("-m torch.distributed.run --standalone --nproc_per_node=3 ")
+    # chosen from the GPUs: the log says that this is not the released one-GPU recipe, and how to run it
+    assert "3 processes, one per visible GPU: a global batch of 3 x 128 at the same --base_lr, not the " \
+           "released 1-GPU recipe (NPROC=1 runs that)" in r.stdout, r.stdout
     r, calls = fake(CUDA_VISIBLE_DEVICES="")
     assert calls[0].startswith("-u ")
 
