@@ -31,7 +31,7 @@ from src.runtime.checkpoint import CheckpointError, restart_from_checkpoint, sav
 from src.runtime.cli import MAX_EPOCHS, ArgumentParser, bool_flag, check_seed, fail, run_main
 from src.runtime.logs import (AverageMeter, Clock, CurveWriter, Stats, create_logger, format_eta, format_provenance,
                               provenance)
-from src.runtime.run_folder import OPERATIONAL_FLAGS, claim_pretraining_folder, save_params
+from src.runtime.run_folder import OPERATIONAL_FLAGS, claim_pretraining_folder, load_params_json, save_params
 from src.runtime.startup import agree_or_fail, start_processes
 
 
@@ -186,6 +186,7 @@ def main():
 
     # ============ data ============
     data = build_data(args, logger)
+    check_same_data(args, data.sizes)
 
     # ============ model, optimiser, method ============
     net = build_network(args, logger)
@@ -231,7 +232,8 @@ def main():
               f"not written, {guard.kept()} (lower --base_lr or check the data)", file=sys.stderr, flush=True)
         sys.exit(4)
     checkpoint = os.path.join(args.dump_path, "checkpoint.pth.tar")
-    logger.info(f"Pretraining done. Checkpoint: {checkpoint} ({args.epochs} epochs)" if epoch >= args.epochs - 1
+    logger.info(f"Pretraining done. Checkpoint: {checkpoint} ({args.epochs} epoch{'s' * (args.epochs != 1)})"
+                if epoch >= args.epochs - 1
                 else f"Pretraining paused. Checkpoint: {checkpoint} ({epoch + 1} of {args.epochs} epochs); rerun "
                      f"the same command to resume")
     launch.cleanup()
@@ -346,6 +348,16 @@ def build_data(args, logger):
                train_labels, monitor_images(plain_tensor(test_images, CIFAR_MEAN, PRETRAIN_STD), device,
                                             augment == "batched"), test_labels, len(classes))
     return TrainData(iters_per_epoch, epoch_crops, knn, {"train_images": len(train_images), "classes": len(classes)})
+
+
+def check_same_data(args, sizes):
+    """A run resumes on the data it started on: not, say, on a partial node-local copy after a requeue
+    (the sizes its params.json records; runs from before they were recorded are not checked)."""
+    recorded = (load_params_json(args.dump_path) or {}).get("data")
+    if isinstance(recorded, dict) and recorded != sizes and not args.allow_changed_args:
+        fail(f"--data_path {args.data_path} gives {sizes['train_images']} training images in {sizes['classes']} "
+             f"classes, but the run in {args.dump_path} started on {recorded.get('train_images')} in "
+             f"{recorded.get('classes')} classes; check the data, or --allow_changed_args true to resume on it anyway")
 
 
 def data_fingerprint(images, labels, classes, iters_per_epoch):

@@ -53,6 +53,11 @@ def env(tmp_path_factory):
         ckpt = torch.load(e["ckpt"], weights_only=True)
         damage(ckpt)
         torch.save(ckpt, root / name / "checkpoint.pth.tar")
+    # the run as if it had started on the whole CIFAR-10 (e.g. before a requeue onto a node whose copy is partial)
+    shutil.copytree(e["prior"], root / "other_data")
+    params = json.loads((root / "other_data" / "params.json").read_text())
+    params["data"]["train_images"] = 50000
+    (root / "other_data" / "params.json").write_text(json.dumps(params))
     for name in ("ckpt_is_a_folder", "eval_ckpt_is_a_folder"):
         (root / name / "checkpoint.pth.tar").mkdir(parents=True)
     yield e
@@ -86,6 +91,8 @@ CASES = {
     "dump_path_is_a_file": (lambda e: pre(e, dump="afile"), "afile' is a file, not a folder"),
     "corrupt_checkpoint": (lambda e: pre(e, dump="corrupt_ckpt"), "no readable checkpoint"),
     "dump_holds_other_run": (lambda e: pre(e, "--base_lr", 0.3, dump="prior"), "base_lr: 0.6 -> 0.3"),
+    "resumed_on_other_data": (lambda e: pre(e, dump="other_data"),
+                              "training images in 10 classes, but the run in "),
     "unreadable_params_json": (lambda e: pre(e, dump="bad_params"), "params.json is unreadable"),
     "eval_unknown_arch": (lambda e: ev(e, "--arch", "vgg"), "unknown --arch 'vgg'"),
     "eval_zero_epochs": (lambda e: ev(e, "--epochs", 0), "--epochs must be positive"),
