@@ -85,6 +85,8 @@ def check_args(args):
              f"(got {args.workers}, {args.dist_timeout})")
     if args.augment == "batched" and args.probe == "cached":
         fail("--augment batched makes the crops of --probe released; --probe cached trains on un-augmented images")
+    if args.lr < 0 or args.wd < 0:  # what SGD refuses, said before anything is built
+        fail(f"--lr and --wd must not be negative (got {args.lr}, {args.wd})")
     if args.crops_per_chunk < 0:
         fail(f"--crops_per_chunk must not be negative, got {args.crops_per_chunk}")
 
@@ -174,7 +176,8 @@ def main():
         logger.info("--use_bn true: no BatchNorm with global pooling (as released, it belongs to the 6x6 pooling)")
     agree_to_start(logger)  # every process passed its checks: the evaluation starts
     if args.rank == 0:  # every check passed: the folder is this evaluation's, of this checkpoint
-        save_params(args, args.dump_path, extra={"pretrained_file": identity})
+        save_params(args, args.dump_path, extra={"pretrained_file": identity, "data": {
+            "train_images": len(train_images), "test_images": len(test_images), "classes": len(classes)}})
     curves = CurveWriter(args.dump_path, args.tensorboard, args.rank)
 
     if args.probe == "cached":

@@ -31,7 +31,7 @@ from src.runtime.checkpoint import CheckpointError, restart_from_checkpoint, sav
 from src.runtime.cli import MAX_EPOCHS, ArgumentParser, bool_flag, check_seed, fail, run_main
 from src.runtime.logs import (AverageMeter, Clock, CurveWriter, Stats, create_logger, format_eta, format_provenance,
                               provenance)
-from src.runtime.run_folder import OPERATIONAL_FLAGS, claim_pretraining_folder, save_params
+from src.runtime.run_folder import OPERATIONAL_FLAGS, claim_pretraining_folder, load_params_json, save_params
 from src.runtime.startup import agree_or_fail, agree_to_start, start_processes
 
 
@@ -170,6 +170,8 @@ def check_args(args):
     if args.temperature <= 0 or args.epsilon <= 0 or args.knn_temperature <= 0:
         fail(f"--temperature, --epsilon and --knn_temperature must be positive (got {args.temperature}, "
              f"{args.epsilon}, {args.knn_temperature})")
+    if args.base_lr < 0 or args.wd < 0:  # what SGD refuses, said before anything is built
+        fail(f"--base_lr and --wd must not be negative (got {args.base_lr}, {args.wd})")
     if args.nmb_prototypes < 2:
         fail(f"--nmb_prototypes must be at least 2, got {args.nmb_prototypes}: with one prototype every code "
              "is the same and the loss is 0")
@@ -184,6 +186,7 @@ def main():
 
     # ============ data ============
     data = build_data(args, logger)
+    check_same_data(args, data.sizes)
 
     # ============ model, optimiser, method ============
     net = build_network(args, logger)
@@ -194,7 +197,7 @@ def main():
     restart = resume(args, method, data.iters_per_epoch, logger)
     agree_to_start(logger)  # every process passed its checks: the run starts
     if args.rank == 0:
-        save_params(args, args.dump_path)
+        save_params(args, args.dump_path, extra={"data": data.sizes})
     stats = Stats(os.path.join(args.dump_path, f"stats{args.rank}"), STATS_COLUMNS,
                   resume_before_epoch=restart.epoch if restart else None, log=logger.info)
 
@@ -229,7 +232,11 @@ def main():
         print(f"error: training stopped with non-finite losses at epoch {guard.unsaved_epoch}; its checkpoint was "
               f"not written, {guard.kept()} (lower --base_lr or check the data)", file=sys.stderr, flush=True)
         sys.exit(4)
-    logger.info("Pretraining done." if epoch >= args.epochs - 1 else "Pretraining paused.")
+    checkpoint = os.path.join(args.dump_path, "checkpoint.pth.tar")
+    logger.info(f"Pretraining done. Checkpoint: {checkpoint} ({args.epochs} epoch{'s' * (args.epochs != 1)})"
+                if epoch >= args.epochs - 1
+                else f"Pretraining paused. Checkpoint: {checkpoint} ({epoch + 1} of {args.epochs} epochs); rerun "
+                     f"the same command to resume")
     launch.cleanup()
 
 
@@ -278,6 +285,7 @@ class TrainData:
     iters_per_epoch: int
     epoch_crops: Callable  # (epoch, first_iter, torch_rng) -> iterator over lists of crops on the device
     knn: Optional[tuple]   # (train images, labels, test images, labels, classes) for the kNN monitor
+    sizes: dict            # params.json's `data`: the data set's size, so reports can tell a part of it
 
 
 def build_data(args, logger):
@@ -340,7 +348,17 @@ def build_data(args, logger):
         knn = (monitor_images(plain_tensor(train_images, CIFAR_MEAN, PRETRAIN_STD), device, augment == "batched"),
                train_labels, monitor_images(plain_tensor(test_images, CIFAR_MEAN, PRETRAIN_STD), device,
                                             augment == "batched"), test_labels, len(classes))
-    return TrainData(iters_per_epoch, epoch_crops, knn)
+    return TrainData(iters_per_epoch, epoch_crops, knn, {"train_images": len(train_images), "classes": len(classes)})
+
+
+def check_same_data(args, sizes):
+    """A run resumes on the data it started on: not, say, on a partial node-local copy after a requeue
+    (the sizes its params.json records; runs from before they were recorded are not checked)."""
+    recorded = (load_params_json(args.dump_path) or {}).get("data")
+    if isinstance(recorded, dict) and recorded != sizes and not args.allow_changed_args:
+        fail(f"--data_path {args.data_path} gives {sizes['train_images']} training images in {sizes['classes']} "
+             f"classes, but the run in {args.dump_path} started on {recorded.get('train_images')} in "
+             f"{recorded.get('classes')} classes; check the data, or --allow_changed_args true to resume on it anyway")
 
 
 def data_fingerprint(images, labels, classes, iters_per_epoch):

@@ -173,8 +173,11 @@ classes_of() {
 # Checked now, not after a pretraining of hours: the evaluation would refuse other numbers of classes.
 DATA_CLASSES=$(classes_of "$DATASET_PATH")
 if [ -n "$DATA_CLASSES" ] && [ "$DATA_CLASSES" != "$EVAL_LABELS" ]; then
+    case "$DATA_CLASSES" in  # point to the script for the data given
+        10) HINT="CIFAR-10: script_unmix_c10.sh; or " ;; 100) HINT="CIFAR-100: script_unmix_c100.sh; or " ;; *) HINT="" ;;
+    esac
     die "$DATASET_PATH has $DATA_CLASSES classes, but the linear evaluation would use --num_labels $EVAL_LABELS" \
-        "(CIFAR-100: script_unmix_c100.sh; or set --num_labels in EVAL_EXTRA_ARGS)"
+        "(${HINT}set --num_labels in EVAL_EXTRA_ARGS)"
 fi
 
 if [ -z "${PYTHON:-}" ]; then
@@ -197,7 +200,9 @@ if [ -n "${SLURM_JOB_ID:-}" ]; then
     LAUNCH=(srun --kill-on-bad-exit=0 --wait=600 "$PYTHON" -u)
     WHERE="slurm job ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0}), ${SLURM_NTASKS:-1} task(s) on ${SLURM_JOB_NODELIST:-?}"
 else
+    NPROC_NOTE=
     if [ -z "${NPROC:-}" ]; then
+        NPROC_NOTE=1  # chosen here from the GPUs, not asked for
         if [ -n "${CUDA_VISIBLE_DEVICES+x}" ]; then
             if [ -z "$CUDA_VISIBLE_DEVICES" ] || [ "$CUDA_VISIBLE_DEVICES" = "-1" ]; then NPROC=0
             else NPROC=$(awk -F, '{print NF}' <<< "$CUDA_VISIBLE_DEVICES"); fi
@@ -215,6 +220,10 @@ else
         LAUNCH=("$PYTHON" -m torch.distributed.run --standalone --nproc_per_node="$NPROC")
     fi
     WHERE="no Slurm, $NPROC process(es) on $(hostname)"
+    if [ -n "$NPROC_NOTE" ] && [ "$NPROC" -gt 1 ]; then  # the released runs used one GPU (--nproc_per_node=1)
+        WHERE="$WHERE ($NPROC processes, one per visible GPU: a global batch of $NPROC x $BATCH_SIZE at the same"
+        WHERE="$WHERE --base_lr, not the released 1-GPU recipe (NPROC=1 runs that))"
+    fi
 fi
 
 # Each step runs in the background while this shell waits for it, so that a signal reaches the shell at

@@ -53,6 +53,11 @@ def env(tmp_path_factory):
         ckpt = torch.load(e["ckpt"], weights_only=True)
         damage(ckpt)
         torch.save(ckpt, root / name / "checkpoint.pth.tar")
+    # the run as if it had started on the whole CIFAR-10 (e.g. before a requeue onto a node whose copy is partial)
+    shutil.copytree(e["prior"], root / "other_data")
+    params = json.loads((root / "other_data" / "params.json").read_text())
+    params["data"]["train_images"] = 50000
+    (root / "other_data" / "params.json").write_text(json.dumps(params))
     for name in ("ckpt_is_a_folder", "eval_ckpt_is_a_folder"):
         (root / name / "checkpoint.pth.tar").mkdir(parents=True)
     yield e
@@ -83,8 +88,11 @@ CASES = {
     "negative_epochs": (lambda e: pre(e, epochs=-3), "--epochs must be positive"),
     "zero_log_freq": (lambda e: pre(e, "--log_freq", 0), "--log_freq must be at least 1"),
     "unwritable_dump_path": (lambda e: pre(e, dump="afile/sub"), "is not writable"),
+    "dump_path_is_a_file": (lambda e: pre(e, dump="afile"), "afile' is a file, not a folder"),
     "corrupt_checkpoint": (lambda e: pre(e, dump="corrupt_ckpt"), "no readable checkpoint"),
     "dump_holds_other_run": (lambda e: pre(e, "--base_lr", 0.3, dump="prior"), "base_lr: 0.6 -> 0.3"),
+    "resumed_on_other_data": (lambda e: pre(e, dump="other_data"),
+                              "training images in 10 classes, but the run in "),
     "unreadable_params_json": (lambda e: pre(e, dump="bad_params"), "params.json is unreadable"),
     "eval_unknown_arch": (lambda e: ev(e, "--arch", "vgg"), "unknown --arch 'vgg'"),
     "eval_zero_epochs": (lambda e: ev(e, "--epochs", 0), "--epochs must be positive"),
@@ -108,6 +116,9 @@ CASES = {
     "sinkhorn_iterations_zero": (lambda e: pre(e, "--sinkhorn_iterations", 0), "--sinkhorn_iterations must be at"),
     "sinkhorn_iterations_negative": (lambda e: pre(e, "--sinkhorn_iterations", -2), "--sinkhorn_iterations must"),
     "one_prototype": (lambda e: pre(e, "--nmb_prototypes", 1), "--nmb_prototypes must be at least 2"),
+    "negative_base_lr": (lambda e: pre(e, "--base_lr", -0.6), "--base_lr and --wd must not be negative (got -0.6, "),
+    "negative_wd": (lambda e: pre(e, "--wd=-1e-06"), "--base_lr and --wd must not be negative (got 0.6, -1e-06)"),
+    "eval_negative_lr": (lambda e: ev(e, "--lr", -0.3), "--lr and --wd must not be negative (got -0.3, 1e-06)"),
     "cuda_graph_without_cuda": (lambda e: pre(e, "--cuda_graph", "true", dump="cuda_graph"),
                                 "--cuda_graph true needs a CUDA device"),
     "zero_dist_timeout": (lambda e: pre(e, "--dist_timeout", 0), "--dist_timeout must be positive"),

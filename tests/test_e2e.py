@@ -108,6 +108,8 @@ def test_jpeg_image_folder_with_knn_and_results_table(tmp_path):
     out = run("main_swav_unmix.py", ["--data_path", root, "--dump_path", dump, "--epochs", 2,
                                      "--knn_freq", 1, "--knn_k", 20] + TINY, tmp_path)
     assert "Building data done with 300 images" in out
+    assert f"Pretraining done. Checkpoint: {dump / 'checkpoint.pth.tar'} (2 epochs)" in out
+    assert json.loads((dump / "params.json").read_text())["data"] == {"train_images": 300, "classes": 10}
     stats = check_pretrain_dump(dump, 2)
     assert stats["knn_top1"].between(0, 100).all()
     assert re.search(r"ETA \d+:\d\d:\d\d", out) and "img/s" in out
@@ -115,6 +117,8 @@ def test_jpeg_image_folder_with_knn_and_results_table(tmp_path):
                                  "--dump_path", tmp_path / "runs" / "unmix_linear_eval", "--epochs", 2,
                                  "--probe", "cached"] + TINY_EVAL, tmp_path)
     top1_lines(out)
+    recorded = json.loads((tmp_path / "runs" / "unmix_linear_eval" / "params.json").read_text())["data"]
+    assert recorded == {"train_images": 300, "test_images": 100, "classes": 10}
     run("tools/results.py", [tmp_path / "runs", "--out", tmp_path / "report"], tmp_path)
     table = (tmp_path / "report" / "results.md").read_text()
     assert "Un-Mix" in table and "cifar10" in table

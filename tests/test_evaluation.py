@@ -56,6 +56,24 @@ def test_shared_checks_stop_with_one_line(argv, kind, message, capsys, tmp_path,
     assert stop.value.code == 2 and err.count("\n") == 1 and message in err
 
 
+@pytest.mark.parametrize("with_checkpoint, message", [
+    (True, "--pretrained run is a folder, not a checkpoint file: pass run/checkpoint.pth.tar\n"),
+    (False, "--pretrained run is a folder, not a checkpoint file, and holds no checkpoint.pth.tar (pass '' to "
+            "evaluate random weights)"),
+])
+def test_a_folder_given_as_pretrained_names_its_checkpoint(with_checkpoint, message, capsys, tmp_path, monkeypatch):
+    """--pretrained pointed at a run folder (the pretraining's --dump_path) is the likely slip: the line
+    says it is a folder and names the checkpoint in it, not 'no such file'."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run").mkdir()
+    if with_checkpoint:
+        (tmp_path / "run" / "checkpoint.pth.tar").write_bytes(b"weights")
+    with pytest.raises(SystemExit) as stop:
+        check_shared_args(args_for("--pretrained", "run"), LINEAR)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1 and message in err, err
+
+
 def test_good_shared_flags_pass():
     check_shared_args(args_for("--epochs", "10000", "--seed", str(2 ** 32 - 1)), LINEAR)
 

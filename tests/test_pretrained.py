@@ -67,6 +67,8 @@ def test_numpy_objects_other_than_the_released_learning_rates_are_refused(tmp_pa
 def test_unusable_files_are_one_line_errors(tmp_path):
     with pytest.raises(PretrainedError, match="no such file"):
         read_state_dict(tmp_path / "missing.pth")
+    with pytest.raises(PretrainedError, match="is a folder, not a checkpoint file, and holds no checkpoint.pth.tar"):
+        read_state_dict(tmp_path)   # e.g. torch.hub.load(..., pretrained="experiments/run")
     (tmp_path / "junk.pth").write_bytes(b"\x00junk" * 10)
     with pytest.raises(PretrainedError, match="cannot be read"):
         read_state_dict(tmp_path / "junk.pth")

@@ -448,6 +448,41 @@ def test_published_numbers_only_next_to_the_released_recipe(tmp_path):
         assert rows[name]["linear top-1 best"] == "88.00"
 
 
+def test_a_part_of_the_data_set_stands_next_to_no_published_number(tmp_path):
+    """The released recipe on a part of CIFAR (the 400-image fixture, a subset folder whose path says
+    cifar10) is not the published run: the data sizes the runs record in params.json (`data`) decide, and
+    runs that recorded none (older ones) are compared as before."""
+    full_train, full_eval = {"train_images": 50000, "classes": 10}, {"train_images": 50000, "test_images": 10000,
+                                                                     "classes": 10}
+    exp = tmp_path / "exp"
+    for name, data, eval_data in (("full", full_train, full_eval), ("unrecorded", None, None),
+                                  ("subset", {"train_images": 300, "classes": 10}, full_eval),
+                                  ("small_test", full_train, {**full_eval, "test_images": 100})):
+        checkpoint = _run_with_checkpoint(exp / name, **({"data": data} if data else {}))
+        _evaluated(exp / f"{name}_linear_eval", checkpoint, 88.0, **({"data": eval_data} if eval_data else {}))
+    rows = _parse_table(_report([exp], tmp_path / "report")[1])
+    for name in ("full", "unrecorded"):
+        assert (rows[name]["published top-1"], rows[name]["Δ best − published"]) == ("86.8", "+1.20"), name
+    assert rows["subset"]["not compared because"] == "not the released recipe: train_images 300 (of 50000)"
+    assert (rows["subset"]["published top-1"], rows["subset"]["Δ best − published"]) == ("—", "—")
+    assert rows["small_test"]["not compared because"] == \
+        "evaluation not the released protocol: test_images 100 (of 10000)"
+    assert (rows["small_test"]["published top-1"], rows["small_test"]["Δ best − published"]) == ("86.8", "—")
+
+
+def test_a_run_folder_given_directly_keeps_its_evaluations(tmp_path):
+    """`tools/results.py experiments/run` (the run itself, not the folder above it) reports the run with the
+    evaluations beside it, as `tools/results.py experiments/` does; not as a run never evaluated."""
+    exp = tmp_path / "exp"
+    _evaluated(exp / "released_linear_eval", _run_with_checkpoint(exp / "released"), 88.0)
+    _evaluated(exp / "other_linear_eval", _run_with_checkpoint(exp / "other"), 80.0)
+    whole = _parse_table(_report([exp], tmp_path / "report")[1])
+    alone = _parse_table(_report([exp / "released"], tmp_path / "report_one")[1])
+    assert list(alone) == ["released"]
+    assert alone["released"] == whole["released"]
+    assert alone["released"]["Δ best − published"] == "+1.20"
+
+
 def test_an_evaluation_of_an_earlier_checkpoint_is_stale(tmp_path):
     """An evaluation counts for its run only while the run's checkpoint.pth.tar is the one it evaluated (the
     same bytes, even rewritten); after the pretraining went on it is shown as stale, not as the result."""

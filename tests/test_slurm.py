@@ -232,6 +232,15 @@ def test_script_checks_the_data_classes_before_pretraining(fake, tmp_path):
     assert r.returncode == 0 and len(calls) == 2, r.stderr
 
 
+@pytest.mark.parametrize("script, data, hint", [("c10", "cifar100", "CIFAR-100: script_unmix_c100.sh"),
+                                               ("c100", "cifar10", "CIFAR-10: script_unmix_c10.sh")])
+def test_data_of_the_other_script_names_that_script(fake, script, data, hint):
+    """CIFAR-10 given to the CIFAR-100 script (and the other way round): the one line points to the script
+    for the data given, not always to the CIFAR-100 one."""
+    r, calls = fake(script, DATASET_PATH=data)
+    assert r.returncode == 2 and calls == [] and hint in r.stderr, r.stderr
+
+
 # A stand-in for python whose pretraining runs until a stop signal, then exits 3 like main_swav_unmix.py.
 SIGNALLED_PYTHON = """#!/usr/bin/env python3
 import os, signal, sys, time
@@ -277,8 +286,12 @@ def test_script_outside_slurm_uses_torchrun_for_several_processes(fake):
     r, calls = fake(NPROC="2")
     assert r.returncode == 0
     assert calls[0].startswith(f"-m torch.distributed.run --standalone --nproc_per_node=2 {fake.code}/main_swav_unmix.py")
+    assert "not the released" not in r.stdout   # NPROC asked for by name: no note
     r, calls = fake(CUDA_VISIBLE_DEVICES="0,1,3")
     assert calls[0].startswith("-m torch.distributed.run --standalone --nproc_per_node=3 ")
+    # chosen from the GPUs: the log says that this is not the released one-GPU recipe, and how to run it
+    assert "3 processes, one per visible GPU: a global batch of 3 x 128 at the same --base_lr, not the " \
+           "released 1-GPU recipe (NPROC=1 runs that)" in r.stdout, r.stdout
     r, calls = fake(CUDA_VISIBLE_DEVICES="")
     assert calls[0].startswith("-u ")
 

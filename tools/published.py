@@ -49,6 +49,9 @@ RELEASED_LINEAR = {
     "global_pooling": True,
 }
 NUM_LABELS = {"cifar10": 10, "cifar100": 100}
+# The sizes of CIFAR-10's and CIFAR-100's splits, which the published runs used whole; runs record theirs in
+# params.json (`data`), so a run on a part of the data set (the test fixture, a subset folder) is not compared.
+FULL_SPLITS = {"train_images": 50000, "test_images": 10000}
 # Flags newer than the released code: a params.json written before they existed ran with their default.
 NEW_FLAG_DEFAULTS = {"width_per_group": 64, "unmix_loss_form": "released", "probe": "released"}
 
@@ -86,10 +89,20 @@ def differences(params, released):
     return out
 
 
+def data_differences(params):
+    """'train_images 300 (of 50000)' for each split size recorded in params.json's `data` that is not the
+    whole CIFAR split (nothing for a run that recorded none)."""
+    data = params.get("data") if isinstance(params.get("data"), dict) else {}
+    return [f"{name} {data[name]} (of {size})" for name, size in FULL_SPLITS.items()
+            if name in data and data[name] != size]
+
+
 def pretraining_differences(params, swav):
-    """How a pretraining's arguments differ from the released recipe (also: a queue in use, which the
-    released settings leave at 0); `swav` for plain SwAV, whose runs ignore Un-Mix's arguments."""
-    out = differences(params, RELEASED_PRETRAINING if swav else {**RELEASED_PRETRAINING, **RELEASED_UNMIX})
+    """How a pretraining's arguments differ from the released recipe (first: a part of the data set; also: a
+    queue in use, which the released settings leave at 0); `swav` for plain SwAV, whose runs ignore Un-Mix's
+    arguments."""
+    out = data_differences(params)
+    out += differences(params, RELEASED_PRETRAINING if swav else {**RELEASED_PRETRAINING, **RELEASED_UNMIX})
     try:
         queue = int(params.get("queue_length", 0))
         queue -= queue % (int(params.get("batch_size", 1)) * int(_world_size(params) or 1))
@@ -102,4 +115,5 @@ def pretraining_differences(params, swav):
 
 def linear_eval_differences(params, dataset):
     """How a linear evaluation's arguments differ from the released protocol on `dataset`."""
-    return differences(params, {**RELEASED_LINEAR, "num_labels": NUM_LABELS.get(dataset, 0)})
+    released = {**RELEASED_LINEAR, "num_labels": NUM_LABELS.get(dataset, 0)}
+    return data_differences(params) + differences(params, released)

@@ -213,7 +213,10 @@ def runs_under(dirs, extra_dumps=()):
                            else _dump_of_checkpoint(evaluated_checkpoint(params)))
     for p in extra_dumps:
         wanted.setdefault(_real(p), os.path.normpath(p))
-    runs = load_runs(list(wanted.values()), evaluations)
+    # a run folder given itself (`results.py experiments/run`): its evaluations lie next to it, not under it
+    given = [d for d in dirs if os.path.isdir(d) and classify(d)[0] == "pretraining"]
+    beside = find_folders(sorted({os.path.dirname(os.path.abspath(d)) for d in given}))[1] if given else {}
+    runs = load_runs(list(wanted.values()), {**beside, **evaluations})
     finetunings = [load_finetuning(path) for path, kind, _, _ in evaluations.values() if kind == "semisup"]
     return runs, finetunings
 

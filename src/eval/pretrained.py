@@ -31,12 +31,23 @@ class PretrainedError(ValueError):
     """Weights that cannot be used; the message is one line."""
 
 
+def not_a_file(path):
+    """Why `path` (no file) cannot be read, in words for `--pretrained`: a run folder given instead of its
+    checkpoint is named as such, with the checkpoint it holds."""
+    checkpoint = os.path.join(path, "checkpoint.pth.tar")
+    if not os.path.isdir(path):
+        return f"{path}: no such file"
+    if os.path.isfile(checkpoint):
+        return f"{path} is a folder, not a checkpoint file: pass {checkpoint}"
+    return f"{path} is a folder, not a checkpoint file, and holds no checkpoint.pth.tar"
+
+
 def read_state_dict(path):
     """`(state_dict, info)` from the file at `path`: tensors by name without the `module.` prefix, and
     `info` = {"arch", "epoch"} as recorded in the checkpoint (None when it does not say)."""
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise PretrainedError(f"{path}: no such file")
+        raise PretrainedError(not_a_file(path))
     try:
         ckpt = safe_load(path)  # NumPy scalars allowed (the released optimizer's learning rates)
     except CheckpointError as e:

@@ -21,7 +21,7 @@ from ..runtime.logs import AverageMeter, create_logger, format_provenance, prove
 from ..runtime.run_folder import FINE_TUNING, LINEAR, claim_evaluation_folder
 from ..runtime.startup import agree_or_fail, start_processes
 from .metrics import correct_counts
-from .pretrained import PretrainedError, network_config, read_state_dict
+from .pretrained import PretrainedError, network_config, not_a_file, read_state_dict
 
 STATS_COLUMNS = ["epoch", "loss", "prec1", "prec5", "loss_val", "prec1_val", "prec5_val"]  # released
 # ours after them: `time`, the evaluation's seconds up to the end of the epoch, its earlier processes included
@@ -81,7 +81,8 @@ def check_shared_args(args, kind):
         if getattr(args, name) < 1:
             fail(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.pretrained and not os.path.isfile(args.pretrained):
-        fail(f"--pretrained {args.pretrained}: no such file (pass '' to {WORDS[kind][2]} random weights)")
+        why = not_a_file(args.pretrained)
+        fail(f"--pretrained {why}" + ("" if "pass " in why else f" (pass '' to {WORDS[kind][2]} random weights)"))
 
 
 # The flags of an evaluation that name the network it builds: read from --pretrained unless given.

@@ -130,8 +130,18 @@ def safe_load(path, map_location="cpu"):
     except FileNotFoundError:
         raise CheckpointError(f"{path}: no such file") from None
     except Exception as e:  # truncated zip, garbage, pickled code refused by weights_only, ...
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: cannot be read as a checkpoint ({type(e).__name__}: {first[:200]})") from None
+        raise CheckpointError(f"{path}: cannot be read as a checkpoint ({load_error(e)})") from None
+
+
+def load_error(e):
+    """torch.load's exception in a few words. weights_only's refusals keep only what was refused (their
+    text is mostly advice to load the file unsafely, which is not ours to give)."""
+    text = str(e).strip()
+    if "Weights only load failed" in text and "WeightsUnpickler error:" in text:
+        detail = " ".join(text.split("WeightsUnpickler error:", 1)[1].split())
+        return f"refused by weights_only: {detail.split('. Please', 1)[0].split(' Check the documentation')[0][:160]}"
+    first = text.splitlines()[0] if text else ""
+    return f"{type(e).__name__}: {first[:200]}" if first else type(e).__name__
 
 
 def strip_module_prefix(state_dict):

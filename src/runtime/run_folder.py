@@ -107,6 +107,8 @@ def prepare_dump_path(dump_path, *subfolders, undo=None):
     any process of the run writes; returns the lock, to be kept for the life of the run. CheckpointError
     (one line) otherwise. With `undo` (a `StartUndo` made before), the folder is recorded under the lock and
     a refusal here leaves it as it was."""
+    if os.path.exists(dump_path) and not os.path.isdir(dump_path):
+        raise CheckpointError(f"--dump_path {dump_path!r} is a file, not a folder")
     try:
         os.makedirs(dump_path, exist_ok=True)
     except OSError as e:
