@@ -42,7 +42,13 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DRY=0
-[ "${1:-}" = "--dry-run" ] && DRY=1
+case "${1:-}" in  # anything else than these would otherwise start the whole check
+    "") ;;
+    --dry-run) DRY=1 ;;
+    -h|--help) sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    *) echo "error: unknown argument '$1' (the only one is --dry-run; --help shows the usage)" >&2; exit 2 ;;
+esac
+[ $# -gt 1 ] && { echo "error: one argument at most (--dry-run), got: $*" >&2; exit 2; }
 OUT=${OUT:-gpu_results}
 PHASES=${PHASES:-"a b c"}
 DATA=${DATA:-local_data/cifar10}

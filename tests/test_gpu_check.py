@@ -72,6 +72,16 @@ def test_unknown_phases_are_refused(tmp_path):
     assert res.returncode == 2 and "unknown phase 'e'" in res.stderr and summary == ""
 
 
+@pytest.mark.parametrize("args, status, said", [
+    (["--help"], 0, "PHASES="), (["-h"], 0, "--dry-run"),
+    (["--hlep"], 2, "unknown argument '--hlep'"), (["--dry-run", "x"], 2, "one argument at most")])
+def test_help_and_unknown_arguments_start_nothing(tmp_path, args, status, said):
+    """--help shows the usage; before, any argument other than --dry-run started the whole check."""
+    res, summary = run_check(tmp_path, *args)
+    assert res.returncode == status and said in res.stdout + res.stderr, res.stdout[-2000:] + res.stderr
+    assert not (tmp_path / "out").exists() and summary == ""  # nothing run, nothing written
+
+
 def test_the_real_run_uses_the_fastest_variant_shown_equal():
     rows = [{"name": "eager", "ms": 20.0}, {"name": "compile", "ms": 15.0}, {"name": "cuda_graph", "ms": 12.0},
             {"name": "compile+cuda_graph", "error": "exit 1: RuntimeError"}]
