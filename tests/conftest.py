@@ -1,6 +1,7 @@
 """Fixtures shared by several test modules, and the global state every test starts from."""
 import os
 import random
+import signal
 import sys
 
 # With pytest-xdist (`-n N`, docs/tests.md) N workers share the CPUs: each worker's torch, and the processes
@@ -19,9 +20,15 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import slurm_cluster  # noqa: E402
 
 
+# Left ignored by one test, they would be ignored in the processes the next tests start: a shell that starts
+# with a signal ignored cannot trap it (tests/test_slurm.py sends SIGINT to the scripts).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+
 def _global_state():
     """What a test could change for the tests after it: float results depend on the thread count and
-    the backend flags, drawn numbers on the RNGs. (Denormal flushing cannot be read; it is reset below.)"""
+    the backend flags, drawn numbers on the RNGs, signals on their handlers. (Denormal flushing cannot be
+    read; it is reset below.)"""
     cudnn = torch.backends.cudnn
     return {
         "threads": torch.get_num_threads(),
@@ -33,6 +40,7 @@ def _global_state():
         "mkldnn": torch.backends.mkldnn.enabled,
         "cudnn": (cudnn.enabled, cudnn.benchmark, cudnn.deterministic),
         "environ": _environ(),
+        "stop_signals": {s: signal.getsignal(s) for s in STOP_SIGNALS},
     }
 
 
@@ -50,6 +58,9 @@ def _set_global_state(state):
     cudnn = torch.backends.cudnn
     cudnn.enabled, cudnn.benchmark, cudnn.deterministic = state["cudnn"]
     torch.set_flush_denormal(False)
+    for s, handler in state["stop_signals"].items():
+        if handler is not None and signal.getsignal(s) is not handler:
+            signal.signal(s, handler)
     environ = _environ()
     if environ != state["environ"]:
         for k in environ:
