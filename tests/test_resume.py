@@ -216,7 +216,8 @@ def test_sigkill_at_random_moments_then_restart_until_done(work, data, runner, r
     n_kills = int(os.environ.get("UNMIX_FAULT_KILLS", "6"))
     history, kills = [], 0
     for _ in range(n_kills + 20):
-        ck = load(dump) if (dump / "checkpoint.pth.tar").exists() else None
+        # where the run resumes: a kill between the epoch copy and the checkpoint leaves only the copy
+        _, ck = find_resume_checkpoint(str(dump), log=lambda _: None)
         done = 0 if ck is None else ck["epoch"] * ITERS + ck["iteration"]
         offset = log.stat().st_size if log.exists() else 0
         h = runner.start(MAIN, args, cwd=work)
