@@ -3,6 +3,7 @@ import os
 import random
 import signal
 import sys
+import threading
 
 # With pytest-xdist (`-n N`, docs/tests.md) N workers share the CPUs: each worker's torch, and the processes
 # its tests start with its environment, get cpu_count / N threads unless OMP_NUM_THREADS is set (N workers
@@ -69,6 +70,10 @@ def _set_global_state(state):
         os.environ.update(state["environ"])
 
 
+# Python turns SIGINT into KeyboardInterrupt unless it started with SIGINT ignored, as a command that a script
+# runs in the background (`pytest ... &`) does: the tests expect the former, however pytest was started.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN and threading.current_thread() is threading.main_thread():
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 # Read when pytest loads this file, before any test module is imported (a module that changed the
 # thread count when imported once made every test of the session run with one thread).
 START_STATE = _global_state()
