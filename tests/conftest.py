@@ -1,19 +1,35 @@
 """Fixtures shared by several test modules, and the global state every test starts from."""
 import os
 import random
+import signal
 import sys
+import threading
 
-import numpy as np
-import pytest
-import torch
+# With pytest-xdist (`-n N`, docs/tests.md) N workers share the CPUs: each worker's torch, and the processes
+# its tests start with its environment, get cpu_count / N threads unless OMP_NUM_THREADS is set (N workers
+# of cpu_count threads each would spin against each other). In the environment, before torch is imported:
+# a child compares bit for bit with its worker (tests/test_golden_kernels.py) only with the same threads.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    os.environ.setdefault("OMP_NUM_THREADS",
+                          str(max(1, (os.cpu_count() or 1) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"]))))
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import slurm_cluster  # noqa: E402
 
 
+# Left ignored by one test, they would be ignored in the processes the next tests start: a shell that starts
+# with a signal ignored cannot trap it (tests/test_slurm.py sends SIGINT to the scripts).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+
 def _global_state():
     """What a test could change for the tests after it: float results depend on the thread count and
-    the backend flags, drawn numbers on the RNGs. (Denormal flushing cannot be read; it is reset below.)"""
+    the backend flags, drawn numbers on the RNGs, signals on their handlers. (Denormal flushing cannot be
+    read; it is reset below.)"""
     cudnn = torch.backends.cudnn
     return {
         "threads": torch.get_num_threads(),
@@ -25,6 +41,7 @@ def _global_state():
         "mkldnn": torch.backends.mkldnn.enabled,
         "cudnn": (cudnn.enabled, cudnn.benchmark, cudnn.deterministic),
         "environ": _environ(),
+        "stop_signals": {s: signal.getsignal(s) for s in STOP_SIGNALS},
     }
 
 
@@ -42,6 +59,9 @@ def _set_global_state(state):
     cudnn = torch.backends.cudnn
     cudnn.enabled, cudnn.benchmark, cudnn.deterministic = state["cudnn"]
     torch.set_flush_denormal(False)
+    for s, handler in state["stop_signals"].items():
+        if handler is not None and signal.getsignal(s) is not handler:
+            signal.signal(s, handler)
     environ = _environ()
     if environ != state["environ"]:
         for k in environ:
@@ -50,6 +70,10 @@ def _set_global_state(state):
         os.environ.update(state["environ"])
 
 
+# Python turns SIGINT into KeyboardInterrupt unless it started with SIGINT ignored, as a command that a script
+# runs in the background (`pytest ... &`) does: the tests expect the former, however pytest was started.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN and threading.current_thread() is threading.main_thread():
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 # Read when pytest loads this file, before any test module is imported (a module that changed the
 # thread count when imported once made every test of the session run with one thread).
 START_STATE = _global_state()
@@ -81,11 +105,12 @@ def same_start_for_every_test(request):
 
 @pytest.fixture(scope="module")
 def cluster():
-    """A private one-node Slurm (tests/slurm_cluster.py), or a skip with the reason when Slurm is missing."""
+    """A private one-node Slurm (tests/slurm_cluster.py), or a skip with the reason when Slurm is missing.
+    One at a time on this machine, whatever runs the tests (``slurm_cluster.one_at_a_time``)."""
     reason = slurm_cluster.missing_reason()
     if reason:
         pytest.skip(reason)
-    with slurm_cluster.SlurmCluster.start() as c:
+    with slurm_cluster.one_at_a_time(), slurm_cluster.SlurmCluster.start() as c:
         yield c
 
 
@@ -99,3 +124,15 @@ def tiny_checkpoint(tmp_path_factory):
     res = run_script(MAIN, tiny_args(data, root / "pre", 1), cwd=root)
     assert res.returncode == 0, res.explain()
     return root / "pre" / "checkpoint.pth.tar"
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
+def pytest_collection_modifyitems(items):
+    """For `pytest -n 2 --dist loadgroup` (docs/tests.md): the tests that start a private Slurm run on one
+    worker, one after another; the tests of a module that share one of its module-scoped fixtures (often
+    a real pretraining) run on one worker, which builds it once. Without pytest-xdist the marks do nothing."""
+    for item in items:
+        if item.get_closest_marker("slurm") or "cluster" in item.fixturenames:
+            item.add_marker(pytest.mark.xdist_group("slurm"))
+        elif any(defs[-1].scope == "module" for defs in item._fixtureinfo.name2fixturedefs.values()):
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))

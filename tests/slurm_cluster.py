@@ -1,6 +1,6 @@
 """A private one-node Slurm (munged + slurmctld + slurmd) for tests.
 
-    with SlurmCluster.start() as cluster:          # or the ``slurm_cluster`` pytest fixture
+    with one_at_a_time(), SlurmCluster.start() as cluster:   # or the ``cluster`` pytest fixture
         job = cluster.sbatch(["--ntasks-per-node=2", "script.sh"], env={...}, cwd=workdir)
         state = cluster.wait(job, timeout=120)
 
@@ -13,6 +13,8 @@ cancels the jobs left, then stops every daemon it started by process id (SIGTERM
 Needs root (slurmd runs jobs as their owner) and Debian's ``slurm-wlm`` + ``munge``
 (``.ci/install_slurm.sh`` installs them). ``missing_reason()`` says why a cluster cannot start here.
 """
+import contextlib
+import fcntl
 import os
 import pwd
 import re
@@ -48,6 +50,24 @@ def missing_reason() -> Optional[str]:
     except KeyError:
         return "user 'munge' does not exist (munge package incomplete)"
     return None
+
+
+# Held while a private cluster runs (``one_at_a_time``). Not a name that people lock by hand around a
+# whole test run (such a lock, taken again inside the run, would wait for itself).
+LOCK = os.path.join(tempfile.gettempdir(), "unmix-tests-slurm-cluster.lock")
+
+
+@contextlib.contextmanager
+def one_at_a_time(path: str = LOCK):
+    """Wait until no other private cluster runs on this machine, and hold the lock in the meantime: each
+    numbers its jobs from 1, so the ranks of two clusters' jobs would meet on the same rendezvous port
+    (``10000 + SLURM_JOB_ID``, src/runtime/launch.py)."""
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _free_port() -> int:

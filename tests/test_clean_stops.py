@@ -140,7 +140,7 @@ def test_a_second_signal_during_the_checkpoint_write_stops_at_once_and_keeps_the
         first = time.time()
         proc.send_signal(signal.SIGTERM)
         assert proc.stdout.readline().strip() == "writing"
-        time.sleep(max(0.0, first + 1.3 - time.time()))
+        time.sleep(max(0.0, first + 2.0 - time.time()))  # 1 s after the watchdog read SIGTERM, even if it read late
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=30)
     finally:
@@ -167,7 +167,7 @@ def test_a_lost_or_frozen_peer_ends_the_survivor_with_status_5_and_one_line(data
     """The survivor prints one line within --dist_timeout (plus a margin) and ends right after it with
     status 5: not after seconds of interpreter shutdown, not aborted by gloo's threads ("terminate called
     without an active exception", 134). Rank 0 removes a file rendezvous as it leaves."""
-    timeout = 2
+    timeout = 5  # 2 s: a start-up collective timed out on a machine loaded by other work (load average 8)
     store = tmp_path / "rendezvous"
     url = f"file://{store}" if rendezvous == "file" else f"tcp://127.0.0.1:{free_port()}"
     ranks = two_ranks(data, tmp_path / "run", url, tmp_path, "rank", "--dist_timeout", timeout)

@@ -203,7 +203,8 @@ def test_sigkill_at_random_moments_then_restart_until_done(work, data, runner, r
     for _ in range(n_kills + 20):
         dump = dumps[-1]
         args, log = tiny_args(data, dump, 2, "--log_freq", 1), dump / "train.log"
-        ck = load(dump) if (dump / "checkpoint.pth.tar").exists() else None
+        # where the run resumes: a kill between the epoch copy and the checkpoint leaves only the copy
+        _, ck = find_resume_checkpoint(str(dump), log=lambda _: None)
         done = 0 if ck is None else ck["epoch"] * ITERS + ck["iteration"]
         offset = log.stat().st_size if log.exists() else 0
         h = runner.start(MAIN, args, cwd=work)
