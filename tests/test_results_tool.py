@@ -248,12 +248,13 @@ def test_in_process_api_and_edge_cases(experiments, tmp_path):
     runs, written = results.write_report([str(lone)], str(tmp_path / "out2"))
     assert len(runs) == 1 and runs[0]["dataset"] == "cifar100" and runs[0]["best_top1"] == 12.0
     assert all(os.path.getsize(p) > 0 for p in written)
-    os.makedirs(tmp_path / "nothing_here")
-    runs, written = results.write_report([str(tmp_path / "nothing_here")], str(tmp_path / "out3"))
-    assert runs == [] and "—" in open(written[0]).read()
+    _check_png(written[1])
+    os.makedirs(tmp_path / "nothing_here")  # no run: an error, not an empty report over an earlier one
+    with pytest.raises(FileNotFoundError, match="no run or evaluation under .*nothing_here"):
+        results.write_report([str(tmp_path / "nothing_here")], str(tmp_path / "out3"))
     with pytest.raises(FileNotFoundError, match="no_such_folder: no such folder"):
         results.write_report([str(tmp_path / "no_such_folder")], str(tmp_path / "out3"))
-    _check_png(written[1])
+    assert not os.path.exists(tmp_path / "out3")
 
 
 def test_published_tables():
@@ -523,7 +524,8 @@ def test_a_missing_folder_is_one_line_and_keeps_the_report(tmp_path):
     _report([exp], out)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     assert "unmix" in before["results.md"].decode()
-    for argv in ([exp, tmp_path / "exp_typo"], ["--plan", tmp_path / "plan-typo.tsv"]):
+    os.makedirs(tmp_path / "exp_typo_empty" / "notes")  # a folder without runs would empty the report
+    for argv in ([exp, tmp_path / "exp_typo"], ["--plan", tmp_path / "plan-typo.tsv"], [tmp_path / "exp_typo_empty"]):
         proc = _cli(*argv, "--out", out)
         assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: "), proc.stderr
         assert "typo" in proc.stderr and "Traceback" not in proc.stderr

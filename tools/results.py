@@ -61,12 +61,16 @@ def write_report(dirs, out_dir, plan=None, queue=None):
     """Write results.md and the plots; returns (runs, list of written paths). With `plan` (a plan file of
     scripts/reproduce_tables.sh), its cells are reported too; `queue` ({job id: state}, see
     table_records.slurm_queue) tells which of them are still pending or running. A folder in `dirs` that
-    does not exist is a FileNotFoundError, before anything is written."""
+    does not exist, or folders without a run when there is no plan, is a FileNotFoundError, before anything
+    is written."""
     missing = missing_folders(dirs)
     if missing:
         raise FileNotFoundError(f"{missing[0]}: no such folder")
     cells = read_plan(plan) if plan is not None else []
     runs, finetunings = runs_under(dirs, [c.experiment_path for c in cells])
+    if plan is None and not runs and not finetunings:  # a wrong folder must not empty an earlier report
+        raise FileNotFoundError(f"no run or evaluation under {', '.join(map(str, dirs))} (a run folder holds "
+                                "the params.json its script wrote)")
     plan_lines = []
     if plan is not None:
         cells_dir = os.path.dirname(os.path.abspath(plan))
@@ -104,7 +108,10 @@ def main(argv=None):
     if missing:
         fail(f"{missing[0]}: no such folder; nothing was written (the report in {args.out} is unchanged)")
     queue = slurm_queue(dict(os.environ)) if args.plan else None
-    runs, written = write_report(args.dirs, args.out, args.plan, queue)
+    try:
+        runs, written = write_report(args.dirs, args.out, args.plan, queue)
+    except FileNotFoundError as e:
+        fail(f"{e}; nothing was written (the report in {args.out} is unchanged)")
     with open(written[0]) as f:
         print(f.read())
     print(f"{len(runs)} run(s); wrote {len(written)} file(s) to {args.out}")
