@@ -45,6 +45,9 @@ def pick(rows, log_text):
 
 
 def main():
+    if len(sys.argv) != 3 or sys.argv[1] in ("-h", "--help"):
+        print(__doc__.strip(), file=sys.stdout if sys.argv[1:2] in (["-h"], ["--help"]) else sys.stderr)
+        sys.exit(0 if sys.argv[1:2] in (["-h"], ["--help"]) else 2)
     try:
         with open(sys.argv[1]) as f:
             rows = json.load(f)["rows"]

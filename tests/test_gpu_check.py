@@ -82,6 +82,15 @@ def test_help_and_unknown_arguments_start_nothing(tmp_path, args, status, said):
     assert not (tmp_path / "out").exists() and summary == ""  # nothing run, nothing written
 
 
+@pytest.mark.parametrize("args, status", [(["--help"], 0), ([], 2), (["only_one.json"], 2)])
+def test_pick_variant_usage(args, status):
+    """Its usage, not an IndexError's traceback, when called by hand."""
+    res = subprocess.run([sys.executable, str(REPO / "benchmarks" / "pick_variant.py"), *args],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == status and "BENCH_JSON PYTEST_LOG" in res.stdout + res.stderr, res.stderr
+    assert "Traceback" not in res.stderr
+
+
 def test_the_real_run_uses_the_fastest_variant_shown_equal():
     rows = [{"name": "eager", "ms": 20.0}, {"name": "compile", "ms": 15.0}, {"name": "cuda_graph", "ms": 12.0},
             {"name": "compile+cuda_graph", "error": "exit 1: RuntimeError"}]
