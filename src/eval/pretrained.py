@@ -31,15 +31,16 @@ class PretrainedError(ValueError):
     """Weights that cannot be used; the message is one line."""
 
 
-def not_a_file(path):
+def not_a_file(path, otherwise=""):
     """Why `path` (no file) cannot be read, in words for `--pretrained`: a run folder given instead of its
-    checkpoint is named as such, with the checkpoint it holds."""
+    checkpoint is named as such, with the checkpoint it holds; `otherwise` ends the words when there is no
+    checkpoint to name."""
     checkpoint = os.path.join(path, "checkpoint.pth.tar")
     if not os.path.isdir(path):
-        return f"{path}: no such file"
+        return f"{path}: no such file{otherwise}"
     if os.path.isfile(checkpoint):
         return f"{path} is a folder, not a checkpoint file: pass {checkpoint}"
-    return f"{path} is a folder, not a checkpoint file, and holds no checkpoint.pth.tar"
+    return f"{path} is a folder, not a checkpoint file, and holds no checkpoint.pth.tar{otherwise}"
 
 
 def read_state_dict(path):

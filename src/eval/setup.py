@@ -81,8 +81,8 @@ def check_shared_args(args, kind):
         if getattr(args, name) < 1:
             fail(f"--{name} must be at least 1, got {getattr(args, name)}")
     if args.pretrained and not os.path.isfile(args.pretrained):
-        why = not_a_file(args.pretrained)
-        fail(f"--pretrained {why}" + ("" if "pass " in why else f" (pass '' to {WORDS[kind][2]} random weights)"))
+        random_weights = f" (pass '' to {WORDS[kind][2]} random weights)"
+        fail(f"--pretrained {not_a_file(args.pretrained, otherwise=random_weights)}")
 
 
 # The flags of an evaluation that name the network it builds: read from --pretrained unless given.
