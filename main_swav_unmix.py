@@ -250,7 +250,7 @@ def set_up(args, start):
     random stream, the stop signals' handler and the folder's lock."""
     preempt = start_processes(args)
     np_rng = np.random.RandomState(args.seed)  # the released code drew lam, r and box centres here
-    lock, problem = claim_pretraining_folder(args, OPERATIONAL_FLAGS) if args.rank == 0 else (None, None)
+    lock, problem = claim_pretraining_folder(args, OPERATIONAL_FLAGS, start) if args.rank == 0 else (None, None)
     agree_or_fail(args, problem, start)
     logger = create_logger(args.dump_path, args.rank, held=args.world_size > 1)  # see agree_to_start
     logger.info(devices.describe_device(args.device))

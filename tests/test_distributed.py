@@ -17,6 +17,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 from src.runtime import launch, signals
+from src.runtime.cli import LOST_PEER_EXIT_CODE  # noqa: E402
 from src.runtime.launch import DistEnv, DistError, expand_hostlist, resolve_dist_env  # noqa: E402
 from tests.dist_helpers import all_reduce_sum_, is_main_process  # noqa: E402
 
@@ -536,6 +537,21 @@ def test_a_rank_that_cannot_read_its_data_stops_the_job_with_its_line_and_leaves
     assert [rc for rc, _, _ in results] == [2, 2], [err[-2000:] for _, _, err in results]
     lines = [err.strip().splitlines() for _, _, err in results]
     assert lines[0] == [] and len(lines[1]) == 1 and str(data10 / "missing") in lines[1][0], lines
+    assert not (tmp_path / "new").exists(), sorted(map(str, (tmp_path / "new").rglob("*")))
+
+
+@pytest.mark.slow
+def test_a_rank_lost_during_the_start_up_leaves_no_folder(data10, tmp_path):
+    """Rank 1 killed during the start-up, after rank 0 created and claimed a new folder (its train.log is
+    there), before the run starts: rank 0 stops as after any lost process (status 5, one line) and removes
+    the folder it created, as a refused start does."""
+    from tests.e2e_helpers import wait_for_log
+    dump = tmp_path / "new" / "run"
+    procs = _two_ranks(tmp_path, lambda r: _tiny(data10 / "c10", dump), "lost")
+    wait_for_log(dump / "train.log", "Process rank 0", alive=lambda: procs[0].poll() is None)
+    procs[1].kill()
+    (rc, _, err), _ = _finish(procs)
+    assert rc == LOST_PEER_EXIT_CODE and err.startswith("error: another process of the job stopped"), err[-2000:]
     assert not (tmp_path / "new").exists(), sorted(map(str, (tmp_path / "new").rglob("*")))
 
 

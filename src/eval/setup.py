@@ -128,7 +128,7 @@ def set_up(args, kind, operational_flags, start):
     log (headed by the run's provenance). Returns the log, the stop signals' handler, the identity of
     --pretrained and the folder's lock (held until the process ends)."""
     preempt = start_processes(args)
-    lock, identity, moved, problem = (claim_evaluation_folder(args, kind, operational_flags) if args.rank == 0
+    lock, identity, moved, problem = (claim_evaluation_folder(args, kind, operational_flags, start) if args.rank == 0
                                       else (None, None, None, None))
     agree_or_fail(args, problem, start)
     logger = create_logger(args.dump_path, args.rank, held=args.world_size > 1)  # see agree_to_start

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .cli import Refusal, fail
+from .cli import Refusal, fail, lost_peer
 from .launch import DistError, init_distributed
 from .logs import write_held_log
 from .signals import PreemptionHandler
@@ -111,6 +111,13 @@ class StartVote:
     def __init__(self):
         self.rank, self.world_size, self.group = 0, 1, None  # until `join`: this process refuses alone
         self.held, self.stderr = None, None
+        self.undo = None  # rank 0's claim of its run folder (`undo_if_lost`)
+
+    def undo_if_lost(self, undo):
+        """Rank 0 claimed its run folder (`undo`, a src/runtime/refused_start.StartUndo): should another process
+        be lost before the run starts, this one undoes its start before it ends with status 5 (`run_main` ends
+        it with os._exit, without the undo at exit; the others have written nothing in the folder)."""
+        self.undo = undo
 
     def join(self, args):
         """Collective: from here to `agree_to_start` the processes of the job refuse together."""
@@ -139,12 +146,15 @@ class StartVote:
         started)."""
         self.agree_so_far()
         self._end()
+        self.undo = None  # the run starts: its folder is kept whatever happens
         write_held_log(logger)
 
     def __enter__(self):
         return self
 
     def __exit__(self, kind, error, traceback):
+        if self.undo is not None and lost_peer(error):
+            self.undo.undo()
         if self.group is None:  # one process, or the start-up is over
             return False
         if not isinstance(error, Refusal):  # a lost peer, a bug: said by run_main or by the traceback
