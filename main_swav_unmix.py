@@ -333,7 +333,7 @@ def build_data(args, logger, start):
             for crops in batches:
                 yield [c.to(device, non_blocking=True) for c in crops]
     if args.world_size > 1:  # e.g. a node-local copy of the data with fewer images: stop, not hang
-        start.agree_so_far()
+        start.agree_so_far()  # a process that could not read its data is met here, not in the comparison
         problem = startup.first_disagreement(data_fingerprint(train_images, train_labels, classes, iters_per_epoch),
                                        args.world_size, device)
         if problem:
