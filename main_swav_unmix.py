@@ -32,7 +32,7 @@ from src.runtime.cli import MAX_EPOCHS, ArgumentParser, bool_flag, check_seed, f
 from src.runtime.logs import (AverageMeter, Clock, CurveWriter, Stats, create_logger, format_eta, format_provenance,
                               provenance)
 from src.runtime.run_folder import OPERATIONAL_FLAGS, claim_pretraining_folder, load_params_json, save_params
-from src.runtime.startup import agree_or_fail, agree_to_start, start_processes
+from src.runtime.startup import StartVote, agree_or_fail, start_processes
 
 
 def get_parser():
@@ -179,23 +179,24 @@ def check_args(args):
         fail(f"--dist_timeout must be positive, got {args.dist_timeout}")
 
 
-def main():
+def main(start):
     args = get_parser().parse_args()
     check_args(args)
-    logger, np_rng, preempt, run_lock = set_up(args)  # the run folder stays locked until the process ends
+    logger, np_rng, preempt, run_lock = set_up(args, start)  # the run folder stays locked until the process ends
 
     # ============ data ============
-    data = build_data(args, logger)
+    data = build_data(args, logger, start)
     check_same_data(args, data.sizes)
 
     # ============ model, optimiser, method ============
     net = build_network(args, logger)
+    start.agree_so_far()  # DDP's first collective comes next
     method = build_method(args, net, data.iters_per_epoch, np_rng, log=logger.warning)
     logger.info("Building optimizer done.")
 
     # ============ resume ============
     restart = resume(args, method, data.iters_per_epoch, logger)
-    agree_to_start(logger)  # every process passed its checks: the run starts
+    start.agree_to_start(logger)  # every process passed its checks: the run starts
     if args.rank == 0:
         save_params(args, args.dump_path, extra={"data": data.sizes})
     stats = Stats(os.path.join(args.dump_path, f"stats{args.rank}"), STATS_COLUMNS,
@@ -242,15 +243,15 @@ def main():
 
 # ------------------------------------------------------------------ set-up
 
-def set_up(args):
+def set_up(args, start):
     """Distributed set-up, the stop signals' handler (from here on SIGTERM, SIGINT and SIGUSR1 stop the
     run at its next checkpoint), seeds, the run folder (locked; checked against an earlier run's kind and
     arguments), the processes' agreement on the arguments, the log. Returns the log, the Un-Mix draws'
     random stream, the stop signals' handler and the folder's lock."""
     preempt = start_processes(args)
     np_rng = np.random.RandomState(args.seed)  # the released code drew lam, r and box centres here
-    lock, problem = claim_pretraining_folder(args, OPERATIONAL_FLAGS) if args.rank == 0 else (None, None)
-    agree_or_fail(args, problem)
+    lock, problem = claim_pretraining_folder(args, OPERATIONAL_FLAGS, start) if args.rank == 0 else (None, None)
+    agree_or_fail(args, problem, start)
     logger = create_logger(args.dump_path, args.rank, held=args.world_size > 1)  # see agree_to_start
     logger.info(devices.describe_device(args.device))
     logger.info(f"Process rank {args.rank} of world size {args.world_size} (local rank {args.local_rank}) "
@@ -288,7 +289,7 @@ class TrainData:
     sizes: dict            # params.json's `data`: the data set's size, so reports can tell a part of it
 
 
-def build_data(args, logger):
+def build_data(args, logger, start):
     """The training crops, made by the released pipeline (torchvision on PIL images in DataLoader workers)
     or on the device in batches (--augment batched), and the plain images of the kNN monitor."""
     device = args.device
@@ -332,6 +333,7 @@ def build_data(args, logger):
             for crops in batches:
                 yield [c.to(device, non_blocking=True) for c in crops]
     if args.world_size > 1:  # e.g. a node-local copy of the data with fewer images: stop, not hang
+        start.agree_so_far()  # a process that could not read its data is met here, not in the comparison
         problem = startup.first_disagreement(data_fingerprint(train_images, train_labels, classes, iters_per_epoch),
                                        args.world_size, device)
         if problem:
@@ -632,4 +634,4 @@ def end_of_epoch(loop, epoch, meter):
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, StartVote())

@@ -121,16 +121,16 @@ def network_from_checkpoint(args, given):
                          f"{args.arch} at width_per_group {args.width_per_group}")
 
 
-def set_up(args, kind, operational_flags):
+def set_up(args, kind, operational_flags, start):
     """Distributed set-up, the stop signals' handler (acted on after each epoch), seeds, the evaluation
     folder (locked; refused when it holds another kind of run, or an evaluation of another checkpoint or
     with other arguments unless --allow_changed_args), the processes' agreement on the arguments, the
     log (headed by the run's provenance). Returns the log, the stop signals' handler, the identity of
     --pretrained and the folder's lock (held until the process ends)."""
     preempt = start_processes(args)
-    lock, identity, moved, problem = (claim_evaluation_folder(args, kind, operational_flags) if args.rank == 0
+    lock, identity, moved, problem = (claim_evaluation_folder(args, kind, operational_flags, start) if args.rank == 0
                                       else (None, None, None, None))
-    agree_or_fail(args, problem)
+    agree_or_fail(args, problem, start)
     logger = create_logger(args.dump_path, args.rank, held=args.world_size > 1)  # see agree_to_start
     logger.info(devices.describe_device(args.device))
     logger.info(format_provenance(provenance(args.device, args.world_size)))
