@@ -498,15 +498,23 @@ def test_a_data_set_not_told_cifar_by_its_record_is_unknown(tmp_path):
 
 def test_a_run_folder_given_directly_keeps_its_evaluations(tmp_path):
     """`tools/results.py experiments/run` (the run itself, not the folder above it) reports the run with the
-    evaluations beside it, as `tools/results.py experiments/` does; not as a run never evaluated."""
+    evaluations beside it, linear evaluations and fine-tunings alike, as `tools/results.py experiments/`
+    does; not as a run never evaluated, and without the other runs' evaluations."""
     exp = tmp_path / "exp"
     _evaluated(exp / "released_linear_eval", _run_with_checkpoint(exp / "released"), 88.0)
     _evaluated(exp / "other_linear_eval", _run_with_checkpoint(exp / "other"), 80.0)
-    whole = _parse_table(_report([exp], tmp_path / "report")[1])
-    alone = _parse_table(_report([exp / "released"], tmp_path / "report_one")[1])
+    for name, run in (("ft_of_released", "released"), ("ft_of_other", "other")):
+        _dump(exp / name, dict(labels_perc="10", data_path="cifar10", epochs=20,
+                               pretrained=str(exp / run / "checkpoint.pth.tar")), _eval_stats(2, [40.0, 41.0]))
+    whole_md = _report([exp], tmp_path / "report")[1]
+    alone_md = _report([exp / "released"], tmp_path / "report_one")[1]
+    whole, alone = _parse_table(whole_md), _parse_table(alone_md)
     assert list(alone) == ["released"]
-    assert alone["released"] == whole["released"]
+    assert alone["released"] == {k: v for k, v in whole["released"].items() if "ft_of_other" not in k}
     assert alone["released"]["Δ best − published"] == "+1.20"
+    section = "## Semi-supervised fine-tuning"
+    assert section in alone_md, "the fine-tuning beside the run is not listed"
+    assert _parse_table(alone_md, section) == {"ft_of_released": _parse_table(whole_md, section)["ft_of_released"]}
 
 
 def test_an_evaluation_of_an_earlier_checkpoint_is_stale(tmp_path):

@@ -182,13 +182,24 @@ def load_runs(dumps, evaluations=None):
     return _order([load_run(p, evaluations) for p in sorted(paths.values())])
 
 
+def evaluations_beside(dumps):
+    """The evaluations (`find_folders`) lying next to the pretraining dumps `dumps` (in their parent folders)
+    that belong to one of them: linear evaluations and fine-tunings alike."""
+    keys = {_real(d) for d in dumps}
+    parents = sorted({os.path.dirname(os.path.abspath(d)) for d in dumps})
+    found = find_folders([p for p in parents if os.path.isdir(p)])[1] if parents else {}
+    return {real: e for real, e in found.items()
+            if run_of_evaluation(_read_json(os.path.join(e[0], "params.json")), e[2]) in keys}
+
+
 def runs_under(dirs, extra_dumps=()):
     """The runs found under `dirs` (find_folders), with the dumps their evaluations belong to (also missing
-    ones, so their numbers still appear) and `extra_dumps`; and the semi-supervised fine-tunings found."""
+    ones, so their numbers still appear) and `extra_dumps`; and the semi-supervised fine-tunings found. A
+    run folder given itself (`results.py experiments/run`) and `extra_dumps` come with their evaluations,
+    which lie next to them, not under them."""
     dumps, evaluations = find_folders(dirs)
-    if extra_dumps:   # their evaluations lie next to them
-        parents = sorted({os.path.dirname(os.path.normpath(p)) for p in extra_dumps})
-        evaluations = {**find_folders([p for p in parents if os.path.isdir(p)])[1], **evaluations}
+    given = [d for d in dirs if os.path.isdir(d) and classify(d)[0] == "pretraining"]
+    evaluations = {**evaluations_beside(given + list(extra_dumps)), **evaluations}
     wanted = dict(dumps)
     for path, kind, name_dump, _ in evaluations.values():
         params = _read_json(os.path.join(path, "params.json"))
@@ -198,10 +209,7 @@ def runs_under(dirs, extra_dumps=()):
                            else _dump_of_checkpoint(evaluated_checkpoint(params)))
     for p in extra_dumps:
         wanted.setdefault(_real(p), os.path.normpath(p))
-    # a run folder given itself (`results.py experiments/run`): its evaluations lie next to it, not under it
-    given = [d for d in dirs if os.path.isdir(d) and classify(d)[0] == "pretraining"]
-    beside = find_folders(sorted({os.path.dirname(os.path.abspath(d)) for d in given}))[1] if given else {}
-    runs = load_runs(list(wanted.values()), {**beside, **evaluations})
+    runs = load_runs(list(wanted.values()), evaluations)
     finetunings = [load_finetuning(path) for path, kind, _, _ in evaluations.values() if kind == "semisup"]
     return runs, finetunings
 
