@@ -410,3 +410,28 @@ def test_small_real_cifar10_image_folder():
     assert images.std() > 20  # real pictures, not blank
     timages, tlabels, _ = load_split(root, train=False)
     assert timages.shape == (100, 32, 32, 3) and np.bincount(tlabels).tolist() == [10] * 10
+
+
+def test_synthetic_cifar_command(tmp_path, capsys):
+    """tools/synthetic_cifar.py is a command: its usage on --help, a wrong argument in one line (exit 2), and
+    the files it writes are what `--data_path` reads."""
+    import subprocess
+    import sys
+    tools = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools")
+    for argv, status in ((["--help"], 0), (["--bogus"], 2)):
+        res = subprocess.run([sys.executable, os.path.join(tools, "synthetic_cifar.py")] + argv, capture_output=True,
+                             text=True, timeout=60)
+        assert res.returncode == status, argv
+        assert res.stdout.startswith("usage: synthetic_cifar.py") if status == 0 else \
+            (res.stdout == "" and len(res.stderr.splitlines()) == 1 and res.stderr.startswith("error: "))
+    sys.path.insert(0, tools)
+    import synthetic_cifar
+    for wrong in ([], [str(tmp_path / "x"), "--n_train", "7"], [str(tmp_path / "x"), "--n_test", "0"]):
+        with pytest.raises(SystemExit) as stop:
+            synthetic_cifar.main(wrong)
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and len(err.splitlines()) == 1 and err.startswith("error: "), wrong
+    assert not os.path.exists(tmp_path / "x")
+    synthetic_cifar.main([str(tmp_path / "c100"), "--dataset", "cifar100", "--n_train", "300", "--n_test", "100"])
+    images, labels, classes = load_split(str(tmp_path / "c100"), train=True)
+    assert len(images) == 300 and len(classes) == 100
