@@ -182,6 +182,24 @@ def test_keyword_download_failure_is_data_error(tmp_path, monkeypatch):
     assert "download failed" in msg and "data/CIFAR-10" in msg and "batches.meta" in msg
 
 
+def test_keyword_download_offline_leaves_no_empty_folder(tmp_path, monkeypatch):
+    """torchvision's real download, offline (through a proxy that refuses): one-line error, and the folders the
+    attempt made and left empty are gone; folders that were there before stay."""
+    for var in ("https_proxy", "http_proxy", "HTTPS_PROXY", "HTTP_PROXY"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    monkeypatch.setenv("no_proxy", "")
+    monkeypatch.setenv("NO_PROXY", "")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError) as e:
+        load_split("cifar10", train=True, download=True)
+    assert "download failed" in _one_line_error(e) and "cifar-10-python.tar.gz" in str(e.value)
+    assert os.listdir(tmp_path) == []
+    (tmp_path / "data").mkdir()
+    with pytest.raises(DataError):
+        load_split("cifar100", train=True, download=True)
+    assert os.listdir(tmp_path) == ["data"] and os.listdir(tmp_path / "data") == []
+
+
 def test_keyword_reads_present_data_and_downloads_missing(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     calls = []
