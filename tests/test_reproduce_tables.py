@@ -229,8 +229,8 @@ def test_a_cell_started_with_other_settings_is_not_taken_for_this_one(tmp_path, 
     open(os.path.join(cell.eval_path, "results.json"), "w").close()
     os.makedirs(cells_dir)
     path = str(data / "cifar-10-batches-py")
-    table_settings.write_settings(cells_dir, cell, table_settings.cell_settings(env, path, table_settings.data_identity(path),
-                                                                                 through_sbatch=False))
+    recorded = table_settings.cell_settings(env, path, table_settings.data_identity(path), through_sbatch=False)
+    table_settings.write_settings(cells_dir, cell, recorded)
     assert rt.main(argv + ["--dry-run"], dict(env, EXTRA_ARGS=" --width_per_group  8 ", BATCH_SIZE="128")) == 0
     assert "dry run: would run 0 cell(s)" in capsys.readouterr().out
     (data / "cifar-10-batches-py" / "data_batch_1").write_bytes(b"other data")
