@@ -474,16 +474,18 @@ def test_a_part_of_the_data_set_stands_next_to_no_published_number(tmp_path):
 
 def test_a_data_set_not_told_cifar_by_its_record_is_unknown(tmp_path):
     """A 10-class image folder is not CIFAR-10 for its class count: a run is labelled CIFAR by its recorded data
-    path or its recorded sizes (a whole CIFAR set's), else it is an unknown data set, next to no published
-    number; an older run that recorded no sizes included, whatever its folder holds today."""
+    path (its name, or torchvision's CIFAR files in it) or its recorded sizes (a whole CIFAR set's), else it is
+    an unknown data set, next to no published number; an older run that recorded no sizes included."""
     images = tmp_path / "stl_like"
     for c in range(10):
         os.makedirs(images / "train" / f"class{c}")
+    os.makedirs(tmp_path / "c10" / "cifar-10-batches-py")
     whole = {"train_images": 50000, "test_images": 10000, "classes": 10}
     exp = tmp_path / "exp"
     for name, data_path, data in (("ten_classes", str(images), {"train_images": 300, "classes": 10}),
                                   ("unrecorded", str(images), None),
-                                  ("whole_cifar_as_images", "/scratch/images", {"train_images": 50000, "classes": 10})):
+                                  ("whole_cifar_as_images", "/scratch/images", {"train_images": 50000, "classes": 10}),
+                                  ("cifar_files", str(tmp_path / "c10"), {"train_images": 300, "classes": 10})):
         checkpoint = _run_with_checkpoint(exp / name, data_path=data_path, **({"data": data} if data else {}))
         _evaluated(exp / f"{name}_linear_eval", checkpoint, 88.0, data_path=data_path, data=whole)
     rows = _parse_table(_report([exp], tmp_path / "report")[1])
@@ -494,6 +496,8 @@ def test_a_data_set_not_told_cifar_by_its_record_is_unknown(tmp_path):
             "unknown data set (not CIFAR-10 or CIFAR-100 by its recorded path or sizes)", name
     assert rows["whole_cifar_as_images"]["data set"] == "cifar10"
     assert rows["whole_cifar_as_images"]["Δ best − published"] == "+1.20"
+    assert rows["cifar_files"]["data set"] == "cifar10"
+    assert rows["cifar_files"]["not compared because"] == "not the released recipe: train_images 300 (of 50000)"
 
 
 def test_a_run_folder_given_directly_keeps_its_evaluations(tmp_path):

@@ -16,6 +16,7 @@ from published import (DATASETS, FULL_SPLITS, METHODS, NUM_LABELS, linear_eval_d
 from results_folders import (_dump_of_checkpoint, _last_valid, _read_json, _read_stats, _real,  # noqa: E402
                              _truthy, classify, evaluated_checkpoint, evaluations_of, find_folders, load_evaluation,
                              run_of_evaluation)
+from table_plan import CIFAR_FILES, CIFAR_FOLDERS  # noqa: E402
 
 from src.runtime.run_folder import OPERATIONAL_FLAGS  # noqa: E402
 
@@ -59,15 +60,27 @@ def _whole_cifar(sizes):
     return next((ds for ds, n in NUM_LABELS.items() if sizes.get("classes") == n), None)
 
 
+def _cifar_files_in(folder):
+    """'cifar10' / 'cifar100' when `folder` holds torchvision's CIFAR files (its cifar-10-batches-py, or those
+    files themselves), which a run given that --data_path read; else None."""
+    for ds, name in CIFAR_FOLDERS.items():
+        if os.path.isdir(os.path.join(folder, name)) or \
+                all(os.path.isfile(os.path.join(folder, f)) for f in CIFAR_FILES[ds]):
+            return ds
+    return None
+
+
 def _dataset(params, eval_params=None, sizes=None):
     """'cifar10' / 'cifar100' when the run's `data_path` names it (the keyword, or a folder whose path says
-    so, e.g. .../CIFAR-10/ or cifar-10-batches-py) or the sizes it recorded are a whole CIFAR set's
-    (params.json's `data`, or `sizes`); else the data folder's base name ('?' without one): an unknown data
-    set, next to no published number. The pretraining's record decides; an evaluation's only without it."""
+    so, e.g. .../CIFAR-10/ or cifar-10-batches-py), holds torchvision's CIFAR files, or the sizes it recorded
+    are a whole CIFAR set's (params.json's `data`, or `sizes`); else the data folder's base name ('?' without
+    one): an unknown data set, next to no published number, whatever its number of classes. The
+    pretraining's record decides; an evaluation's only without it."""
     p = params if (params or {}).get("data_path") or _recorded_sizes(params) else (eval_params or params or {})
     data_path = str(p.get("data_path") or "")
     parts = [q for q in os.path.normpath(data_path).split(os.sep) if q] if data_path else []
     named = next((ds for ds in map(_dataset_from_name, reversed(parts)) if ds), None)
+    named = named or (_cifar_files_in(data_path) if data_path else None)
     return named or _whole_cifar({**_recorded_sizes(p), **(sizes or {})}) or (parts[-1] if parts else "?")
 
 
