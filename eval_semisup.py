@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from src.data.transforms import LabeledDataset, eval_transforms
-from src.eval.pretrained import PretrainedError, load_weights
+from src.eval.pretrained import PretrainedError, epochs_done, load_weights
 from src.eval.finished import finished_results, report_finished
 from src.eval.setup import (TIMED_STATS_COLUMNS, EpochMeters, add_shared_new_flags, add_shared_released_flags,
                             check_shared_args, data_loaders, evaluate, load_splits, make_scheduler,
@@ -211,7 +211,7 @@ def build_network(args, num_classes, pretrained, logger, start):
             fail(f"--pretrained: {e}; check --arch/--width_per_group, or --allow_mismatched_weights true")
         for note in notes:
             logger.info(note)
-        logger.info(f"Loaded pretrained weights from {args.pretrained} (epoch {info['epoch']}); "
+        logger.info(f"Loaded pretrained weights from {args.pretrained}, {epochs_done(info['epoch'])}; "
                     f"{len(notes)} tensors kept as initialised (listed above)")
     else:
         logger.info("No pretrained weights given => training from random weights")

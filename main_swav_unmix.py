@@ -186,7 +186,7 @@ def main(start):
 
     # ============ data ============
     data = build_data(args, logger, start)
-    check_same_data(args, data.sizes)
+    check_same_data(args, data.sizes, log=logger.warning)
 
     # ============ model, optimiser, method ============
     net = build_network(args, logger)
@@ -353,10 +353,15 @@ def build_data(args, logger, start):
     return TrainData(iters_per_epoch, epoch_crops, knn, {"train_images": len(train_images), "classes": len(classes)})
 
 
-def check_same_data(args, sizes):
+def check_same_data(args, sizes, log):
     """A run resumes on the data it started on: not, say, on a partial node-local copy after a requeue
-    (the sizes its params.json records; runs from before they were recorded are not checked)."""
-    recorded = (load_params_json(args.dump_path) or {}).get("data")
+    (the sizes its params.json records; runs from before they were recorded are not checked, which `log`
+    says)."""
+    params = load_params_json(args.dump_path)
+    recorded = (params or {}).get("data")
+    if recorded is None and (params is not None or os.path.isfile(os.path.join(args.dump_path, "checkpoint.pth.tar"))):
+        log(f"the data's size could not be checked: the run in {args.dump_path} predates its record in params.json; "
+            f"resuming on {sizes['train_images']} training images in {sizes['classes']} classes")
     if isinstance(recorded, dict) and recorded != sizes and not args.allow_changed_args:
         fail(f"--data_path {args.data_path} gives {sizes['train_images']} training images in {sizes['classes']} "
              f"classes, but the run in {args.dump_path} started on {recorded.get('train_images')} in "

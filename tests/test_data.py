@@ -182,6 +182,24 @@ def test_keyword_download_failure_is_data_error(tmp_path, monkeypatch):
     assert "download failed" in msg and "data/CIFAR-10" in msg and "batches.meta" in msg
 
 
+def test_keyword_download_offline_leaves_no_empty_folder(tmp_path, monkeypatch):
+    """torchvision's real download, offline (through a proxy that refuses): one-line error, and the folders the
+    attempt made and left empty are gone; folders that were there before stay."""
+    for var in ("https_proxy", "http_proxy", "HTTPS_PROXY", "HTTP_PROXY"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    monkeypatch.setenv("no_proxy", "")
+    monkeypatch.setenv("NO_PROXY", "")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError) as e:
+        load_split("cifar10", train=True, download=True)
+    assert "download failed" in _one_line_error(e) and "cifar-10-python.tar.gz" in str(e.value)
+    assert os.listdir(tmp_path) == []
+    (tmp_path / "data").mkdir()
+    with pytest.raises(DataError):
+        load_split("cifar100", train=True, download=True)
+    assert os.listdir(tmp_path) == ["data"] and os.listdir(tmp_path / "data") == []
+
+
 def test_keyword_reads_present_data_and_downloads_missing(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     calls = []
@@ -410,3 +428,28 @@ def test_small_real_cifar10_image_folder():
     assert images.std() > 20  # real pictures, not blank
     timages, tlabels, _ = load_split(root, train=False)
     assert timages.shape == (100, 32, 32, 3) and np.bincount(tlabels).tolist() == [10] * 10
+
+
+def test_synthetic_cifar_command(tmp_path, capsys):
+    """tools/synthetic_cifar.py is a command: its usage on --help, a wrong argument in one line (exit 2), and
+    the files it writes are what `--data_path` reads."""
+    import subprocess
+    import sys
+    tools = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools")
+    for argv, status in ((["--help"], 0), (["--bogus"], 2)):
+        res = subprocess.run([sys.executable, os.path.join(tools, "synthetic_cifar.py")] + argv, capture_output=True,
+                             text=True, timeout=60)
+        assert res.returncode == status, argv
+        assert res.stdout.startswith("usage: synthetic_cifar.py") if status == 0 else \
+            (res.stdout == "" and len(res.stderr.splitlines()) == 1 and res.stderr.startswith("error: "))
+    sys.path.insert(0, tools)
+    import synthetic_cifar
+    for wrong in ([], [str(tmp_path / "x"), "--n_train", "7"], [str(tmp_path / "x"), "--n_test", "0"]):
+        with pytest.raises(SystemExit) as stop:
+            synthetic_cifar.main(wrong)
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and len(err.splitlines()) == 1 and err.startswith("error: "), wrong
+    assert not os.path.exists(tmp_path / "x")
+    synthetic_cifar.main([str(tmp_path / "c100"), "--dataset", "cifar100", "--n_train", "300", "--n_test", "100"])
+    images, labels, classes = load_split(str(tmp_path / "c100"), train=True)
+    assert len(images) == 300 and len(classes) == 100

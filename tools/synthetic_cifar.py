@@ -2,14 +2,21 @@
 the real data sets (the tests, benchmarks/): `write_cifar10(root)` writes `root/cifar-10-batches-py/`,
 which `--data_path root` reads.
 
+    python tools/synthetic_cifar.py data/synthetic --dataset cifar10 --n_train 500 --n_test 100
+
 Images are random but class-dependent (a class colour and a class stripe pattern, plus noise), so a
 classifier can learn something from them.
 """
+import os
 import pickle
+import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from src.runtime.cli import ArgumentParser, fail  # noqa: E402
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer",
                    "dog", "frog", "horse", "ship", "truck"]
@@ -135,3 +142,32 @@ def write_image_folder(root, n_per_class_train, n_per_class_test, classes=("cat"
                 Image.fromarray(img[:h, :w]).save(d / f"{i:04d}.{fmt}")
     return root
 
+
+def main(argv=None):
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("root", help="folder to write cifar-10-batches-py/ or cifar-100-python/ into")
+    parser.add_argument("--dataset", choices=("cifar10", "cifar100"), default="cifar10")
+    parser.add_argument("--n_train", type=int, default=None,
+                        help="training images (CIFAR-10: a multiple of 5, its five batches; default 100 | 200)")
+    parser.add_argument("--n_test", type=int, default=None, help="test images (default 20 | 100)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    sizes = {k: v for k, v in (("n_train", args.n_train), ("n_test", args.n_test)) if v is not None}
+    for name, n in sizes.items():
+        if n < 1 or (name == "n_train" and args.dataset == "cifar10" and n % 5):
+            fail(f"--{name} {n}: give a positive number of images" + (
+                ", a multiple of 5 for cifar10 (its five training batches)" if name == "n_train" else ""))
+    try:
+        if args.dataset == "cifar10":
+            sizes = {"n_train_per_batch": sizes.pop("n_train") // 5, **sizes} if "n_train" in sizes else sizes
+            folder = write_cifar10(args.root, seed=args.seed, **sizes)
+        else:
+            folder = write_cifar100(args.root, seed=args.seed, **sizes)
+    except OSError as e:
+        fail(f"{args.root}: cannot write ({e.strerror})")
+    print(f"wrote {folder} (synthetic {args.dataset}); --data_path {args.root} reads it")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -15,7 +15,8 @@ from ..data.datasets import DataError, load_split
 from ..method.resnet import ARCHS
 from ..method.train_step import unwrap
 from ..runtime import devices, launch, signals
-from ..runtime.checkpoint import CheckpointError, find_resume_checkpoint, set_rng_state, strip_module_prefix
+from ..runtime.checkpoint import (CheckpointError, error_line, find_resume_checkpoint, set_rng_state,
+                                  strip_module_prefix)
 from ..runtime.cli import MAX_EPOCHS, bool_flag, check_seed, fail
 from ..runtime.logs import AverageMeter, create_logger, format_provenance, provenance
 from ..runtime.run_folder import FINE_TUNING, LINEAR, claim_evaluation_folder
@@ -201,8 +202,7 @@ def resume_evaluation(args, kind, model, optimizer, scheduler, logger, no_best):
         if "rng" in ckpt:
             set_rng_state(ckpt["rng"], np.random)
     except (KeyError, RuntimeError, ValueError, TypeError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        fail(f"{path}: cannot resume {holds} ({type(e).__name__}: {first}); {advice}")
+        fail(f"{path}: cannot resume {holds} ({error_line(e)}); {advice}")
     if start_epoch < 0:
         fail(f"{path}: epoch {start_epoch} cannot be negative; {advice}")
     logger.info(f"Resumed {run} from epoch {start_epoch} "
