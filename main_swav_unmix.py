@@ -334,8 +334,8 @@ def build_data(args, logger, start):
                 yield [c.to(device, non_blocking=True) for c in crops]
     if args.world_size > 1:  # e.g. a node-local copy of the data with fewer images: stop, not hang
         start.agree_so_far()  # a process that could not read its data is met here, not in the comparison
-        problem = startup.first_disagreement(data_fingerprint(train_images, train_labels, classes, iters_per_epoch),
-                                       args.world_size, device)
+        seen = startup.data_fingerprint(train_images, train_labels, classes, iters_per_epoch)
+        problem = startup.first_disagreement(seen, args.world_size, device)
         if problem:
             fail(problem)
     logger.info(f"Building data done with {len(train_dataset)} images loaded ({len(classes)} classes, "
@@ -366,14 +366,6 @@ def check_same_data(args, sizes, log):
         fail(f"--data_path {args.data_path} gives {sizes['train_images']} training images in {sizes['classes']} "
              f"classes, but the run in {args.dump_path} started on {recorded.get('train_images')} in "
              f"{recorded.get('classes')} classes; check the data, or --allow_changed_args true to resume on it anyway")
-
-
-def data_fingerprint(images, labels, classes, iters_per_epoch):
-    """What every process must see alike: counts, and hashes of the class names, labels and pixels."""
-    return {"the number of training images": len(images), "the number of classes": len(classes),
-            "the iterations per epoch": iters_per_epoch, "the class names": startup.fingerprint(list(classes)),
-            "the labels": startup.fingerprint(np.ascontiguousarray(labels).tobytes()),
-            "the training images": startup.fingerprint(np.ascontiguousarray(images).data)}
 
 
 # ------------------------------------------------------------------ model

@@ -41,6 +41,14 @@ def flag_fingerprints(args) -> dict:
     return {f"--{k}": fingerprint(v) for k, v in sorted(vars(args).items()) if k not in PER_PROCESS_FLAGS}
 
 
+def data_fingerprint(images, labels, classes, iters_per_epoch):
+    """What every process must see alike: counts, and hashes of the class names, labels and pixels."""
+    return {"the number of training images": len(images), "the number of classes": len(classes),
+            "the iterations per epoch": iters_per_epoch, "the class names": fingerprint(list(classes)),
+            "the labels": fingerprint(np.ascontiguousarray(labels).tobytes()),
+            "the training images": fingerprint(np.ascontiguousarray(images).data)}
+
+
 def first_disagreement(values: Mapping[str, int], world_size: int, device=None) -> Optional[str]:
     """Collective (one all-gather): the processes compare `values` (name -> int, the same names in the
     same order everywhere); a one-line description of the first name whose values differ, or None. Every
