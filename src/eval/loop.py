@@ -2,10 +2,11 @@
 eval_semisup.py (fine-tuning with 1 % or 10 % of the labels).
 
 `EvalLoop` holds what every epoch works with (built by the script's main()); `epoch_records` opens the
-statistics table, the clock and the CPU pace of a run; `TrainingLog` is the per-iteration accounting of a
-training epoch (the released running averages, the CPU pace, the log line with its ETA); `train_epoch` is
-the released training epoch (one SGD step per batch); `evaluate` scores a classifier on the test split; `record_epoch` writes the `Test:` line and the statistics row of an epoch;
-`stop_if_preempted` ends the process after an epoch's checkpoint when a stop signal came.
+statistics table, the clock and the CPU pace of a run; `train_epoch` is the released training epoch (one
+SGD step per batch) and `TrainingLog` its per-iteration accounting (the released running averages, the CPU
+pace, the log line with its ETA); `evaluate` scores a classifier on the test split; `record_epoch` writes
+the `Test:` line and the statistics row of an epoch; `stop_if_preempted` ends the process after an
+epoch's checkpoint when a stop signal came.
 """
 import argparse
 import logging
@@ -34,7 +35,7 @@ class EvalLoop:
     (whose script adds its classifier), fine-tuned in the semi-supervised one. A part the run does not use
     (the loaders of `--augment batched`, the curves of the fine-tuning) stays None."""
     args: argparse.Namespace
-    model: torch.nn.Module
+    model: nn.Module
     maxk: int
     logger: logging.Logger
     optimizer: Optional[torch.optim.Optimizer] = None
