@@ -13,6 +13,8 @@ Reads top to bottom: arguments -> data -> model -> optimiser -> resume -> epoch 
 import argparse
 import os
 import time
+from dataclasses import dataclass
+from typing import Any, Optional
 
 import torch
 import torch.nn as nn
@@ -20,15 +22,15 @@ import torch.nn as nn
 from src.data.constants import CIFAR_MEAN, EVAL_STD
 from src.data.transforms import LabeledDataset, eval_transforms, plain_tensor
 from src.eval.finished import finished_results, report_finished
-from src.eval.setup import (STATS_COLUMNS, EpochMeters, add_shared_new_flags, add_shared_released_flags,
-                            check_shared_args, data_loaders, evaluate, load_splits, make_scheduler,
-                            network_from_checkpoint, resume_evaluation, set_up, stop_if_preempted)
-from src.eval.setup import TIMED_STATS_COLUMNS
+from src.eval.loop import (STATS_COLUMNS, EvalLoop, TrainingLog, epoch_records, evaluate, record_epoch,
+                           stop_if_preempted, train_epoch)
+from src.eval.setup import (add_shared_new_flags, add_shared_released_flags, check_shared_args, data_loaders,
+                            load_splits, make_scheduler, network_from_checkpoint, resume_evaluation, set_up)
 from src.method.resnet import build_model
-from src.runtime import devices, launch
+from src.runtime import launch
 from src.runtime.checkpoint import atomic_save
 from src.runtime.cli import ArgumentParser, bool_flag, fail, parse_given, run_main
-from src.runtime.logs import Clock, CurveWriter, Stats, format_eta
+from src.runtime.logs import CurveWriter, Stats, format_eta
 from src.runtime.run_folder import LINEAR, OPERATIONAL_FLAGS, save_params, write_json
 from src.runtime.startup import StartVote
 
@@ -155,14 +157,48 @@ def main(start):
         return
 
     # ============ data ============
+    train_data, test_data, classes = build_data(args, logger)
+
+    # ============ model ============
+    model, linear = build_network(args, state, logger)
+    start.agree_to_start(logger)  # every process passed its checks: the evaluation starts
+    if args.rank == 0:  # every check passed: the folder is this evaluation's, of this checkpoint
+        save_params(args, args.dump_path, extra={"pretrained_file": identity, "data": {
+            "train_images": len(train_data[0]), "test_images": len(test_data[0]), "classes": len(classes)}})
+    loop = LinearLoop(args, model, maxk=min(5, args.num_labels), logger=logger, preempt=preempt,
+                      curves=CurveWriter(args.dump_path, args.tensorboard, args.rank), linear=linear)
+
+    # ============ training (optimiser, resume, epoch loop) ============
+    if args.probe == "cached":
+        best, last1, last5 = train_cached(loop, train_data, test_data, t_start)
+        seconds = time.time() - t_start
+    else:
+        best, last1, last5 = train_released(loop, train_data, test_data, t_start)
+        seconds = loop.clock.elapsed()
+    report(loop, best, last1, last5, seconds)
+
+
+@dataclass
+class LinearLoop(EvalLoop):
+    """What the epochs of the linear evaluation work with: `EvalLoop` (its `model` the frozen network) with the
+    classifier trained on its features (in DDP with several processes and the released crops) and, with
+    --augment batched, the probe that makes the crops."""
+    linear: Optional[nn.Module] = None
+    probe: Any = None
+
+
+def build_data(args, logger):
+    """((train images, labels), (test images, labels), class names); --num_labels must be their number."""
     (train_images, train_labels, classes), (test_images, test_labels, _) = load_splits(args.data_path, args.download)
     if len(classes) != args.num_labels:
         fail(f"--num_labels {args.num_labels} but {args.data_path} has {len(classes)} classes")
-    train_data, test_data = (train_images, train_labels), (test_images, test_labels)
-    maxk = min(5, args.num_labels)
     logger.info(f"Building data done: {len(train_images)} train / {len(test_images)} test images")
+    return (train_images, train_labels), (test_images, test_labels), classes
 
-    # ============ model ============
+
+def build_network(args, state, logger):
+    """The frozen network (the weights `state` of --pretrained loaded, eval mode, no gradients) and the
+    classifier, both on the device."""
     model = build_model(args.arch, output_dim=0, eval_mode=True, width_per_group=args.width_per_group)
     load_pretrained(model, args.pretrained, state, args.allow_mismatched_weights, logger)
     model = model.to(args.device).eval()
@@ -174,28 +210,22 @@ def main(start):
         fail(str(e))
     if args.use_bn:
         logger.info("--use_bn true: no BatchNorm with global pooling (as released, it belongs to the 6x6 pooling)")
-    start.agree_to_start(logger)  # every process passed its checks: the evaluation starts
-    if args.rank == 0:  # every check passed: the folder is this evaluation's, of this checkpoint
-        save_params(args, args.dump_path, extra={"pretrained_file": identity, "data": {
-            "train_images": len(train_images), "test_images": len(test_images), "classes": len(classes)}})
-    curves = CurveWriter(args.dump_path, args.tensorboard, args.rank)
+    return model, linear
 
-    if args.probe == "cached":
-        best, last1, last5 = train_cached(args, model, train_data, test_data, curves, logger, t_start)
-        seconds = time.time() - t_start
-    else:
-        best, last1, last5, seconds = train_released(args, model, linear, train_data, test_data, maxk, curves,
-                                                     logger, preempt, t_start)
+
+def report(loop, best, last1, last5, seconds):
+    """The closing lines, and `results.json` (rank 0): the best test top-1 over epochs and the last epoch's."""
+    args, logger = loop.args, loop.logger
     logger.info("Training of the supervised linear classifier on frozen features completed.\n"
                 f"Top-1 test accuracy: {best:.1f}")
     crops = "" if args.probe == "cached" else f", {args.augment} crops"
-    logger.info(f"Last-epoch test accuracy: top-1 {last1:.1f} top-{maxk} {last5:.1f} "
+    logger.info(f"Last-epoch test accuracy: top-1 {last1:.1f} top-{loop.maxk} {last5:.1f} "
                 f"({args.probe} probe{crops}, {format_eta(seconds)})")
     if args.rank == 0:
         write_json(os.path.join(args.dump_path, "results.json"),
                    {"best_top1": best, "last_top1": last1, "last_top5": last5, "epochs": args.epochs,
                     "mode": args.probe, "augment": args.augment, "seconds": seconds}, indent=1)
-    curves.close()
+    loop.curves.close()
     launch.cleanup()
 
 
@@ -205,133 +235,134 @@ def curve_values(row, lr):
             "linear/test_top1": row["prec1_val"], "linear/test_top5": row["prec5_val"], "linear/lr": lr}
 
 
-def train_cached(args, model, train_data, test_data, curves, logger, t_start):
+def train_cached(loop, train_data, test_data, t_start):
     """--probe cached: the frozen features of the un-augmented images extracted once, the classifier
     trained on them (src/eval/linear_probe.py). Returns (best top-1, last top-1, last top-k)."""
     from src.eval.linear_probe import extract_frozen_features, train_linear_on_features
+    args, model = loop.args, loop.model
     (train_images, train_labels), (test_images, test_labels) = train_data, test_data
     tr = extract_frozen_features(model, plain_tensor(train_images, CIFAR_MEAN, EVAL_STD), 256, args.device)
     te = extract_frozen_features(model, plain_tensor(test_images, CIFAR_MEAN, EVAL_STD), 256, args.device)
-    logger.info(f"Features extracted once in {time.time() - t_start:.1f}s: {tuple(tr.shape)} / {tuple(te.shape)}")
+    loop.logger.info(f"Features extracted once in {time.time() - t_start:.1f}s: {tuple(tr.shape)} / {tuple(te.shape)}")
     res = train_linear_on_features(tr, train_labels, te, test_labels, args.num_labels, args.epochs,
                                    args.batch_size * args.world_size, args.lr, args.wd, args.nesterov,
                                    args.scheduler_type, args.final_lr, args.decay_epochs, args.gamma,
-                                   seed=args.seed, device=args.device, log_fn=logger.info)
+                                   seed=args.seed, device=args.device, log_fn=loop.logger.info)
     stats = Stats(os.path.join(args.dump_path, f"stats{args.rank}"), STATS_COLUMNS)
     for row, lr in zip(res["stats"], res["lrs"]):
         stats.update(row)
-        curves.scalars(row["epoch"], curve_values(row, lr))
+        loop.curves.scalars(row["epoch"], curve_values(row, lr))
     return res["best_top1"], res["last_top1"], res["last_top5"]
 
 
-def train_released(args, model, linear, train_data, test_data, maxk, curves, logger, preempt, t_start):
-    """The released loop: augmented crops, test after every epoch, best-of-epochs top-1. The crops come
-    from the released loaders (DDP classifier) or, with --augment batched, from the device
-    (src/eval/batched_probe.py). Returns (best top-1, last top-1, last top-k, seconds of the evaluation
-    since this process started at `t_start`, its earlier processes included)."""
-    if args.augment == "batched":
-        from src.eval.batched_probe import BatchedProbe
-        probe = BatchedProbe(model, train_data, test_data, args.crop_size, args.batch_size, args.seed, args.rank,
-                             args.world_size, args.crops_per_chunk)
-        iterations = probe.iterations
-        logger.info(f"Batched crops: {probe.chunk} per chunk on {args.device}; test features computed once "
-                    f"{tuple(probe.test_features.shape)}")
-    else:
-        train_tf, test_tf = eval_transforms(args.crop_size)
-        train_loader, test_loader = data_loaders(LabeledDataset(*train_data, train_tf),
-                                                 LabeledDataset(*test_data, test_tf), args)
-        iterations = len(train_loader)
-        if args.world_size > 1:
-            linear = nn.parallel.DistributedDataParallel(
-                linear, device_ids=[args.device.index] if args.device.type == "cuda" else None)
+def train_released(loop, train_data, test_data, t_start):
+    """The released loop: augmented crops, test after every epoch, best-of-epochs top-1. Fills in `loop`
+    the crops' source, the optimiser, the schedule and the records (`t_start`: when this process started,
+    for the evaluation's time across its processes). Returns (best top-1, last top-1, last top-k)."""
+    args, logger = loop.args, loop.logger
+    iterations = released_crops(loop, train_data, test_data)
 
     # ============ optimiser ============
-    optimizer = torch.optim.SGD(linear.parameters(), lr=args.lr, nesterov=args.nesterov, momentum=0.9,
-                                weight_decay=args.wd)
-    scheduler = make_scheduler(optimizer, args.scheduler_type, args.epochs, args.final_lr, args.decay_epochs,
-                               args.gamma)
+    loop.optimizer = torch.optim.SGD(loop.linear.parameters(), lr=args.lr, nesterov=args.nesterov, momentum=0.9,
+                                     weight_decay=args.wd)
+    loop.scheduler = make_scheduler(loop.optimizer, args.scheduler_type, args.epochs, args.final_lr,
+                                    args.decay_epochs, args.gamma)
 
     # ============ resume ============
-    start_epoch, best_acc, resumed = resume_evaluation(args, LINEAR, linear, optimizer, scheduler, logger,
-                                                       no_best=0.0)
-    stats = Stats(os.path.join(args.dump_path, f"stats{args.rank}"), TIMED_STATS_COLUMNS,
-                  resume_before_epoch=start_epoch if resumed else None, log=logger.info)
-    last1 = last5 = float("nan")
-    # the time of the earlier processes up to their last checkpoint, and this one's start-up
-    clock = Clock(args.epochs, iterations, start_epoch, offset=stats.last("time", 0.0) + time.time() - t_start)
-    eta = clock.eta
-    pace = devices.CpuPace.of_run(args, iterations, logger.info)
+    start_epoch, best_acc, resumed = resume_evaluation(args, LINEAR, loop.linear, loop.optimizer, loop.scheduler,
+                                                       logger, no_best=0.0)
+    loop.stats, loop.clock, loop.pace = epoch_records(args, iterations, start_epoch if resumed else None, t_start,
+                                                      logger)
 
     # ============ epoch loop ============
+    last1 = last5 = float("nan")
     for epoch in range(start_epoch, args.epochs):
-        if args.augment == "batched":
-            loss, top1, top5 = train_batched(probe, linear, optimizer, epoch, maxk, args, logger, eta)
-            loss_val, last1, last5 = probe.test(linear.linear, maxk)
-        else:
-            train_loader.sampler.set_epoch(epoch)
-            loss, top1, top5 = train(model, linear, optimizer, train_loader, epoch, maxk, args, logger, eta, pace)
-            loss_val, last1, last5 = validate(test_loader, model, linear, maxk, args.device)
-        best_acc = max(best_acc, last1)
-        logger.info(f"Test:\tLoss {loss_val:.4f}\tAcc@1 {last1:.3f}\tAcc@{maxk} {last5:.3f}\t"
-                    f"Best Acc@1 so far {best_acc:.1f}")
-        row = {"epoch": epoch, "loss": loss, "prec1": top1, "prec5": top5,
-               "loss_val": loss_val, "prec1_val": last1, "prec5_val": last5, "time": clock.elapsed()}
-        stats.update(row)
-        curves.scalars(epoch, curve_values(row, optimizer.param_groups[0]["lr"]))  # the lr of this epoch
-        scheduler.step()
-        if args.rank == 0:
-            target_module = linear.module if hasattr(linear, "module") else linear
-            atomic_save({"epoch": epoch + 1, "state_dict": target_module.state_dict(),
-                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                         "best_acc": best_acc}, os.path.join(args.dump_path, "checkpoint.pth.tar"))
-        stop_if_preempted(preempt, epoch, args, logger, "linear classifier")
+        best_acc, last1, last5 = train_and_test(loop, epoch, best_acc)
     if start_epoch >= args.epochs:  # already finished: report the stored numbers
-        last1 = stats.last("prec1_val", float("nan"))
-        last5 = stats.last("prec5_val", float("nan"))
-    return best_acc, last1, last5, clock.elapsed()
+        last1 = loop.stats.last("prec1_val", float("nan"))
+        last5 = loop.stats.last("prec5_val", float("nan"))
+    return best_acc, last1, last5
 
 
-def train(model, linear, optimizer, loader, epoch, maxk, args, logger, eta, pace=None):
+def released_crops(loop, train_data, test_data):
+    """The source of the crops, set in `loop`: the released loaders (the classifier in DDP with several
+    processes) or, with --augment batched, the probe that makes them on the device
+    (src/eval/batched_probe.py). Returns the iterations per epoch."""
+    args = loop.args
+    if args.augment == "batched":
+        from src.eval.batched_probe import BatchedProbe
+        loop.probe = BatchedProbe(loop.model, train_data, test_data, args.crop_size, args.batch_size, args.seed,
+                                  args.rank, args.world_size, args.crops_per_chunk)
+        loop.logger.info(f"Batched crops: {loop.probe.chunk} per chunk on {args.device}; test features computed "
+                         f"once {tuple(loop.probe.test_features.shape)}")
+        return loop.probe.iterations
+    train_tf, test_tf = eval_transforms(args.crop_size)
+    loop.train_loader, loop.test_loader = data_loaders(LabeledDataset(*train_data, train_tf),
+                                                       LabeledDataset(*test_data, test_tf), args)
+    if args.world_size > 1:
+        loop.linear = nn.parallel.DistributedDataParallel(
+            loop.linear, device_ids=[args.device.index] if args.device.type == "cuda" else None)
+    return len(loop.train_loader)
+
+
+def train_and_test(loop, epoch, best_acc):
+    """Epoch `epoch`: train, test, record, checkpoint (rank 0), stop here on a signal. Returns the best
+    top-1 so far and this epoch's test top-1 and top-k."""
+    args = loop.args
+    if args.augment == "batched":
+        scores = train_batched(loop, epoch)
+        test = loop.probe.test(loop.linear.linear, loop.maxk)
+    else:
+        loop.train_loader.sampler.set_epoch(epoch)
+        scores = train(loop, epoch)
+        test = validate(loop)
+    best_acc = max(best_acc, test[1])
+    row = record_epoch(loop, epoch, scores, test, best_acc)
+    loop.curves.scalars(epoch, curve_values(row, loop.optimizer.param_groups[0]["lr"]))  # the lr of this epoch
+    loop.scheduler.step()
+    if args.rank == 0:
+        classifier = loop.linear.module if hasattr(loop.linear, "module") else loop.linear
+        atomic_save({"epoch": epoch + 1, "state_dict": classifier.state_dict(),
+                     "optimizer": loop.optimizer.state_dict(), "scheduler": loop.scheduler.state_dict(),
+                     "best_acc": best_acc}, os.path.join(args.dump_path, "checkpoint.pth.tar"))
+    stop_if_preempted(loop, epoch, "linear classifier")
+    return best_acc, test[1], test[2]
+
+
+def learning_rate(optimizer):
+    """The released log's learning rate."""
+    return f"LR {optimizer.param_groups[0]['lr']:.4f}"
+
+
+def train(loop, epoch):
     """One epoch of the classifier on the frozen network's features; returns its (loss, top-1, top-k)
-    averages. `pace` times the first iterations on the CPU (`src.runtime.devices.CpuPace`)."""
-    linear.train()
-    criterion = nn.CrossEntropyLoss()
-    meters = EpochMeters(maxk)
-    for it, (inp, target) in enumerate(loader):
-        inp, target = inp.to(args.device, non_blocking=True), target.to(args.device, non_blocking=True)
+    averages."""
+    loop.linear.train()
+
+    def classify(images):
         with torch.no_grad():
-            feats = model(inp)
-        output = linear(feats)
-        loss = criterion(output, target)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        meters.update(loss, output, target)
-        if pace is not None:
-            pace.step()
-        if args.rank == 0 and it % args.log_freq == 0:
-            logger.info(f"Epoch[{epoch}] - Iter: [{it}/{len(loader)}]\tLoss {meters.loss.val:.4f} "
-                        f"({meters.loss.avg:.4f})\tPrec {meters.top1.val:.3f} ({meters.top1.avg:.3f})\t"
-                        f"LR {optimizer.param_groups[0]['lr']:.4f}\tETA {eta(epoch, it)}")
-    return meters.averages()
+            features = loop.model(images)
+        return loop.linear(features)
+
+    return train_epoch(loop, epoch, classify, learning_rate)
 
 
-def train_batched(probe, linear, optimizer, epoch, maxk, args, logger, eta):
+def train_batched(loop, epoch):
     """One epoch of the classifier on the features of crops made on the device; returns its (loss, top-1,
     top-k) averages. Logs after each chunk of crops that holds an iteration divisible by --log_freq."""
-    iterations = probe.iterations
+    log = TrainingLog(loop, epoch, loop.probe.iterations, learning_rate)
 
-    def log(it, loss, top1):
-        logger.info(f"Epoch[{epoch}] - Iter: [{it}/{iterations}]\tLoss ({loss:.4f})\tPrec ({top1:.3f})\t"
-                    f"LR {optimizer.param_groups[0]['lr']:.4f}\tETA {eta(epoch, it)}")
+    def line(it, loss, top1):
+        log.write(it, [f"Loss ({loss:.4f})", f"Prec ({top1:.3f})"])
 
-    return probe.train_epoch(linear.linear, optimizer, epoch, maxk, args.log_freq, log if args.rank == 0 else None)
+    return loop.probe.train_epoch(loop.linear.linear, loop.optimizer, epoch, loop.maxk, loop.args.log_freq,
+                                  line if loop.args.rank == 0 else None)
 
 
-def validate(loader, model, linear, maxk, device):
+def validate(loop):
     """(loss, top-1, top-k) of the classifier on the whole test split (in every process, as released)."""
-    linear.eval()
-    return evaluate(lambda images: linear(model(images)), loader, maxk, device)
+    loop.linear.eval()
+    return evaluate(lambda images: loop.linear(loop.model(images)), loop.test_loader, loop.maxk, loop.args.device)
 
 
 if __name__ == "__main__":

@@ -23,16 +23,16 @@ import torch.nn as nn
 from src.data.transforms import LabeledDataset, eval_transforms
 from src.eval.pretrained import PretrainedError, epochs_done, load_weights
 from src.eval.finished import finished_results, report_finished
-from src.eval.setup import (TIMED_STATS_COLUMNS, EpochMeters, add_shared_new_flags, add_shared_released_flags,
-                            check_shared_args, data_loaders, evaluate, load_splits, make_scheduler,
-                            network_from_checkpoint, resume_evaluation, set_up, stop_if_preempted)
+from src.eval.loop import EvalLoop, epoch_records, evaluate, record_epoch, stop_if_preempted, train_epoch
+from src.eval.setup import (add_shared_new_flags, add_shared_released_flags, check_shared_args, data_loaders,
+                            load_splits, make_scheduler, network_from_checkpoint, resume_evaluation, set_up)
 from src.eval.subset import SubsetError, balanced_subset, images_per_class
 from src.method.resnet import build_model
 from src.method.train_step import unwrap
-from src.runtime import devices, launch
+from src.runtime import launch
 from src.runtime.checkpoint import atomic_save, rng_state
 from src.runtime.cli import ArgumentParser, bool_flag, fail, parse_given, run_main
-from src.runtime.logs import AverageMeter, Clock, Stats, format_eta
+from src.runtime.logs import format_eta
 from src.runtime.run_folder import FINE_TUNING, OPERATIONAL_FLAGS, save_params, write_json
 from src.runtime.startup import StartVote
 
@@ -132,14 +132,7 @@ def main(start):
         return
 
     # ============ data ============
-    (train_images, train_labels, classes), (test_images, test_labels, _) = load_splits(args.data_path, args.download)
-    indices = labelled_subset(train_labels, classes, args, logger)
-    train_tf, test_tf = eval_transforms(args.crop_size)
-    train_loader, test_loader = data_loaders(LabeledDataset(train_images[indices], train_labels[indices], train_tf),
-                                             LabeledDataset(test_images, test_labels, test_tf), args)
-    maxk = min(5, len(classes))
-    logger.info(f"Building data done with {len(train_loader.dataset)} labelled images loaded "
-                f"({len(test_loader.dataset)} test images, {len(classes)} classes).")
+    train_loader, test_loader, classes, num_labelled = build_data(args, logger)
 
     # ============ model ============
     model = build_network(args, len(classes), pretrained, logger, start)
@@ -155,46 +148,44 @@ def main(start):
     start.agree_to_start(logger)  # every process passed its checks: the fine-tuning starts
     if args.rank == 0:
         save_params(args, args.dump_path, extra={"pretrained_file": identity})
-    stats = Stats(os.path.join(args.dump_path, f"stats{args.rank}"), TIMED_STATS_COLUMNS,
-                  resume_before_epoch=start_epoch if resumed else None, log=logger.info)
-    last = (float("nan"), float("nan"))
-    # the time of the earlier processes up to their last checkpoint, and this one's start-up
-    clock = Clock(args.epochs, len(train_loader), start_epoch, offset=stats.last("time", 0.0) + time.time() - t_start)
-    eta = clock.eta
-    pace = devices.CpuPace.of_run(args, len(train_loader), logger.info)
+    stats, clock, pace = epoch_records(args, len(train_loader), start_epoch if resumed else None, t_start, logger)
+    loop = EvalLoop(args, model, maxk=min(5, len(classes)), logger=logger, optimizer=optimizer, scheduler=scheduler,
+                    train_loader=train_loader, test_loader=test_loader, preempt=preempt, stats=stats, clock=clock,
+                    pace=pace)
 
     # ============ epoch loop ============
+    last = (float("nan"), float("nan"))
     for epoch in range(start_epoch, args.epochs):
-        logger.info(f"============ Starting epoch {epoch} ... ============")
-        train_loader.sampler.set_epoch(epoch)
-        loss, top1, top5 = train(model, optimizer, train_loader, epoch, maxk, args, logger, eta, pace)
-        loss_val, *last = validate(test_loader, model, maxk, args.device)
-        if last[0] > best_acc[0]:
-            best_acc = tuple(last)
-        logger.info(f"Test:\tLoss {loss_val:.4f}\tAcc@1 {last[0]:.3f}\tAcc@{maxk} {last[1]:.3f}\t"
-                    f"Best Acc@1 so far {best_acc[0]:.1f}")
-        stats.update({"epoch": epoch, "loss": loss, "prec1": top1, "prec5": top5,
-                      "loss_val": loss_val, "prec1_val": last[0], "prec5_val": last[1], "time": clock.elapsed()})
-        scheduler.step()
-        if args.rank == 0:
-            atomic_save({"epoch": epoch + 1,
-                         "state_dict": {"module." + k: v for k, v in unwrap(model).state_dict().items()},
-                         "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                         "best_acc": list(best_acc), "rng": rng_state(np.random), "arch": args.arch},
-                        os.path.join(args.dump_path, "checkpoint.pth.tar"))
-        stop_if_preempted(preempt, epoch, args, logger, "fine-tuning")
+        best_acc, last = train_and_test(loop, epoch, best_acc)
     if start_epoch >= args.epochs:  # already finished: report the stored numbers
         last = (stats.last("prec1_val", float("nan")), stats.last("prec5_val", float("nan")))
+    report(loop, best_acc, last, num_labelled)
 
-    seconds = clock.elapsed()
-    logger.info(f"Fine-tuning with {args.labels_perc}% of labels completed.\n"
-                f"Test accuracies: top-1 {best_acc[0]:.1f}, top-{maxk} {best_acc[1]:.1f}")
-    logger.info(f"Last-epoch test accuracy: top-1 {last[0]:.1f} top-{maxk} {last[1]:.1f} ({format_eta(seconds)})")
+
+def build_data(args, logger):
+    """The loaders of the labelled subset and of the test split; returns them, the class names and the
+    number of labelled images."""
+    (train_images, train_labels, classes), (test_images, test_labels, _) = load_splits(args.data_path, args.download)
+    indices = labelled_subset(train_labels, classes, args, logger)
+    train_tf, test_tf = eval_transforms(args.crop_size)
+    train_loader, test_loader = data_loaders(LabeledDataset(train_images[indices], train_labels[indices], train_tf),
+                                             LabeledDataset(test_images, test_labels, test_tf), args)
+    logger.info(f"Building data done with {len(train_loader.dataset)} labelled images loaded "
+                f"({len(test_loader.dataset)} test images, {len(classes)} classes).")
+    return train_loader, test_loader, classes, len(indices)
+
+
+def report(loop, best_acc, last, num_labelled):
+    """The closing lines, and `results.json` (rank 0): the best top-1 (with its top-k) and the last epoch's."""
+    args, maxk, seconds = loop.args, loop.maxk, loop.clock.elapsed()
+    loop.logger.info(f"Fine-tuning with {args.labels_perc}% of labels completed.\n"
+                     f"Test accuracies: top-1 {best_acc[0]:.1f}, top-{maxk} {best_acc[1]:.1f}")
+    loop.logger.info(f"Last-epoch test accuracy: top-1 {last[0]:.1f} top-{maxk} {last[1]:.1f} ({format_eta(seconds)})")
     if args.rank == 0:
         write_json(os.path.join(args.dump_path, "results.json"),
                    {"best_top1": best_acc[0], "best_top5": best_acc[1], "last_top1": last[0],
                     "last_top5": last[1], "epochs": args.epochs, "mode": "semisup",
-                    "labels_perc": args.labels_perc, "num_labelled": len(indices), "seconds": seconds}, indent=1)
+                    "labels_perc": args.labels_perc, "num_labelled": num_labelled, "seconds": seconds}, indent=1)
     launch.cleanup()
 
 
@@ -230,42 +221,44 @@ def build_network(args, num_classes, pretrained, logger, start):
     return model
 
 
-def train(model, optimizer, loader, epoch, maxk, args, logger, eta, pace):
-    """One epoch of fine-tuning, network in train mode; returns its (loss, top-1, top-k) averages. `pace`
-    times the first iterations on the CPU (`src.runtime.devices.CpuPace`)."""
-    model.train()
-    criterion = nn.CrossEntropyLoss()
-    batch_time, data_time = AverageMeter(), AverageMeter()
-    meters = EpochMeters(maxk)
-    end = time.perf_counter()
-    for it, (inp, target) in enumerate(loader):
-        data_time.update(time.perf_counter() - end)
-        inp, target = inp.to(args.device, non_blocking=True), target.to(args.device, non_blocking=True)
-        output = model(inp)
-        loss = criterion(output, target)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        meters.update(loss, output, target)
-        pace.step()
-        batch_time.update(time.perf_counter() - end)
-        end = time.perf_counter()
-        if args.rank == 0 and it % args.log_freq == 0:
-            logger.info(f"Epoch[{epoch}] - Iter: [{it}/{len(loader)}]\t"
-                        f"Time {batch_time.val:.3f} ({batch_time.avg:.3f})\t"
-                        f"Data {data_time.val:.3f} ({data_time.avg:.3f})\t"
-                        f"Loss {meters.loss.val:.4f} ({meters.loss.avg:.4f})\t"
-                        f"Prec {meters.top1.val:.3f} ({meters.top1.avg:.3f})\tLR trunk {optimizer.param_groups[0]['lr']}\t"
-                        f"LR head {optimizer.param_groups[1]['lr']}\t"
-                        f"ETA {eta(epoch, it)}")
-    return meters.averages()
+def train_and_test(loop, epoch, best_acc):
+    """Epoch `epoch`: train, test, record, checkpoint (rank 0), stop here on a signal. Returns the best
+    (top-1, top-k) so far and this epoch's."""
+    args = loop.args
+    loop.logger.info(f"============ Starting epoch {epoch} ... ============")
+    loop.train_loader.sampler.set_epoch(epoch)
+    scores = train(loop, epoch)
+    loss_val, *last = validate(loop)
+    if last[0] > best_acc[0]:
+        best_acc = tuple(last)
+    record_epoch(loop, epoch, scores, (loss_val, *last), best_acc[0])
+    loop.scheduler.step()
+    if args.rank == 0:
+        atomic_save({"epoch": epoch + 1,
+                     "state_dict": {"module." + k: v for k, v in unwrap(loop.model).state_dict().items()},
+                     "optimizer": loop.optimizer.state_dict(), "scheduler": loop.scheduler.state_dict(),
+                     "best_acc": list(best_acc), "rng": rng_state(np.random), "arch": args.arch},
+                    os.path.join(args.dump_path, "checkpoint.pth.tar"))
+    stop_if_preempted(loop, epoch, "fine-tuning")
+    return best_acc, tuple(last)
 
 
-def validate(loader, model, maxk, device):
+def learning_rates(optimizer):
+    """The released log's learning rates: the trunk's and the classifier's."""
+    return f"LR trunk {optimizer.param_groups[0]['lr']}\tLR head {optimizer.param_groups[1]['lr']}"
+
+
+def train(loop, epoch):
+    """One epoch of fine-tuning, network in train mode; returns its (loss, top-1, top-k) averages."""
+    loop.model.train()
+    return train_epoch(loop, epoch, loop.model, learning_rates, timed=True)
+
+
+def validate(loop):
     """(loss, top-1, top-k) on the whole test split, network in eval mode (every rank evaluates all of it,
     as released)."""
-    model.eval()
-    return evaluate(model, loader, maxk, device)
+    loop.model.eval()
+    return evaluate(loop.model, loop.test_loader, loop.maxk, loop.args.device)
 
 
 if __name__ == "__main__":

@@ -283,7 +283,9 @@ def test_a_batched_epoch_equals_the_released_per_batch_loop():
         targets = probe.labels[torch.cat([rows for _, rows, _ in probe.epoch_chunks(epoch)])]
         loader = list(zip(crops.split(8), targets.split(8)))
         assert len(loader) == probe.iterations == math.ceil(70 / 8)
-        expected = eval_linear.train(model, ref, ref_optimizer, loader, epoch, 5, args, Log(), lambda e, i: "")
+        loop = eval_linear.LinearLoop(args, model, maxk=5, logger=Log(), optimizer=ref_optimizer, train_loader=loader,
+                                      linear=ref)
+        expected = eval_linear.train(loop, epoch)
         got = probe.train_epoch(linear.linear, optimizer, epoch, 5)
         assert got == pytest.approx(expected, rel=1e-5, abs=1e-4)
         for p, q in zip(linear.parameters(), ref.parameters()):
@@ -297,7 +299,9 @@ def test_the_test_split_equals_the_released_validation():
     model, probe, ((linear, _), _), (test_images, test_labels) = probe_and_reference()
     loader = list(zip(plain_tensor(test_images, CIFAR_MEAN, EVAL_STD).split(8),
                       torch.as_tensor(test_labels).split(8)))
-    expected = eval_linear.validate(loader, model, linear, 5, torch.device("cpu"))
+    args = argparse.Namespace(device=torch.device("cpu"))
+    expected = eval_linear.validate(eval_linear.LinearLoop(args, model, maxk=5, logger=Log(), test_loader=loader,
+                                                           linear=linear))
     assert probe.test(linear.linear, 5) == pytest.approx(expected, rel=1e-5, abs=1e-4)
     torch.testing.assert_close(probe.test_features,
                                frozen_features(model, plain_tensor(test_images, CIFAR_MEAN, EVAL_STD), 7))

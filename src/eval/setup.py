@@ -2,14 +2,13 @@
 eval_semisup.py (fine-tuning with 1 % or 10 % of the labels).
 
 Their common flags and checks, the start-up phase (processes, seeds, the evaluation folder, the log), the
-train/test splits and their loaders, and stopping after an epoch on a signal.
+train/test splits and their loaders, the schedules, and resuming from a checkpoint. Their epoch loop:
+src/eval/loop.py.
 """
 import os
-import sys
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..data.datasets import DataError, load_split
 from ..method.resnet import ARCHS
@@ -18,15 +17,11 @@ from ..runtime import devices, launch, signals
 from ..runtime.checkpoint import (CheckpointError, error_line, find_resume_checkpoint, set_rng_state,
                                   strip_module_prefix)
 from ..runtime.cli import MAX_EPOCHS, bool_flag, check_seed, fail
-from ..runtime.logs import AverageMeter, create_logger, format_provenance, provenance
+from ..runtime.logs import create_logger, format_provenance, provenance
 from ..runtime.run_folder import FINE_TUNING, LINEAR, claim_evaluation_folder
 from ..runtime.startup import agree_or_fail, start_processes
-from .metrics import correct_counts
 from .pretrained import PretrainedError, network_config, not_a_file, read_state_dict
 
-STATS_COLUMNS = ["epoch", "loss", "prec1", "prec5", "loss_val", "prec1_val", "prec5_val"]  # released
-# ours after them: `time`, the evaluation's seconds up to the end of the epoch, its earlier processes included
-TIMED_STATS_COLUMNS = STATS_COLUMNS + ["time"]
 # How the messages name each evaluation: the run, running it, to run it.
 WORDS = {LINEAR: ("evaluation", "evaluating", "evaluate"), FINE_TUNING: ("fine-tuning", "fine-tuning", "fine-tune")}
 # How the resume messages name it: the run, what its checkpoint holds, what to do with a checkpoint that fails.
@@ -208,45 +203,3 @@ def resume_evaluation(args, kind, model, optimizer, scheduler, logger, no_best):
     logger.info(f"Resumed {run} from epoch {start_epoch} "
                 f"(best top-1 so far {best[0] if isinstance(best, tuple) else best:.1f})")
     return start_epoch, best, True
-
-
-class EpochMeters:
-    """The released running averages of an epoch, weighted by batch size: the loss, and the top-1 and
-    top-k accuracies in percent (`val`: the last batch's, `avg`: the average so far)."""
-
-    def __init__(self, maxk):
-        self.maxk = maxk
-        self.loss, self.top1, self.topk = AverageMeter(), AverageMeter(), AverageMeter()
-
-    def update(self, loss, output, target):
-        n = target.shape[0]
-        c1, ck = correct_counts(output.detach(), target, (1, self.maxk)).tolist()
-        self.loss.update(loss.item(), n)
-        self.top1.update(100.0 * c1 / n, n)
-        self.topk.update(100.0 * ck / n, n)
-
-    def averages(self):
-        return self.loss.avg, self.top1.avg, self.topk.avg
-
-
-@torch.no_grad()
-def evaluate(forward, loader, maxk, device):
-    """(loss, top-1, top-k) of the classifier `forward(images)` on the whole test split of `loader` (every
-    process evaluates all of it, as released)."""
-    meters = EpochMeters(maxk)
-    for inp, target in loader:
-        inp, target = inp.to(device, non_blocking=True), target.to(device, non_blocking=True)
-        output = forward(inp)
-        meters.update(F.cross_entropy(output, target), output, target)
-    return meters.averages()
-
-
-def stop_if_preempted(preempt, epoch, args, logger, saved):
-    """After the checkpoint of `epoch` (not the last one): exit with status 3, requeued under Slurm, when a
-    stop signal reached any process. `saved` names what the checkpoint holds."""
-    if epoch < args.epochs - 1 and preempt.should_stop(args.world_size, args.device):
-        preempt.stop_listening()  # a repeated signal from here on must not turn status 3 into 128 + N
-        logger.info(f"Preempted (signal {preempt.signum}): {saved} saved after epoch {epoch}.")
-        if args.rank == 0 and preempt.requeue():
-            logger.info("Job requeued with scontrol; it will resume from the checkpoint.")
-        sys.exit(signals.PREEMPTED_EXIT_CODE)
