@@ -365,3 +365,20 @@ def test_anchors_are_githubs():
     assert _missing_path(REPO / "docs" / "x.md", "tests/data/no_such_fixture")
     assert _missing_path(REPO / "docs" / "x.md", "src/runtime/run_folder.NO_SUCH_NAME")
     assert not _missing_path(REPO / "docs" / "x.md", "src/runtime/run_folder.OPERATIONAL_FLAGS")
+
+
+# Options of other programs that the docs name: sbatch, torchrun, pytest(-xdist), pip, tensorboard; and
+# `--batch`, running.md's example of an abbreviation the scripts refuse.
+OTHER_PROGRAMS_OPTIONS = {"--cpus-per-task", "--gres", "--nodes", "--ntasks", "--ntasks-per-node", "--partition",
+                          "--signal", "--nproc_per_node", "--dist", "--maxprocesses", "--index-url", "--logdir",
+                          "--batch"}
+
+
+def test_every_flag_named_in_the_docs_prose_exists():
+    """A flag named alone in backticks (`--knn_freq`) is an option of a script of the repository."""
+    scripts = [str(p.relative_to(REPO)) for pattern in ("*.py", "*.sh", "tools/*.py", "benchmarks/*.py",
+                                                         "benchmarks/*.sh", "scripts/*.sh") for p in REPO.glob(pattern)]
+    known = set().union(*(_options(s) for s in scripts if s != "setup.sh")) | OTHER_PROGRAMS_OPTIONS
+    unknown = {f"{doc.name}: {flag}" for doc in DOCS for span in _inline_spans(_doc_text(doc))
+               for flag in re.findall(r"(?<![\w-])(--[A-Za-z][\w-]*)", span) if flag not in known}
+    assert not unknown, "\n".join(sorted(unknown))
