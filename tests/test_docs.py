@@ -382,3 +382,21 @@ def test_every_flag_named_in_the_docs_prose_exists():
     unknown = {f"{doc.name}: {flag}" for doc in DOCS for span in _inline_spans(_doc_text(doc))
                for flag in re.findall(r"(?<![\w-])(--[A-Za-z][\w-]*)", span) if flag not in known}
     assert not unknown, "\n".join(sorted(unknown))
+
+
+def test_every_test_the_docs_name_exists():
+    """`tests/test_x.py::test_name` anywhere in the docs (commands included) names a test of that file."""
+    named = {m for doc in DOCS for m in re.findall(r"(tests/test_\w+\.py)::(\w+)", _doc_text(doc))}
+    assert named, "the docs name no single test: the pattern is stale"
+    missing = [f"{f}::{t}" for f, t in sorted(named)
+               if not re.search(rf"^(async )?def {t}\(", _read(f) or "", re.M)]
+    assert not missing, missing
+
+
+def test_every_test_function_the_docs_name_exists():
+    """A test named alone in backticks (`test_larc_step_on_released_noise_gradients`) is one of tests/ (or, like
+    `test_images`, a key the code writes)."""
+    code = "".join(p.read_text() for pattern in ("tests/*.py", "src/**/*.py", "*.py") for p in REPO.glob(pattern))
+    named = {t for doc in DOCS for t in re.findall(r"`(test_\w+)(?:\[[^\]`]*\])?`", _doc_text(doc))}
+    missing = sorted(t for t in named if not re.search(rf"def {t}\(|[\"']{t}[\"']", code))
+    assert named and not missing, missing
