@@ -410,3 +410,23 @@ def test_small_real_cifar10_image_folder():
     assert images.std() > 20  # real pictures, not blank
     timages, tlabels, _ = load_split(root, train=False)
     assert timages.shape == (100, 32, 32, 3) and np.bincount(tlabels).tolist() == [10] * 10
+
+
+@pytest.mark.parametrize("dataset,folder,classes", [("cifar100", "cifar-100-python", 100),
+                                                    ("cifar10", "cifar-10-batches-py", 10)])
+def test_synthetic_cifar_from_the_command_line(tmp_path, dataset, folder, classes):
+    """docs/running.md: `python tools/synthetic_cifar.py cifar100 DIR` gives data to try the CIFAR pickle path
+    offline (there was no command: only the functions the tests call)."""
+    import subprocess
+    import sys
+    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "synthetic_cifar.py")
+    out = subprocess.run([sys.executable, script, dataset, str(tmp_path / "d"), "--train", "500", "--test", "100"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert f"--data_path {tmp_path / 'd'}" in out.stdout and (tmp_path / "d" / folder).is_dir()
+    images, labels, names = load_split(tmp_path / "d", train=True)
+    assert images.shape == (500, 32, 32, 3) and len(names) == classes
+    assert len(load_split(tmp_path / "d", train=False)[0]) == 100
+    bad = subprocess.run([sys.executable, script, dataset, str(tmp_path / "e"), "--train", "7"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and not (tmp_path / "e").exists()

@@ -1,6 +1,8 @@
 """Synthetic CIFAR data in torchvision's exact on-disk formats, for runs and measurements that do not need
 the real data sets (the tests, benchmarks/): `write_cifar10(root)` writes `root/cifar-10-batches-py/`,
-which `--data_path root` reads.
+which `--data_path root` reads. From the command line, to try the CIFAR paths without the real data:
+
+    python tools/synthetic_cifar.py cifar100 /tmp/c100 [--train 1000 --test 200]
 
 Images are random but class-dependent (a class colour and a class stripe pattern, plus noise), so a
 classifier can learn something from them.
@@ -135,3 +137,33 @@ def write_image_folder(root, n_per_class_train, n_per_class_test, classes=("cat"
                 Image.fromarray(img[:h, :w]).save(d / f"{i:04d}.{fmt}")
     return root
 
+
+
+def main(argv=None):
+    import argparse
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from src.runtime.cli import ArgumentParser, fail
+    p = ArgumentParser(description="Synthetic CIFAR-10/100 in torchvision's pickled format (class-dependent "
+                       "random images), for trying the CIFAR paths without the real data.",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("dataset", choices=["cifar10", "cifar100"])
+    p.add_argument("root", help="folder to write cifar-10-batches-py/ or cifar-100-python/ into")
+    p.add_argument("--train", type=int, default=1000, help="training images (cifar10: a multiple of 5 batches)")
+    p.add_argument("--test", type=int, default=200, help="test images")
+    p.add_argument("--seed", type=int, default=0, help="seed of the images")
+    a = p.parse_args(argv)
+    classes = 10 if a.dataset == "cifar10" else 100
+    if a.train < classes or a.test < 1 or (a.dataset == "cifar10" and a.train % 5):
+        fail(f"--train {a.train} --test {a.test}: {a.dataset} needs at least {classes} training images"
+             f"{' in 5 equal batches (a multiple of 5)' if classes == 10 else ''} and 1 test image")
+    if a.dataset == "cifar10":
+        folder = write_cifar10(a.root, a.train // 5, a.test, a.seed)
+    else:
+        folder = write_cifar100(a.root, a.train, a.test, a.seed)
+    print(f"wrote {folder}: {a.train} training and {a.test} test images of {classes} classes; "
+          f"use --data_path {a.root} (the scripts' DATASET_PATH={a.root})")
+
+
+if __name__ == "__main__":
+    main()
