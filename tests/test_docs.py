@@ -1,6 +1,7 @@
 """The docs are true to the code: every command that README.md and docs/*.md show names only flags its
-script's parser has and environment variables its script reads, every repository path and link they name
-exists (a link's anchor too), and every flag of the three entry scripts is documented. No command runs."""
+script's parser has and environment variables its script reads (a command dated "as of commit X": those of
+that commit), every flag, repository path, link, anchor and test they name exists, and every flag of the
+three entry scripts is documented. No command runs."""
 import ast
 import re
 import shlex
@@ -35,10 +36,6 @@ PLACEHOLDER = re.compile(r"[$<>{}]|\.\.\.|^[A-Z][A-Z_]*$")
 
 def _doc_text(path):
     return path.read_text(encoding="utf-8")
-
-
-def _fenced_blocks(text):
-    return [(lang, body) for lang, body in re.findall(r"^```(\w*)\n(.*?)^```", text, re.S | re.M)]
 
 
 def _without_fences(text):
@@ -104,6 +101,8 @@ def _split_command(words):
         env[name] = value
         words = words[1:]
     for i, word in enumerate(words):
+        if i and words[i - 1] == "-m" and word not in ("torch.distributed.run", "torch.distributed.launch"):
+            break  # python -m pytest tests/test_x.py ...: the words are pytest's
         script = _repo_script(word)
         if script:
             return env, script, words[i + 1:]
@@ -329,6 +328,9 @@ def test_the_checks_catch_a_wrong_flag_a_wrong_variable_and_a_wrong_value():
     assert _check_command(["EPOCHZ=2", "bash", "script_unmix_c10.sh"], "x")
     assert _check_command(["EVAL_EXTRA_ARGS=--probe cachd", "bash", "script_unmix_c10.sh"], "x")
     assert _check_command(["python", "tools/results.py", "experiments/", "--outt", "r"], "x")
+    assert not _check_command(["python", "-m", "pytest", "-q", "tests/test_resume.py", "-k", "x"], "x")
+    assert _check_command(["python", "-m", "torch.distributed.run", "--nproc_per_node=2", "main_swav_unmix.py",
+                           "--epochz", "1"], "x")
     assert not _check_command(["EPOCHS=2", "EXTRA_ARGS=--width_per_group 8", "bash", "script_unmix_c10.sh",
                                "--epochs", "200"], "x")
 
