@@ -83,6 +83,7 @@ def test_dry_run_lists_the_20_published_cells(tmp_path):
     ([], {"EPOCHS": "400"}, "EPOCHS is set per cell (by --epochs); unset it"),
     ([], {"RUN_SWAV": "true"}, "RUN_SWAV is set per cell (by --methods)"),
     ([], {"EXTRA_ARGS": "--width_per_group 8 --seed=3"}, "EXTRA_ARGS sets --seed, which each cell sets itself"),
+    (["--seedz", "31"], {}, "unrecognized arguments: --seedz 31; did you mean --seeds?"),  # was argparse's usage block
 ])
 def test_bad_input_is_one_line(tmp_path, capsys, monkeypatch, argv, env, message):
     write_cifar10(tmp_path / "c10only", n_train_per_batch=2, n_test=2)
