@@ -84,7 +84,10 @@ def _read(path, commit=None):
     """A repository file's text, today's or at a commit (None where it does not exist or git has no history)."""
     if commit is None:
         return (REPO / path).read_text() if (REPO / path).is_file() else None
-    out = subprocess.run(["git", "show", f"{commit}:{path}"], cwd=REPO, capture_output=True, text=True)
+    try:
+        out = subprocess.run(["git", "show", f"{commit}:{path}"], cwd=REPO, capture_output=True, text=True)
+    except OSError:  # no git
+        return None
     return out.stdout if out.returncode == 0 else None
 
 
