@@ -30,7 +30,7 @@ from src.runtime.checkpoint import atomic_save
 from src.runtime.cli import ArgumentParser, bool_flag, fail, parse_given, run_main
 from src.runtime.logs import Clock, CurveWriter, Stats, format_eta
 from src.runtime.run_folder import LINEAR, OPERATIONAL_FLAGS, save_params, write_json
-from src.runtime.startup import agree_to_start
+from src.runtime.startup import StartVote
 
 
 def get_parser():
@@ -139,11 +139,11 @@ def load_pretrained(model, path, state, allow_mismatch, logger):
     logger.info(f"Load pretrained model with msg: {msg}")
 
 
-def main():
+def main(start):
     args, given = parse_given(get_parser())
     check_args(args)
     state, _, network = network_from_checkpoint(args, given)  # --arch, --width_per_group: the checkpoint's
-    logger, preempt, identity, run_lock = set_up(args, LINEAR, OPERATIONAL_FLAGS)  # locked until the end
+    logger, preempt, identity, run_lock = set_up(args, LINEAR, OPERATIONAL_FLAGS, start)  # locked until the end
     if network:
         logger.info(network)
     t_start = time.time()
@@ -174,7 +174,7 @@ def main():
         fail(str(e))
     if args.use_bn:
         logger.info("--use_bn true: no BatchNorm with global pooling (as released, it belongs to the 6x6 pooling)")
-    agree_to_start(logger)  # every process passed its checks: the evaluation starts
+    start.agree_to_start(logger)  # every process passed its checks: the evaluation starts
     if args.rank == 0:  # every check passed: the folder is this evaluation's, of this checkpoint
         save_params(args, args.dump_path, extra={"pretrained_file": identity, "data": {
             "train_images": len(train_images), "test_images": len(test_images), "classes": len(classes)}})
@@ -335,4 +335,4 @@ def validate(loader, model, linear, maxk, device):
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, StartVote())

@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 
 from src.data.transforms import LabeledDataset, eval_transforms
-from src.eval.pretrained import PretrainedError, load_weights
+from src.eval.pretrained import PretrainedError, epochs_done, load_weights
 from src.eval.finished import finished_results, report_finished
 from src.eval.setup import (TIMED_STATS_COLUMNS, EpochMeters, add_shared_new_flags, add_shared_released_flags,
                             check_shared_args, data_loaders, evaluate, load_splits, make_scheduler,
@@ -34,7 +34,7 @@ from src.runtime.checkpoint import atomic_save, rng_state
 from src.runtime.cli import ArgumentParser, bool_flag, fail, parse_given, run_main
 from src.runtime.logs import AverageMeter, Clock, Stats, format_eta
 from src.runtime.run_folder import FINE_TUNING, OPERATIONAL_FLAGS, save_params, write_json
-from src.runtime.startup import agree_to_start
+from src.runtime.startup import StartVote
 
 SUBSET_FILE = "labelled_subset.json"
 
@@ -117,11 +117,11 @@ def labelled_subset(train_labels, classes, args, logger):
     return indices
 
 
-def main():
+def main(start):
     args, given = parse_given(get_parser())
     check_args(args)
     pretrained = network_from_checkpoint(args, given)  # (state, info, log line); --arch, --width_per_group: its own
-    logger, preempt, identity, run_lock = set_up(args, FINE_TUNING, OPERATIONAL_FLAGS)  # locked until the end
+    logger, preempt, identity, run_lock = set_up(args, FINE_TUNING, OPERATIONAL_FLAGS, start)  # locked to the end
     if pretrained[2]:
         logger.info(pretrained[2])
     t_start = time.time()
@@ -142,7 +142,7 @@ def main():
                 f"({len(test_loader.dataset)} test images, {len(classes)} classes).")
 
     # ============ model ============
-    model = build_network(args, len(classes), pretrained, logger)
+    model = build_network(args, len(classes), pretrained, logger, start)
 
     # ============ optimiser ============
     optimizer = torch.optim.SGD(trunk_and_head_groups(model, args.lr, args.lr_last_layer), lr=args.lr,
@@ -152,7 +152,7 @@ def main():
     # ============ resume ============
     start_epoch, best_acc, resumed = resume_evaluation(args, FINE_TUNING, model, optimizer, scheduler, logger,
                                                        no_best=(0.0, 0.0))
-    agree_to_start(logger)  # every process passed its checks: the fine-tuning starts
+    start.agree_to_start(logger)  # every process passed its checks: the fine-tuning starts
     if args.rank == 0:
         save_params(args, args.dump_path, extra={"pretrained_file": identity})
     stats = Stats(os.path.join(args.dump_path, f"stats{args.rank}"), TIMED_STATS_COLUMNS,
@@ -198,7 +198,7 @@ def main():
     launch.cleanup()
 
 
-def build_network(args, num_classes, pretrained, logger):
+def build_network(args, num_classes, pretrained, logger, start):
     """The released network with a `num_classes`-way `projection_head`, the weights of --pretrained
     (`pretrained` = (state, info, _) from `network_from_checkpoint`) loaded (the head keeps its
     initialisation), SyncBatchNorm with several CUDA processes, on the device, in DDP with several."""
@@ -211,7 +211,7 @@ def build_network(args, num_classes, pretrained, logger):
             fail(f"--pretrained: {e}; check --arch/--width_per_group, or --allow_mismatched_weights true")
         for note in notes:
             logger.info(note)
-        logger.info(f"Loaded pretrained weights from {args.pretrained} (epoch {info['epoch']}); "
+        logger.info(f"Loaded pretrained weights from {args.pretrained}, {epochs_done(info['epoch'])}; "
                     f"{len(notes)} tensors kept as initialised (listed above)")
     else:
         logger.info("No pretrained weights given => training from random weights")
@@ -224,6 +224,7 @@ def build_network(args, num_classes, pretrained, logger):
     logger.info(f"Building model done: {args.arch}, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
                 f"parameters, {num_classes}-way classifier, device {device}.")
     if args.world_size > 1:
+        start.agree_so_far()  # before DDP's first collective (src/runtime/startup.py, `StartVote`)
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True)
     return model
@@ -268,4 +269,4 @@ def validate(loader, model, maxk, device):
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, StartVote())

@@ -32,7 +32,7 @@ from src.runtime.cli import MAX_EPOCHS, ArgumentParser, bool_flag, check_seed, f
 from src.runtime.logs import (AverageMeter, Clock, CurveWriter, Stats, create_logger, format_eta, format_provenance,
                               provenance)
 from src.runtime.run_folder import OPERATIONAL_FLAGS, claim_pretraining_folder, load_params_json, save_params
-from src.runtime.startup import agree_or_fail, agree_to_start, start_processes
+from src.runtime.startup import StartVote, agree_or_fail, start_processes
 
 
 def get_parser():
@@ -179,23 +179,24 @@ def check_args(args):
         fail(f"--dist_timeout must be positive, got {args.dist_timeout}")
 
 
-def main():
+def main(start):
     args = get_parser().parse_args()
     check_args(args)
-    logger, np_rng, preempt, run_lock = set_up(args)  # the run folder stays locked until the process ends
+    logger, np_rng, preempt, run_lock = set_up(args, start)  # the run folder stays locked until the process ends
 
     # ============ data ============
-    data = build_data(args, logger)
-    check_same_data(args, data.sizes)
+    data = build_data(args, logger, start)
+    check_same_data(args, data.sizes, log=logger.warning)
 
     # ============ model, optimiser, method ============
     net = build_network(args, logger)
+    start.agree_so_far()  # DDP's first collective comes next
     method = build_method(args, net, data.iters_per_epoch, np_rng, log=logger.warning)
     logger.info("Building optimizer done.")
 
     # ============ resume ============
     restart = resume(args, method, data.iters_per_epoch, logger)
-    agree_to_start(logger)  # every process passed its checks: the run starts
+    start.agree_to_start(logger)  # every process passed its checks: the run starts
     if args.rank == 0:
         save_params(args, args.dump_path, extra={"data": data.sizes})
     stats = Stats(os.path.join(args.dump_path, f"stats{args.rank}"), STATS_COLUMNS,
@@ -242,15 +243,15 @@ def main():
 
 # ------------------------------------------------------------------ set-up
 
-def set_up(args):
+def set_up(args, start):
     """Distributed set-up, the stop signals' handler (from here on SIGTERM, SIGINT and SIGUSR1 stop the
     run at its next checkpoint), seeds, the run folder (locked; checked against an earlier run's kind and
     arguments), the processes' agreement on the arguments, the log. Returns the log, the Un-Mix draws'
     random stream, the stop signals' handler and the folder's lock."""
     preempt = start_processes(args)
     np_rng = np.random.RandomState(args.seed)  # the released code drew lam, r and box centres here
-    lock, problem = claim_pretraining_folder(args, OPERATIONAL_FLAGS) if args.rank == 0 else (None, None)
-    agree_or_fail(args, problem)
+    lock, problem = claim_pretraining_folder(args, OPERATIONAL_FLAGS, start) if args.rank == 0 else (None, None)
+    agree_or_fail(args, problem, start)
     logger = create_logger(args.dump_path, args.rank, held=args.world_size > 1)  # see agree_to_start
     logger.info(devices.describe_device(args.device))
     logger.info(f"Process rank {args.rank} of world size {args.world_size} (local rank {args.local_rank}) "
@@ -288,7 +289,7 @@ class TrainData:
     sizes: dict            # params.json's `data`: the data set's size, so reports can tell a part of it
 
 
-def build_data(args, logger):
+def build_data(args, logger, start):
     """The training crops, made by the released pipeline (torchvision on PIL images in DataLoader workers)
     or on the device in batches (--augment batched), and the plain images of the kNN monitor."""
     device = args.device
@@ -332,8 +333,9 @@ def build_data(args, logger):
             for crops in batches:
                 yield [c.to(device, non_blocking=True) for c in crops]
     if args.world_size > 1:  # e.g. a node-local copy of the data with fewer images: stop, not hang
-        problem = startup.first_disagreement(data_fingerprint(train_images, train_labels, classes, iters_per_epoch),
-                                       args.world_size, device)
+        start.agree_so_far()  # a process that could not read its data is met here, not in the comparison
+        seen = startup.data_fingerprint(train_images, train_labels, classes, iters_per_epoch)
+        problem = startup.first_disagreement(seen, args.world_size, device)
         if problem:
             fail(problem)
     logger.info(f"Building data done with {len(train_dataset)} images loaded ({len(classes)} classes, "
@@ -351,22 +353,19 @@ def build_data(args, logger):
     return TrainData(iters_per_epoch, epoch_crops, knn, {"train_images": len(train_images), "classes": len(classes)})
 
 
-def check_same_data(args, sizes):
+def check_same_data(args, sizes, log):
     """A run resumes on the data it started on: not, say, on a partial node-local copy after a requeue
-    (the sizes its params.json records; runs from before they were recorded are not checked)."""
-    recorded = (load_params_json(args.dump_path) or {}).get("data")
+    (the sizes its params.json records; runs from before they were recorded are not checked, which `log`
+    says)."""
+    params = load_params_json(args.dump_path)
+    recorded = (params or {}).get("data")
+    if recorded is None and (params is not None or os.path.isfile(os.path.join(args.dump_path, "checkpoint.pth.tar"))):
+        log(f"the data's size could not be checked: the run in {args.dump_path} predates its record in params.json; "
+            f"resuming on {sizes['train_images']} training images in {sizes['classes']} classes")
     if isinstance(recorded, dict) and recorded != sizes and not args.allow_changed_args:
         fail(f"--data_path {args.data_path} gives {sizes['train_images']} training images in {sizes['classes']} "
              f"classes, but the run in {args.dump_path} started on {recorded.get('train_images')} in "
              f"{recorded.get('classes')} classes; check the data, or --allow_changed_args true to resume on it anyway")
-
-
-def data_fingerprint(images, labels, classes, iters_per_epoch):
-    """What every process must see alike: counts, and hashes of the class names, labels and pixels."""
-    return {"the number of training images": len(images), "the number of classes": len(classes),
-            "the iterations per epoch": iters_per_epoch, "the class names": startup.fingerprint(list(classes)),
-            "the labels": startup.fingerprint(np.ascontiguousarray(labels).tobytes()),
-            "the training images": startup.fingerprint(np.ascontiguousarray(images).data)}
 
 
 # ------------------------------------------------------------------ model
@@ -632,4 +631,4 @@ def end_of_epoch(loop, epoch, meter):
 
 
 if __name__ == "__main__":
-    run_main(main)
+    run_main(main, StartVote())

@@ -88,7 +88,7 @@ class Setup:
         M.launch.init_distributed(args)
         if args.device.type == "cuda":
             torch.backends.cudnn.benchmark = True  # as main_swav_unmix.set_up
-        self.data = M.build_data(args, logger)
+        self.data = M.build_data(args, logger, M.StartVote())
         net = M.build_network(args, logger)
         self.method = M.build_method(args, net, self.data.iters_per_epoch, np.random.RandomState(args.seed))
         self.loop = M.Loop(args, self.data, self.method, guard=M.NonfiniteWatch(args, logger),

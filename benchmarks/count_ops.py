@@ -86,7 +86,7 @@ def run_main(argv):
     counter = OpCounter()
     try:
         with contextlib.redirect_stdout(io.StringIO()), counter:
-            main_swav_unmix.main()
+            main_swav_unmix.main(main_swav_unmix.StartVote())
     finally:
         sys.argv = old
         import logging

@@ -175,6 +175,28 @@ def test_allow_changed_args_resumes_anyway(env):
     assert json.loads((dump / "params.json").read_text())["base_lr"] == 0.3
 
 
+def test_a_run_that_recorded_no_data_sizes_resumes_and_says_they_were_not_checked(env):
+    """params.json from before the data's sizes were recorded, or none (a folder of the released code): nothing
+    to compare, no refusal, one log line."""
+    for name in ("unrecorded_data", "no_params_json"):
+        dump = env["root"] / name
+        shutil.copytree(env["prior"], dump, ignore=shutil.ignore_patterns("run.lock"))
+        params = json.loads((dump / "params.json").read_text())
+        del params["data"]
+        (dump / "params.json").write_text(json.dumps(params))
+        if name == "no_params_json":
+            (dump / "params.json").unlink()
+        script, args = pre(env, dump=name)
+        res = env["runner"].run(script, args, cwd=env["root"])
+        assert res.returncode == 0, res.explain()
+        said = [line for line in (dump / "train.log").read_text().splitlines() if "could not be checked" in line]
+        assert len(said) == 1 and "the data's size could not be checked" in said[0], (name, said)
+        assert "resuming on 100 training images in 10 classes" in said[0]
+        assert json.loads((dump / "params.json").read_text())["data"] == {"train_images": 100, "classes": 10}
+    fresh = (env["root"] / "prior" / "train.log").read_text()
+    assert "could not be checked" not in fresh   # a run that recorded them says nothing of the kind
+
+
 def test_mismatched_weights_load_when_explicitly_allowed(env):
     script, args = ev(env, "--width_per_group", 16, "--allow_mismatched_weights", "true", dump="eval_allowed")
     res = env["runner"].run(script, args, cwd=env["root"])

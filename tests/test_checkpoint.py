@@ -94,7 +94,10 @@ def test_safe_load_truncated_garbage_missing_empty(tmp_path):
     data = full.read_bytes()
     trunc = tmp_path / "trunc.pth"
     trunc.write_bytes(data[: len(data) // 2])
-    assert_one_line_error(trunc, "cannot be read")
+    msg = assert_one_line_error(trunc, "cannot be read")
+    with pytest.raises(Exception) as torch_error:
+        torch.load(str(trunc), weights_only=True)
+    assert str(torch_error.value).splitlines()[0] in msg   # what is wrong, in full (not cut at a length)
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(os.urandom(64) + b"\n\nnot a checkpoint\n")
     assert_one_line_error(garbage, "cannot be read")
@@ -336,6 +339,8 @@ def tiny_training_state():
     (lambda c: c.update(iteration=-5), "cannot be negative"),
     (lambda c: c.update(epoch="two"), "are not whole numbers"),
     (lambda c: c["optimizer"]["state"][0].update(momentum_buffer=torch.zeros(5)), "momentum buffer 0 is (5,)"),
+    # load_state_dict's first line only introduces the problem, which is on its second
+    (lambda c: c["state_dict"].update(weight=torch.zeros(5, 3)), "size mismatch for weight: copying a param"),
 ])
 def test_checkpoint_fields_that_make_no_sense_are_one_line_errors(tmp_path, damage, match):
     net, opt = tiny_training_state()

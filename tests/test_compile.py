@@ -36,7 +36,7 @@ def fast_path(data, dump, *extra):
         "--workers", "0", "--warmup_epochs", "0", "--epochs", "2", "--freeze_prototypes_niters", "0",
         "--augment", "batched", "--channels_last", "true", *extra])
     M.launch.init_distributed(args)
-    train = M.build_data(args, log)
+    train = M.build_data(args, log, M.StartVote())
     torch.manual_seed(0)
     net = M.build_network(args, log).double()
     method = M.build_method(args, net, train.iters_per_epoch, np.random.RandomState(args.seed))

@@ -182,6 +182,24 @@ def test_keyword_download_failure_is_data_error(tmp_path, monkeypatch):
     assert "download failed" in msg and "data/CIFAR-10" in msg and "batches.meta" in msg
 
 
+def test_keyword_download_offline_leaves_no_empty_folder(tmp_path, monkeypatch):
+    """torchvision's real download, offline (through a proxy that refuses): one-line error, and the folders the
+    attempt made and left empty are gone; folders that were there before stay."""
+    for var in ("https_proxy", "http_proxy", "HTTPS_PROXY", "HTTP_PROXY"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")
+    monkeypatch.setenv("no_proxy", "")
+    monkeypatch.setenv("NO_PROXY", "")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError) as e:
+        load_split("cifar10", train=True, download=True)
+    assert "download failed" in _one_line_error(e) and "cifar-10-python.tar.gz" in str(e.value)
+    assert os.listdir(tmp_path) == []
+    (tmp_path / "data").mkdir()
+    with pytest.raises(DataError):
+        load_split("cifar100", train=True, download=True)
+    assert os.listdir(tmp_path) == ["data"] and os.listdir(tmp_path / "data") == []
+
+
 def test_keyword_reads_present_data_and_downloads_missing(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     calls = []
@@ -412,21 +430,26 @@ def test_small_real_cifar10_image_folder():
     assert timages.shape == (100, 32, 32, 3) and np.bincount(tlabels).tolist() == [10] * 10
 
 
-@pytest.mark.parametrize("dataset,folder,classes", [("cifar100", "cifar-100-python", 100),
-                                                    ("cifar10", "cifar-10-batches-py", 10)])
-def test_synthetic_cifar_from_the_command_line(tmp_path, dataset, folder, classes):
-    """docs/running.md: `python tools/synthetic_cifar.py cifar100 DIR` gives data to try the CIFAR pickle path
-    offline (there was no command: only the functions the tests call)."""
+def test_synthetic_cifar_command(tmp_path, capsys):
+    """tools/synthetic_cifar.py is a command: its usage on --help, a wrong argument in one line (exit 2), and
+    the files it writes are what `--data_path` reads."""
     import subprocess
     import sys
-    script = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools", "synthetic_cifar.py")
-    out = subprocess.run([sys.executable, script, dataset, str(tmp_path / "d"), "--train", "500", "--test", "100"],
-                         capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    assert f"--data_path {tmp_path / 'd'}" in out.stdout and (tmp_path / "d" / folder).is_dir()
-    images, labels, names = load_split(tmp_path / "d", train=True)
-    assert images.shape == (500, 32, 32, 3) and len(names) == classes
-    assert len(load_split(tmp_path / "d", train=False)[0]) == 100
-    bad = subprocess.run([sys.executable, script, dataset, str(tmp_path / "e"), "--train", "7"],
-                         capture_output=True, text=True, timeout=60)
-    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and not (tmp_path / "e").exists()
+    tools = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools")
+    for argv, status in ((["--help"], 0), (["--bogus"], 2)):
+        res = subprocess.run([sys.executable, os.path.join(tools, "synthetic_cifar.py")] + argv, capture_output=True,
+                             text=True, timeout=60)
+        assert res.returncode == status, argv
+        assert res.stdout.startswith("usage: synthetic_cifar.py") if status == 0 else \
+            (res.stdout == "" and len(res.stderr.splitlines()) == 1 and res.stderr.startswith("error: "))
+    sys.path.insert(0, tools)
+    import synthetic_cifar
+    for wrong in ([], [str(tmp_path / "x"), "--n_train", "7"], [str(tmp_path / "x"), "--n_test", "0"]):
+        with pytest.raises(SystemExit) as stop:
+            synthetic_cifar.main(wrong)
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and len(err.splitlines()) == 1 and err.startswith("error: "), wrong
+    assert not os.path.exists(tmp_path / "x")
+    synthetic_cifar.main([str(tmp_path / "c100"), "--dataset", "cifar100", "--n_train", "300", "--n_test", "100"])
+    images, labels, classes = load_split(str(tmp_path / "c100"), train=True)
+    assert len(images) == 300 and len(classes) == 100

@@ -17,6 +17,7 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tests"))
 
 from src.runtime import launch, signals
+from src.runtime.cli import LOST_PEER_EXIT_CODE  # noqa: E402
 from src.runtime.launch import DistEnv, DistError, expand_hostlist, resolve_dist_env  # noqa: E402
 from tests.dist_helpers import all_reduce_sum_, is_main_process  # noqa: E402
 
@@ -474,14 +475,15 @@ def test_two_process_sinkhorn_equals_one_process(tmp_path):
 # 2 processes of the pretraining script (started one by one, as on two nodes): they agree or stop
 # --------------------------------------------------------------------------------------------------
 
-def _two_ranks(tmp_path, args_of_rank, tag):
-    """Start `main_swav_unmix.py` as ranks 0 and 1 of one job (file:// rendezvous); returns the processes."""
+def _two_ranks(tmp_path, args_of_rank, tag, script=None):
+    """Start `script` (main_swav_unmix.py) as ranks 0 and 1 of one job (file:// rendezvous); returns the
+    processes."""
     from tests.e2e_helpers import MAIN, RUN_ENV
     env = {k: v for k, v in RUN_ENV.items()
            if not k.startswith("SLURM_") and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                        "MASTER_PORT")}
     store = tmp_path / f"rendezvous_{tag}"
-    return [subprocess.Popen([sys.executable, str(MAIN), *map(str, args_of_rank(r)), "--dist_url", f"file://{store}",
+    return [subprocess.Popen([sys.executable, str(script or MAIN), *map(str, args_of_rank(r)), "--dist_url", f"file://{store}",
                               "--world_size", "2", "--rank", str(r)], cwd=tmp_path, env=env, text=True,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for r in range(2)]
 
@@ -515,6 +517,42 @@ def test_ranks_given_different_data_stop_at_start_with_one_line(data10, tmp_path
             "error: the processes disagree on the number of training images (rank 0: 100, rank 1: 80); every "
             "process needs the same arguments and the same data"] if rank == 0 else []), err
     assert not (tmp_path / "run" / "checkpoint.pth.tar").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", ["main_swav_unmix.py", "eval_semisup.py"])
+def test_a_rank_that_cannot_read_its_data_stops_the_job_with_its_line_and_leaves_no_folder(data10, tmp_path, script):
+    """Rank 1's copy of the data is missing (a node-local --data_path): it refuses while rank 0, which read
+    its data, goes on to the next collective of its start-up (the comparison of the data's fingerprints; the
+    fine-tuning's DDP). They meet in the start-up's vote there: rank 1 says its line, both exit 2 (not rank 0
+    with 5 after a timeout), and the new run folder rank 0 created is removed."""
+    dump = tmp_path / "new" / "run"
+    if script == "main_swav_unmix.py":
+        args = lambda r: _tiny(data10 / ("c10" if r == 0 else "missing"), dump, "--dist_timeout", 60)  # noqa: E731
+    else:
+        args = lambda r: ["--data_path", data10 / ("c10" if r == 0 else "missing"), "--dump_path", dump,  # noqa: E731
+                          "--pretrained", "", "--arch", "resnet18", "--width_per_group", 8, "--epochs", 1,
+                          "--batch_size", 8, "--workers", 0, "--labels_perc", 10, "--dist_timeout", 60]
+    results = _finish(_two_ranks(tmp_path, args, "missing", script=os.path.join(ROOT, script)), timeout=120)
+    assert [rc for rc, _, _ in results] == [2, 2], [err[-2000:] for _, _, err in results]
+    lines = [err.strip().splitlines() for _, _, err in results]
+    assert lines[0] == [] and len(lines[1]) == 1 and str(data10 / "missing") in lines[1][0], lines
+    assert not (tmp_path / "new").exists(), sorted(map(str, (tmp_path / "new").rglob("*")))
+
+
+@pytest.mark.slow
+def test_a_rank_lost_during_the_start_up_leaves_no_folder(data10, tmp_path):
+    """Rank 1 killed during the start-up, after rank 0 created and claimed a new folder (its train.log is
+    there), before the run starts: rank 0 stops as after any lost process (status 5, one line) and removes
+    the folder it created, as a refused start does."""
+    from tests.e2e_helpers import wait_for_log
+    dump = tmp_path / "new" / "run"
+    procs = _two_ranks(tmp_path, lambda r: _tiny(data10 / "c10", dump), "lost")
+    wait_for_log(dump / "train.log", "Process rank 0", alive=lambda: procs[0].poll() is None)
+    procs[1].kill()
+    (rc, _, err), _ = _finish(procs)
+    assert rc == LOST_PEER_EXIT_CODE and err.startswith("error: another process of the job stopped"), err[-2000:]
+    assert not (tmp_path / "new").exists(), sorted(map(str, (tmp_path / "new").rglob("*")))
 
 
 @pytest.mark.slow

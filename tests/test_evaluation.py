@@ -187,7 +187,8 @@ def test_resume_restores_classifier_optimiser_schedule_and_numpy_stream(tmp_path
 @pytest.mark.parametrize("kind,damage,message", [
     (LINEAR, "garbage", "cannot resume the linear classifier: no readable checkpoint in"),
     (FINE_TUNING, "garbage", "cannot resume the fine-tuning: no readable checkpoint in"),
-    (LINEAR, "other_shape", "cannot resume the linear classifier (RuntimeError: Error(s) in loading state_dict"),
+    (LINEAR, "other_shape", "cannot resume the linear classifier (RuntimeError: Error(s) in loading state_dict for "
+                            "Linear: size mismatch for weight: copying a param"),
     (FINE_TUNING, "no_scheduler", "cannot resume the fine-tuning (KeyError: 'scheduler'); use another --dump_path"),
     (LINEAR, "negative_epoch", "epoch -2 cannot be negative; move it away to start the evaluation afresh"),
 ])

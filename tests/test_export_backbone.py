@@ -1,6 +1,7 @@
 """tools/export_backbone.py on a real pretraining checkpoint: a plain backbone state dict and its JSON
 description, loadable as docs/evaluation.md shows (and through hubconf), with the pretraining network's features."""
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -43,6 +44,9 @@ def test_export_and_load_as_the_docs_show(pre, tmp_path):
     assert res.returncode == 0, res.stderr
     meta = json.loads((tmp_path / "backbone.json").read_text())
     assert meta == {"arch": "resnet18", "width_per_group": 8, "feature_dim": 256, "source": str(pre), "epoch": 1}
+    # its epoch in the words of the training log, which counts from 0
+    last_logged = re.findall(r"Epoch (\d+) done", (pre.parent / "train.log").read_text())[-1]
+    assert res.stdout.rstrip().endswith(f"from {pre} after 1 epoch (epoch {last_logged})"), res.stdout
     state = torch.load(tmp_path / "backbone.pth", weights_only=True)
     assert not any(k.startswith(("module.", "projection_head", "prototypes")) for k in state)
     assert "bn1.running_mean" in state

@@ -238,7 +238,8 @@ def test_a_cell_started_with_other_settings_is_not_taken_for_this_one(tmp_path, 
     open(os.path.join(cell.eval_path, "results.json"), "w").close()
     os.makedirs(cells_dir)
     path = str(data / "cifar-10-batches-py")
-    table_settings.write_settings(cells_dir, cell, table_settings.cell_settings(env, path, table_settings.data_identity(path)))
+    recorded = table_settings.cell_settings(env, path, table_settings.data_identity(path), through_sbatch=False)
+    table_settings.write_settings(cells_dir, cell, recorded)
     assert rt.main(argv + ["--dry-run"], dict(env, EXTRA_ARGS=" --width_per_group  8 ", BATCH_SIZE="128")) == 0
     assert "dry run: would run 0 cell(s)" in capsys.readouterr().out
     (data / "cifar-10-batches-py" / "data_batch_1").write_bytes(b"other data")
@@ -398,7 +399,9 @@ def test_the_data_identity_covers_every_byte(tmp_path):
     ("SBATCH_ARGS", "--nodes=2", "--nodes 1"),
 ])
 def test_settings_that_change_a_cell_are_recorded(name, one, other):
-    assert table_settings.cell_settings({name: one}, "cifar10", "cifar10") != table_settings.cell_settings({name: other}, "cifar10", "cifar10")
+    sbatch = name == "SBATCH_ARGS"
+    assert table_settings.cell_settings({name: one}, "cifar10", "cifar10", sbatch) != \
+        table_settings.cell_settings({name: other}, "cifar10", "cifar10", sbatch)
 
 
 @pytest.mark.parametrize("name, one, other", [
@@ -409,7 +412,37 @@ def test_settings_that_change_a_cell_are_recorded(name, one, other):
     ("REPORT_SBATCH_ARGS", "", "-p cpu"),
 ])
 def test_settings_that_do_not_change_a_cell_are_not_recorded(name, one, other):
-    assert table_settings.cell_settings({name: one}, "cifar10", "cifar10") == table_settings.cell_settings({name: other}, "cifar10", "cifar10")
+    for sbatch in (False, True):
+        assert table_settings.cell_settings({name: one}, "cifar10", "cifar10", sbatch) == \
+            table_settings.cell_settings({name: other}, "cifar10", "cifar10", sbatch)
+
+
+def test_the_process_count_recorded_is_the_one_that_runs(tmp_path):
+    """Through sbatch NPROC is ignored (the tasks of SBATCH_ARGS count): it changes nothing. Run here, the
+    processes are NPROC, else one per visible GPU: 2 visible GPUs are NPROC=2 and another count than 1; and
+    SBATCH_ARGS is unused there. A record of format 2 (NPROC as set, wherever) is still compared as written."""
+    def here(**env):
+        return table_settings.cell_settings(env, "cifar10", "cifar10", through_sbatch=False)
+
+    def sbatch(**env):
+        return table_settings.cell_settings(env, "cifar10", "cifar10", through_sbatch=True)
+    assert sbatch(NPROC="4", SBATCH_ARGS="-p gpu") == sbatch(SBATCH_ARGS="-p gpu")
+    assert sbatch(SBATCH_ARGS="--ntasks-per-node=2") != sbatch(SBATCH_ARGS="--ntasks-per-node=4")
+    assert here(CUDA_VISIBLE_DEVICES="0,1") == here(NPROC="2") != here(CUDA_VISIBLE_DEVICES="0")
+    assert here(CUDA_VISIBLE_DEVICES="0") == here(CUDA_VISIBLE_DEVICES="") == here(NPROC="1")
+    assert here(NPROC="1", SBATCH_ARGS="--ntasks-per-node=4") == here(NPROC="1")
+    assert here(NPROC="2") != here(NPROC="3")
+    # a table begun with format 2 goes on: NPROC unset then and now is no change, NPROC set since is one
+    cell = table_plan.plan_cells(["cifar10"], ["unmix"], [1], [31], str(tmp_path / "exp"), {"cifar10": ""},
+                                 "_linear_eval")[0]
+    cells_dir = tmp_path / "_cells"
+    cells_dir.mkdir()
+    format_2 = {**here(CUDA_VISIBLE_DEVICES="0"), "NPROC": "", "format": 2}
+    (cells_dir / f"{cell.name}.settings").write_text(json.dumps(format_2))
+    for env, changed in (({"CUDA_VISIBLE_DEVICES": "0"}, []), ({"NPROC": "2"}, ["NPROC: '' -> '2'"])):
+        settings = {"cifar10": here(**env)}
+        as_set = table_settings.processes_as_set(env)
+        assert table_settings.compare_with_records([cell], str(cells_dir), settings, as_set)[0] == {cell.name: changed}
 
 
 def test_the_worker_count_changes_the_released_crops():

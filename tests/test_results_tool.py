@@ -116,8 +116,8 @@ def experiments(tmp_path):
     _dump(exp / "sub" / "unmix_c100_400ep",
           _pretrain_params(run_swav="False", data_path="/data/sets/CIFAR-100/", epochs=400), stats)
     os.makedirs(exp / "sub" / "unmix_c100_400ep" / "checkpoints")
-    # 3. tiny Un-Mix run on an image folder (class count decides), unfinished released-mode evaluation
-    data = tmp_path / "jpeg_set"
+    # 3. tiny Un-Mix run on a CIFAR-10 image folder (its path says so), unfinished released-mode evaluation
+    data = tmp_path / "cifar10_jpeg"
     for c in range(10):
         os.makedirs(data / "train" / f"class{c}")
     tiny = exp / "tiny_unmix"
@@ -244,7 +244,8 @@ def test_in_process_api_and_edge_cases(experiments, tmp_path):
     assert runs[1]["epochs_done"] == 37 and runs[1]["stats"]["epoch"].is_unique
     # an evaluation folder given alone finds its (missing) dump's numbers; empty folder gives an empty table
     lone = tmp_path / "lone"
-    _dump(str(lone / "gone") + "_linear_eval", dict(num_labels=100, epochs=2), _eval_stats(2, [10.0, 12.0]))
+    _dump(str(lone / "gone") + "_linear_eval", dict(num_labels=100, epochs=2, data_path="cifar100"),
+          _eval_stats(2, [10.0, 12.0]))
     runs, written = results.write_report([str(lone)], str(tmp_path / "out2"))
     assert len(runs) == 1 and runs[0]["dataset"] == "cifar100" and runs[0]["best_top1"] == 12.0
     assert all(os.path.getsize(p) > 0 for p in written)
@@ -287,10 +288,10 @@ def test_semisup_table(tmp_path):
     running = tmp_path / "elsewhere" / "ft1"
     _dump(running, dict(semi, labels_perc="1", pretrained=str(exp / "unmix_c10" / "checkpoints" / "ckp-1.pth")),
           _eval_stats(3, [20.0, 25.0, 24.0]))
-    scratch = tmp_path / "elsewhere" / "scratch"      # random init, CIFAR-100 told by its recorded classes
+    scratch = tmp_path / "elsewhere" / "scratch"      # random init, CIFAR-100 told by its recorded sizes
     _dump(scratch, dict(semi, pretrained="", data_path=str(tmp_path / "data")), None)
     with open(scratch / "labelled_subset.json", "w") as f:
-        json.dump({"classes": [f"c{i}" for i in range(100)], "num_labelled": 500}, f)
+        json.dump({"classes": [f"c{i}" for i in range(100)], "num_labelled": 500, "num_train_images": 50000}, f)
     out = tmp_path / "report"
     runs, _ = results.write_report([str(exp), str(tmp_path / "elsewhere")], str(out))
     assert [r["name"] for r in runs] == ["unmix_c10"]
@@ -471,17 +472,53 @@ def test_a_part_of_the_data_set_stands_next_to_no_published_number(tmp_path):
     assert (rows["small_test"]["published top-1"], rows["small_test"]["Δ best − published"]) == ("86.8", "—")
 
 
+def test_a_data_set_not_told_cifar_by_its_record_is_unknown(tmp_path):
+    """A 10-class image folder is not CIFAR-10 for its class count: a run is labelled CIFAR by its recorded data
+    path (its name, or torchvision's CIFAR files in it) or its recorded sizes (a whole CIFAR set's), else it is
+    an unknown data set, next to no published number; an older run that recorded no sizes included."""
+    images = tmp_path / "stl_like"
+    for c in range(10):
+        os.makedirs(images / "train" / f"class{c}")
+    os.makedirs(tmp_path / "c10" / "cifar-10-batches-py")
+    whole = {"train_images": 50000, "test_images": 10000, "classes": 10}
+    exp = tmp_path / "exp"
+    for name, data_path, data in (("ten_classes", str(images), {"train_images": 300, "classes": 10}),
+                                  ("unrecorded", str(images), None),
+                                  ("whole_cifar_as_images", "/scratch/images", {"train_images": 50000, "classes": 10}),
+                                  ("cifar_files", str(tmp_path / "c10"), {"train_images": 300, "classes": 10})):
+        checkpoint = _run_with_checkpoint(exp / name, data_path=data_path, **({"data": data} if data else {}))
+        _evaluated(exp / f"{name}_linear_eval", checkpoint, 88.0, data_path=data_path, data=whole)
+    rows = _parse_table(_report([exp], tmp_path / "report")[1])
+    for name in ("ten_classes", "unrecorded"):
+        assert rows[name]["data set"] == "stl_like", name
+        assert (rows[name]["published top-1"], rows[name]["Δ best − published"]) == ("—", "—"), name
+        assert rows[name]["not compared because"] == \
+            "unknown data set (not CIFAR-10 or CIFAR-100 by its recorded path or sizes)", name
+    assert rows["whole_cifar_as_images"]["data set"] == "cifar10"
+    assert rows["whole_cifar_as_images"]["Δ best − published"] == "+1.20"
+    assert rows["cifar_files"]["data set"] == "cifar10"
+    assert rows["cifar_files"]["not compared because"] == "not the released recipe: train_images 300 (of 50000)"
+
+
 def test_a_run_folder_given_directly_keeps_its_evaluations(tmp_path):
     """`tools/results.py experiments/run` (the run itself, not the folder above it) reports the run with the
-    evaluations beside it, as `tools/results.py experiments/` does; not as a run never evaluated."""
+    evaluations beside it, linear evaluations and fine-tunings alike, as `tools/results.py experiments/`
+    does; not as a run never evaluated, and without the other runs' evaluations."""
     exp = tmp_path / "exp"
     _evaluated(exp / "released_linear_eval", _run_with_checkpoint(exp / "released"), 88.0)
     _evaluated(exp / "other_linear_eval", _run_with_checkpoint(exp / "other"), 80.0)
-    whole = _parse_table(_report([exp], tmp_path / "report")[1])
-    alone = _parse_table(_report([exp / "released"], tmp_path / "report_one")[1])
+    for name, run in (("ft_of_released", "released"), ("ft_of_other", "other")):
+        _dump(exp / name, dict(labels_perc="10", data_path="cifar10", epochs=20,
+                               pretrained=str(exp / run / "checkpoint.pth.tar")), _eval_stats(2, [40.0, 41.0]))
+    whole_md = _report([exp], tmp_path / "report")[1]
+    alone_md = _report([exp / "released"], tmp_path / "report_one")[1]
+    whole, alone = _parse_table(whole_md), _parse_table(alone_md)
     assert list(alone) == ["released"]
-    assert alone["released"] == whole["released"]
+    assert alone["released"] == {k: v for k, v in whole["released"].items() if "ft_of_other" not in k}
     assert alone["released"]["Δ best − published"] == "+1.20"
+    section = "## Semi-supervised fine-tuning"
+    assert section in alone_md, "the fine-tuning beside the run is not listed"
+    assert _parse_table(alone_md, section) == {"ft_of_released": _parse_table(whole_md, section)["ft_of_released"]}
 
 
 def test_an_evaluation_of_an_earlier_checkpoint_is_stale(tmp_path):

@@ -5,7 +5,8 @@
 
 writes `backbone.pth` (the backbone's parameters and batch-norm buffers, names without `module.`, no
 projection head or prototypes; `torch.load(weights_only=True)` reads it) and `backbone.json`
-(`arch`, `width_per_group`, `feature_dim`, the source checkpoint and its epoch). Reads any checkpoint of
+(`arch`, `width_per_group`, `feature_dim`, the source checkpoint and its `epoch` entry: the epochs done, so
+2 after epochs 0-1 of the training log). Reads any checkpoint of
 this project or of the released code; the architecture and width are read from the weights (and checked
 against the checkpoint's own `arch` entry and the params.json of its run when it has them). Load the export with
 
@@ -19,7 +20,8 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from src.eval.pretrained import PretrainedError, load_weights, network_config, read_state_dict  # noqa: E402
+from src.eval.pretrained import (PretrainedError, epochs_done, load_weights, network_config,  # noqa: E402
+                                 read_state_dict)
 from src.method.resnet import build_model  # noqa: E402
 from src.runtime.checkpoint import atomic_save  # noqa: E402
 from src.runtime.cli import ArgumentParser, fail  # noqa: E402
@@ -59,7 +61,7 @@ def main(argv=None):
     except OSError as e:
         fail(f"--out {args.out}: cannot write ({e.strerror})")
     print(f"wrote {args.out} and {os.path.splitext(args.out)[0]}.json: {meta['arch']}, width {meta['width_per_group']}, "
-          f"{meta['feature_dim']}-d features, from epoch {meta['epoch']} of {args.checkpoint}")
+          f"{meta['feature_dim']}-d features, from {args.checkpoint} {epochs_done(meta['epoch'])}")
     return 0
 
 

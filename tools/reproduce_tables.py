@@ -29,7 +29,7 @@ from table_plan import (DATASETS, METHODS, dataset_path_for, eval_folder_suffix,
                         parse_names, plan_cells, write_plan)
 from table_records import STATUSES, cell_status, slurm_queue  # noqa: E402
 from table_settings import (cell_settings, compare_with_records, data_identity, format_1_note,  # noqa: E402
-                            refuse_other_settings, write_settings)
+                            processes_as_set, refuse_other_settings, write_settings)
 from table_submit import array_spec, download_once, run_here, submit_to_slurm  # noqa: E402
 
 RESULTS = os.path.join(ROOT, "tools", "results.py")
@@ -113,8 +113,9 @@ def main(argv=None, environ=None):
     statuses = {c.name: cell_status(c, cells_dir, queue, host) for c in cells}
     todo = [c for c in cells if statuses[c.name][0] in ("missing", "failed", "interrupted")]
     print_cells(cells, statuses)
-    settings = {ds: cell_settings(environ, path, data_identity(path)) for ds, path in dataset_paths.items()}
-    changes, format_1 = compare_with_records(cells, cells_dir, settings)
+    settings = {ds: cell_settings(environ, path, data_identity(path), use_slurm)
+                for ds, path in dataset_paths.items()}
+    changes, format_1 = compare_with_records(cells, cells_dir, settings, processes_as_set(environ))
     if format_1:
         print(format_1_note(format_1))
     if args.status:

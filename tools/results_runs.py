@@ -11,11 +11,12 @@ import sys
 TOOLS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, TOOLS)
 sys.path.insert(0, os.path.dirname(TOOLS))
-from published import (DATASETS, METHODS, linear_eval_differences, pretraining_differences,  # noqa: E402
-                       published_top1)
+from published import (DATASETS, FULL_SPLITS, METHODS, NUM_LABELS, linear_eval_differences,  # noqa: E402
+                       pretraining_differences, published_top1)
 from results_folders import (_dump_of_checkpoint, _last_valid, _read_json, _read_stats, _real,  # noqa: E402
                              _truthy, classify, evaluated_checkpoint, evaluations_of, find_folders, load_evaluation,
                              run_of_evaluation)
+from table_plan import CIFAR_FILES, CIFAR_FOLDERS  # noqa: E402
 
 from src.runtime.run_folder import OPERATIONAL_FLAGS  # noqa: E402
 
@@ -46,46 +47,41 @@ def _dataset_from_name(text):
     return None
 
 
-def _count_classes(data_path):
-    for split in ("train", ""):
-        d = os.path.join(data_path, split)
-        try:
-            n = sum(1 for e in os.scandir(d) if e.is_dir())
-        except OSError:
-            continue
-        if n:
-            return n
+def _recorded_sizes(params):
+    data = (params or {}).get("data")
+    return data if isinstance(data, dict) else {}
+
+
+def _whole_cifar(sizes):
+    """'cifar10' / 'cifar100' when recorded sizes are a whole CIFAR set's (50,000 training images, the test
+    split's 10,000 where recorded, 10 or 100 classes), else None."""
+    if "train_images" not in sizes or any(sizes.get(k, n) != n for k, n in FULL_SPLITS.items()):
+        return None
+    return next((ds for ds, n in NUM_LABELS.items() if sizes.get("classes") == n), None)
+
+
+def _cifar_files_in(folder):
+    """'cifar10' / 'cifar100' when `folder` holds torchvision's CIFAR files (its cifar-10-batches-py, or those
+    files themselves), which a run given that --data_path read; else None."""
+    for ds, name in CIFAR_FOLDERS.items():
+        if os.path.isdir(os.path.join(folder, name)) or \
+                all(os.path.isfile(os.path.join(folder, f)) for f in CIFAR_FILES[ds]):
+            return ds
     return None
 
 
-def _dataset(params, eval_params):
-    """'cifar10' / 'cifar100' from `data_path` (keyword, or a folder whose path names it), else from the
-    number of classes (evaluation `num_labels`, or class folders under `data_path/train`); else the
-    folder's base name."""
-    for p in (params, eval_params):
-        data_path = (p or {}).get("data_path")
-        if not data_path:
-            continue
-        parts = [q for q in os.path.normpath(str(data_path)).split(os.sep) if q]
-        for part in reversed(parts):
-            ds = _dataset_from_name(part)
-            if ds:
-                return ds
-    counts = []
-    if eval_params and eval_params.get("num_labels"):
-        counts.append(int(eval_params["num_labels"]))
-    for p in (params, eval_params):
-        if p and p.get("data_path") and os.path.isdir(str(p["data_path"])):
-            counts.append(_count_classes(str(p["data_path"])))
-    for n in counts:
-        if n == 10:
-            return "cifar10"
-        if n == 100:
-            return "cifar100"
-    for p in (params, eval_params):
-        if p and p.get("data_path"):
-            return os.path.basename(os.path.normpath(str(p["data_path"]))) or "?"
-    return "?"
+def _dataset(params, eval_params=None, sizes=None):
+    """'cifar10' / 'cifar100' when the run's `data_path` names it (the keyword, or a folder whose path says
+    so, e.g. .../CIFAR-10/ or cifar-10-batches-py), holds torchvision's CIFAR files, or the sizes it recorded
+    are a whole CIFAR set's (params.json's `data`, or `sizes`); else the data folder's base name ('?' without
+    one): an unknown data set, next to no published number, whatever its number of classes. The
+    pretraining's record decides; an evaluation's only without it."""
+    p = params if (params or {}).get("data_path") or _recorded_sizes(params) else (eval_params or params or {})
+    data_path = str(p.get("data_path") or "")
+    parts = [q for q in os.path.normpath(data_path).split(os.sep) if q] if data_path else []
+    named = next((ds for ds in map(_dataset_from_name, reversed(parts)) if ds), None)
+    named = named or (_cifar_files_in(data_path) if data_path else None)
+    return named or _whole_cifar({**_recorded_sizes(p), **(sizes or {})}) or (parts[-1] if parts else "?")
 
 
 def _settings(params):
@@ -100,8 +96,10 @@ def comparison(run, params):
     """(the published top-1 the run may stand next to or None, why its Δ is not shown: '' when it is). A
     run is compared when it is the released recipe (tools/published.py) for a published row, finished, and
     its released-probe linear evaluation is finished, the released protocol, and of its current checkpoint."""
-    if run["method"] not in METHODS or run["dataset"] not in DATASETS:
-        return None, "no published table for this method and data set"
+    if run["dataset"] not in DATASETS:
+        return None, "unknown data set (not CIFAR-10 or CIFAR-100 by its recorded path or sizes)"
+    if run["method"] not in METHODS:
+        return None, "no published table for this method"
     if not isinstance(params, dict):
         return None, "arguments not recorded"
     diffs = pretraining_differences(params, run["method"] == "SwAV")
@@ -197,13 +195,24 @@ def load_runs(dumps, evaluations=None):
     return _order([load_run(p, evaluations) for p in sorted(paths.values())])
 
 
+def evaluations_beside(dumps):
+    """The evaluations (`find_folders`) lying next to the pretraining dumps `dumps` (in their parent folders)
+    that belong to one of them: linear evaluations and fine-tunings alike."""
+    keys = {_real(d) for d in dumps}
+    parents = sorted({os.path.dirname(os.path.abspath(d)) for d in dumps})
+    found = find_folders([p for p in parents if os.path.isdir(p)])[1] if parents else {}
+    return {real: e for real, e in found.items()
+            if run_of_evaluation(_read_json(os.path.join(e[0], "params.json")), e[2]) in keys}
+
+
 def runs_under(dirs, extra_dumps=()):
     """The runs found under `dirs` (find_folders), with the dumps their evaluations belong to (also missing
-    ones, so their numbers still appear) and `extra_dumps`; and the semi-supervised fine-tunings found."""
+    ones, so their numbers still appear) and `extra_dumps`; and the semi-supervised fine-tunings found. A
+    run folder given itself (`results.py experiments/run`) and `extra_dumps` come with their evaluations,
+    which lie next to them, not under them."""
     dumps, evaluations = find_folders(dirs)
-    if extra_dumps:   # their evaluations lie next to them
-        parents = sorted({os.path.dirname(os.path.normpath(p)) for p in extra_dumps})
-        evaluations = {**find_folders([p for p in parents if os.path.isdir(p)])[1], **evaluations}
+    given = [d for d in dirs if os.path.isdir(d) and classify(d)[0] == "pretraining"]
+    evaluations = {**evaluations_beside(given + list(extra_dumps)), **evaluations}
     wanted = dict(dumps)
     for path, kind, name_dump, _ in evaluations.values():
         params = _read_json(os.path.join(path, "params.json"))
@@ -213,10 +222,7 @@ def runs_under(dirs, extra_dumps=()):
                            else _dump_of_checkpoint(evaluated_checkpoint(params)))
     for p in extra_dumps:
         wanted.setdefault(_real(p), os.path.normpath(p))
-    # a run folder given itself (`results.py experiments/run`): its evaluations lie next to it, not under it
-    given = [d for d in dirs if os.path.isdir(d) and classify(d)[0] == "pretraining"]
-    beside = find_folders(sorted({os.path.dirname(os.path.abspath(d)) for d in given}))[1] if given else {}
-    runs = load_runs(list(wanted.values()), {**beside, **evaluations})
+    runs = load_runs(list(wanted.values()), evaluations)
     finetunings = [load_finetuning(path) for path, kind, _, _ in evaluations.values() if kind == "semisup"]
     return runs, finetunings
 
@@ -238,7 +244,8 @@ def load_finetuning(folder):
     e.update(name=os.path.basename(os.path.normpath(folder)), pretrained=pretrained, dump=dump,
              labels_perc=params.get("labels_perc", e["results"].get("labels_perc")),
              num_labelled=e["results"].get("num_labelled", subset.get("num_labelled")),
-             dataset=_dataset(params, {"num_labels": len(classes)} if isinstance(classes, list) else None))
+             dataset=_dataset(params, sizes={"train_images": subset.get("num_train_images"),
+                                             "classes": len(classes) if isinstance(classes, list) else None}))
     return e
 
 

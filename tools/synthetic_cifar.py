@@ -1,17 +1,22 @@
 """Synthetic CIFAR data in torchvision's exact on-disk formats, for runs and measurements that do not need
 the real data sets (the tests, benchmarks/): `write_cifar10(root)` writes `root/cifar-10-batches-py/`,
-which `--data_path root` reads. From the command line, to try the CIFAR paths without the real data:
+which `--data_path root` reads.
 
-    python tools/synthetic_cifar.py cifar100 /tmp/c100 [--train 1000 --test 200]
+    python tools/synthetic_cifar.py data/synthetic --dataset cifar10 --n_train 500 --n_test 100
 
 Images are random but class-dependent (a class colour and a class stripe pattern, plus noise), so a
 classifier can learn something from them.
 """
+import os
 import pickle
+import sys
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from src.runtime.cli import ArgumentParser, fail  # noqa: E402
 
 CIFAR10_CLASSES = ["airplane", "automobile", "bird", "cat", "deer",
                    "dog", "frog", "horse", "ship", "truck"]
@@ -138,32 +143,31 @@ def write_image_folder(root, n_per_class_train, n_per_class_test, classes=("cat"
     return root
 
 
-
 def main(argv=None):
-    import argparse
-    import sys
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from src.runtime.cli import ArgumentParser, fail
-    p = ArgumentParser(description="Synthetic CIFAR-10/100 in torchvision's pickled format (class-dependent "
-                       "random images), for trying the CIFAR paths without the real data.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("dataset", choices=["cifar10", "cifar100"])
-    p.add_argument("root", help="folder to write cifar-10-batches-py/ or cifar-100-python/ into")
-    p.add_argument("--train", type=int, default=1000, help="training images (cifar10: a multiple of 5 batches)")
-    p.add_argument("--test", type=int, default=200, help="test images")
-    p.add_argument("--seed", type=int, default=0, help="seed of the images")
-    a = p.parse_args(argv)
-    classes = 10 if a.dataset == "cifar10" else 100
-    if a.train < classes or a.test < 1 or (a.dataset == "cifar10" and a.train % 5):
-        fail(f"--train {a.train} --test {a.test}: {a.dataset} needs at least {classes} training images"
-             f"{' in 5 equal batches (a multiple of 5)' if classes == 10 else ''} and 1 test image")
-    if a.dataset == "cifar10":
-        folder = write_cifar10(a.root, a.train // 5, a.test, a.seed)
-    else:
-        folder = write_cifar100(a.root, a.train, a.test, a.seed)
-    print(f"wrote {folder}: {a.train} training and {a.test} test images of {classes} classes; "
-          f"use --data_path {a.root} (the scripts' DATASET_PATH={a.root})")
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("root", help="folder to write cifar-10-batches-py/ or cifar-100-python/ into")
+    parser.add_argument("--dataset", choices=("cifar10", "cifar100"), default="cifar10")
+    parser.add_argument("--n_train", type=int, default=None,
+                        help="training images (CIFAR-10: a multiple of 5, its five batches; default 100 | 200)")
+    parser.add_argument("--n_test", type=int, default=None, help="test images (default 20 | 100)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    sizes = {k: v for k, v in (("n_train", args.n_train), ("n_test", args.n_test)) if v is not None}
+    for name, n in sizes.items():
+        if n < 1 or (name == "n_train" and args.dataset == "cifar10" and n % 5):
+            fail(f"--{name} {n}: give a positive number of images" + (
+                ", a multiple of 5 for cifar10 (its five training batches)" if name == "n_train" else ""))
+    try:
+        if args.dataset == "cifar10":
+            sizes = {"n_train_per_batch": sizes.pop("n_train") // 5, **sizes} if "n_train" in sizes else sizes
+            folder = write_cifar10(args.root, seed=args.seed, **sizes)
+        else:
+            folder = write_cifar100(args.root, seed=args.seed, **sizes)
+    except OSError as e:
+        fail(f"{args.root}: cannot write ({e.strerror})")
+    print(f"wrote {folder} (synthetic {args.dataset}); --data_path {args.root} reads it")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

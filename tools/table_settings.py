@@ -5,6 +5,8 @@ import hashlib
 import json
 import os
 import shlex
+import shutil
+import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -20,19 +22,21 @@ from table_plan import CIFAR_FOLDERS  # noqa: E402
 #     fine-tuning) from streams seeded base + worker id, each worker making every n-th batch: another count
 #     gives other crops (tests/test_reproduce_tables.py shows it).
 #   SEMISUP_LABELS, SEMISUP_EXTRA_ARGS: the fine-tunings reported with the cell. DEVICE: other kernels.
-#   NPROC (outside Slurm) and the task options of SBATCH_ARGS (under Slurm, `tasks (SBATCH_ARGS)`): the
-#     processes, hence the global batch.
+#   The processes, hence the global batch, as many as will run (`processes`): through sbatch the task options
+#     of SBATCH_ARGS (`tasks (SBATCH_ARGS)`; NPROC is ignored there, so not recorded); run here, the count
+#     scripts/unmix_job.sh starts (`NPROC`: as set, else one per visible GPU, at least 1; SBATCH_ARGS unused).
 # Left out on purpose: PYTHON and CODE_DIR (which software runs, not a setting of the cell), SBATCH_ARGS
-# otherwise (partition, time, memory, CPUs: where and how long), REPORT_SBATCH_ARGS (the report job), and
-# CUDA_VISIBLE_DEVICES, which outside Slurm sets NPROC's default only (set NPROC to record the count).
-CELL_SETTINGS = {"BATCH_SIZE": "128", "ARCH": "resnet18", "EVAL_EPOCHS": "100", "AUGMENT": "", "NPROC": "",
+# otherwise (partition, time, memory, CPUs: where and how long), REPORT_SBATCH_ARGS (the report job).
+CELL_SETTINGS = {"BATCH_SIZE": "128", "ARCH": "resnet18", "EVAL_EPOCHS": "100", "AUGMENT": "",
                  "EXTRA_ARGS": "", "EVAL_EXTRA_ARGS": "", "WORKERS": "2", "SEMISUP_LABELS": "",
                  "SEMISUP_EXTRA_ARGS": "", "DEVICE": ""}
 TASKS = "tasks (SBATCH_ARGS)"
 TASK_OPTIONS = (("-N", "--nodes"), ("-n", "--ntasks"), (None, "--ntasks-per-node"))
-# The record's format. 1 (no "format" in it; earlier versions): CELL_SETTINGS up to EVAL_EXTRA_ARGS, and the
-# data's identity from each file's first 64 KiB. 2: all of the above, the data's identity from every byte.
-FORMAT = 2
+# The record's format. 1 (no "format" in it; earlier versions): CELL_SETTINGS up to EVAL_EXTRA_ARGS, NPROC,
+# and the data's identity from each file's first 64 KiB. 2: all of the above, the data's identity from every
+# byte. 3: the processes as `processes` gives them; formats 1 and 2 recorded NPROC and the task options of
+# SBATCH_ARGS as set, wherever the cell ran (`processes_as_set`), and are compared on those.
+FORMAT = 3
 FORMAT_1_SETTINGS = ("BATCH_SIZE", "ARCH", "EVAL_EPOCHS", "AUGMENT", "NPROC", "EXTRA_ARGS", "EVAL_EXTRA_ARGS",
                      "DATASET_PATH", "data")
 FORMAT_1_HEAD = 1 << 16
@@ -80,11 +84,40 @@ def slurm_tasks(sbatch_args):
     return " ".join(f"{k}={v}" for k, v in sorted(found.items()))
 
 
-def cell_settings(environ, dataset_path, data_id):
-    """The settings a cell of the data at `dataset_path` (identity `data_id`) runs with."""
+def _visible_gpus(environ):
+    """The GPUs scripts/unmix_job.sh counts: CUDA_VISIBLE_DEVICES's entries where it is set, else nvidia-smi's."""
+    if "CUDA_VISIBLE_DEVICES" in environ:
+        devices = environ["CUDA_VISIBLE_DEVICES"]
+        return 0 if devices in ("", "-1") else len(devices.split(","))
+    smi = shutil.which("nvidia-smi", path=environ.get("PATH"))
+    try:
+        listed = subprocess.run([smi, "-L"], capture_output=True, text=True, timeout=60).stdout if smi else ""
+    except (OSError, subprocess.SubprocessError):
+        listed = ""
+    return sum(1 for line in listed.splitlines() if line.startswith("GPU"))
+
+
+def processes(environ, through_sbatch):
+    """What sets the number of a cell's processes where it runs, the other entry '' (ignored there): through
+    sbatch the task options of SBATCH_ARGS; run here the count scripts/unmix_job.sh starts (NPROC as set,
+    else one per visible GPU and at least 1; inside a Slurm allocation srun's SLURM_NTASKS)."""
+    if through_sbatch:
+        return {"NPROC": "", TASKS: slurm_tasks(environ.get("SBATCH_ARGS", ""))}
+    if environ.get("SLURM_JOB_ID"):
+        return {"NPROC": environ.get("SLURM_NTASKS") or "1", TASKS: ""}
+    nproc = " ".join(environ.get("NPROC", "").split())
+    return {"NPROC": nproc or str(max(_visible_gpus(environ), 1)), TASKS: ""}
+
+
+def processes_as_set(environ):
+    """NPROC and the task options of SBATCH_ARGS as records of formats 1 and 2 hold them."""
+    return {"NPROC": " ".join(environ.get("NPROC", "").split()), TASKS: slurm_tasks(environ.get("SBATCH_ARGS", ""))}
+
+
+def cell_settings(environ, dataset_path, data_id, through_sbatch):
+    """The settings a cell of the data at `dataset_path` (identity `data_id`) runs with, through sbatch or here."""
     out = {k: " ".join(environ.get(k, "").split()) or default for k, default in CELL_SETTINGS.items()}
-    out.update({TASKS: slurm_tasks(environ.get("SBATCH_ARGS", "")), "DATASET_PATH": dataset_path,
-                "data": data_id})
+    out.update(processes(environ, through_sbatch), DATASET_PATH=dataset_path, data=data_id)
     return out
 
 
@@ -107,13 +140,16 @@ def read_settings(cells_dir, cell):
     return recorded if isinstance(recorded, dict) else None
 
 
-def changed_settings(recorded, settings, format_1_data):
+def changed_settings(recorded, settings, format_1_data, as_set=None):
     """`["NAME: recorded -> now", ...]` for the settings in `recorded` that differ from `settings`; [] when
-    they are the same or nothing was recorded. A record of format 1 is compared on what it holds, its data
-    against `format_1_data()` (the data's identity as that format computed it)."""
+    they are the same or nothing was recorded. A record of format 1 or 2 is compared on what it holds: its
+    processes against `as_set` (`processes_as_set`), a format 1's data against `format_1_data()` (the data's
+    identity as that format computed it)."""
     if recorded is None:
         return []
     now = dict(settings)
+    if recorded.get("format", 1) < 3 and as_set is not None:
+        now.update(as_set)
     if recorded.get("format", 1) == 1:
         now = {k: v for k, v in now.items() if k in FORMAT_1_SETTINGS}
         now["data"] = format_1_data()
@@ -123,8 +159,9 @@ def changed_settings(recorded, settings, format_1_data):
     return [f"{k}: {shown(k, recorded.get(k))} -> {shown(k, v)}" for k, v in now.items() if recorded.get(k) != v]
 
 
-def compare_with_records(cells, cells_dir, settings):
-    """({cell: changed_settings}, [cells recorded in format 1]) for `settings` ({data set: cell_settings})."""
+def compare_with_records(cells, cells_dir, settings, as_set=None):
+    """({cell: changed_settings}, [cells recorded in format 1]) for `settings` ({data set: cell_settings});
+    `as_set`: `processes_as_set`, for records of formats 1 and 2."""
     format_1_data = {}  # the data's identity as format 1 computed it, per data set, only where needed
 
     def earlier(ds):
@@ -132,8 +169,8 @@ def compare_with_records(cells, cells_dir, settings):
             format_1_data[ds] = data_identity(settings[ds]["DATASET_PATH"], head=FORMAT_1_HEAD)
         return format_1_data[ds]
     recorded = {c.name: read_settings(cells_dir, c) for c in cells}
-    changes = {c.name: changed_settings(recorded[c.name], settings[c.dataset], lambda ds=c.dataset: earlier(ds))
-               for c in cells}
+    changes = {c.name: changed_settings(recorded[c.name], settings[c.dataset], lambda ds=c.dataset: earlier(ds),
+                                        as_set) for c in cells}
     return changes, [c.name for c in cells if recorded[c.name] is not None and recorded[c.name].get("format", 1) == 1]
 
 

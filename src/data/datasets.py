@@ -132,6 +132,24 @@ def _cifar_files_present(folder, kind, train):
     return all((Path(folder) / n).is_file() for n in names)
 
 
+def _missing_folders(path):
+    """The folders of `path` that do not exist yet, deepest first."""
+    missing, p = [], Path(path)
+    while not p.exists() and p != p.parent:
+        missing.append(p)
+        p = p.parent
+    return missing
+
+
+def _remove_if_empty(folders):
+    """Remove `folders` (deepest first) while they are empty: what a failed download made and left empty."""
+    for folder in folders:
+        try:
+            folder.rmdir()
+        except OSError:   # holds something (a partial download torchvision checks next time), or gone
+            return
+
+
 def _load_keyword(kind, train, download):
     spec = _CIFAR[kind]
     root = spec["keyword_root"]
@@ -143,11 +161,13 @@ def _load_keyword(kind, train, download):
                f"{spec['folder']} or an image-folder tree")
         if not download:
             raise DataError(f"{kind}: {how}")
+        created = _missing_folders(root)   # torchvision makes them before it downloads
         try:
             from torchvision import datasets
             cls = datasets.CIFAR10 if kind == "cifar10" else datasets.CIFAR100
             cls(root, train=train, download=True)
         except Exception as e:
+            _remove_if_empty(created)   # offline: no empty data/CIFAR-10/ left behind
             raise DataError(f"{kind}: download failed ({type(e).__name__}: {e}); {how}") from None
         if not _cifar_files_present(folder, kind, train):
             raise DataError(f"{kind}: download finished but {how}")

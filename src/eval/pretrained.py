@@ -63,6 +63,17 @@ def read_state_dict(path):
     return strip_module_prefix(state), info
 
 
+def epochs_done(epoch):
+    """A checkpoint's `epoch` entry (the number of epochs done) in the logs' words, which count epochs from 0:
+    'after 2 epochs (epochs 0-1)'."""
+    if epoch is None:
+        return "after an unrecorded number of epochs"
+    n = int(epoch)
+    if n <= 0:
+        return "before the end of epoch 0"
+    return f"after {n} epoch{'s' if n > 1 else ''} ({'epoch 0' if n == 1 else f'epochs 0-{n - 1}'})"
+
+
 def _blocks(state, stage):
     return len({k.split(".")[1] for k in state if k.startswith(f"layer{stage}.")})
 

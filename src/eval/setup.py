@@ -15,7 +15,8 @@ from ..data.datasets import DataError, load_split
 from ..method.resnet import ARCHS
 from ..method.train_step import unwrap
 from ..runtime import devices, launch, signals
-from ..runtime.checkpoint import CheckpointError, find_resume_checkpoint, set_rng_state, strip_module_prefix
+from ..runtime.checkpoint import (CheckpointError, error_line, find_resume_checkpoint, set_rng_state,
+                                  strip_module_prefix)
 from ..runtime.cli import MAX_EPOCHS, bool_flag, check_seed, fail
 from ..runtime.logs import AverageMeter, create_logger, format_provenance, provenance
 from ..runtime.run_folder import FINE_TUNING, LINEAR, claim_evaluation_folder
@@ -121,16 +122,16 @@ def network_from_checkpoint(args, given):
                          f"{args.arch} at width_per_group {args.width_per_group}")
 
 
-def set_up(args, kind, operational_flags):
+def set_up(args, kind, operational_flags, start):
     """Distributed set-up, the stop signals' handler (acted on after each epoch), seeds, the evaluation
     folder (locked; refused when it holds another kind of run, or an evaluation of another checkpoint or
     with other arguments unless --allow_changed_args), the processes' agreement on the arguments, the
     log (headed by the run's provenance). Returns the log, the stop signals' handler, the identity of
     --pretrained and the folder's lock (held until the process ends)."""
     preempt = start_processes(args)
-    lock, identity, moved, problem = (claim_evaluation_folder(args, kind, operational_flags) if args.rank == 0
+    lock, identity, moved, problem = (claim_evaluation_folder(args, kind, operational_flags, start) if args.rank == 0
                                       else (None, None, None, None))
-    agree_or_fail(args, problem)
+    agree_or_fail(args, problem, start)
     logger = create_logger(args.dump_path, args.rank, held=args.world_size > 1)  # see agree_to_start
     logger.info(devices.describe_device(args.device))
     logger.info(format_provenance(provenance(args.device, args.world_size)))
@@ -201,8 +202,7 @@ def resume_evaluation(args, kind, model, optimizer, scheduler, logger, no_best):
         if "rng" in ckpt:
             set_rng_state(ckpt["rng"], np.random)
     except (KeyError, RuntimeError, ValueError, TypeError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        fail(f"{path}: cannot resume {holds} ({type(e).__name__}: {first}); {advice}")
+        fail(f"{path}: cannot resume {holds} ({error_line(e)}); {advice}")
     if start_epoch < 0:
         fail(f"{path}: epoch {start_epoch} cannot be negative; {advice}")
     logger.info(f"Resumed {run} from epoch {start_epoch} "

@@ -134,14 +134,23 @@ def safe_load(path, map_location="cpu"):
 
 
 def load_error(e):
-    """torch.load's exception in a few words. weights_only's refusals keep only what was refused (their
-    text is mostly advice to load the file unsafely, which is not ours to give)."""
+    """torch.load's exception in one line (`error_line`). weights_only's refusals keep only what was refused
+    (their text is mostly advice to load the file unsafely, which is not ours to give)."""
     text = str(e).strip()
     if "Weights only load failed" in text and "WeightsUnpickler error:" in text:
         detail = " ".join(text.split("WeightsUnpickler error:", 1)[1].split())
-        return f"refused by weights_only: {detail.split('. Please', 1)[0].split(' Check the documentation')[0][:160]}"
-    first = text.splitlines()[0] if text else ""
-    return f"{type(e).__name__}: {first[:200]}" if first else type(e).__name__
+        return f"refused by weights_only: {detail.split('. Please', 1)[0].split(' Check the documentation')[0]}"
+    return error_line(e)
+
+
+def error_line(e):
+    """An exception in one line that keeps what is wrong, uncut: its type and first line, with the next line
+    when the first only introduces it (load_state_dict's 'Error(s) in loading state_dict for Linear:')."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if not lines:
+        return type(e).__name__
+    text = lines[0] + (f" {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else "")
+    return f"{type(e).__name__}: {text}"
 
 
 def strip_module_prefix(state_dict):
@@ -348,8 +357,7 @@ def restart_from_checkpoint(dump_path, net, optimizer, scaler=None, np_rng=None,
         if "rng" in ckpt and np_rng is not None:
             set_rng_state(ckpt["rng"], np_rng)
     except (KeyError, RuntimeError, ValueError, TypeError, AttributeError, IndexError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise CheckpointError(f"{path} cannot be resumed with these arguments ({type(e).__name__}: {first}); "
+        raise CheckpointError(f"{path} cannot be resumed with these arguments ({error_line(e)}); "
                               "check --arch/--width_per_group/--hidden_mlp/--feat_dim/--nmb_prototypes, "
                               "or use another --dump_path") from None
     return restart

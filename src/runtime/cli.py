@@ -45,31 +45,26 @@ def bool_flag(s):
     raise argparse.ArgumentTypeError(f"invalid boolean value {s!r} (use on/true/1 or off/false/0)")
 
 
-# The processes of a job that have not yet agreed to start: at most one vote (see `hold_refusals`).
-_START_VOTE = []
+class Refusal(SystemExit):
+    """Bad input, said in one line on stderr (`fail`): the process ends with `status` (the exit's code) where
+    nothing catches it. During a job's start-up `StartVote` (src/runtime/startup.py) catches it, so that the
+    processes agree on one refusal."""
 
+    def __init__(self, problem, status=2):
+        super().__init__(status)
+        self.problem = problem
 
-def hold_refusals(vote):
-    """Until `release_refusals`, `fail` first hands its problem and status to `vote(problem, status)`, which
-    returns the (problem, status) this process ends with and whether it is the one to say it: the processes
-    of a job agree on one refusal (src/runtime/startup.py, `StartVote`)."""
-    _START_VOTE[:] = [vote]
-
-
-def release_refusals():
-    """The vote that `hold_refusals` set, now removed; None when there was none."""
-    return _START_VOTE.pop() if _START_VOTE else None
+    @property
+    def line(self):
+        return f"error: {self.problem}\n"
 
 
 def fail(msg, status=2):
-    """Bad input: one line on stderr, exit status 2 (or `status`), no traceback. During a job's start-up
-    (`hold_refusals`) the job's processes agree first: one of them says the line, all end with its status."""
-    vote, say = release_refusals(), True
-    if vote is not None:
-        msg, status, say = vote(msg, status)
-    if say:
-        print(f"error: {msg}", file=sys.stderr, flush=True)
-    sys.exit(status)
+    """Bad input: one line on stderr, exit status 2 (or `status`), no traceback (raises `Refusal`)."""
+    refusal = Refusal(msg, status)
+    sys.stderr.write(refusal.line)
+    sys.stderr.flush()
+    raise refusal
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -145,32 +140,35 @@ def exit_at_once(msg, status):
     os._exit(status)
 
 
-def run_main(main):
-    """Run an entry script's `main()`, turning what a user can meet into one line on stderr and a
-    documented status instead of a traceback: a collective that failed because another process died or
-    hung (5), a file that could not be written (6; atomic writes keep the previous complete files), Ctrl-C
-    before the stop-signal handler is installed (130). Anything else keeps its traceback. Once `main` has
-    ended its status is decided: stop signals are ignored from then on (during the interpreter's shutdown
+def run_main(main, start):
+    """Run an entry script's `main(start)` inside `start`, its start-up (src/runtime/startup.py, `StartVote`:
+    until the run starts, the processes of a job agree on a refusal), turning what a user can meet into one line
+    on stderr and a documented status instead of a traceback: a collective that failed because another process
+    died or hung (5), a file that could not be written (6; atomic writes keep the previous complete files),
+    Ctrl-C before the stop-signal handler is installed (130). Anything else keeps its traceback. Once `main`
+    has ended its status is decided: stop signals are ignored from then on (during the interpreter's shutdown
     one would end the process with 128 + N)."""
     try:
-        _run_main(main)
+        _run_main(main, start)
     finally:
         leave_process_group()
         ignore_stop_signals()
 
 
-def _run_main(main):
+def _run_main(main, start):
     try:
-        main()
-    except KeyboardInterrupt:
-        fail("interrupted (SIGINT) during start-up, before anything was trained; nothing to save",
-             INTERRUPTED_EXIT_CODE)
-    except OSError as e:
-        if e.errno not in WRITE_ERRNOS:
-            raise
-        fail(f"cannot write {e.filename or 'a file'}: {e.strerror}; the files written before are complete and "
-             "kept (free some space or fix the permissions, then rerun to resume)", CANNOT_WRITE_EXIT_CODE)
-    except RuntimeError as e:
+        with start:  # the refusals below too: the job's processes end together, with one line
+            try:
+                main(start)
+            except KeyboardInterrupt:
+                fail("interrupted (SIGINT) during start-up, before anything was trained; nothing to save",
+                     INTERRUPTED_EXIT_CODE)
+            except OSError as e:
+                if e.errno not in WRITE_ERRNOS:
+                    raise
+                fail(f"cannot write {e.filename or 'a file'}: {e.strerror}; the files written before are complete "
+                     "and kept (free some space or fix the permissions, then rerun to resume)", CANNOT_WRITE_EXIT_CODE)
+    except RuntimeError as e:  # after `start` has given back the process's stderr
         if not lost_peer(e):
             raise
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]

@@ -24,7 +24,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from .checkpoint import atomic_write
+from .checkpoint import atomic_write, error_line
 from .cli import fail
 
 
@@ -183,8 +183,7 @@ def read_released_stats(path):
             warnings.simplefilter("ignore", DeprecationWarning)  # NumPy 1 names (numpy.core) resolve with a warning
             table = TableUnpickler(f).load()
     except Exception as e:  # refused global, truncated or foreign file
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:160]
-        raise ValueError(f"{path} is not a readable statistics table ({type(e).__name__}: {first})") from None
+        raise ValueError(f"{path} is not a readable statistics table ({error_line(e)})") from None
     if not isinstance(table, pd.DataFrame):
         raise ValueError(f"{path} is not a readable statistics table (a {type(table).__name__})")
     return table

@@ -10,7 +10,8 @@ back, an earlier evaluation set aside is moved back). A run has started once it 
 which each entry script does when every check has passed; from then on its files are kept whatever happens.
 Code that moves an existing folder's files before that point must say where (`set_aside_into`), or the undo
 would take the moved files for new ones. With several processes rank 0 undoes, once every process has stopped
-with it (src/runtime/startup.py, `StartVote`); the others write nothing in the folder before the start.
+with it or another was lost (src/runtime/startup.py, `StartVote`); the others write nothing in the folder
+before the start.
 """
 import atexit
 import os

@@ -343,10 +343,11 @@ def _claim(dump_path, check, *subfolders):
     return lock, found, None, undo
 
 
-def claim_pretraining_folder(args, ignore):
+def claim_pretraining_folder(args, ignore, start=None):
     """Rank 0 of a pretraining: lock `args.dump_path` (a second run on it stops before touching a file), check
     that it is new or holds this very run (`check_pretraining_folder`), and create its checkpoints/.
-    Returns (lock, None), or (None, a one-line problem)."""
+    Returns (lock, None), or (None, a one-line problem). `start` (src/runtime/startup.py, `StartVote`) gets the
+    claim's `StartUndo`, for a start that ends because another process was lost."""
     def check():
         problem = check_pretraining_folder(args.dump_path, params_dict(args), ignore, args.allow_changed_args)
         if problem is None:
@@ -356,15 +357,18 @@ def claim_pretraining_folder(args, ignore):
                 problem = f"--dump_path {args.dump_path!r} is not writable ({e.strerror})"
         return problem, None
 
-    lock, _, problem, _ = _claim(args.dump_path, check, "checkpoints")
+    lock, _, problem, undo = _claim(args.dump_path, check, "checkpoints")
+    if start is not None and undo is not None:
+        start.undo_if_lost(undo)
     return lock, problem
 
 
-def claim_evaluation_folder(args, kind, ignore):
+def claim_evaluation_folder(args, kind, ignore, start=None):
     """Rank 0 of an evaluation: lock `args.dump_path` (`prepare_dump_path`), check it
     (`check_evaluation_folder`) and, when allowed, set a differing earlier evaluation aside. Returns
     (lock, identity of --pretrained, folder the earlier evaluation was moved to or None, None), or
-    (None, None, None, a one-line problem). The caller records the identity with its params."""
+    (None, None, None, a one-line problem). The caller records the identity with its params. `start`: as for
+    `claim_pretraining_folder`."""
     identity = checkpoint_identity(args.pretrained)
     lock, afresh, problem, undo = _claim(args.dump_path, lambda: check_evaluation_folder(
         args.dump_path, kind, params_dict(args), identity, ignore, args.allow_changed_args))
@@ -372,4 +376,6 @@ def claim_evaluation_folder(args, kind, ignore):
         return None, None, None, problem
     moved = set_aside(args.dump_path) if afresh else None
     undo.set_aside_into(moved)  # moved back should the start stop before the evaluation starts
+    if start is not None:
+        start.undo_if_lost(undo)
     return lock, identity, moved, None

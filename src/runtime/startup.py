@@ -7,10 +7,10 @@ refuses on any process ends them all together with one line (``StartVote``). Eve
 one line).
 """
 import hashlib
+import io
 import json
 import random
 import sys
-import time
 from datetime import timedelta
 from typing import Mapping, Optional
 
@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .cli import fail, hold_refusals, release_refusals
+from .cli import Refusal, fail, lost_peer
 from .launch import DistError, init_distributed
 from .logs import write_held_log
 from .signals import PreemptionHandler
@@ -39,6 +39,14 @@ def fingerprint(value) -> int:
 def flag_fingerprints(args) -> dict:
     """{"--flag": hash of its value} for every flag that all processes of a job must share."""
     return {f"--{k}": fingerprint(v) for k, v in sorted(vars(args).items()) if k not in PER_PROCESS_FLAGS}
+
+
+def data_fingerprint(images, labels, classes, iters_per_epoch):
+    """What every process must see alike: counts, and hashes of the class names, labels and pixels."""
+    return {"the number of training images": len(images), "the number of classes": len(classes),
+            "the iterations per epoch": iters_per_epoch, "the class names": fingerprint(list(classes)),
+            "the labels": fingerprint(np.ascontiguousarray(labels).tobytes()),
+            "the training images": fingerprint(np.ascontiguousarray(images).data)}
 
 
 def first_disagreement(values: Mapping[str, int], world_size: int, device=None) -> Optional[str]:
@@ -77,23 +85,16 @@ def first_problem(problem: Optional[str], world_size: int, device=None, size: in
 
 
 def first_refusal(problem: Optional[str], status: int, world_size: int, device=None, size: int = 1024,
-                  group=None, wait_s: Optional[float] = None):
+                  group=None):
     """Collective (one all-gather in `group`): (rank, problem, status) of the lowest rank with a one-line
-    `problem` (`status`, 1 to 255, is what it exits with), or None when no rank has one. TimeoutError when
-    the others have not joined within `wait_s` seconds."""
+    `problem` (`status`, 1 to 255, is what it exits with), or None when no rank has one."""
     mine = torch.zeros(size, dtype=torch.uint8, device=device)
     if problem:
         raw = problem.encode()[:size - 2]
         mine[0] = status
         mine[1:1 + len(raw)] = torch.tensor(list(raw), dtype=torch.uint8, device=device)
     every = [torch.empty_like(mine) for _ in range(world_size)]
-    work = dist.all_gather(every, mine, group=group, async_op=True)
-    deadline = None if wait_s is None else time.monotonic() + wait_s
-    while deadline is not None and not work.is_completed():
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"the other processes did not join within {wait_s:g} s")
-        time.sleep(0.01)
-    work.wait()
+    dist.all_gather(every, mine, group=group)
     for rank, t in enumerate(every):
         raw = bytes(t.cpu().tolist())
         if raw[0]:
@@ -101,50 +102,92 @@ def first_refusal(problem: Optional[str], status: int, world_size: int, device=N
     return None
 
 
-# How long a process that refused at start-up waits for the others to refuse too or reach `agree_to_start`.
-REFUSAL_WAIT_S = 30.0
-
-
 class StartVote:
-    """The processes of a job between their agreement on the run folder (`agree_or_fail`) and the start of
-    the run (`agree_to_start`, where rank 0 writes params.json). A check that refuses there (`fail`) on one
-    process or on all of them ends every process together: they exchange their problems in one collective,
-    the lowest refusing rank says its line (once for the job, not once per process) and every process exits
-    with its status, the others silently. Rank 0 undoes its start only then (src/runtime/refused_start.py),
-    when no other process is left to write in the folder. A process refuses at a check or reaches
-    `agree_to_start`: the same collective either way, in a process group of its own, so that it is never
-    mistaken for another collective. A process that refused waits `wait_s` for the others at most: those
-    that wait in another collective (a check that only this process failed, e.g. a node's copy of the
-    data missing) then stop as when a process is lost, and this one says its own line."""
+    """The start-up of one process of an entry script, from its launch to the start of its run: `run_main`
+    (src/runtime/cli.py) runs `main(start)` inside it. With several processes, from their agreement on the run
+    folder (`agree_or_fail`, which calls `join`) to the start of the run (`agree_to_start`, where rank 0 writes
+    params.json), a refusal (`fail`, which raises `Refusal`) on one process or on all of them ends every process
+    together: they exchange their problems in one collective, the lowest refusing rank says its line (once for
+    the job, not once per process) and every process exits with its status, the others silently. Rank 0 undoes
+    its start only then (src/runtime/refused_start.py), when no other process is left to write in the folder.
+    The collective is in a process group of its own, so that it is never mistaken for another collective. The
+    processes are never out of step: each calls `agree_so_far` before every other collective of its start-up,
+    where it meets a process that refused (which then waits for the others at most --dist_timeout). Until the
+    vote, a process other than rank 0 holds what it says on stderr, as it holds its log: a refusal of rank 0's
+    is the one said, the others learn whether theirs is only from the vote."""
 
-    def __init__(self, rank, world_size, group, wait_s=REFUSAL_WAIT_S):
-        self.rank, self.world_size, self.group, self.wait_s = rank, world_size, group, wait_s
+    def __init__(self):
+        self.rank, self.world_size, self.group = 0, 1, None  # until `join`: this process refuses alone
+        self.held, self.stderr = None, None
+        self.undo = None  # rank 0's claim of its run folder (`undo_if_lost`)
 
-    def __call__(self, problem, status):
+    def undo_if_lost(self, undo):
+        """Rank 0 claimed its run folder (`undo`, a src/runtime/refused_start.StartUndo): should another process
+        be lost before the run starts, this one undoes its start before it ends with status 5 (`run_main` ends
+        it with os._exit, without the undo at exit; the others have written nothing in the folder)."""
+        self.undo = undo
+
+    def join(self, args):
+        """Collective: from here to `agree_to_start` the processes of the job refuse together."""
+        if args.world_size <= 1:
+            return
+        self.rank, self.world_size = args.rank, args.world_size
+        self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=args.dist_timeout))
+        if self.rank != 0:
+            self.held, self.stderr = io.StringIO(), sys.stderr
+            sys.stderr = self.held
+
+    def agree_so_far(self):
+        """Collective, before each other collective of the start-up: when another process refused, this one
+        ends with its status, silently."""
+        if self.group is None:
+            return
+        found = first_refusal(None, 0, self.world_size, group=self.group)
+        if found is not None:
+            self._end()
+            raise SystemExit(found[2])
+
+    def agree_to_start(self, logger):
+        """Collective, where every process has passed its start-up checks, just before the run starts: when
+        another process refused, this one ends silently with that status. Then a process other than rank 0
+        writes its log (held until now: no process but rank 0 writes in the folder before the run has
+        started)."""
+        self.agree_so_far()
+        self._end()
+        self.undo = None  # the run starts: its folder is kept whatever happens
+        write_held_log(logger)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, error, traceback):
+        if self.undo is not None and lost_peer(error):
+            self.undo.undo()
+        if self.group is None:  # one process, or the start-up is over
+            return False
+        if not isinstance(error, Refusal):  # a lost peer, a bug: said by run_main or by the traceback
+            self._end()
+            return False
         try:
-            found = first_refusal(problem, status, self.world_size, group=self.group,
-                                  wait_s=None if problem is None else self.wait_s)
-        except (RuntimeError, TimeoutError):
-            if problem is None:
-                raise
+            found = first_refusal(error.problem, error.code, self.world_size, group=self.group)
+        except RuntimeError:  # the others are gone: this process says its own line
             found = None
+        rank, problem, status = found or (self.rank, error.problem, error.code)
+        self._end(unsaid=None if rank == self.rank else error.line)
         if found is None:
-            return problem, status, True
-        rank, problem, status = found
-        return problem, status, rank == self.rank
+            return False
+        raise Refusal(problem, status) from None
 
-
-def agree_to_start(logger):
-    """Collective, where every process has passed its start-up checks, just before the run starts: when
-    another process refused (`StartVote`), this one ends silently with that status. Then a process other
-    than rank 0 writes its log (held until now: no process but rank 0 writes in the folder before the run
-    has started)."""
-    vote = release_refusals()
-    if vote is not None:
-        _, status, _ = vote(None, 0)
-        if status:
-            sys.exit(status)
-    write_held_log(logger)
+    def _end(self, unsaid=None):
+        """The start-up is over: stderr as it was, with what was held of it written (but the line `unsaid`)."""
+        self.group = None
+        if self.held is not None:
+            text, self.held, sys.stderr = self.held.getvalue(), None, self.stderr
+            if unsaid is not None:
+                before, found, after = text.rpartition(unsaid)
+                text = before + after if found else text
+            sys.stderr.write(text)
+            sys.stderr.flush()
 
 
 def fix_random_seeds(seed):
@@ -169,13 +212,11 @@ def start_processes(args):
     return preempt
 
 
-def agree_or_fail(args, problem):
+def agree_or_fail(args, problem, start):
     """Every process stops with the same one line when rank 0 found `problem` in the run folder, or when the
-    processes were given different arguments."""
+    processes were given different arguments. From here to `start.agree_to_start` they refuse together."""
+    start.join(args)
     problem = first_problem(problem, args.world_size, args.device) or \
         first_disagreement(flag_fingerprints(args), args.world_size, args.device)
     if problem:
         fail(problem)
-    if args.world_size > 1:  # from here to agree_to_start, the processes refuse together
-        group = dist.new_group(backend="gloo", timeout=timedelta(seconds=args.dist_timeout))
-        hold_refusals(StartVote(args.rank, args.world_size, group))
