@@ -362,7 +362,8 @@ EVAL=(
 )
 log "linear evaluation: ${EVAL[*]}"
 run_step_or_exit "linear evaluation" 21 "${EVAL[@]}"
-log "done: pretraining in $EXPERIMENT_PATH, linear evaluation in $EVAL_PATH"
+log "done: pretraining in $EXPERIMENT_PATH, linear evaluation in $EVAL_PATH (its results.json); every run side by side:" \
+    "$PYTHON $CODE_DIR/tools/results.py $(dirname "$EXPERIMENT_PATH")"
 
 # ---- optional: semi-supervised fine-tuning of the same checkpoint (eval_semisup.py, its released recipe)
 for perc in "${SEMISUP_PERCS[@]}"; do
@@ -386,6 +387,6 @@ for perc in "${SEMISUP_PERCS[@]}"; do
     )
     log "semi-supervised fine-tuning with ${perc}% of the labels: ${SEMISUP[*]}"
     run_step_or_exit "semi-supervised fine-tuning with ${perc}% of the labels" 31 "${SEMISUP[@]}"
-    log "done: semi-supervised fine-tuning in $SEMISUP_PATH"
+    log "done: semi-supervised fine-tuning in $SEMISUP_PATH (its results.json)"
 done
 exit 0

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from src.runtime.devices import CpuPace, about, full_width, gpus_given, needs_gpu
+from src.runtime.devices import CpuPace, about, describe_device, full_width, gpus_given, needs_gpu
 from tests.e2e_helpers import EVAL, MAIN, RUN_ENV, make_fake_cifar10, tiny_args
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,7 +86,7 @@ def test_device_cpu_runs_on_the_cpu_on_purpose_and_the_log_says_so_first(tmp_pat
     res = run(MAIN, tiny_args(data, tmp_path / "pre", 1, "--device", "cpu"), tmp_path, CUDA_VISIBLE_DEVICES="0")
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr
     first = (tmp_path / "pre" / "train.log").read_text().splitlines()[0]
-    assert first.endswith(f"Device: cpu ({1} threads)"), first  # OMP_NUM_THREADS=1
+    assert first.endswith("Device: cpu (1 thread)"), first  # OMP_NUM_THREADS=1
     assert "CPU: about" not in res.stdout  # width 8: no warning
 
 
@@ -157,3 +157,15 @@ def test_scripts_ask_for_cuda_in_a_slurm_job_with_gpus(tmp_path, env, flag):
 def test_scripts_refuse_an_unknown_device(tmp_path):
     r, calls = script_calls(tmp_path, DEVICE="gpu")
     assert r.returncode == 2 and "DEVICE='gpu' is not auto, cuda or cpu" in r.stderr and calls == []
+
+
+def test_the_device_line_counts_threads_in_english():
+    """Was `Device: cpu (1 threads)` under torchrun, which gives each process one thread."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert describe_device("cpu") == "Device: cpu (1 thread)"
+        torch.set_num_threads(2)
+        assert describe_device("cpu") == "Device: cpu (2 threads)"
+    finally:
+        torch.set_num_threads(before)

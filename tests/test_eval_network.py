@@ -150,6 +150,9 @@ def test_documented_command_pretrains_and_evaluates(tmp_path, path, marker):
     assert res.returncode == 0, f"{command}\nexit {res.returncode}\n{res.stdout[-3000:]}\n{res.stderr[-2000:]}"
     assert "Top-1 test accuracy" in res.stdout
     assert "is of different shape" not in res.stdout
+    # the last line says where the results are and how to see them next to the other runs
+    assert res.stdout.rstrip().splitlines()[-1].endswith(f"(its results.json); every run side by side: "
+                                                         f"{env['PYTHON']} {REPO}/tools/results.py {tmp_path}"), res.stdout[-500:]
     evaluation = next(tmp_path.glob("exp_linear_eval*"))
     assert json.loads((evaluation / "params.json").read_text())["width_per_group"] == 8
     assert torch.load(tmp_path / "exp" / "checkpoint.pth.tar", weights_only=True)["epoch"] == 1

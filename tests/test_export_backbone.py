@@ -79,7 +79,9 @@ def test_bad_input_is_one_line(pre, tmp_path, capsys):
     cases = [((pre, "--out", tmp_path / "x.json"), "needs another name"),
              ((tmp_path / "none.pth", "--out", tmp_path / "x.pth"), "no such file"),
              ((tmp_path / "linear_eval.pth.tar", "--out", tmp_path / "x.pth"), "no ResNet backbone"),
-             ((pre, "--out", tmp_path / "no" / "x.pth"), "does not exist")]
+             ((pre, "--out", tmp_path / "no" / "x.pth"), "does not exist"),
+             ((), "the following arguments are required: checkpoint"),  # was argparse's usage block
+             ((pre, "--outt", tmp_path / "x.pth"), "did you mean --out?")]
     for args, phrase in cases:
         with pytest.raises(SystemExit) as stop:
             export_backbone.main([str(a) for a in args])

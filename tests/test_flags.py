@@ -96,3 +96,13 @@ def test_entry_scripts_start_without_importing_torchvision():
             "print('torchvision' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+@pytest.mark.parametrize("argv,hint", [(["--width_per_grop", "8"], "did you mean --width_per_group?"),
+                                       (["--knn-freq", "1"], "did you mean --knn_freq?")])
+def test_a_mistyped_flag_names_the_flag_meant(argv, hint, capsys):
+    """A typo in EXTRA_ARGS was `error: unrecognized arguments: --width_per_grop 8` and nothing more."""
+    with pytest.raises(SystemExit) as stop:
+        main_swav_unmix.get_parser().parse_args(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1 and hint in err, err

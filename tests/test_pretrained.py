@@ -3,7 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from src.eval.pretrained import LAYOUTS, PretrainedError, head_config, infer_arch, load_weights, read_state_dict
+from src.eval.pretrained import (LAYOUTS, PretrainedError, head_config, infer_arch, load_weights, network_config,
+                                 read_state_dict)
 from src.method.resnet import ARCHS, build_model
 
 
@@ -27,6 +28,17 @@ def test_infer_released_width():
     assert infer_arch(state) == ("resnet18", 64)
     with pytest.raises(PretrainedError, match="no ResNet backbone"):
         infer_arch({"linear.weight": torch.zeros(10, 2048)})
+
+
+def test_a_linear_evaluation_checkpoint_is_named_as_such_with_its_path(tmp_path):
+    """Was `--pretrained no ResNet backbone in these weights (...)`: no path, and no word of what the file is
+    (an eval_linear.py checkpoint, a likely mix-up with the pretraining one beside it)."""
+    path = str(tmp_path / "run_linear_eval" / "checkpoint.pth.tar")
+    state = {"linear.weight": torch.zeros(10, 2048), "linear.bias": torch.zeros(10)}
+    with pytest.raises(PretrainedError) as e:
+        network_config(path, state, {"arch": "resnet18", "epoch": 100})
+    assert str(e.value).startswith(f"{path}: no ResNet backbone in these weights") and \
+        "a linear classifier alone (eval_linear.py's checkpoint): pass the pretraining checkpoint" in str(e.value)
 
 
 def test_head_config_of_each_head_kind():

@@ -83,6 +83,7 @@ def test_dry_run_lists_the_20_published_cells(tmp_path):
     ([], {"EPOCHS": "400"}, "EPOCHS is set per cell (by --epochs); unset it"),
     ([], {"RUN_SWAV": "true"}, "RUN_SWAV is set per cell (by --methods)"),
     ([], {"EXTRA_ARGS": "--width_per_group 8 --seed=3"}, "EXTRA_ARGS sets --seed, which each cell sets itself"),
+    (["--seedz", "31"], {}, "unrecognized arguments: --seedz 31; did you mean --seeds?"),  # was argparse's usage block
 ])
 def test_bad_input_is_one_line(tmp_path, capsys, monkeypatch, argv, env, message):
     write_cifar10(tmp_path / "c10only", n_train_per_batch=2, n_test=2)
@@ -145,6 +146,14 @@ def test_plan_file_and_helpers(tmp_path):
     assert table_plan.eval_folder_suffix("") == table_plan.eval_folder_suffix("--probe released") == "_linear_eval"
     assert table_plan.eval_folder_suffix("--batch_size 4 --probe cached") == "_linear_eval_cached"
     assert table_plan.eval_folder_suffix("--probe=cached --probe released") == "_linear_eval"   # the last one wins
+
+
+def test_local_cells_say_how_long_the_rest_will_take():
+    """Was only `[1/20] c10_swav_200ep_seed31: done`: days of cells run here with no word of the time left."""
+    cells = table_plan.plan_cells(["cifar10"], ["swav"], [200, 400, 1000], [31], "exp", {"cifar10": "cifar10"}, "")
+    assert table_submit.time_left(600.0, 200, cells[1:]) == "; about 1:10:00 for the 2 cell(s) left at this pace"
+    assert table_submit.time_left(0.0, 0, cells[1:]) == ""  # nothing finished yet: no pace
+    assert table_submit.time_left(600.0, 200, []) == ""
 
 
 def test_cell_status(tmp_path):
@@ -296,6 +305,8 @@ def test_local_table_reports_a_failing_cell_and_the_others(cifar, tmp_path):
     r = _run(args, env, tmp_path)
     assert r.returncode == 1, r.stdout + r.stderr
     assert "[2/2] c10_unmix_1ep_seed32: failed (exit 2: bad input" in r.stdout
+    assert re.search(r"^\[1/2\] c10_unmix_1ep_seed31: done after 0:0\d:\d\d; about 0:0\d:\d\d for the 1 cell\(s\) left "
+                     r"at this pace$", r.stdout, re.M), r.stdout
     cells, ours, md = _report_cells(tmp_path / "report" / "results.md")
     assert cells == {"c10_unmix_1ep_seed31": "done", "c10_unmix_1ep_seed32": "failed"}, md
     assert re.fullmatch(r"\d+\.\d\d \(1\) †", ours["Un-Mix"]), md   # the seed that finished († 1 epoch: not compared)

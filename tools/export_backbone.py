@@ -16,7 +16,6 @@ against the checkpoint's own `arch` entry and the params.json of its run when it
 
 or `torch.hub.load(REPO, meta["arch"], source="local", pretrained="backbone.pth")`.
 """
-import argparse
 import os
 import sys
 
@@ -25,7 +24,7 @@ from src.eval.pretrained import (PretrainedError, epochs_done, load_weights, net
                                  read_state_dict)
 from src.method.resnet import build_model  # noqa: E402
 from src.runtime.checkpoint import atomic_save  # noqa: E402
-from src.runtime.cli import fail  # noqa: E402
+from src.runtime.cli import ArgumentParser, fail  # noqa: E402
 from src.runtime.run_folder import write_json  # noqa: E402
 
 
@@ -45,7 +44,7 @@ def export_backbone(checkpoint, out):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="a pretraining (or fine-tuning) checkpoint, ours or the released one")
     parser.add_argument("--out", default="backbone.pth",
                         help="state-dict file to write; the description goes to the same name with .json")

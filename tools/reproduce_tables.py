@@ -16,7 +16,6 @@ by index), and per cell `<cell>.log` (output of every attempt), `<cell>.state` (
 The cells and the plan: tools/table_plan.py; the records: tools/table_records.py (state, liveness, status),
 tools/table_settings.py (settings); running them: tools/table_submit.py.
 """
-import argparse
 import os
 import shutil
 import socket
@@ -25,7 +24,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "tools"))
-from src.runtime.cli import fail  # noqa: E402
+from src.runtime.cli import ArgumentParser, fail  # noqa: E402
 from table_plan import (DATASETS, METHODS, dataset_path_for, eval_folder_suffix, parse_counts,  # noqa: E402
                         parse_names, plan_cells, write_plan)
 from table_records import STATUSES, cell_status, slurm_queue  # noqa: E402
@@ -51,7 +50,7 @@ def print_cells(cells, statuses):
 
 
 def get_parser():
-    p = argparse.ArgumentParser(
+    p = ArgumentParser(
         prog="scripts/reproduce_tables.sh",
         description="Run every cell (data set x method x pretraining epochs x seed) of the published tables "
                     "and write the report. Environment overrides (DATASET_PATH, EXTRA_ARGS, ...) pass to every "

@@ -5,10 +5,12 @@ import os
 import shlex
 import subprocess
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from src.runtime.cli import fail  # noqa: E402
+from src.runtime.logs import format_eta  # noqa: E402
 from table_plan import CIFAR_FOLDERS  # noqa: E402
 from table_records import cell_status, read_state, write_state  # noqa: E402
 
@@ -76,14 +78,28 @@ def submit_to_slurm(cells, todo, cells_dir, plan, queue, report, report_cmd, env
     return 0
 
 
+def time_left(seconds_done, epochs_done, cells_left):
+    """'; about 1:40:00 for the 2 cell(s) left at this pace': the time of the finished cells per pretraining
+    epoch times the epochs of the cells left (a cell's evaluation is counted as part of its epochs)."""
+    if not cells_left or epochs_done <= 0:
+        return ""
+    seconds = seconds_done / epochs_done * sum(c.epochs for c in cells_left)
+    return f"; about {format_eta(seconds)} for the {len(cells_left)} cell(s) left at this pace"
+
+
 def run_here(todo, cells_dir, plan, host, report, report_cmd, env):
     """The cells one after another on this machine, then the report. Returns 1 when a cell failed."""
-    failed = []
+    failed, seconds_done, epochs_done = [], 0.0, 0
     for k, c in enumerate(todo, 1):
         print(f"[{k}/{len(todo)}] {c.name}: running, log {cells_dir}/{c.name}.log", flush=True)
+        start = time.monotonic()
         rc = subprocess.run(["bash", TABLE_CELL, plan, str(c.index)], env=env).returncode
+        took = time.monotonic() - start
         status, detail = cell_status(c, cells_dir, None, host)
-        print(f"[{k}/{len(todo)}] {c.name}: {status}{f' ({detail})' if detail else ''}", flush=True)
+        if status == "done":
+            seconds_done, epochs_done = seconds_done + took, epochs_done + c.epochs
+        print(f"[{k}/{len(todo)}] {c.name}: {status}{f' ({detail})' if detail else ''} after {format_eta(took)}"
+              f"{time_left(seconds_done, epochs_done, todo[k:])}", flush=True)
         if rc != 0:
             failed.append(c.name)
     rc = subprocess.run(report_cmd, env=env, stdout=subprocess.DEVNULL).returncode

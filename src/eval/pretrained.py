@@ -84,7 +84,10 @@ def _fits(state):
         stem = state["conv1.weight"].shape[0]
         first = state["layer1.0.conv1.weight"].shape[0]
     except KeyError:
-        raise PretrainedError("no ResNet backbone in these weights (no conv1.weight / layer1.0.conv1.weight)") from None
+        what = ": a linear classifier alone (eval_linear.py's checkpoint): pass the pretraining checkpoint it " \
+               "evaluated" if {k.split(".")[0] for k in state} == {"linear"} else ""
+        raise PretrainedError(f"no ResNet backbone in these weights (no conv1.weight / layer1.0.conv1.weight){what}") \
+            from None
     blocks = [_blocks(state, s) for s in range(1, 5)]
     fits = []
     for arch, (layout, widen) in LAYOUTS.items():
@@ -158,7 +161,10 @@ def network_config(path, state, info):
     prototypes. The checkpoint's own `arch` entry and the params.json of its run (`params_beside`) settle an
     architecture the weights leave open, and must agree with them: PretrainedError (one line) otherwise."""
     params_path, params = params_beside(path)
-    arch, width = infer_arch(state, named=info.get("arch") or params.get("arch"))
+    try:
+        arch, width = infer_arch(state, named=info.get("arch") or params.get("arch"))
+    except PretrainedError as e:
+        raise PretrainedError(f"{path}: {e}") from None
     config = {"arch": arch, "width_per_group": width, **head_config(state)}
     records = [(f"{path} (its 'arch' entry)", {"arch": info.get("arch")})]
     records.append((params_path, {RECORDED[k]: v for k, v in params.items() if k in RECORDED}))

@@ -2,6 +2,7 @@
 and how an entry script ends (`run_main`).
 """
 import argparse
+import difflib
 import logging
 import os
 import re
@@ -71,7 +72,17 @@ class ArgumentParser(argparse.ArgumentParser):
     status 2) instead of the usage block."""
 
     def error(self, message):
-        fail(f"{message} (see {self.prog} --help)")
+        fail(f"{message}{self._closest_flags(message)} (see {self.prog} --help)")
+
+    def _closest_flags(self, message):
+        """'; did you mean --width_per_group?' for a mistyped flag (often one in the scripts' EXTRA_ARGS)."""
+        if not message.startswith("unrecognized arguments:"):
+            return ""
+        known = [o for o in self._option_string_actions if o.startswith("--")]
+        meant = [difflib.get_close_matches(word.split("=")[0].replace("-", "_").replace("__", "--", 1), known, 1, 0.8)
+                 for word in message.split(":", 1)[1].split() if word.startswith("--")]
+        meant = [m[0] for m in meant if m]
+        return f"; did you mean {', '.join(meant)}?" if meant else ""
 
 
 def parse_given(parser, argv=None):

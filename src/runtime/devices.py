@@ -79,7 +79,8 @@ def describe_device(device) -> str:
     device = torch.device(device)
     if device.type == "cuda":
         return f"Device: {device} ({torch.cuda.get_device_name(device)})"
-    return f"Device: {device.type} ({torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    return f"Device: {device.type} ({threads} thread{'s' if threads != 1 else ''})"
 
 
 def full_width(arch, width_per_group):
