@@ -126,6 +126,18 @@ def tiny_checkpoint(tmp_path_factory):
     return root / "pre" / "checkpoint.pth.tar"
 
 
+@pytest.fixture(scope="session")
+def fork_runner(tmp_path_factory):
+    """One warmed-up ForkRunner (tests/e2e_helpers.py) per test process, shared by the modules of tiny runs:
+    its interpreter imports the entry scripts (seconds of CPU) once, not once per module."""
+    from tests.e2e_helpers import ForkRunner
+    root = tmp_path_factory.mktemp("fork_runner")
+    runner = ForkRunner(root / "runs")
+    runner.warm_up(root)
+    yield runner
+    runner.close()
+
+
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(items):
     """For `pytest -n 2 --dist loadgroup` (docs/tests.md): the tests that start a private Slurm run on one

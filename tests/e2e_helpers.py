@@ -192,7 +192,8 @@ class _Handle:
 
 def forked_run_fixtures(name):
     """Module-scoped fixtures `work` (a folder named `name`), `data` (the fake CIFAR-10 in it) and `runner`
-    (a warmed-up ForkRunner) for a module of tiny runs: `work, data, runner = forked_run_fixtures("...")`."""
+    (the session's warmed-up ForkRunner, `fork_runner` in tests/conftest.py) for a module of tiny runs:
+    `work, data, runner = forked_run_fixtures("...")`."""
     @pytest.fixture(scope="module")
     def work(tmp_path_factory):
         return tmp_path_factory.mktemp(name)
@@ -202,11 +203,8 @@ def forked_run_fixtures(name):
         return make_fake_cifar10(work / "cifar")
 
     @pytest.fixture(scope="module")
-    def runner(work):
-        r = ForkRunner(work / "runner")
-        r.warm_up(work)
-        yield r
-        r.close()
+    def runner(fork_runner):
+        return fork_runner
 
     return work, data, runner
 

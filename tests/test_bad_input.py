@@ -12,16 +12,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.e2e_helpers import EVAL, MAIN, ForkRunner, make_fake_cifar10, run_script, tiny_args
+from tests.e2e_helpers import EVAL, MAIN, make_fake_cifar10, run_script, tiny_args
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(tmp_path_factory, fork_runner):
     root = tmp_path_factory.mktemp("bad_input")
-    runner = ForkRunner(root / "runner")
-    runner.warm_up(root)
+    runner = fork_runner
     e = {"root": root, "runner": runner, "data": make_fake_cifar10(root / "cifar")}
     # a finished one-epoch pretraining: its folder and checkpoint serve several cases
     e["prior"] = root / "prior"
@@ -60,8 +59,7 @@ def env(tmp_path_factory):
     (root / "other_data" / "params.json").write_text(json.dumps(params))
     for name in ("ckpt_is_a_folder", "eval_ckpt_is_a_folder"):
         (root / name / "checkpoint.pth.tar").mkdir(parents=True)
-    yield e
-    runner.close()
+    return e
 
 
 def pre(e, *extra, dump="fresh", epochs=1, data=None):

@@ -3,6 +3,7 @@
 CIFAR-10 and CIFAR-100 in torchvision's pickled-batch format, the small real CIFAR-10 image folder
 (tests/data/cifar10_jpg_small), and a 2-process torchrun (gloo). Each run is a few seconds on 2 cores: a
 narrow network (--width_per_group 8) on a few hundred images."""
+import importlib.util
 import json
 import re
 import shutil
@@ -26,6 +27,8 @@ TINY_EVAL = ["--arch", "resnet18", "--width_per_group", "8", "--batch_size", "16
              "--lr", "0.01", "--log_freq", "5"]
 
 pytestmark = pytest.mark.slow
+
+TENSORBOARD = importlib.util.find_spec("tensorboard") is not None
 
 
 def run(script, args, cwd, launcher=None, timeout=300):
@@ -59,25 +62,40 @@ def check_pretrain_dump(dump, epochs):
     return stats
 
 
-def test_cifar10_pickles_pretrain_resume_and_linear_eval(tmp_path):
+@pytest.fixture(scope="module")
+def c10_runs(tmp_path_factory):
+    """On CIFAR-10 pickles: a pretraining paused after 2 of 3 epochs (a copy of its folder kept) and resumed,
+    then both probes' evaluations of it (2 epochs, --tensorboard true when tensorboard is installed). Shared
+    by the test of the runs and the test of the evaluations' TensorBoard curves (one set of runs for both)."""
+    tmp_path = tmp_path_factory.mktemp("c10_runs")
     write_cifar10(tmp_path / "c10", n_train_per_batch=20, n_test=40)
     dump = tmp_path / "exp"
     common = ["--data_path", tmp_path / "c10", "--dump_path", dump, "--epochs", 3] + TINY
-    out = run("main_swav_unmix.py", common + ["--epochs_run_limit", 2], tmp_path)
-    assert "Pretraining paused" in out
-    check_pretrain_dump(dump, 2)
-    assert {p.name for p in (dump / "checkpoints").iterdir()} == {"ckp-0.pth"}  # epoch % checkpoint_freq == 0 or the last epoch
-    out = run("main_swav_unmix.py", common, tmp_path)
+    runs = {"tmp_path": tmp_path, "dump": dump, "paused_dump": tmp_path / "exp_paused", "evals": {}}
+    runs["paused_out"] = run("main_swav_unmix.py", common + ["--epochs_run_limit", 2], tmp_path)
+    shutil.copytree(dump, runs["paused_dump"])
+    runs["resumed_out"] = run("main_swav_unmix.py", common, tmp_path)
+    for probe in ("released", "cached"):
+        ev = tmp_path / f"exp_linear_eval_{probe}"
+        out = run("eval_linear.py", ["--data_path", tmp_path / "c10", "--pretrained", dump / "checkpoint.pth.tar",
+                                     "--dump_path", ev, "--epochs", 2, "--num_labels", 10, "--probe", probe,
+                                     "--tensorboard", str(TENSORBOARD).lower()] + TINY_EVAL, tmp_path)
+        runs["evals"][probe] = (ev, out)
+    return runs
+
+
+def test_cifar10_pickles_pretrain_resume_and_linear_eval(c10_runs):
+    paused = c10_runs["paused_dump"]
+    assert "Pretraining paused" in c10_runs["paused_out"]
+    check_pretrain_dump(paused, 2)
+    assert {p.name for p in (paused / "checkpoints").iterdir()} == {"ckp-0.pth"}  # epoch % checkpoint_freq == 0 or the last epoch
+    dump, out = c10_runs["dump"], c10_runs["resumed_out"]
     assert "Resumed from" in out and "epoch 2" in out
     stats = check_pretrain_dump(dump, 3)
     assert len(stats) == 3
     assert (dump / "checkpoints" / "ckp-2.pth").is_file()
 
-    for probe in ("released", "cached"):
-        ev = tmp_path / f"exp_linear_eval_{probe}"
-        out = run("eval_linear.py", ["--data_path", tmp_path / "c10", "--pretrained", dump / "checkpoint.pth.tar",
-                                     "--dump_path", ev, "--epochs", 2, "--num_labels", 10, "--probe", probe]
-                  + TINY_EVAL, tmp_path)
+    for probe, (ev, out) in c10_runs["evals"].items():
         best, last1, last5 = top1_lines(out)
         assert 0 <= last1 <= best <= 100 and last1 <= last5 <= 100
         res = json.loads((ev / "results.json").read_text())
@@ -125,16 +143,13 @@ def test_jpeg_image_folder_with_knn_and_results_table(tmp_path):
     assert (tmp_path / "report" / "accuracy_vs_epochs.png").stat().st_size > 1000
 
 
-def test_linear_eval_tensorboard_curves(tmp_path):
+def test_linear_eval_tensorboard_curves(c10_runs):
     """--tensorboard true: per-epoch train loss, test top-1/top-5 and lr of both probes, readable by
-    TensorBoard's own reader, equal to the stats table."""
+    TensorBoard's own reader, equal to the stats table (the evaluations of `c10_runs`)."""
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    write_cifar10(tmp_path / "c10", n_train_per_batch=20, n_test=40)
-    for probe in ("released", "cached"):
-        ev = tmp_path / f"ev_{probe}"
-        run("eval_linear.py", ["--data_path", tmp_path / "c10", "--pretrained", "", "--dump_path", ev,
-                               "--epochs", 2, "--probe", probe, "--tensorboard", "true"] + TINY_EVAL, tmp_path)
+    assert set(c10_runs["evals"]) == {"released", "cached"}
+    for probe, (ev, _) in c10_runs["evals"].items():
         acc = EventAccumulator(str(ev / "tensorboard"))
         acc.Reload()
         stats = pd.read_csv(ev / "stats0.csv")
@@ -209,18 +224,16 @@ def test_batched_augmentation_learns_and_resumes_exactly(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_linear_eval_preempted_saves_requeues_and_resumes(tmp_path):
+def test_linear_eval_preempted_saves_requeues_and_resumes(tmp_path, tiny_checkpoint):
     """SIGUSR1 during linear evaluation: the epoch's classifier is saved, exit status 3, and the same
-    command resumes after that epoch."""
+    command resumes after that epoch. (The checkpoint evaluated: the session's tiny pretraining.)"""
     import signal
     import time
 
     from src.runtime.signals import PREEMPTED_EXIT_CODE
     write_cifar10(tmp_path / "c10", n_train_per_batch=20, n_test=40)
-    dump = tmp_path / "exp"
-    run("main_swav_unmix.py", ["--data_path", tmp_path / "c10", "--dump_path", dump, "--epochs", 1] + TINY, tmp_path)
     ev = tmp_path / "exp_linear_eval"
-    args = ["--data_path", tmp_path / "c10", "--pretrained", dump / "checkpoint.pth.tar", "--dump_path", ev,
+    args = ["--data_path", tmp_path / "c10", "--pretrained", tiny_checkpoint, "--dump_path", ev,
             "--epochs", 40] + TINY_EVAL
     cmd = [sys.executable, str(REPO / "eval_linear.py")] + [str(a) for a in args]
     proc = subprocess.Popen(cmd, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -13,7 +13,7 @@ import torch
 
 from src.eval.pretrained import PretrainedError, network_config, read_state_dict
 from src.runtime.cli import parse_given
-from tests.e2e_helpers import EVAL, RUN_ENV, ForkRunner, make_fake_cifar10
+from tests.e2e_helpers import EVAL, RUN_ENV, make_fake_cifar10
 
 import eval_linear
 
@@ -50,11 +50,9 @@ def test_network_config_reads_weights_and_checks_the_runs_params(tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory, tiny_checkpoint):
+def env(tmp_path_factory, tiny_checkpoint, fork_runner):
     root = tmp_path_factory.mktemp("eval_network")
-    runner = ForkRunner(root / "runner")
-    yield {"root": root, "runner": runner, "data": make_fake_cifar10(root / "c10"), "ckpt": tiny_checkpoint}
-    runner.close()
+    return {"root": root, "runner": fork_runner, "data": make_fake_cifar10(root / "c10"), "ckpt": tiny_checkpoint}
 
 
 def linear(e, dump, *flags):

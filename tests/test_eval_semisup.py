@@ -19,7 +19,7 @@ import torch
 import eval_semisup
 from src.data.datasets import load_split
 from src.eval.subset import balanced_subset
-from tests.e2e_helpers import MAIN, RUN_ENV, ForkRunner, kill, run_script, tiny_args, wait_for_log
+from tests.e2e_helpers import MAIN, RUN_ENV, kill, run_script, tiny_args, wait_for_log
 from tests.fake_cifar import write_cifar10, write_cifar100, write_image_folder
 
 REPO = Path(__file__).resolve().parents[1]
@@ -30,17 +30,15 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(tmp_path_factory, fork_runner):
     root = tmp_path_factory.mktemp("semisup")
-    runner = ForkRunner(root / "runner")
-    runner.warm_up(root)
+    runner = fork_runner
     e = {"root": root, "runner": runner, "data": root / "c10"}
     write_cifar10(e["data"], n_train_per_batch=40, n_test=40)  # 200 training images, 20 per class
     res = runner.run(MAIN, tiny_args(e["data"], root / "pre", 1), cwd=root)
     assert res.returncode == 0, res.explain()
     e["ckpt"] = root / "pre" / "checkpoint.pth.tar"
-    yield e
-    runner.close()
+    return e
 
 
 def semisup_args(e, dump, *extra, epochs=3, data=None, pretrained=None):

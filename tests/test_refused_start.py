@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e_helpers import EVAL, MAIN, REPO, RUN_ENV, ForkRunner, make_fake_cifar10, tiny_args
+from tests.e2e_helpers import EVAL, MAIN, REPO, RUN_ENV, make_fake_cifar10, tiny_args
 
 SEMISUP = REPO / "eval_semisup.py"
 pytestmark = pytest.mark.slow
@@ -33,17 +33,16 @@ def pretrain_args(e, dump, *extra, data=None):
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(tmp_path_factory, fork_runner):
     root = tmp_path_factory.mktemp("refused_start")
-    runner = ForkRunner(root / "runner")
+    runner = fork_runner
     e = {"root": root, "runner": runner, "data": make_fake_cifar10(root / "cifar")}
     e["ckpt"] = root / "pretraining" / "checkpoint.pth.tar"
     for script, build, name in ((MAIN, pretrain_args, "pretraining"), (EVAL, linear_args, "linear"),
                                 (SEMISUP, semisup_args, "semisup")):  # a finished run of each kind
         res = runner.run(script, build(e, root / name), cwd=root)
         assert res.returncode == 0, res.explain()
-    yield e
-    runner.close()
+    return e
 
 
 def snapshot(folder):

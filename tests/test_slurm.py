@@ -496,48 +496,48 @@ def _release_requeued(cluster, job, restarts, out, err, timeout=60):
 
 
 @pytest.mark.slurm
-def test_sbatch_script_preempted_requeued_and_resumed(cluster, cifar, tmp_path):
+def test_sbatch_script_preempted_in_pretraining_then_in_linear_eval_requeued_and_resumed(cluster, cifar, tmp_path):
+    """One job preempted twice (one job instead of two: each start of the job runs its processes' imports
+    and the pretraining's check): SIGUSR1 during pretraining, requeue, the pretraining resumes mid-epoch and
+    finishes; SIGUSR1 during the linear evaluation, requeue, the pretraining is not repeated and the
+    evaluation resumes after its saved epoch."""
     t0 = time.time()
     exp = str(tmp_path / "exp" / "unmix_swav_preempt")
-    job, out, err = _submit(cluster, tmp_path, _job_env(cifar, exp, epochs=6, extra="--preempt_check_freq 1",
-                                                        workers=1))
+    env = _job_env(cifar, exp, epochs=6, extra="--preempt_check_freq 1", workers=1)
+    env["EVAL_EPOCHS"] = "25"
+    env["EVAL_EXTRA_ARGS"] += " --workers 0"   # loader workers in pretraining only (a fork per epoch saved)
+    job, out, err = _submit(cluster, tmp_path, env)
     _signal_when(cluster, job, os.path.join(exp, "train.log"), r"Epoch: \[0\]\[1/", 1, out, err)
     _release_requeued(cluster, job, 1, out, err)
+    _signal_when(cluster, job, exp + "_linear_eval/train.log", r"Best Acc@1 so far", 2, out, err)
+    _release_requeued(cluster, job, 2, out, err)
     state = cluster.wait(job, timeout=150)
     text = _read(out)
     print(f"\n[sbatch job {job}: {state} in {time.time() - t0:.0f}s]\n{_key_lines(text)}")
     assert state == "COMPLETED", _report(cluster, out, err)
-    assert f"slurm job {job} (restart 0)" in text and f"slurm job {job} (restart 1)" in text
-    m = re.search(r"Preempted \(signal 10\): checkpoint saved at epoch (\d+), iteration (\d+)", text)
+    for restart in range(3):
+        assert f"slurm job {job} (restart {restart})" in text, _report(cluster, out, err)
+    first_run, after_pretraining_requeue = text.split(f"slurm job {job} (restart 1)")
+    second_run, third_run = after_pretraining_requeue.split(f"slurm job {job} (restart 2)")
+
+    # 1. preempted during pretraining: checkpoint mid-epoch, requeued, resumed where it stopped
+    m = re.search(r"Preempted \(signal 10\): checkpoint saved at epoch (\d+), iteration (\d+)", first_run)
     assert m, _report(cluster, out, err)
-    assert "Job requeued with scontrol" in text
-    resumed = re.search(r"Resumed from \S+: epoch (\d+), iteration (\d+)", text)
+    assert "Job requeued with scontrol" in first_run
+    resumed = re.search(r"Resumed from \S+: epoch (\d+), iteration (\d+)", second_run)
     assert resumed and resumed.groups() == m.groups(), _report(cluster, out, err)
-    first_run, second_run = text.split(f"slurm job {job} (restart 1)")
     assert "Top-1 test accuracy" not in first_run and "Pretraining done." not in first_run
     assert "pretraining stopped by a preemption signal" in first_run
-    assert "Pretraining done." in second_run and re.search(r"Top-1 test accuracy: \d+\.\d", second_run)
+    assert "Pretraining done." in after_pretraining_requeue
+    assert re.search(r"Top-1 test accuracy: \d+\.\d", after_pretraining_requeue)
     # the resumed run continued mid-epoch instead of starting over
-    assert "Epoch: [0][0/" not in second_run
+    assert "Epoch: [0][0/" not in after_pretraining_requeue
 
-
-@pytest.mark.slurm
-def test_sbatch_script_preempted_during_linear_eval(cluster, cifar, tmp_path):
-    t0 = time.time()
-    exp = str(tmp_path / "exp" / "unmix_swav_preempt_eval")
-    env = _job_env(cifar, exp, epochs=1)
-    env["EVAL_EPOCHS"] = "25"
-    job, out, err = _submit(cluster, tmp_path, env)
-    _signal_when(cluster, job, exp + "_linear_eval/train.log", r"Best Acc@1 so far", 2, out, err)
-    _release_requeued(cluster, job, 1, out, err)
-    state = cluster.wait(job, timeout=150)
-    text = _read(out)
-    print(f"\n[sbatch job {job}: {state} in {time.time() - t0:.0f}s]\n{_key_lines(text)}")
-    assert state == "COMPLETED", _report(cluster, out, err)
-    first_run, second_run = text.split(f"slurm job {job} (restart 1)")
-    assert "Pretraining done." in first_run and "Top-1 test accuracy" not in first_run
-    assert re.search(r"linear evaluation (was killed by SIGUSR1|stopped by a preemption signal)", first_run)
-    assert "Nothing to do" in second_run                      # pretraining is not repeated
-    m = re.search(r"Resumed linear evaluation from epoch (\d+)", second_run)
+    # 2. preempted during the linear evaluation (the pretraining done): requeued, the pretraining not
+    # repeated, the evaluation resumed after its saved epoch
+    assert "Pretraining done." in second_run and "Top-1 test accuracy" not in second_run
+    assert re.search(r"linear evaluation (was killed by SIGUSR1|stopped by a preemption signal)", second_run)
+    assert "Nothing to do" in third_run                       # pretraining is not repeated
+    m = re.search(r"Resumed linear evaluation from epoch (\d+)", third_run)
     assert m and int(m.group(1)) >= 2, _report(cluster, out, err)
-    assert re.search(r"Top-1 test accuracy: \d+\.\d", second_run)
+    assert re.search(r"Top-1 test accuracy: \d+\.\d", third_run)
