@@ -198,6 +198,15 @@ def test_keyword_download_offline_leaves_no_empty_folder(tmp_path, monkeypatch):
     with pytest.raises(DataError):
         load_split("cifar100", train=True, download=True)
     assert os.listdir(tmp_path) == ["data"] and os.listdir(tmp_path / "data") == []
+    # the partial tarball of a download cut off part-way: its MD5 is not the tarball's, so torchvision
+    # downloads it again (refused here) rather than extract it, and it stays for that next attempt
+    partial = tmp_path / "data" / "CIFAR-10" / "cifar-10-python.tar.gz"
+    partial.parent.mkdir()
+    partial.write_bytes(b"\x1f\x8b" + bytes(4094))
+    with pytest.raises(DataError) as e:
+        load_split("cifar10", train=True, download=True)
+    assert "download failed (URLError" in _one_line_error(e) and "Connection refused" in str(e.value)
+    assert os.listdir(partial.parent) == [partial.name] and partial.stat().st_size == 4096
 
 
 def test_keyword_reads_present_data_and_downloads_missing(tmp_path, monkeypatch):

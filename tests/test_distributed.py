@@ -2,6 +2,7 @@
 torchrun run whose Sinkhorn equals one process on the concatenated batch."""
 import argparse
 import os
+import shutil
 import signal
 import socket
 import stat
@@ -537,6 +538,25 @@ def test_a_rank_that_cannot_read_its_data_stops_the_job_with_its_line_and_leaves
     assert [rc for rc, _, _ in results] == [2, 2], [err[-2000:] for _, _, err in results]
     lines = [err.strip().splitlines() for _, _, err in results]
     assert lines[0] == [] and len(lines[1]) == 1 and str(data10 / "missing") in lines[1][0], lines
+    assert not (tmp_path / "new").exists(), sorted(map(str, (tmp_path / "new").rglob("*")))
+
+
+@pytest.mark.slow
+def test_a_rank_refusing_after_the_data_comparison_meets_the_others_before_ddp(data10, tmp_path):
+    """Rank 1's copy of the data has the same training images but no test split, which the kNN monitor
+    (--knn_freq) reads after the comparison of the training data's fingerprints: rank 1 refuses there while
+    rank 0 goes on to build its network. They meet in the start-up's vote before DDP's first collective:
+    rank 1 says its line, both exit 2 (not rank 0 with 5 after a timeout), no folder is left."""
+    no_test = tmp_path / "c10_no_test"
+    shutil.copytree(data10 / "c10", no_test)
+    (no_test / "cifar-10-batches-py" / "test_batch").unlink()
+    dump = tmp_path / "new" / "run"
+    args = lambda r: _tiny(data10 / "c10" if r == 0 else no_test, dump, "--knn_freq", 1,  # noqa: E731
+                           "--dist_timeout", 60)
+    results = _finish(_two_ranks(tmp_path, args, "no_test"), timeout=120)
+    assert [rc for rc, _, _ in results] == [2, 2], [err[-2000:] for _, _, err in results]
+    lines = [err.strip().splitlines() for _, _, err in results]
+    assert lines[0] == [] and len(lines[1]) == 1 and "test_batch" in lines[1][0], lines
     assert not (tmp_path / "new").exists(), sorted(map(str, (tmp_path / "new").rglob("*")))
 
 

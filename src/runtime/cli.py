@@ -11,7 +11,7 @@ import sys
 import torch.distributed as dist
 
 from . import rendezvous
-from .checkpoint import WRITE_ERRNOS
+from .checkpoint import WRITE_ERRNOS, error_line
 from .signals import ignore_stop_signals
 
 # Exit statuses of the entry scripts besides 0, 2 (bad input, `fail`), 3 (preempted, see
@@ -171,7 +171,5 @@ def _run_main(main, start):
     except RuntimeError as e:  # after `start` has given back the process's stderr
         if not lost_peer(e):
             raise
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        first = re.sub(r"^\[[^\]]*\]\s*", "", first)[:200]
-        exit_at_once(f"another process of the job stopped or hung ({first}); see its log. A rerun resumes from "
-                     "the last checkpoint", LOST_PEER_EXIT_CODE)
+        exit_at_once(f"another process of the job stopped or hung ({error_line(e)}); see its log. A rerun "
+                     "resumes from the last checkpoint", LOST_PEER_EXIT_CODE)
