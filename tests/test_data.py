@@ -459,6 +459,9 @@ def test_synthetic_cifar_command(tmp_path, capsys):
         err = capsys.readouterr().err
         assert stop.value.code == 2 and len(err.splitlines()) == 1 and err.startswith("error: "), wrong
     assert not os.path.exists(tmp_path / "x")
+    with pytest.raises(SystemExit):
+        synthetic_cifar.main([str(tmp_path / "x"), "--dataset", "cifar100", "--n_train", "0"])
+    assert capsys.readouterr().err == "error: --n_train 0: give a positive number of images\n"  # no word of cifar10
     synthetic_cifar.main([str(tmp_path / "c100"), "--dataset", "cifar100", "--n_train", "300", "--n_test", "100"])
     images, labels, classes = load_split(str(tmp_path / "c100"), train=True)
     assert len(images) == 300 and len(classes) == 100

@@ -615,3 +615,25 @@ def test_a_rendezvous_port_in_use_is_one_line_naming_the_flag(tmp_path):
     lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and f"tcp://127.0.0.1:{port} is already in use" in lines[0] and "--dist_url" in lines[0], \
         p.stderr
+
+
+@pytest.mark.parametrize("rendezvous", ["file", "tcp"])
+def test_a_process_that_never_joins_ends_the_others_with_one_line_and_status_5(tmp_path, rendezvous):
+    """Rank 1 stops before the rendezvous (e.g. an evaluation's --pretrained missing on its node): rank 0 waits
+    --dist_timeout, then one line and status 5, as for a process lost later. Was a traceback of torch's
+    'Wait timeout' and status 1 with a file:// rendezvous."""
+    if rendezvous == "file":
+        url = f"file://{tmp_path / 'rendezvous'}"
+    else:
+        with socket.socket() as free:
+            free.bind(("127.0.0.1", 0))
+            url = f"tcp://127.0.0.1:{free.getsockname()[1]}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "MASTER_"))}
+    code = ("import argparse, sys; sys.path.insert(0, sys.argv[1]); from src.runtime.startup import start_processes; "
+            f"start_processes(argparse.Namespace(dist_url={url!r}, rank=0, world_size=2, local_rank=0, "
+            "dist_timeout=1, seed=0))")
+    p = subprocess.run([sys.executable, "-c", code, ROOT], capture_output=True, text=True, timeout=120, env=env)
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert p.returncode == LOST_PEER_EXIT_CODE and len(lines) == 1, p.stderr[-2000:]
+    assert lines[0].startswith(f"error: rank 0: not every process of the job joined the rendezvous {url} within "
+                               "--dist_timeout 1 s"), lines

@@ -442,6 +442,14 @@ def test_the_process_count_recorded_is_the_one_that_runs(tmp_path):
     assert here(CUDA_VISIBLE_DEVICES="0") == here(CUDA_VISIBLE_DEVICES="") == here(NPROC="1")
     assert here(NPROC="1", SBATCH_ARGS="--ntasks-per-node=4") == here(NPROC="1")
     assert here(NPROC="2") != here(NPROC="3")
+    # no CUDA_VISIBLE_DEVICES: nvidia-smi's GPUs, as scripts/unmix_job.sh counts them (a stand-in here)
+    smi = tmp_path / "bin" / "nvidia-smi"
+    smi.parent.mkdir()
+    smi.write_text("#!/bin/sh\necho 'GPU 0: A (UUID: a)'\necho 'GPU 1: B (UUID: b)'\n")
+    smi.chmod(0o755)
+    assert here(PATH=str(smi.parent)) == here(NPROC="2") and here(PATH=str(tmp_path)) == here(NPROC="1")
+    # --local inside a Slurm allocation: the script runs srun's SLURM_NTASKS tasks, whatever NPROC says
+    assert here(SLURM_JOB_ID="7", SLURM_NTASKS="2", NPROC="4") == here(NPROC="2")
     # a table begun with format 2 goes on: NPROC unset then and now is no change, NPROC set since is one
     cell = table_plan.plan_cells(["cifar10"], ["unmix"], [1], [31], str(tmp_path / "exp"), {"cifar10": ""},
                                  "_linear_eval")[0]
