@@ -21,7 +21,7 @@ import torch.nn as nn
 
 from src.data.constants import CIFAR_MEAN, EVAL_STD
 from src.data.transforms import LabeledDataset, eval_transforms, plain_tensor
-from src.eval.finished import finished_results, report_finished
+from src.eval.finished import finished_results, report_finished, results_line
 from src.eval.loop import (STATS_COLUMNS, EvalLoop, TrainingLog, epoch_records, evaluate, record_epoch,
                            stop_if_preempted, train_epoch)
 from src.eval.setup import (add_shared_new_flags, add_shared_released_flags, check_shared_args, data_loaders,
@@ -155,6 +155,7 @@ def main(start):
     if finished is not None:
         report_finished(finished, args.dump_path, logger)
         logger.info(f"Top-1 test accuracy: {finished['best_top1']:.1f}")
+        logger.info(results_line("Linear evaluation", args.dump_path))
         launch.cleanup()
         return
 
@@ -227,6 +228,7 @@ def report(loop, best, last1, last5, seconds):
         write_json(os.path.join(args.dump_path, "results.json"),
                    {"best_top1": best, "last_top1": last1, "last_top5": last5, "epochs": args.epochs,
                     "mode": args.probe, "augment": args.augment, "seconds": seconds}, indent=1)
+    logger.info(results_line("Linear evaluation", args.dump_path))
     loop.curves.close()
     launch.cleanup()
 

@@ -22,7 +22,7 @@ import torch.nn as nn
 
 from src.data.transforms import LabeledDataset, eval_transforms
 from src.eval.pretrained import PretrainedError, epochs_done, load_weights
-from src.eval.finished import finished_results, report_finished
+from src.eval.finished import finished_results, report_finished, results_line
 from src.eval.loop import EvalLoop, epoch_records, evaluate, record_epoch, stop_if_preempted, train_epoch
 from src.eval.setup import (add_shared_new_flags, add_shared_released_flags, check_shared_args, data_loaders,
                             load_splits, make_scheduler, network_from_checkpoint, resume_evaluation, set_up)
@@ -129,6 +129,7 @@ def main(start):
     finished = finished_results(args.dump_path)  # this fine-tuning (set_up checked its checkpoint and arguments)
     if finished is not None:
         report_finished(finished, args.dump_path, logger)
+        logger.info(results_line("Fine-tuning", args.dump_path))
         launch.cleanup()
         return
 
@@ -187,6 +188,7 @@ def report(loop, best_acc, last, num_labelled):
                    {"best_top1": best_acc[0], "best_top5": best_acc[1], "last_top1": last[0],
                     "last_top5": last[1], "epochs": args.epochs, "mode": "semisup",
                     "labels_perc": args.labels_perc, "num_labelled": num_labelled, "seconds": seconds}, indent=1)
+    loop.logger.info(results_line("Fine-tuning", args.dump_path))
     launch.cleanup()
 
 

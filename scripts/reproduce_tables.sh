@@ -26,8 +26,9 @@
 #   records the settings and data it was started with (_cells/<cell>.settings); run again with other ones
 #   (EXTRA_ARGS, EVAL_EXTRA_ARGS, BATCH_SIZE, ARCH, EVAL_EPOCHS, AUGMENT, WORKERS, SEMISUP_LABELS,
 #   SEMISUP_EXTRA_ARGS, DEVICE, the processes: through sbatch the --nodes/--ntasks/--ntasks-per-node of
-#   SBATCH_ARGS, here NPROC or else the visible GPUs; any byte of the data), the command stops with one line naming the difference: use another --experiments folder for
-#   other settings. Cells recorded by an earlier version are checked on what they recorded (one line says so).
+#   SBATCH_ARGS, here NPROC or else the visible GPUs; any byte of the data), the command stops with one
+#   line naming the difference: use another --experiments folder for other settings. Cells recorded by an
+#   earlier version are checked on what they recorded (one line says so).
 #
 # ENVIRONMENT (passed to every cell as script_unmix_c10.sh defines them)
 #   DATASET_PATH         data of every cell; a folder holding both cifar-10-batches-py/ and

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from src.runtime.checkpoint import safe_load
+from src.runtime.checkpoint import error_line, safe_load
 from src.runtime.cli import LOST_PEER_EXIT_CODE
 from src.runtime.files import remove_stale_temporaries
 from src.runtime.rendezvous import LOCK_SUFFIX
@@ -200,6 +200,52 @@ def test_a_lost_or_frozen_peer_ends_the_survivor_with_status_5_and_one_line(data
     assert ended_at - line_at < 0.5, f"ended {ended_at - line_at:.2f} s after its line"
     if rendezvous == "file":
         assert not store.exists() and not Path(f"{store}{LOCK_SUFFIX}").exists()
+
+
+LOST_PEER_MAIN = """import sys; sys.path.insert(0, sys.argv[1])
+import torch.distributed as dist
+from src.runtime.exits import run_main
+from src.runtime.startup import StartVote
+
+
+def main(start):
+    raise dist.DistBackendError(sys.argv[2])
+
+
+run_main(main, StartVote())
+"""
+# what a collective of the main thread raises once torch's NCCL watchdog has aborted the communicator: a
+# first line longer than 200 characters, then the lines of the C++ stack
+ABORTED = ("NCCL communicator was aborted on rank 1.  Original reason for failure was: [Rank 1] Watchdog caught "
+           "collective operation timeout: WorkNCCL(SeqNum=2511984, OpType=ALLREDUCE, NumelIn=25557032, "
+           "NumelOut=25557032, Timeout(ms)=1800000) ran for 1809553 milliseconds before timing out.\n"
+           "Exception raised from checkTimeout at /pytorch/torch/csrc/distributed/c10d/ProcessGroupNCCL.cpp:684 "
+           "(most recent call first):\nframe #0: c10::Error::Error(...)")
+
+
+def test_a_lost_peer_line_keeps_torchs_first_line_whole():
+    """The lost-peer line of `run_main` says torch's error as `error_line` does (the one source): its first line
+    uncut, nothing of the lines after it."""
+    res = subprocess.run([sys.executable, "-c", LOST_PEER_MAIN, str(REPO), ABORTED], capture_output=True,
+                         text=True, timeout=60, env=ENV)
+    first = ABORTED.splitlines()[0]
+    assert len(first) > 200
+    assert res.returncode == LOST_PEER_EXIT_CODE and res.stdout == "", res.stderr
+    assert res.stderr.splitlines() == [f"error: another process of the job stopped or hung (DistBackendError: "
+                                       f"{first}); see its log. A rerun resumes from the last checkpoint"], res.stderr
+
+
+@pytest.mark.parametrize("text, line", [
+    ("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:538] Connection closed by peer [127.0.0.1]:40113",
+     "Connection closed by peer [127.0.0.1]:40113"),   # a C++ source location is left out
+    ("Error(s) in loading state_dict for Linear:\n\tsize mismatch for weight: copying a param with shape ...",
+     "Error(s) in loading state_dict for Linear: size mismatch for weight: copying a param with shape ..."),
+    ("NCCL error in: ProcessGroupNCCL.cpp:77, remote process exited or there was a network error\n"
+     "ncclRemoteError: A call failed", "NCCL error in: ProcessGroupNCCL.cpp:77, remote process exited or there "
+     "was a network error"),
+])
+def test_error_line(text, line):
+    assert error_line(RuntimeError(text)) == f"RuntimeError: {line}"
 
 
 # --------------------------------------------------------------------------------------------------

@@ -198,6 +198,15 @@ def test_keyword_download_offline_leaves_no_empty_folder(tmp_path, monkeypatch):
     with pytest.raises(DataError):
         load_split("cifar100", train=True, download=True)
     assert os.listdir(tmp_path) == ["data"] and os.listdir(tmp_path / "data") == []
+    # the partial tarball of a download cut off part-way: its MD5 is not the tarball's, so torchvision
+    # downloads it again (refused here) rather than extract it, and it stays for that next attempt
+    partial = tmp_path / "data" / "CIFAR-10" / "cifar-10-python.tar.gz"
+    partial.parent.mkdir()
+    partial.write_bytes(b"\x1f\x8b" + bytes(4094))
+    with pytest.raises(DataError) as e:
+        load_split("cifar10", train=True, download=True)
+    assert "download failed (URLError" in _one_line_error(e) and "Connection refused" in str(e.value)
+    assert os.listdir(partial.parent) == [partial.name] and partial.stat().st_size == 4096
 
 
 def test_keyword_reads_present_data_and_downloads_missing(tmp_path, monkeypatch):
@@ -450,6 +459,9 @@ def test_synthetic_cifar_command(tmp_path, capsys):
         err = capsys.readouterr().err
         assert stop.value.code == 2 and len(err.splitlines()) == 1 and err.startswith("error: "), wrong
     assert not os.path.exists(tmp_path / "x")
+    with pytest.raises(SystemExit):
+        synthetic_cifar.main([str(tmp_path / "x"), "--dataset", "cifar100", "--n_train", "0"])
+    assert capsys.readouterr().err == "error: --n_train 0: give a positive number of images\n"  # no word of cifar10
     synthetic_cifar.main([str(tmp_path / "c100"), "--dataset", "cifar100", "--n_train", "300", "--n_test", "100"])
     images, labels, classes = load_split(str(tmp_path / "c100"), train=True)
     assert len(images) == 300 and len(classes) == 100

@@ -2,6 +2,7 @@
 torchrun run whose Sinkhorn equals one process on the concatenated batch."""
 import argparse
 import os
+import shutil
 import signal
 import socket
 import stat
@@ -541,6 +542,25 @@ def test_a_rank_that_cannot_read_its_data_stops_the_job_with_its_line_and_leaves
 
 
 @pytest.mark.slow
+def test_a_rank_refusing_after_the_data_comparison_meets_the_others_before_ddp(data10, tmp_path):
+    """Rank 1's copy of the data has the same training images but no test split, which the kNN monitor
+    (--knn_freq) reads after the comparison of the training data's fingerprints: rank 1 refuses there while
+    rank 0 goes on to build its network. They meet in the start-up's vote before DDP's first collective:
+    rank 1 says its line, both exit 2 (not rank 0 with 5 after a timeout), no folder is left."""
+    no_test = tmp_path / "c10_no_test"
+    shutil.copytree(data10 / "c10", no_test)
+    (no_test / "cifar-10-batches-py" / "test_batch").unlink()
+    dump = tmp_path / "new" / "run"
+    args = lambda r: _tiny(data10 / "c10" if r == 0 else no_test, dump, "--knn_freq", 1,  # noqa: E731
+                           "--dist_timeout", 60)
+    results = _finish(_two_ranks(tmp_path, args, "no_test"), timeout=120)
+    assert [rc for rc, _, _ in results] == [2, 2], [err[-2000:] for _, _, err in results]
+    lines = [err.strip().splitlines() for _, _, err in results]
+    assert lines[0] == [] and len(lines[1]) == 1 and "test_batch" in lines[1][0], lines
+    assert not (tmp_path / "new").exists(), sorted(map(str, (tmp_path / "new").rglob("*")))
+
+
+@pytest.mark.slow
 def test_a_rank_lost_during_the_start_up_leaves_no_folder(data10, tmp_path):
     """Rank 1 killed during the start-up, after rank 0 created and claimed a new folder (its train.log is
     there), before the run starts: rank 0 stops as after any lost process (status 5, one line) and removes
@@ -595,3 +615,25 @@ def test_a_rendezvous_port_in_use_is_one_line_naming_the_flag(tmp_path):
     lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and f"tcp://127.0.0.1:{port} is already in use" in lines[0] and "--dist_url" in lines[0], \
         p.stderr
+
+
+@pytest.mark.parametrize("rendezvous", ["file", "tcp"])
+def test_a_process_that_never_joins_ends_the_others_with_one_line_and_status_5(tmp_path, rendezvous):
+    """Rank 1 stops before the rendezvous (e.g. an evaluation's --pretrained missing on its node): rank 0 waits
+    --dist_timeout, then one line and status 5, as for a process lost later. Was a traceback of torch's
+    'Wait timeout' and status 1 with a file:// rendezvous."""
+    if rendezvous == "file":
+        url = f"file://{tmp_path / 'rendezvous'}"
+    else:
+        with socket.socket() as free:
+            free.bind(("127.0.0.1", 0))
+            url = f"tcp://127.0.0.1:{free.getsockname()[1]}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "RANK", "WORLD_SIZE", "MASTER_"))}
+    code = ("import argparse, sys; sys.path.insert(0, sys.argv[1]); from src.runtime.startup import start_processes; "
+            f"start_processes(argparse.Namespace(dist_url={url!r}, rank=0, world_size=2, local_rank=0, "
+            "dist_timeout=1, seed=0))")
+    p = subprocess.run([sys.executable, "-c", code, ROOT], capture_output=True, text=True, timeout=120, env=env)
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert p.returncode == LOST_PEER_EXIT_CODE and len(lines) == 1, p.stderr[-2000:]
+    assert lines[0].startswith(f"error: rank 0: not every process of the job joined the rendezvous {url} within "
+                               "--dist_timeout 1 s"), lines

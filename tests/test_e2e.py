@@ -105,6 +105,10 @@ def test_cifar10_pickles_pretrain_resume_and_linear_eval(c10_runs):
             ["time"] if probe == "released" else [])   # the released loop's seconds so far, across restarts
         assert len(ev_stats) == 2
         assert "missing" not in out.lower() or "missing_keys=[]" in out
+        # the last line says where the results are, and how to list them beside the other runs
+        last = (ev / "train.log").read_text().rstrip().splitlines()[-1]
+        assert f"Linear evaluation done. Results: {ev / 'results.json'} (every run side by side: python " in last
+        assert last.endswith(f"tools/results.py {ev.parent})"), last
 
 
 def test_cifar100_pickles_swav_only(tmp_path):

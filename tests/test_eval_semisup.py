@@ -123,6 +123,9 @@ def test_fine_tunes_the_whole_network_on_the_labelled_subset(env):
     assert ckpt["best_acc"] == [results["best_top1"], results["best_top5"]]
     m = re.search(r"Fine-tuning with 10% of labels completed.\n\s*Test accuracies: top-1 ([\d.]+), top-5 ([\d.]+)", out)
     assert m and float(m.group(1)) == pytest.approx(results["best_top1"], abs=0.05)
+    last = out.rstrip().splitlines()[-1]   # where the results are, and how to list them beside the other runs
+    assert f"Fine-tuning done. Results: {dump / 'results.json'} (every run side by side: python " in last
+    assert last.endswith(f"tools/results.py {dump.parent})"), last
 
     # the results tool lists it, attached to the pretraining run it started from
     report = env["root"] / "report"
@@ -162,6 +165,7 @@ def test_resume_after_preemption_is_bit_exact(env):
                 if p.is_file() and p.name not in ("train.log", "run.lock")}
     res = run_ok(env, args_a)
     assert "This evaluation finished earlier (8 epochs" in res.stdout
+    assert f"Fine-tuning done. Results: {env['root'] / 'whole' / 'results.json'}" in res.stdout.rstrip().splitlines()[-1]
     assert {name: (env["root"] / "whole" / name).read_bytes() for name in finished} == finished
     assert json.loads((env["root"] / "whole" / "results.json").read_text())["last_top1"] == sa["prec1_val"].iloc[-1]
     res = env["runner"].run(SEMISUP, args_a + ["--labels_perc", "1"], cwd=env["root"])

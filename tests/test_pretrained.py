@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 import torch
 
-from src.eval.pretrained import (LAYOUTS, PretrainedError, head_config, infer_arch, load_weights, network_config,
-                                 read_state_dict)
+from src.eval.pretrained import (LAYOUTS, PretrainedError, epochs_done, head_config, infer_arch, load_weights,
+                                 network_config, read_state_dict)
 from src.method.resnet import ARCHS, build_model
 
 
@@ -39,6 +39,17 @@ def test_a_linear_evaluation_checkpoint_is_named_as_such_with_its_path(tmp_path)
         network_config(path, state, {"arch": "resnet18", "epoch": 100})
     assert str(e.value).startswith(f"{path}: no ResNet backbone in these weights") and \
         "a linear classifier alone (eval_linear.py's checkpoint): pass the pretraining checkpoint" in str(e.value)
+
+
+def test_a_checkpoints_epoch_in_the_logs_words():
+    """The training log counts epochs from 0; a checkpoint's entry counts the epochs done. An entry that is no
+    number (a foreign checkpoint's) is said as it is: was a ValueError traceback from eval_semisup.py's log
+    line and from tools/export_backbone.py after it had written its files."""
+    assert epochs_done(2) == "after 2 epochs (epochs 0-1)" and epochs_done(1) == "after 1 epoch (epoch 0)"
+    assert epochs_done(0) == "before the end of epoch 0"
+    assert epochs_done(None) == "after an unrecorded number of epochs"
+    assert epochs_done("final") == "with the epoch entry 'final'"
+    assert epochs_done([3]) == "with the epoch entry [3]"
 
 
 def test_head_config_of_each_head_kind():

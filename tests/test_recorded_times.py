@@ -63,6 +63,7 @@ def test_a_rerun_of_a_finished_evaluation_changes_nothing(work, data, runner, ti
         assert after == before
         assert "This evaluation finished earlier (2 epochs" in res.stdout
         assert f"Top-1 test accuracy: {best:.1f}" in res.stdout
+        assert f"Linear evaluation done. Results: {dump / 'results.json'}" in res.stdout.rstrip().splitlines()[-1]
         assert {p.name for p in dump.iterdir()} >= set(before)
 
 

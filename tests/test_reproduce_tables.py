@@ -148,12 +148,22 @@ def test_plan_file_and_helpers(tmp_path):
     assert table_plan.eval_folder_suffix("--probe=cached --probe released") == "_linear_eval"   # the last one wins
 
 
-def test_local_cells_say_how_long_the_rest_will_take():
-    """Was only `[1/20] c10_swav_200ep_seed31: done`: days of cells run here with no word of the time left."""
-    cells = table_plan.plan_cells(["cifar10"], ["swav"], [200, 400, 1000], [31], "exp", {"cifar10": "cifar10"}, "")
-    assert table_submit.time_left(600.0, 200, cells[1:]) == "; about 1:10:00 for the 2 cell(s) left at this pace"
-    assert table_submit.time_left(0.0, 0, cells[1:]) == ""  # nothing finished yet: no pace
-    assert table_submit.time_left(600.0, 200, []) == ""
+def test_local_cells_say_how_long_the_rest_will_take(tmp_path):
+    """Was only `[1/20] c10_swav_200ep_seed31: done`: days of cells run here with no word of the time left.
+    The evaluation of a cell (its results.json's `seconds`) takes as long whatever the pretraining's epochs:
+    it is counted per cell, not per epoch."""
+    cells = table_plan.plan_cells(["cifar10"], ["swav"], [200, 400, 1000], [31], str(tmp_path),
+                                  {"cifar10": "cifar10"}, "_linear_eval")
+    pace = table_submit.Pace()
+    assert pace.time_left(cells[1:]) == ""  # nothing finished yet: no pace
+    os.makedirs(cells[0].eval_path)
+    with open(os.path.join(cells[0].eval_path, "results.json"), "w") as f:
+        json.dump({"best_top1": 50.0, "epochs": 100, "seconds": 200.0}, f)
+    pace.add(cells[0], 600.0)   # 400 s of pretraining (2 s per epoch), 200 s of evaluation
+    assert pace.time_left(cells[1:]) == "; about 0:53:20 for the 2 cell(s) left at this pace"  # 2 x 1400 + 2 x 200
+    assert pace.time_left([]) == ""
+    pace.add(cells[1], 1000.0)  # no results.json: all of it counted as pretraining
+    assert (pace.pretraining_seconds, pace.epochs, pace.evaluation_seconds) == (1400.0, 600, 200.0)
 
 
 def test_cell_status(tmp_path):
@@ -432,6 +442,14 @@ def test_the_process_count_recorded_is_the_one_that_runs(tmp_path):
     assert here(CUDA_VISIBLE_DEVICES="0") == here(CUDA_VISIBLE_DEVICES="") == here(NPROC="1")
     assert here(NPROC="1", SBATCH_ARGS="--ntasks-per-node=4") == here(NPROC="1")
     assert here(NPROC="2") != here(NPROC="3")
+    # no CUDA_VISIBLE_DEVICES: nvidia-smi's GPUs, as scripts/unmix_job.sh counts them (a stand-in here)
+    smi = tmp_path / "bin" / "nvidia-smi"
+    smi.parent.mkdir()
+    smi.write_text("#!/bin/sh\necho 'GPU 0: A (UUID: a)'\necho 'GPU 1: B (UUID: b)'\n")
+    smi.chmod(0o755)
+    assert here(PATH=str(smi.parent)) == here(NPROC="2") and here(PATH=str(tmp_path)) == here(NPROC="1")
+    # --local inside a Slurm allocation: the script runs srun's SLURM_NTASKS tasks, whatever NPROC says
+    assert here(SLURM_JOB_ID="7", SLURM_NTASKS="2", NPROC="4") == here(NPROC="2")
     # a table begun with format 2 goes on: NPROC unset then and now is no change, NPROC set since is one
     cell = table_plan.plan_cells(["cifar10"], ["unmix"], [1], [31], str(tmp_path / "exp"), {"cifar10": ""},
                                  "_linear_eval")[0]

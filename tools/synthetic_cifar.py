@@ -156,7 +156,8 @@ def main(argv=None):
     for name, n in sizes.items():
         if n < 1 or (name == "n_train" and args.dataset == "cifar10" and n % 5):
             fail(f"--{name} {n}: give a positive number of images" + (
-                ", a multiple of 5 for cifar10 (its five training batches)" if name == "n_train" else ""))
+                ", a multiple of 5 for cifar10 (its five training batches)" if name == "n_train" and
+                args.dataset == "cifar10" else ""))
     try:
         if args.dataset == "cifar10":
             sizes = {"n_train_per_batch": sizes.pop("n_train") // 5, **sizes} if "n_train" in sizes else sizes

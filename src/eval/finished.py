@@ -9,6 +9,8 @@ import os
 from ..runtime.cli import format_eta
 
 RESULTS_FILE = "results.json"
+RESULTS_TOOL = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "tools",
+                            "results.py")
 
 
 def finished_results(dump_path):
@@ -30,3 +32,11 @@ def report_finished(results, dump_path, logger):
                 f"{os.path.join(dump_path, RESULTS_FILE)} are kept as they are: best top-1 "
                 f"{results['best_top1']:.1f}, last-epoch top-1 {results.get('last_top1', float('nan')):.1f}.")
 
+
+
+def results_line(what, dump_path):
+    """The last line of a finished evaluation `what` ("Linear evaluation"): where its results are and the
+    command that lists it beside the other runs of its parent folder (as the pretraining's names its
+    checkpoint)."""
+    return (f"{what} done. Results: {os.path.join(dump_path, RESULTS_FILE)} (every run side by side: "
+            f"python {RESULTS_TOOL} {os.path.dirname(os.path.abspath(dump_path))})")

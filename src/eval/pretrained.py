@@ -68,7 +68,10 @@ def epochs_done(epoch):
     'after 2 epochs (epochs 0-1)'."""
     if epoch is None:
         return "after an unrecorded number of epochs"
-    n = int(epoch)
+    try:
+        n = int(epoch)
+    except (TypeError, ValueError):  # a foreign checkpoint's entry: said as it is (a log line, not a traceback)
+        return f"with the epoch entry {epoch!r}"
     if n <= 0:
         return "before the end of epoch 0"
     return f"after {n} epoch{'s' if n > 1 else ''} ({'epoch 0' if n == 1 else f'epochs 0-{n - 1}'})"

@@ -10,6 +10,7 @@ import sys
 import torch.distributed as dist
 
 from . import rendezvous
+from .checkpoint import error_line
 from .cli import CANNOT_WRITE_EXIT_CODE, INTERRUPTED_EXIT_CODE, LOST_PEER_EXIT_CODE, fail
 from .files import WRITE_ERRNOS
 from .signals import ignore_stop_signals
@@ -85,7 +86,5 @@ def _run_main(main, start):
     except RuntimeError as e:  # after `start` has given back the process's stderr
         if not lost_peer(e):
             raise
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        first = re.sub(r"^\[[^\]]*\]\s*", "", first)[:200]
-        exit_at_once(f"another process of the job stopped or hung ({first}); see its log. A rerun resumes from "
-                     "the last checkpoint", LOST_PEER_EXIT_CODE)
+        exit_at_once(f"another process of the job stopped or hung ({error_line(e)}); see its log. A rerun "
+                     "resumes from the last checkpoint", LOST_PEER_EXIT_CODE)

@@ -44,6 +44,10 @@ class DistError(Exception):
     """A distributed set-up that cannot work (bad, missing or contradictory values). One-line message."""
 
 
+class RendezvousTimeout(DistError):
+    """Not every process of the job joined the rendezvous in time: one stopped before it or never started."""
+
+
 @dataclass
 class DistEnv:
     rank: int
@@ -361,6 +365,13 @@ def init_distributed(args, timeout_s: Optional[float] = None) -> DistEnv:
                                         world_size=env.world_size, rank=env.rank,
                                         timeout=datetime.timedelta(seconds=timeout_s))
             except RuntimeError as e:  # torch's DistNetworkError is a RuntimeError
+                if isinstance(e, getattr(dist, "DistStoreError", ())) or "timeout" in str(e).lower():
+                    # tcp:// says "Timed out ... 1/2 clients joined", file:// only "Wait timeout"
+                    first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+                    raise RendezvousTimeout(
+                        f"rank {env.rank}: not every process of the job joined the rendezvous {env.init_method} "
+                        f"within --dist_timeout {timeout_s:g} s ({first}): another one stopped before it (see its "
+                        "output) or was not started") from None
                 if "EADDRINUSE" not in str(e) and "address already in use" not in str(e).lower():
                     raise
                 # another run on this host holds the port (the same --dist_url, or Slurm job IDs equal mod 20000)

@@ -18,9 +18,9 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .cli import Refusal, fail
+from .cli import LOST_PEER_EXIT_CODE, Refusal, fail
 from .exits import lost_peer
-from .launch import DistError, init_distributed
+from .launch import DistError, RendezvousTimeout, init_distributed
 from .logs import write_held_log
 from .signals import PreemptionHandler
 
@@ -206,8 +206,8 @@ def start_processes(args):
     the process with status 3), seed. Returns the handler."""
     try:
         init_distributed(args)
-    except DistError as e:
-        fail(str(e))
+    except DistError as e:  # a process that never joined counts as one lost (status 5), as in a collective
+        fail(str(e), LOST_PEER_EXIT_CODE if isinstance(e, RendezvousTimeout) else 2)
     preempt = PreemptionHandler(grace_s=args.dist_timeout).install()
     fix_random_seeds(args.seed)
     return preempt
