@@ -29,9 +29,11 @@ from src.eval.setup import (add_shared_new_flags, add_shared_released_flags, che
 from src.method.resnet import build_model
 from src.runtime import launch
 from src.runtime.checkpoint import atomic_save
-from src.runtime.cli import ArgumentParser, bool_flag, fail, parse_given, run_main
-from src.runtime.logs import CurveWriter, Stats, format_eta
-from src.runtime.run_folder import LINEAR, OPERATIONAL_FLAGS, save_params, write_json
+from src.runtime.cli import OPERATIONAL_FLAGS, ArgumentParser, bool_flag, fail, format_eta, parse_given
+from src.runtime.exits import run_main
+from src.runtime.files import write_json
+from src.runtime.logs import CurveWriter, Stats
+from src.runtime.run_folder import LINEAR, save_params
 from src.runtime.startup import StartVote
 
 

@@ -31,9 +31,10 @@ from src.method.resnet import build_model
 from src.method.train_step import unwrap
 from src.runtime import launch
 from src.runtime.checkpoint import atomic_save, rng_state
-from src.runtime.cli import ArgumentParser, bool_flag, fail, parse_given, run_main
-from src.runtime.logs import format_eta
-from src.runtime.run_folder import FINE_TUNING, OPERATIONAL_FLAGS, save_params, write_json
+from src.runtime.cli import OPERATIONAL_FLAGS, ArgumentParser, bool_flag, fail, format_eta, parse_given
+from src.runtime.exits import run_main
+from src.runtime.files import write_json
+from src.runtime.run_folder import FINE_TUNING, save_params
 from src.runtime.startup import StartVote
 
 SUBSET_FILE = "labelled_subset.json"

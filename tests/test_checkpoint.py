@@ -11,7 +11,7 @@ import torch
 from torch.utils.data.distributed import DistributedSampler
 
 from src.data.sampling import ResumableDistributedSampler
-from src.runtime import checkpoint as ck, run_folder
+from src.runtime import checkpoint as ck, files, run_folder
 from src.runtime.checkpoint import (CheckpointError, atomic_save, epoch_copies, find_resume_checkpoint, rng_state,
                                     safe_load, set_rng_state, strip_module_prefix)
 from tests.released_format import APEX_AMP_STATE, released_checkpoint, save_like_numpy1
@@ -57,7 +57,7 @@ def test_remove_stale_temporaries(tmp_path):
             tmp_path / ".x.12.0A1B2C3D.tmp"]
     for k in keep:
         k.write_bytes(b"keep")
-    assert ck.remove_stale_temporaries(str(tmp_path)) == [str(stale)]
+    assert files.remove_stale_temporaries(str(tmp_path)) == [str(stale)]
     assert sorted(os.listdir(tmp_path)) == sorted(k.name for k in keep)
 
 
@@ -70,12 +70,12 @@ def test_atomic_write_temporary_is_recognised_as_stale(tmp_path, monkeypatch):
         f.write(b"partial")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(ck.os, "unlink", lambda p: None)  # as if the process died before cleaning up
+    monkeypatch.setattr(files.os, "unlink", lambda p: None)  # as if the process died before cleaning up
     with pytest.raises(KeyboardInterrupt):
-        ck.atomic_write(str(tmp_path / "stats0.csv"), killed)
+        files.atomic_write(str(tmp_path / "stats0.csv"), killed)
     monkeypatch.undo()
     assert os.path.exists(left[0]) and not (tmp_path / "stats0.csv").exists()
-    assert ck.remove_stale_temporaries(str(tmp_path)) == [left[0]]
+    assert files.remove_stale_temporaries(str(tmp_path)) == [left[0]]
     assert os.listdir(tmp_path) == []
 
 

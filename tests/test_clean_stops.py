@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from src.runtime.checkpoint import error_line, remove_stale_temporaries, safe_load
+from src.runtime.checkpoint import error_line, safe_load
 from src.runtime.cli import LOST_PEER_EXIT_CODE
+from src.runtime.files import remove_stale_temporaries
 from src.runtime.rendezvous import LOCK_SUFFIX
 from src.runtime.signals import PREEMPTED_EXIT_CODE
 from tests.e2e_helpers import MAIN, REPO, RUN_ENV, make_fake_cifar10, tiny_args, wait_for_log
@@ -111,7 +112,8 @@ def test_stop_signals_repeated_after_the_checkpoint_still_end_with_status_3(data
 # on a slow or stuck file system) until a second signal comes.
 SLOW_WRITER = """import os, sys, time; sys.path.insert(0, sys.argv[1])
 import torch
-from src.runtime.checkpoint import atomic_save, atomic_write
+from src.runtime.checkpoint import atomic_save
+from src.runtime.files import atomic_write
 from src.runtime.signals import PreemptionHandler
 path = sys.argv[2]
 stop = PreemptionHandler(grace_s=60).install()
@@ -202,7 +204,7 @@ def test_a_lost_or_frozen_peer_ends_the_survivor_with_status_5_and_one_line(data
 
 LOST_PEER_MAIN = """import sys; sys.path.insert(0, sys.argv[1])
 import torch.distributed as dist
-from src.runtime.cli import run_main
+from src.runtime.exits import run_main
 from src.runtime.startup import StartVote
 
 

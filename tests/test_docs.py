@@ -369,7 +369,7 @@ def test_anchors_are_githubs():
         "torchhub", "the-first-gpu-check-the-loop-before-the-gpu-ready-iteration"}
     assert _missing_path(REPO / "docs" / "x.md", "tests/data/no_such_fixture")
     assert _missing_path(REPO / "docs" / "x.md", "src/runtime/run_folder.NO_SUCH_NAME")
-    assert not _missing_path(REPO / "docs" / "x.md", "src/runtime/run_folder.OPERATIONAL_FLAGS")
+    assert not _missing_path(REPO / "docs" / "x.md", "src/runtime/cli.OPERATIONAL_FLAGS")
 
 
 # Options of other programs that the docs name: sbatch, torchrun, pytest(-xdist), pip, tensorboard; and

@@ -2,6 +2,8 @@
 benchmarks/ import from src (and tools/); nothing but the tests imports from tests/."""
 import ast
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -53,3 +55,17 @@ def test_the_check_sees_a_wrong_import(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text("import os\nfrom tests.fake_cifar import write_cifar10\nfrom ..eval import setup\n")
     assert repository_imports(str(bad), "src.runtime") == ["tests.fake_cifar", "src.eval"]
+
+
+# The tools that read files and start jobs load no checkpoint: importing torch (and with it NumPy) would
+# double their start-up. tools/results.py needs pandas and matplotlib for its tables and plots.
+@pytest.mark.parametrize("tool, heavy", [("tools/reproduce_tables.py", {"torch", "numpy", "pandas"}),
+                                         ("tools/results.py", {"torch"}),
+                                         ("tools/synthetic_cifar.py", {"torch"})])
+def test_tools_start_without_torch(tool, heavy):
+    proc = subprocess.run([sys.executable, "-X", "importtime", os.path.join(ROOT, tool), "--help"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "usage:" in proc.stdout, proc.stderr[-2000:]
+    imported = {line.rsplit("|", 1)[1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    assert "src.runtime.cli" in imported  # the listing was read
+    assert sorted(heavy & imported) == []

@@ -19,8 +19,8 @@ import pandas as pd
 import pytest
 import torch
 
-from src.runtime.checkpoint import (CheckpointError, atomic_write, find_resume_checkpoint, remove_stale_temporaries,
-                                    safe_load)
+from src.runtime.checkpoint import CheckpointError, find_resume_checkpoint, safe_load
+from src.runtime.files import atomic_write, remove_stale_temporaries
 from src.runtime.signals import PREEMPTED_EXIT_CODE
 from tests.e2e_helpers import (MAIN, REPO, forked_run_fixtures, kill, pid_alive, run_script, tiny_args,
                                wait_for_log)

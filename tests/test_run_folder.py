@@ -7,8 +7,8 @@ import pytest
 
 import eval_linear
 import main_swav_unmix
-from src.runtime.run_folder import (LINEAR, OPERATIONAL_FLAGS, claim_evaluation_folder, claim_pretraining_folder,
-                                    save_params)
+from src.runtime.cli import OPERATIONAL_FLAGS
+from src.runtime.run_folder import LINEAR, claim_evaluation_folder, claim_pretraining_folder, save_params
 
 
 def pretraining_args(dump, *argv):

@@ -25,7 +25,7 @@ from src.eval.pretrained import (PretrainedError, epochs_done, load_weights, net
 from src.method.resnet import build_model  # noqa: E402
 from src.runtime.checkpoint import atomic_save  # noqa: E402
 from src.runtime.cli import ArgumentParser, fail  # noqa: E402
-from src.runtime.run_folder import write_json  # noqa: E402
+from src.runtime.files import write_json  # noqa: E402
 
 
 def export_backbone(checkpoint, out):

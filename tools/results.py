@@ -48,7 +48,7 @@ from results_plots import plot_accuracy_vs_epochs, run_curves_figure, save_figur
 from results_runs import load_run, load_runs, runs_under  # noqa: E402,F401
 from results_tables import markdown, plan_sections  # noqa: E402
 
-from src.runtime.checkpoint import atomic_write  # noqa: E402
+from src.runtime.files import atomic_write  # noqa: E402
 from src.runtime.cli import ArgumentParser, fail  # noqa: E402
 
 

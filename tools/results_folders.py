@@ -15,7 +15,7 @@ import sys
 import pandas as pd
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from src.runtime.run_folder import file_sha256  # noqa: E402
+from src.runtime.files import file_sha256  # noqa: E402
 
 # `<dump>_linear_eval[<tag>]` / `<dump>_semisup[<tag>]`: the last such part of the name
 EVAL_FOLDER = re.compile(r"^(?P<dump>.+)_(?P<kind>linear_eval|semisup)(?P<tag>[^/]*)$")

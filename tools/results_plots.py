@@ -18,7 +18,7 @@ sys.path.insert(0, os.path.dirname(TOOLS))
 from published import DATASETS, METHODS, PUBLISHED  # noqa: E402
 from results_runs import group_by_seed  # noqa: E402
 
-from src.runtime.checkpoint import atomic_write  # noqa: E402
+from src.runtime.files import atomic_write  # noqa: E402
 
 MARKERS = {"SwAV": "o", "Un-Mix": "s"}
 COLOURS = {"SwAV": "tab:blue", "Un-Mix": "tab:orange"}

@@ -18,7 +18,7 @@ from results_folders import (_dump_of_checkpoint, _last_valid, _read_json, _read
                              run_of_evaluation)
 from table_plan import CIFAR_FILES, CIFAR_FOLDERS  # noqa: E402
 
-from src.runtime.run_folder import OPERATIONAL_FLAGS  # noqa: E402
+from src.runtime.cli import OPERATIONAL_FLAGS  # noqa: E402
 
 # What params.json holds besides the settings of an experiment: the arguments that do not change what a run
 # computes, the seed, the data path (the data set is compared instead) and the run's provenance (commit,

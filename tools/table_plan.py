@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from src.runtime.checkpoint import atomic_write  # noqa: E402
+from src.runtime.files import atomic_write  # noqa: E402
 
 DATASETS = {"c10": "cifar10", "c100": "cifar100"}        # short name (cell names) -> data set
 SHORT = {v: k for k, v in DATASETS.items()}

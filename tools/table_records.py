@@ -10,7 +10,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from src.runtime.checkpoint import atomic_write  # noqa: E402
+from src.runtime.files import atomic_write  # noqa: E402
 
 EXIT_MEANING = {2: "bad input", 11: "pretraining failed", 21: "linear evaluation failed"}
 STATUSES = ("done", "running", "pending", "failed", "interrupted", "missing")

@@ -11,7 +11,7 @@ import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from src.runtime.checkpoint import atomic_write  # noqa: E402
+from src.runtime.files import atomic_write  # noqa: E402
 from src.runtime.cli import fail  # noqa: E402
 from table_plan import CIFAR_FOLDERS  # noqa: E402
 

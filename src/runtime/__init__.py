@@ -1,5 +1,6 @@
 """How runs run: launch and rendezvous (`launch`; `rendezvous`: a file:// rendezvous used again), start-up
-and the processes' agreement (`startup`), stop signals and the watchdog (`signals`), checkpoint files
-(`checkpoint`), the run folder (`run_folder`: lock, kind, params.json, changed arguments, which flags are
-operational), logs and statistics (`logs`), and the command line's one-line errors and exit statuses
-(`cli`). Imports `src.method` and `src.data`, never the entry scripts."""
+and the processes' agreement (`startup`), stop signals and the watchdog (`signals`), files written whole
+(`files`), checkpoint files (`checkpoint`), the run folder (`run_folder`: lock, kind, params.json, changed
+arguments), logs and statistics (`logs`), the command line's flags, one-line errors and exit statuses
+(`cli`), and how an entry script ends (`exits`). `files` and `cli` use the standard library only, so that
+the tools start without torch. Imports `src.method` and `src.data`, never the entry scripts."""

@@ -1,94 +1,32 @@
-"""Checkpoints that survive kills and disks: atomic writes, safe loads, RNG state, resume discovery, and
+"""Checkpoints that survive kills and disks: atomic saves, safe loads, RNG state, resume discovery, and
 the lock that keeps one run per folder.
 
-A kill at any instant leaves either the previous or the new file, never a torn one (temporary file in
-the same folder, flush + fsync, rename, fsync of the folder). Everything is loaded with
+A kill at any instant leaves either the previous or the new file, never a torn one (`atomic_write` of
+src/runtime/files.py: temporary file in the same folder, flush + fsync, rename, fsync of the folder). Everything is loaded with
 `torch.load(weights_only=True)`: tensors, numbers, strings, lists and dicts only (plus NumPy float64
 scalars, which the released code's optimizer state holds), so a downloaded or tampered file cannot run
 code; and the CRC-32 that a checkpoint's zip archive keeps of every record is checked first, so that
 flipped bits inside a tensor are found instead of trained on.
 """
-import errno
 import glob
 import os
 import random
 import re
-import uuid
 import zipfile
 
 import numpy as np
 import torch
+
+from .files import atomic_write
 
 
 class CheckpointError(Exception):
     """A checkpoint that cannot be used; the message is one line."""
 
 
-TMP_SUFFIX = ".tmp"
-
-
-# What a full disk, a quota, a read-only or unwritable folder, or a file-size limit give when writing.
-WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG, errno.EIO}
-
-
-def atomic_write(path, write):
-    """Call `write(f)` on a binary file that becomes `path` only once complete: a temporary file in the
-    same folder (`.<name>.<pid>.<random>.tmp`, permissions as for a plain `open`), flush + fsync, rename
-    over `path`, fsync of the folder. A kill at any instant leaves the old `path` or the new one. When the
-    disk is full or the folder unwritable, the temporary file is removed and a plain OSError naming `path`
-    is raised (torch.save buries it under its own RuntimeError)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{uuid.uuid4().hex[:8]}{TMP_SUFFIX}")
-    try:
-        with open(tmp, "xb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        try:
-            os.unlink(tmp)
-        except OSError:  # never created, or the folder became read-only
-            pass
-        cause = _write_error(e)
-        if cause is not None:
-            raise OSError(cause.errno, cause.strerror, path) from None
-        raise
-    dir_fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
-
-
-def _write_error(e):
-    """The OSError of a full disk or an unwritable folder in `e` or the exceptions it was raised from."""
-    seen = 0
-    while e is not None and seen < 10:
-        if isinstance(e, OSError) and e.errno in WRITE_ERRNOS:
-            return e
-        e, seen = e.__cause__ or e.__context__, seen + 1
-    return None
-
-
 def atomic_save(obj, path):
     """torch.save `obj` to `path` so that readers see the old file or the complete new one."""
     atomic_write(path, lambda f: torch.save(obj, f))
-
-
-def remove_stale_temporaries(*folders):
-    """Delete the temporary files that `atomic_write` leaves behind when a process is killed mid-write
-    (call at start-up, before this run writes anything). Returns the removed paths."""
-    removed = []
-    for folder in folders:
-        for p in glob.glob(os.path.join(glob.escape(folder), ".*" + TMP_SUFFIX)):
-            if re.fullmatch(r"\..+\.\d+\.[0-9a-f]{8}" + re.escape(TMP_SUFFIX), os.path.basename(p)):
-                try:
-                    os.unlink(p)
-                    removed.append(p)
-                except OSError:
-                    pass
-    return removed
 
 
 def numpy_scalar_globals():

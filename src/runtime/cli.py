@@ -1,18 +1,12 @@
-"""Small helpers shared by the entry scripts: boolean flags, one-line errors, running averages, seeding,
-and how an entry script ends (`run_main`).
+"""The command line of the entry scripts and tools: boolean flags, which flags are operational
+(`OPERATIONAL_FLAGS`), one-line errors and exit statuses, seeds, durations as printed (`format_eta`).
+Standard library only: the tools import it without torch. How an entry script runs and ends (`run_main`):
+src/runtime/exits.py.
 """
 import argparse
 import difflib
-import logging
-import os
-import re
 import sys
-
-import torch.distributed as dist
-
-from . import rendezvous
-from .checkpoint import WRITE_ERRNOS, error_line
-from .signals import ignore_stop_signals
+from datetime import timedelta
 
 # Exit statuses of the entry scripts besides 0, 2 (bad input, `fail`), 3 (preempted, see
 # src/runtime/signals.PREEMPTED_EXIT_CODE) and 4 (non-finite losses).
@@ -23,6 +17,16 @@ CANNOT_WRITE_EXIT_CODE = 6  # disk full, read-only or unwritable folder
 
 
 INTERRUPTED_EXIT_CODE = 130  # Ctrl-C before the stop-signal handler was installed (128 + SIGINT)
+
+
+# The arguments of the three entry scripts that do not change what a run computes: a resumed run may differ
+# in these, and runs that differ only in these (and the seed) are seeds of one experiment. Not --world_size:
+# --batch_size is per process, so the number of processes sets the global batch. An evaluation's
+# --pretrained is compared by the checkpoint's content (`checkpoint_identity`), not its path.
+OPERATIONAL_FLAGS = frozenset({
+    "dump_path", "workers", "dist_url", "rank", "local_rank", "gpu_to_work_on", "device", "dist_timeout",
+    "download", "allow_changed_args", "log_freq", "tensorboard", "checkpoint_freq", "knn_freq",
+    "max_nonfinite_steps", "preempt_check_freq", "epochs_run_limit", "pretrained"})
 
 
 MAX_EPOCHS = 10000  # a bound on --epochs that catches typos (the published tables stop at 1000)
@@ -101,75 +105,6 @@ def check_seed(name, value):
         fail(f"--{name} must be in [0, 2**32), got {value}")
 
 
-def lost_peer(e):
-    """True for the errors of a collective whose peers are gone: a process of the job died (gloo:
-    "Connection closed by peer") or hung past the process group's timeout ("Timed out waiting ...",
-    "Application timeout caused pair closure")."""
-    if isinstance(e, getattr(dist, "DistError", ())):
-        return True
-    return isinstance(e, RuntimeError) and dist.is_available() and dist.is_initialized() and bool(
-        re.search(r"Connection (closed|reset) by peer|Timed out waiting|[Tt]imeout|pair closure|Broken pipe|"
-                  r"NCCL error|gloo", str(e)))
-
-
-def leave_process_group():
-    """Destroy the process group before the process exits (a one-line error, a preemption, a lost peer):
-    left to the interpreter's shutdown, gloo's threads can abort the process ("terminate called without
-    an active exception"), turning status 2 or 3 into 134."""
-    if dist.is_available() and dist.is_initialized():
-        try:
-            dist.destroy_process_group()
-        except Exception:  # a group whose peers are gone: the exit goes on
-            pass
-    rendezvous.leave()
-
-
-def exit_at_once(msg, status):
-    """One line on stderr, the logs flushed, rank 0's rendezvous file removed, then `os._exit(status)`:
-    for a collective that failed. Not the interpreter's shutdown: the process group's C++ threads (gloo,
-    NCCL's watchdog) still wait on the lost or frozen peer, and destroying the group or leaving it to the
-    shutdown can hang or abort the process ("terminate called without an active exception", 134)."""
-    print(f"error: {msg}", file=sys.stderr, flush=True)
-    logging.shutdown()
-    rendezvous.leave()
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):
-            pass
-    os._exit(status)
-
-
-def run_main(main, start):
-    """Run an entry script's `main(start)` inside `start`, its start-up (src/runtime/startup.py, `StartVote`:
-    until the run starts, the processes of a job agree on a refusal), turning what a user can meet into one line
-    on stderr and a documented status instead of a traceback: a collective that failed because another process
-    died or hung (5), a file that could not be written (6; atomic writes keep the previous complete files),
-    Ctrl-C before the stop-signal handler is installed (130). Anything else keeps its traceback. Once `main`
-    has ended its status is decided: stop signals are ignored from then on (during the interpreter's shutdown
-    one would end the process with 128 + N)."""
-    try:
-        _run_main(main, start)
-    finally:
-        leave_process_group()
-        ignore_stop_signals()
-
-
-def _run_main(main, start):
-    try:
-        with start:  # the refusals below too: the job's processes end together, with one line
-            try:
-                main(start)
-            except KeyboardInterrupt:
-                fail("interrupted (SIGINT) during start-up, before anything was trained; nothing to save",
-                     INTERRUPTED_EXIT_CODE)
-            except OSError as e:
-                if e.errno not in WRITE_ERRNOS:
-                    raise
-                fail(f"cannot write {e.filename or 'a file'}: {e.strerror}; the files written before are complete "
-                     "and kept (free some space or fix the permissions, then rerun to resume)", CANNOT_WRITE_EXIT_CODE)
-    except RuntimeError as e:  # after `start` has given back the process's stderr
-        if not lost_peer(e):
-            raise
-        exit_at_once(f"another process of the job stopped or hung ({error_line(e)}); see its log. A rerun "
-                     "resumes from the last checkpoint", LOST_PEER_EXIT_CODE)
+def format_eta(seconds):
+    seconds = max(0, int(seconds))
+    return str(timedelta(seconds=seconds))

@@ -24,8 +24,9 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from .checkpoint import atomic_write, error_line
-from .cli import fail
+from .checkpoint import error_line
+from .cli import fail, format_eta
+from .files import atomic_write
 
 
 class _ElapsedFormatter(logging.Formatter):
@@ -275,11 +276,6 @@ def format_provenance(p):
     return (f"Code: git {p['git_commit']}{dirty}; Python {p['python']}, torch {p['torch']}, torchvision "
             f"{p['torchvision']}, CUDA {p['cuda']}, cuDNN {p['cudnn']}; device {p['device']}; "
             f"world size {p['world_size']}")
-
-
-def format_eta(seconds):
-    seconds = max(0, int(seconds))
-    return str(timedelta(seconds=seconds))
 
 
 class Clock:

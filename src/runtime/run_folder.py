@@ -7,13 +7,12 @@ into another kind's folder. An evaluation folder records the checkpoint it evalu
 in its params.json: path, size, modification time and SHA-256 of `--pretrained`), and
 `check_evaluation_folder` lets an evaluation resume there only from the same checkpoint with the same
 arguments: the numbers it reports are never another model's. A pretraining resumes its folder only with the same
-arguments (`check_pretraining_folder`). `OPERATIONAL_FLAGS` names the arguments that these comparisons,
+arguments (`check_pretraining_folder`). `OPERATIONAL_FLAGS` (src/runtime/cli.py) names the arguments that these comparisons,
 and tools/results.py when it groups seeds, leave out.
 """
 import errno
 import fcntl
 import glob
-import hashlib
 import json
 import os
 import pickle
@@ -22,21 +21,12 @@ import time
 
 import pandas as pd
 
-from .checkpoint import CheckpointError, atomic_write, remove_stale_temporaries
+from .checkpoint import CheckpointError
+from .files import atomic_write, file_sha256, remove_stale_temporaries, write_json
 from .logs import provenance
 from .refused_start import StartUndo
 
 LOCK_FILE = "run.lock"
-
-
-# The arguments of the three entry scripts that do not change what a run computes: a resumed run may differ
-# in these, and runs that differ only in these (and the seed) are seeds of one experiment. Not --world_size:
-# --batch_size is per process, so the number of processes sets the global batch. An evaluation's
-# --pretrained is compared by the checkpoint's content (`checkpoint_identity`), not its path.
-OPERATIONAL_FLAGS = frozenset({
-    "dump_path", "workers", "dist_url", "rank", "local_rank", "gpu_to_work_on", "device", "dist_timeout",
-    "download", "allow_changed_args", "log_freq", "tensorboard", "checkpoint_freq", "knn_freq",
-    "max_nonfinite_steps", "preempt_check_freq", "epochs_run_limit", "pretrained"})
 
 
 # Files a run writes in its folder: something else in their place (a folder, say) stops the run at start.
@@ -135,15 +125,6 @@ def prepare_dump_path(dump_path, *subfolders, undo=None):
     return lock
 
 
-def file_sha256(path, chunk=1 << 20):
-    """Hex SHA-256 of a file's bytes (what binds an evaluation to the checkpoint it evaluates)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def save_params(args, dump_path, extra=None):
     """`params.pkl` (released) and `params.json` (readable, compared on resume), each replaced atomically.
     `params.json` also records the run's `provenance` (code version, libraries, device, world size) and
@@ -152,11 +133,6 @@ def save_params(args, dump_path, extra=None):
     params = dict(params_dict(args), provenance=provenance(getattr(args, "device", "cpu"),
                                                           getattr(args, "world_size", 1)), **(extra or {}))
     write_json(os.path.join(dump_path, "params.json"), params, indent=1, sort_keys=True)
-
-
-def write_json(path, obj, **kw):
-    """json.dump to `path`, replaced atomically."""
-    atomic_write(path, lambda f: f.write(json.dumps(obj, **kw).encode()))
 
 
 def params_dict(args):

@@ -3,7 +3,7 @@ agree. At start-up every rank compares its arguments and a fingerprint of its da
 all-gather (``first_disagreement``), so that a rank given other data or other flags stops the job with
 one line instead of blocking in mismatched collectives. From then until the run starts, a check that
 refuses on any process ends them all together with one line (``StartVote``). Every collective has a timeout
-(``--dist_timeout``), after which the waiting ranks stop (``run_main`` in src/runtime/cli.py says so in
+(``--dist_timeout``), after which the waiting ranks stop (``run_main`` in src/runtime/exits.py says so in
 one line).
 """
 import hashlib
@@ -18,7 +18,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from .cli import LOST_PEER_EXIT_CODE, Refusal, fail, lost_peer
+from .cli import LOST_PEER_EXIT_CODE, Refusal, fail
+from .exits import lost_peer
 from .launch import DistError, RendezvousTimeout, init_distributed
 from .logs import write_held_log
 from .signals import PreemptionHandler
