@@ -105,7 +105,7 @@ def first_refusal(problem: Optional[str], status: int, world_size: int, device=N
 
 class StartVote:
     """The start-up of one process of an entry script, from its launch to the start of its run: `run_main`
-    (src/runtime/cli.py) runs `main(start)` inside it. With several processes, from their agreement on the run
+    (src/runtime/exits.py) runs `main(start)` inside it. With several processes, from their agreement on the run
     folder (`agree_or_fail`, which calls `join`) to the start of the run (`agree_to_start`, where rank 0 writes
     params.json), a refusal (`fail`, which raises `Refusal`) on one process or on all of them ends every process
     together: they exchange their problems in one collective, the lowest refusing rank says its line (once for
