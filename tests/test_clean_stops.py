@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from src.runtime.checkpoint import error_line, safe_load
-from src.runtime.cli import LOST_PEER_EXIT_CODE
+from src.runtime.checkpoint import safe_load
+from src.runtime.cli import LOST_PEER_EXIT_CODE, error_line
 from src.runtime.files import remove_stale_temporaries
 from src.runtime.rendezvous import LOCK_SUFFIX
 from src.runtime.signals import PREEMPTED_EXIT_CODE

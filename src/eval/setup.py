@@ -14,9 +14,8 @@ from ..data.datasets import DataError, load_split
 from ..method.resnet import ARCHS
 from ..method.train_step import unwrap
 from ..runtime import devices, launch, signals
-from ..runtime.checkpoint import (CheckpointError, error_line, find_resume_checkpoint, set_rng_state,
-                                  strip_module_prefix)
-from ..runtime.cli import MAX_EPOCHS, bool_flag, check_seed, fail
+from ..runtime.checkpoint import CheckpointError, find_resume_checkpoint, set_rng_state, strip_module_prefix
+from ..runtime.cli import MAX_EPOCHS, bool_flag, check_seed, error_line, fail
 from ..runtime.logs import create_logger, format_provenance, provenance
 from ..runtime.run_folder import FINE_TUNING, LINEAR, claim_evaluation_folder
 from ..runtime.startup import agree_or_fail, start_processes

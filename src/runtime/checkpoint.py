@@ -2,11 +2,11 @@
 the lock that keeps one run per folder.
 
 A kill at any instant leaves either the previous or the new file, never a torn one (`atomic_write` of
-src/runtime/files.py: temporary file in the same folder, flush + fsync, rename, fsync of the folder). Everything is loaded with
-`torch.load(weights_only=True)`: tensors, numbers, strings, lists and dicts only (plus NumPy float64
-scalars, which the released code's optimizer state holds), so a downloaded or tampered file cannot run
-code; and the CRC-32 that a checkpoint's zip archive keeps of every record is checked first, so that
-flipped bits inside a tensor are found instead of trained on.
+src/runtime/files.py: temporary file in the same folder, flush + fsync, rename, fsync of the folder).
+Everything is loaded with `torch.load(weights_only=True)`: tensors, numbers, strings, lists and dicts
+only (plus NumPy float64 scalars, which the released code's optimizer state holds), so a downloaded or
+tampered file cannot run code; and the CRC-32 that a checkpoint's zip archive keeps of every record is
+checked first, so that flipped bits inside a tensor are found instead of trained on.
 """
 import glob
 import os
@@ -17,6 +17,7 @@ import zipfile
 import numpy as np
 import torch
 
+from .cli import error_line
 from .files import atomic_write
 
 
@@ -79,19 +80,6 @@ def load_error(e):
         detail = " ".join(text.split("WeightsUnpickler error:", 1)[1].split())
         return f"refused by weights_only: {detail.split('. Please', 1)[0].split(' Check the documentation')[0]}"
     return error_line(e)
-
-
-def error_line(e):
-    """An exception in one line that keeps what is wrong, uncut: its type and first line, with the next line
-    when the first only introduces it (load_state_dict's 'Error(s) in loading state_dict for Linear:'). The
-    C++ source location that starts torch's distributed errors ('[.../gloo/transport/tcp/pair.cc:534] ')
-    is left out: it says nothing to a user."""
-    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-    if not lines:
-        return type(e).__name__
-    lines[0] = re.sub(r"^\[[^\]\s]+:\d+\]\s*", "", lines[0])
-    text = lines[0] + (f" {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else "")
-    return f"{type(e).__name__}: {text}"
 
 
 def strip_module_prefix(state_dict):

@@ -5,6 +5,7 @@ src/runtime/exits.py.
 """
 import argparse
 import difflib
+import re
 import sys
 from datetime import timedelta
 
@@ -69,6 +70,19 @@ def fail(msg, status=2):
     sys.stderr.write(refusal.line)
     sys.stderr.flush()
     raise refusal
+
+
+def error_line(e):
+    """An exception in one line that keeps what is wrong, uncut: its type and first line, with the next line
+    when the first only introduces it (load_state_dict's 'Error(s) in loading state_dict for Linear:'). The
+    C++ source location that starts torch's distributed errors ('[.../gloo/transport/tcp/pair.cc:534] ')
+    is left out: it says nothing to a user."""
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    if not lines:
+        return type(e).__name__
+    lines[0] = re.sub(r"^\[[^\]\s]+:\d+\]\s*", "", lines[0])
+    text = lines[0] + (f" {lines[1]}" if lines[0].endswith(":") and len(lines) > 1 else "")
+    return f"{type(e).__name__}: {text}"
 
 
 class ArgumentParser(argparse.ArgumentParser):

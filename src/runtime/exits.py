@@ -10,8 +10,7 @@ import sys
 import torch.distributed as dist
 
 from . import rendezvous
-from .checkpoint import error_line
-from .cli import CANNOT_WRITE_EXIT_CODE, INTERRUPTED_EXIT_CODE, LOST_PEER_EXIT_CODE, fail
+from .cli import CANNOT_WRITE_EXIT_CODE, INTERRUPTED_EXIT_CODE, LOST_PEER_EXIT_CODE, error_line, fail
 from .files import WRITE_ERRNOS
 from .signals import ignore_stop_signals
 

@@ -24,8 +24,7 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from .checkpoint import error_line
-from .cli import fail, format_eta
+from .cli import error_line, fail, format_eta
 from .files import atomic_write
 
 
