@@ -33,7 +33,6 @@ def report_finished(results, dump_path, logger):
                 f"{results['best_top1']:.1f}, last-epoch top-1 {results.get('last_top1', float('nan')):.1f}.")
 
 
-
 def results_line(what, dump_path):
     """The last line of a finished evaluation `what` ("Linear evaluation"): where its results are and the
     command that lists it beside the other runs of its parent folder (as the pretraining's names its

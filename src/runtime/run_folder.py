@@ -7,8 +7,8 @@ into another kind's folder. An evaluation folder records the checkpoint it evalu
 in its params.json: path, size, modification time and SHA-256 of `--pretrained`), and
 `check_evaluation_folder` lets an evaluation resume there only from the same checkpoint with the same
 arguments: the numbers it reports are never another model's. A pretraining resumes its folder only with the same
-arguments (`check_pretraining_folder`). `OPERATIONAL_FLAGS` (src/runtime/cli.py) names the arguments that these comparisons,
-and tools/results.py when it groups seeds, leave out.
+arguments (`check_pretraining_folder`). `OPERATIONAL_FLAGS` (src/runtime/cli.py) names the arguments that
+these comparisons, and tools/results.py when it groups seeds, leave out.
 """
 import errno
 import fcntl
