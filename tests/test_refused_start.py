@@ -2,6 +2,7 @@
 data path or a bad flag value, removes the folder it created (with the parents it created), and leaves an
 existing run folder exactly as it was (its file list and every byte), whether it is refused at the folder
 check or later (data, classes, weights). src/runtime/refused_start.py does the undoing."""
+import json
 import os
 import re
 import shutil
@@ -175,3 +176,24 @@ def test_refused_start_with_two_processes(env, kind):
         assert not target.parent.exists(), sorted(str(p) for p in target.parent.rglob("*"))
     else:
         assert snapshot(target) == before
+
+
+@pytest.mark.parametrize("kind", ["linear", "semisup"])
+def test_refused_evaluation_resume_with_two_processes(env, kind):
+    """torchrun, 2 processes, an evaluation folder whose checkpoint cannot be resumed (cut in half, as by a
+    full disk): the resume is refused before the run starts, so the processes vote on it: one line for the
+    job, status 2 on both (not one refusing and the other ending on a lost peer), and the folder, its
+    checkpoint and params.json, is left byte for byte."""
+    target = env["root"] / f"unreadable_{kind}_checkpoint"
+    shutil.copytree(env["root"] / kind, target)
+    (target / "results.json").unlink()  # stopped before its end: the next run resumes
+    params = json.loads((target / "params.json").read_text())
+    (target / "params.json").write_text(json.dumps(dict(params, world_size=2)))  # as a 2-process run left it
+    checkpoint = target / "checkpoint.pth.tar"
+    checkpoint.write_bytes(checkpoint.read_bytes()[:checkpoint.stat().st_size // 2])
+    before = snapshot(target)
+    statuses, stderr = torchrun(SCRIPTS[kind][0], SCRIPTS[kind][1](env, target), env["root"])
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "no readable checkpoint" in errors[0], stderr
+    assert statuses == {0: 2, 1: 2}, stderr
+    assert snapshot(target) == before
