@@ -248,7 +248,7 @@ def set_up(args, start):
     run at its next checkpoint), seeds, the run folder (locked; checked against an earlier run's kind and
     arguments), the processes' agreement on the arguments, the log. Returns the log, the Un-Mix draws'
     random stream, the stop signals' handler and the folder's lock."""
-    preempt = start_processes(args)
+    preempt = start_processes(args, start)
     np_rng = np.random.RandomState(args.seed)  # the released code drew lam, r and box centres here
     lock, problem = claim_pretraining_folder(args, OPERATIONAL_FLAGS, start) if args.rank == 0 else (None, None)
     agree_or_fail(args, problem, start)

@@ -9,6 +9,7 @@ import shutil
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -197,3 +198,52 @@ def test_refused_evaluation_resume_with_two_processes(env, kind):
     assert len(errors) == 1 and "no readable checkpoint" in errors[0], stderr
     assert statuses == {0: 2, 1: 2}, stderr
     assert snapshot(target) == before
+
+
+# An entry script under torchrun with a fault: rank 1 crashes (a traceback) as it builds its network, while rank 0
+# is busy in a long step of its start-up there (a slow disk, a large data set): torchrun then SIGTERMs rank 0, and
+# SIGKILLs it 30 s later.
+FAULTY_START = """import os, runpy, sys, time
+sys.argv = sys.argv[1:]
+sys.path.insert(0, os.path.dirname(sys.argv[0]))
+import src.method.resnet as resnet
+build_model = resnet.build_model
+
+
+def slow_or_crash(*args, **kwargs):
+    if os.environ["RANK"] == "1":
+        raise RuntimeError("rank 1 crashed during its start-up")
+    time.sleep(60)
+    return build_model(*args, **kwargs)
+
+
+resnet.build_model = slow_or_crash
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+@pytest.mark.parametrize("folder", ["new", "existing"])
+def test_a_worker_lost_during_the_start_up_under_torchrun_leaves_the_folder_as_it_was(env, folder):
+    """torchrun, 2 processes, rank 1 lost during the start-up while rank 0 is in a long step: rank 0 ends its
+    start-up at once on torchrun's SIGTERM (status 143, one line), not killed 30 s later, and its folder is as it
+    was: a new one is gone, an existing one (a pretraining resumed) keeps its file list and every byte."""
+    wrapper = env["root"] / "faulty_start.py"
+    wrapper.write_text(FAULTY_START)
+    if folder == "new":
+        target = env["root"] / "lost_in_start_up" / "run"
+        args, before = pretrain_args(env, target), None
+    else:
+        target = env["root"] / "lost_in_resume"
+        shutil.copytree(env["root"] / "pretraining", target)
+        args, before = pretrain_args(env, target, "--epochs", 2, "--allow_changed_args", "true"), snapshot(target)
+    began = time.time()
+    statuses, stderr = torchrun(wrapper, [MAIN, *args], env["root"])
+    assert statuses == {0: 143, 1: 1}, stderr
+    assert time.time() - began < 25, stderr  # torchrun kills after 30 s
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: stopped by SIGTERM during start-up, before anything was trained; nothing to save "
+                      "(rerun the same command to start, or resume)"], stderr
+    if before is None:
+        assert not target.parent.exists(), sorted(str(p) for p in target.parent.rglob("*"))
+    else:
+        assert snapshot(target) == before
