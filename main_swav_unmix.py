@@ -360,7 +360,9 @@ def check_same_data(args, sizes, log):
     params = load_params_json(args.dump_path)
     recorded = (params or {}).get("data")
     if recorded is None and (params is not None or os.path.isfile(os.path.join(args.dump_path, "checkpoint.pth.tar"))):
-        log(f"the data's size could not be checked: the run in {args.dump_path} predates its record in params.json; "
+        why = ("predates its record in params.json" if params is not None
+               else "has no params.json (a folder of the released code?)")
+        log(f"the data's size could not be checked: the run in {args.dump_path} {why}; "
             f"resuming on {sizes['train_images']} training images in {sizes['classes']} classes")
     if isinstance(recorded, dict) and recorded != sizes and not args.allow_changed_args:
         fail(f"--data_path {args.data_path} gives {sizes['train_images']} training images in {sizes['classes']} "
