@@ -189,7 +189,7 @@ def main(start):
     check_same_data(args, data.sizes, log=logger.warning)
 
     # ============ model, optimiser, method ============
-    net = build_network(args, logger)
+    net = build_network(args, logger, start)
     start.agree_so_far()  # DDP's first collective comes next
     method = build_method(args, net, data.iters_per_epoch, np_rng, log=logger.warning)
     logger.info("Building optimizer done.")
@@ -372,9 +372,9 @@ def check_same_data(args, sizes, log):
 
 # ------------------------------------------------------------------ model
 
-def build_network(args, logger):
+def build_network(args, logger, start=None):
     """The released ResNet with projection head and prototypes, with synchronised batch norm across
-    processes, on the device."""
+    processes, on the device. `start`: the start-up's vote, met before apex creates its process groups."""
     model = build_model(args.arch, normalize=True, hidden_mlp=args.hidden_mlp, output_dim=args.feat_dim,
                         nmb_prototypes=args.nmb_prototypes, width_per_group=args.width_per_group)
     if args.world_size > 1:
@@ -383,6 +383,7 @@ def build_network(args, logger):
                 import apex
             except ImportError:
                 fail("--sync_bn apex needs NVIDIA apex, which is not installed; use --sync_bn pytorch")
+            start.agree_so_far()  # creating the groups is a collective: a process that refused is met first
             pg = apex.parallel.create_syncbn_process_group(args.syncbn_process_group_size)
             model = apex.parallel.convert_syncbn_model(model, process_group=pg)
         elif args.device.type == "cuda":
