@@ -6,6 +6,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -14,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e_helpers import EVAL, MAIN, REPO, RUN_ENV, make_fake_cifar10, tiny_args
+from tests.e2e_helpers import EVAL, MAIN, REPO, RUN_ENV, kill, make_fake_cifar10, pid_alive, tiny_args, wait_for_log
 
 SEMISUP = REPO / "eval_semisup.py"
 pytestmark = pytest.mark.slow
@@ -200,9 +201,9 @@ def test_refused_evaluation_resume_with_two_processes(env, kind):
     assert snapshot(target) == before
 
 
-# An entry script under torchrun with a fault: rank 1 crashes (a traceback) as it builds its network, while rank 0
-# is busy in a long step of its start-up there (a slow disk, a large data set): torchrun then SIGTERMs rank 0, and
-# SIGKILLs it 30 s later.
+# An entry script with a fault: rank 1 crashes (a traceback) as it builds its network, while rank 0 is busy in a
+# long step of its start-up there (a slow disk, a large data set). Under torchrun, rank 0 then gets SIGTERM, and
+# SIGKILL 30 s later.
 FAULTY_START = """import os, runpy, sys, time
 sys.argv = sys.argv[1:]
 sys.path.insert(0, os.path.dirname(sys.argv[0]))
@@ -211,7 +212,7 @@ build_model = resnet.build_model
 
 
 def slow_or_crash(*args, **kwargs):
-    if os.environ["RANK"] == "1":
+    if os.environ.get("RANK") == "1":
         raise RuntimeError("rank 1 crashed during its start-up")
     time.sleep(60)
     return build_model(*args, **kwargs)
@@ -222,13 +223,18 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
+def faulty_start(env):
+    wrapper = env["root"] / "faulty_start.py"
+    wrapper.write_text(FAULTY_START)
+    return wrapper
+
+
 @pytest.mark.parametrize("folder", ["new", "existing"])
 def test_a_worker_lost_during_the_start_up_under_torchrun_leaves_the_folder_as_it_was(env, folder):
     """torchrun, 2 processes, rank 1 lost during the start-up while rank 0 is in a long step: rank 0 ends its
     start-up at once on torchrun's SIGTERM (status 143, one line), not killed 30 s later, and its folder is as it
     was: a new one is gone, an existing one (a pretraining resumed) keeps its file list and every byte."""
-    wrapper = env["root"] / "faulty_start.py"
-    wrapper.write_text(FAULTY_START)
+    wrapper = faulty_start(env)
     if folder == "new":
         target = env["root"] / "lost_in_start_up" / "run"
         args, before = pretrain_args(env, target), None
@@ -247,3 +253,17 @@ def test_a_worker_lost_during_the_start_up_under_torchrun_leaves_the_folder_as_i
         assert not target.parent.exists(), sorted(str(p) for p in target.parent.rglob("*"))
     else:
         assert snapshot(target) == before
+
+
+def test_ctrl_c_during_the_start_up_ends_it_at_once_and_leaves_no_folder(env):
+    """One process, Ctrl-C (SIGINT) while its start-up is in a long step: status 130 at once with one line, and
+    the new folder is gone (not a run that starts, then stops at its first iteration with a checkpoint)."""
+    target = env["root"] / "interrupted_start" / "run"
+    h = env["runner"].start(faulty_start(env), [MAIN, *pretrain_args(env, target)], cwd=env["root"])
+    wait_for_log(target / "train.log", "Building data done", alive=lambda: pid_alive(h.pid))
+    kill(h.pid, signal.SIGINT)
+    res = env["runner"].wait(h)
+    assert res.returncode == 130, res.explain()
+    assert res.stderr.strip().splitlines() == ["error: stopped by SIGINT during start-up, before anything was trained; "
+                                               "nothing to save (rerun the same command to start, or resume)"]
+    assert not target.parent.exists(), sorted(str(p) for p in target.parent.rglob("*"))
