@@ -164,19 +164,22 @@ def main(start):
 
     # ============ model ============
     model, linear = build_network(args, state, logger)
-    start.agree_to_start(logger)  # every process passed its checks: the evaluation starts
+    loop = LinearLoop(args, model, maxk=min(5, args.num_labels), logger=logger, preempt=preempt, linear=linear)
+
+    # ============ crops, optimiser, resume (--probe released) ============
+    resumed_at = prepare_released(loop, train_data, test_data, start) if args.probe == "released" else None
+    start.agree_to_start(logger)  # every process passed its checks, the resume too: the evaluation starts
     if args.rank == 0:  # every check passed: the folder is this evaluation's, of this checkpoint
         save_params(args, args.dump_path, extra={"pretrained_file": identity, "data": {
             "train_images": len(train_data[0]), "test_images": len(test_data[0]), "classes": len(classes)}})
-    loop = LinearLoop(args, model, maxk=min(5, args.num_labels), logger=logger, preempt=preempt,
-                      curves=CurveWriter(args.dump_path, args.tensorboard, args.rank), linear=linear)
+    loop.curves = CurveWriter(args.dump_path, args.tensorboard, args.rank)
 
-    # ============ training (optimiser, resume, epoch loop) ============
+    # ============ training (epoch loop) ============
     if args.probe == "cached":
         best, last1, last5 = train_cached(loop, train_data, test_data, t_start)
         seconds = time.time() - t_start
     else:
-        best, last1, last5 = train_released(loop, train_data, test_data, t_start)
+        best, last1, last5 = train_released(loop, resumed_at, t_start)
         seconds = loop.clock.elapsed()
     report(loop, best, last1, last5, seconds)
 
@@ -188,6 +191,7 @@ class LinearLoop(EvalLoop):
     --augment batched, the probe that makes the crops."""
     linear: Optional[nn.Module] = None
     probe: Any = None
+    iterations: int = 0  # per epoch, of --probe released
 
 
 def build_data(args, logger):
@@ -259,12 +263,13 @@ def train_cached(loop, train_data, test_data, t_start):
     return res["best_top1"], res["last_top1"], res["last_top5"]
 
 
-def train_released(loop, train_data, test_data, t_start):
-    """The released loop: augmented crops, test after every epoch, best-of-epochs top-1. Fills in `loop`
-    the crops' source, the optimiser, the schedule and the records (`t_start`: when this process started,
-    for the evaluation's time across its processes). Returns (best top-1, last top-1, last top-k)."""
-    args, logger = loop.args, loop.logger
-    iterations = released_crops(loop, train_data, test_data)
+def prepare_released(loop, train_data, test_data, start):
+    """The released loop's set-up, before the evaluation starts: the crops' source, the optimiser, the
+    schedule, and the resume from the evaluation's checkpoint (a checkpoint that cannot be resumed is refused
+    by every process together, `start`). Fills them in `loop`; returns (first epoch, best top-1 so far,
+    whether a checkpoint was resumed)."""
+    args = loop.args
+    loop.iterations = released_crops(loop, train_data, test_data, start)
 
     # ============ optimiser ============
     loop.optimizer = torch.optim.SGD(loop.linear.parameters(), lr=args.lr, nesterov=args.nesterov, momentum=0.9,
@@ -273,10 +278,18 @@ def train_released(loop, train_data, test_data, t_start):
                                     args.decay_epochs, args.gamma)
 
     # ============ resume ============
-    start_epoch, best_acc, resumed = resume_evaluation(args, LINEAR, loop.linear, loop.optimizer, loop.scheduler,
-                                                       logger, no_best=0.0)
-    loop.stats, loop.clock, loop.pace = epoch_records(args, iterations, start_epoch if resumed else None, t_start,
-                                                      logger)
+    return resume_evaluation(args, LINEAR, loop.linear, loop.optimizer, loop.scheduler, loop.logger, no_best=0.0)
+
+
+def train_released(loop, resumed_at, t_start):
+    """The released loop: augmented crops, test after every epoch, best-of-epochs top-1, from where
+    `prepare_released` left it (`resumed_at`: its answer). Fills in `loop` the records (`t_start`: when this
+    process started, for the evaluation's time across its processes). Returns (best top-1, last top-1, last
+    top-k)."""
+    args, logger = loop.args, loop.logger
+    start_epoch, best_acc, resumed = resumed_at
+    loop.stats, loop.clock, loop.pace = epoch_records(args, loop.iterations, start_epoch if resumed else None,
+                                                      t_start, logger)
 
     # ============ epoch loop ============
     last1 = last5 = float("nan")
@@ -288,10 +301,10 @@ def train_released(loop, train_data, test_data, t_start):
     return best_acc, last1, last5
 
 
-def released_crops(loop, train_data, test_data):
+def released_crops(loop, train_data, test_data, start):
     """The source of the crops, set in `loop`: the released loaders (the classifier in DDP with several
-    processes) or, with --augment batched, the probe that makes them on the device
-    (src/eval/batched_probe.py). Returns the iterations per epoch."""
+    processes; `start`: met before DDP's first collective) or, with --augment batched, the probe that makes
+    them on the device (src/eval/batched_probe.py). Returns the iterations per epoch."""
     args = loop.args
     if args.augment == "batched":
         from src.eval.batched_probe import BatchedProbe
@@ -304,6 +317,7 @@ def released_crops(loop, train_data, test_data):
     loop.train_loader, loop.test_loader = data_loaders(LabeledDataset(*train_data, train_tf),
                                                        LabeledDataset(*test_data, test_tf), args)
     if args.world_size > 1:
+        start.agree_so_far()  # before DDP's first collective (src/runtime/startup.py, `StartVote`)
         loop.linear = nn.parallel.DistributedDataParallel(
             loop.linear, device_ids=[args.device.index] if args.device.type == "cuda" else None)
     return len(loop.train_loader)

@@ -189,7 +189,7 @@ def main(start):
     check_same_data(args, data.sizes, log=logger.warning)
 
     # ============ model, optimiser, method ============
-    net = build_network(args, logger)
+    net = build_network(args, logger, start)
     start.agree_so_far()  # DDP's first collective comes next
     method = build_method(args, net, data.iters_per_epoch, np_rng, log=logger.warning)
     logger.info("Building optimizer done.")
@@ -248,7 +248,7 @@ def set_up(args, start):
     run at its next checkpoint), seeds, the run folder (locked; checked against an earlier run's kind and
     arguments), the processes' agreement on the arguments, the log. Returns the log, the Un-Mix draws'
     random stream, the stop signals' handler and the folder's lock."""
-    preempt = start_processes(args)
+    preempt = start_processes(args, start)
     np_rng = np.random.RandomState(args.seed)  # the released code drew lam, r and box centres here
     lock, problem = claim_pretraining_folder(args, OPERATIONAL_FLAGS, start) if args.rank == 0 else (None, None)
     agree_or_fail(args, problem, start)
@@ -360,7 +360,9 @@ def check_same_data(args, sizes, log):
     params = load_params_json(args.dump_path)
     recorded = (params or {}).get("data")
     if recorded is None and (params is not None or os.path.isfile(os.path.join(args.dump_path, "checkpoint.pth.tar"))):
-        log(f"the data's size could not be checked: the run in {args.dump_path} predates its record in params.json; "
+        why = ("predates its record in params.json" if params is not None
+               else "has no params.json (a folder of the released code?)")
+        log(f"the data's size could not be checked: the run in {args.dump_path} {why}; "
             f"resuming on {sizes['train_images']} training images in {sizes['classes']} classes")
     if isinstance(recorded, dict) and recorded != sizes and not args.allow_changed_args:
         fail(f"--data_path {args.data_path} gives {sizes['train_images']} training images in {sizes['classes']} "
@@ -370,9 +372,9 @@ def check_same_data(args, sizes, log):
 
 # ------------------------------------------------------------------ model
 
-def build_network(args, logger):
+def build_network(args, logger, start=None):
     """The released ResNet with projection head and prototypes, with synchronised batch norm across
-    processes, on the device."""
+    processes, on the device. `start`: the start-up's vote, met before apex creates its process groups."""
     model = build_model(args.arch, normalize=True, hidden_mlp=args.hidden_mlp, output_dim=args.feat_dim,
                         nmb_prototypes=args.nmb_prototypes, width_per_group=args.width_per_group)
     if args.world_size > 1:
@@ -381,6 +383,7 @@ def build_network(args, logger):
                 import apex
             except ImportError:
                 fail("--sync_bn apex needs NVIDIA apex, which is not installed; use --sync_bn pytorch")
+            start.agree_so_far()  # creating the groups is a collective: a process that refused is met first
             pg = apex.parallel.create_syncbn_process_group(args.syncbn_process_group_size)
             model = apex.parallel.convert_syncbn_model(model, process_group=pg)
         elif args.device.type == "cuda":

@@ -175,7 +175,9 @@ def test_allow_changed_args_resumes_anyway(env):
 
 def test_a_run_that_recorded_no_data_sizes_resumes_and_says_they_were_not_checked(env):
     """params.json from before the data's sizes were recorded, or none (a folder of the released code): nothing
-    to compare, no refusal, one log line."""
+    to compare, no refusal, one log line that says which."""
+    why = {"unrecorded_data": "predates its record in params.json",
+           "no_params_json": "has no params.json (a folder of the released code?)"}
     for name in ("unrecorded_data", "no_params_json"):
         dump = env["root"] / name
         shutil.copytree(env["prior"], dump, ignore=shutil.ignore_patterns("run.lock"))
@@ -190,6 +192,7 @@ def test_a_run_that_recorded_no_data_sizes_resumes_and_says_they_were_not_checke
         said = [line for line in (dump / "train.log").read_text().splitlines() if "could not be checked" in line]
         assert len(said) == 1 and "the data's size could not be checked" in said[0], (name, said)
         assert "resuming on 100 training images in 10 classes" in said[0]
+        assert f"the run in {dump} {why[name]}; resuming" in said[0], said
         assert json.loads((dump / "params.json").read_text())["data"] == {"train_images": 100, "classes": 10}
     fresh = (env["root"] / "prior" / "train.log").read_text()
     assert "could not be checked" not in fresh   # a run that recorded them says nothing of the kind

@@ -476,17 +476,17 @@ def test_two_process_sinkhorn_equals_one_process(tmp_path):
 # 2 processes of the pretraining script (started one by one, as on two nodes): they agree or stop
 # --------------------------------------------------------------------------------------------------
 
-def _two_ranks(tmp_path, args_of_rank, tag, script=None):
-    """Start `script` (main_swav_unmix.py) as ranks 0 and 1 of one job (file:// rendezvous); returns the
-    processes."""
+def _two_ranks(tmp_path, args_of_rank, tag, script=None, env_of_rank=lambda r: {}):
+    """Start `script` (main_swav_unmix.py) as ranks 0 and 1 of one job (file:// rendezvous), each with the
+    environment variables `env_of_rank(rank)` added; returns the processes."""
     from tests.e2e_helpers import MAIN, RUN_ENV
     env = {k: v for k, v in RUN_ENV.items()
            if not k.startswith("SLURM_") and k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                        "MASTER_PORT")}
     store = tmp_path / f"rendezvous_{tag}"
     return [subprocess.Popen([sys.executable, str(script or MAIN), *map(str, args_of_rank(r)), "--dist_url", f"file://{store}",
-                              "--world_size", "2", "--rank", str(r)], cwd=tmp_path, env=env, text=True,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE) for r in range(2)]
+                              "--world_size", "2", "--rank", str(r)], cwd=tmp_path, env=dict(env, **env_of_rank(r)),
+                             text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE) for r in range(2)]
 
 
 def _finish(procs, timeout=180):
@@ -557,6 +557,42 @@ def test_a_rank_refusing_after_the_data_comparison_meets_the_others_before_ddp(d
     assert [rc for rc, _, _ in results] == [2, 2], [err[-2000:] for _, _, err in results]
     lines = [err.strip().splitlines() for _, _, err in results]
     assert lines[0] == [] and len(lines[1]) == 1 and "test_batch" in lines[1][0], lines
+    assert not (tmp_path / "new").exists(), sorted(map(str, (tmp_path / "new").rglob("*")))
+
+
+# NVIDIA apex's `apex.parallel` as `--sync_bn apex` uses it (apex needs CUDA): its process groups, made by every
+# process of the job (collectives), and a model it would convert left as it is.
+FAKE_APEX = """import torch.distributed as dist
+
+
+def create_syncbn_process_group(group_size):
+    return dist.new_group(list(range(group_size)))
+
+
+def convert_syncbn_model(model, process_group=None):
+    return model
+"""
+
+
+@pytest.mark.slow
+def test_sync_bn_apex_missing_on_one_rank_meets_the_others_before_its_process_groups(data10, tmp_path):
+    """--sync_bn apex where rank 0's node has no apex and rank 1's has (a stand-in here: apex needs CUDA):
+    rank 0 refuses, rank 1 goes on to create apex's process groups. They meet in the start-up's vote first:
+    rank 0 says its line, both exit 2 (not both after --dist_timeout), no folder is left."""
+    (tmp_path / "apex_site" / "apex").mkdir(parents=True)
+    (tmp_path / "apex_site" / "apex" / "__init__.py").write_text("from . import parallel  # noqa: F401\n")
+    (tmp_path / "apex_site" / "apex" / "parallel.py").write_text(FAKE_APEX)
+    dump = tmp_path / "new" / "run"
+    args = lambda r: _tiny(data10 / "c10", dump, "--sync_bn", "apex", "--syncbn_process_group_size", 2,  # noqa: E731
+                           "--dist_timeout", 30)
+    began = time.time()
+    results = _finish(_two_ranks(tmp_path, args, "apex", env_of_rank=lambda r: {
+        "PYTHONPATH": str(tmp_path / "apex_site")} if r == 1 else {}), timeout=120)
+    assert [rc for rc, _, _ in results] == [2, 2], [err[-2000:] for _, _, err in results]
+    lines = [err.strip().splitlines() for _, _, err in results]
+    assert lines[1] == [] and lines[0] == ["error: --sync_bn apex needs NVIDIA apex, which is not installed; use "
+                                           "--sync_bn pytorch"], lines
+    assert time.time() - began < 25, "waited for --dist_timeout"
     assert not (tmp_path / "new").exists(), sorted(map(str, (tmp_path / "new").rglob("*")))
 
 

@@ -2,17 +2,20 @@
 data path or a bad flag value, removes the folder it created (with the parents it created), and leaves an
 existing run folder exactly as it was (its file list and every byte), whether it is refused at the folder
 check or later (data, classes, weights). src/runtime/refused_start.py does the undoing."""
+import json
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from tests.e2e_helpers import EVAL, MAIN, REPO, RUN_ENV, make_fake_cifar10, tiny_args
+from tests.e2e_helpers import EVAL, MAIN, REPO, RUN_ENV, kill, make_fake_cifar10, pid_alive, tiny_args, wait_for_log
 
 SEMISUP = REPO / "eval_semisup.py"
 pytestmark = pytest.mark.slow
@@ -175,3 +178,92 @@ def test_refused_start_with_two_processes(env, kind):
         assert not target.parent.exists(), sorted(str(p) for p in target.parent.rglob("*"))
     else:
         assert snapshot(target) == before
+
+
+@pytest.mark.parametrize("kind", ["linear", "semisup"])
+def test_refused_evaluation_resume_with_two_processes(env, kind):
+    """torchrun, 2 processes, an evaluation folder whose checkpoint cannot be resumed (cut in half, as by a
+    full disk): the resume is refused before the run starts, so the processes vote on it: one line for the
+    job, status 2 on both (not one refusing and the other ending on a lost peer), and the folder, its
+    checkpoint and params.json, is left byte for byte."""
+    target = env["root"] / f"unreadable_{kind}_checkpoint"
+    shutil.copytree(env["root"] / kind, target)
+    (target / "results.json").unlink()  # stopped before its end: the next run resumes
+    params = json.loads((target / "params.json").read_text())
+    (target / "params.json").write_text(json.dumps(dict(params, world_size=2)))  # as a 2-process run left it
+    checkpoint = target / "checkpoint.pth.tar"
+    checkpoint.write_bytes(checkpoint.read_bytes()[:checkpoint.stat().st_size // 2])
+    before = snapshot(target)
+    statuses, stderr = torchrun(SCRIPTS[kind][0], SCRIPTS[kind][1](env, target), env["root"])
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "no readable checkpoint" in errors[0], stderr
+    assert statuses == {0: 2, 1: 2}, stderr
+    assert snapshot(target) == before
+
+
+# An entry script with a fault: rank 1 crashes (a traceback) as it builds its network, while rank 0 is busy in a
+# long step of its start-up there (a slow disk, a large data set). Under torchrun, rank 0 then gets SIGTERM, and
+# SIGKILL 30 s later.
+FAULTY_START = """import os, runpy, sys, time
+sys.argv = sys.argv[1:]
+sys.path.insert(0, os.path.dirname(sys.argv[0]))
+import src.method.resnet as resnet
+build_model = resnet.build_model
+
+
+def slow_or_crash(*args, **kwargs):
+    if os.environ.get("RANK") == "1":
+        raise RuntimeError("rank 1 crashed during its start-up")
+    time.sleep(60)
+    return build_model(*args, **kwargs)
+
+
+resnet.build_model = slow_or_crash
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def faulty_start(env):
+    wrapper = env["root"] / "faulty_start.py"
+    wrapper.write_text(FAULTY_START)
+    return wrapper
+
+
+@pytest.mark.parametrize("folder", ["new", "existing"])
+def test_a_worker_lost_during_the_start_up_under_torchrun_leaves_the_folder_as_it_was(env, folder):
+    """torchrun, 2 processes, rank 1 lost during the start-up while rank 0 is in a long step: rank 0 ends its
+    start-up at once on torchrun's SIGTERM (status 143, one line), not killed 30 s later, and its folder is as it
+    was: a new one is gone, an existing one (a pretraining resumed) keeps its file list and every byte."""
+    wrapper = faulty_start(env)
+    if folder == "new":
+        target = env["root"] / "lost_in_start_up" / "run"
+        args, before = pretrain_args(env, target), None
+    else:
+        target = env["root"] / "lost_in_resume"
+        shutil.copytree(env["root"] / "pretraining", target)
+        args, before = pretrain_args(env, target, "--epochs", 2, "--allow_changed_args", "true"), snapshot(target)
+    began = time.time()
+    statuses, stderr = torchrun(wrapper, [MAIN, *args], env["root"])
+    assert statuses == {0: 143, 1: 1}, stderr
+    assert time.time() - began < 25, stderr  # torchrun kills after 30 s
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: stopped by SIGTERM during start-up, before anything was trained; nothing to save "
+                      "(rerun the same command to start, or resume)"], stderr
+    if before is None:
+        assert not target.parent.exists(), sorted(str(p) for p in target.parent.rglob("*"))
+    else:
+        assert snapshot(target) == before
+
+
+def test_ctrl_c_during_the_start_up_ends_it_at_once_and_leaves_no_folder(env):
+    """One process, Ctrl-C (SIGINT) while its start-up is in a long step: status 130 at once with one line, and
+    the new folder is gone (not a run that starts, then stops at its first iteration with a checkpoint)."""
+    target = env["root"] / "interrupted_start" / "run"
+    h = env["runner"].start(faulty_start(env), [MAIN, *pretrain_args(env, target)], cwd=env["root"])
+    wait_for_log(target / "train.log", "Building data done", alive=lambda: pid_alive(h.pid))
+    kill(h.pid, signal.SIGINT)
+    res = env["runner"].wait(h)
+    assert res.returncode == 130, res.explain()
+    assert res.stderr.strip().splitlines() == ["error: stopped by SIGINT during start-up, before anything was trained; "
+                                               "nothing to save (rerun the same command to start, or resume)"]
+    assert not target.parent.exists(), sorted(str(p) for p in target.parent.rglob("*"))

@@ -122,7 +122,7 @@ def set_up(args, kind, operational_flags, start):
     with other arguments unless --allow_changed_args), the processes' agreement on the arguments, the
     log (headed by the run's provenance). Returns the log, the stop signals' handler, the identity of
     --pretrained and the folder's lock (held until the process ends)."""
-    preempt = start_processes(args)
+    preempt = start_processes(args, start)
     lock, identity, moved, problem = (claim_evaluation_folder(args, kind, operational_flags, start) if args.rank == 0
                                       else (None, None, None, None))
     agree_or_fail(args, problem, start)

@@ -5,6 +5,7 @@ at once (`exit_at_once`), and the process group is left before the interpreter's
 import logging
 import os
 import re
+import signal
 import sys
 
 import torch.distributed as dist
@@ -12,7 +13,7 @@ import torch.distributed as dist
 from . import rendezvous
 from .cli import CANNOT_WRITE_EXIT_CODE, INTERRUPTED_EXIT_CODE, LOST_PEER_EXIT_CODE, error_line, fail
 from .files import WRITE_ERRNOS
-from .signals import ignore_stop_signals
+from .signals import StartUpStopped, ignore_stop_signals
 
 
 def lost_peer(e):
@@ -82,6 +83,9 @@ def _run_main(main, start):
                     raise
                 fail(f"cannot write {e.filename or 'a file'}: {e.strerror}; the files written before are complete "
                      "and kept (free some space or fix the permissions, then rerun to resume)", CANNOT_WRITE_EXIT_CODE)
+    except StartUpStopped as e:  # after `start` has undone rank 0's start and given back the process's stderr
+        exit_at_once(f"stopped by {signal.Signals(e.signum).name} during start-up, before anything was trained; "
+                     "nothing to save (rerun the same command to start, or resume)", 128 + e.signum)
     except RuntimeError as e:  # after `start` has given back the process's stderr
         if not lost_peer(e):
             raise

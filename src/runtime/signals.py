@@ -8,7 +8,9 @@ with ``PREEMPTED_EXIT_CODE`` (3). The scripts pass that status through. A proces
 after a second signal or after a grace period, leaving the last checkpoint as it is. Once the checkpoint
 is written (``stop_listening``), and once an entry script's ``main`` has ended (``run_main``), further
 stop signals are ignored: the status is decided, and during the interpreter's shutdown Python gives them
-back their default action, which would end the process with 128 + N (138, 143) instead.
+back their default action, which would end the process with 128 + N (138, 143) instead. During an entry
+script's start-up, from the claim of its run folder to the start of its run, SIGTERM and SIGINT end it at
+once instead (``StartUpStopped``; rank 0 first puts its folder back as it was): nothing is trained yet.
 """
 import os
 import select
@@ -30,6 +32,23 @@ PREEMPTED_EXIT_CODE = 3
 
 
 STOP_SIGNALS = (signal.SIGUSR1, signal.SIGTERM, signal.SIGINT)
+
+
+# The stop signals that end an entry script's start-up at once (`PreemptionHandler.stop_start_up`): torchrun
+# SIGTERMs the other workers when one fails, and SIGKILLs them 30 s later. SIGUSR1, Slurm's notice before a
+# time limit, still lets the run start and stop at its first checkpoint, which requeues the job.
+START_UP_STOPS = (signal.SIGTERM, signal.SIGINT)
+
+
+class StartUpStopped(BaseException):
+    """Raised in the main thread by a stop signal (`signum`) that comes during the start-up of an entry script:
+    nothing has been trained, so there is nothing to save (src/runtime/startup.py, `StartVote`, undoes the start;
+    src/runtime/exits.py, `run_main`, ends the process with 128 + `signum`). A BaseException, as KeyboardInterrupt:
+    no `except Exception` of the start-up swallows it."""
+
+    def __init__(self, signum):
+        super().__init__(signum)
+        self.signum = signum
 
 
 class PreemptionHandler:
@@ -54,10 +73,23 @@ class PreemptionHandler:
         self.grace_s, self.repeat_s = grace_s, repeat_s
         self._previous = {}
         self._wakeup = None  # (read end, write end, previous wakeup fd) while the watchdog runs
+        self.start_up = False  # see stop_start_up
 
     def _handle(self, signum, frame):  # noqa: ARG002 - signal handler signature
         self.requested = True
         self.signum = signum
+        if self.start_up and signum in START_UP_STOPS:
+            self.start_up = False
+            raise StartUpStopped(signum)
+
+    def stop_start_up(self, armed=True) -> None:
+        """`armed`: from now on SIGTERM and SIGINT raise `StartUpStopped` in the main thread (at once when one
+        came already), instead of only setting the flag; not armed: they only set it again, as in training.
+        From the main thread only."""
+        self.start_up = armed
+        if armed and self.requested and self.signum in START_UP_STOPS:
+            self.start_up = False
+            raise StartUpStopped(self.signum)
 
     def install(self, signals=STOP_SIGNALS) -> "PreemptionHandler":
         """Install the flag-setting handler, and the watchdog with ``grace_s`` (from the main thread)."""

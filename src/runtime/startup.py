@@ -22,7 +22,7 @@ from .cli import LOST_PEER_EXIT_CODE, Refusal, fail
 from .exits import lost_peer
 from .launch import DistError, RendezvousTimeout, init_distributed
 from .logs import write_held_log
-from .signals import PreemptionHandler
+from .signals import PreemptionHandler, StartUpStopped
 
 # Flags that may differ between the processes of one job (their own rank and device; a node-local copy
 # of the data at another path, checked by its content instead).
@@ -115,12 +115,25 @@ class StartVote:
     processes are never out of step: each calls `agree_so_far` before every other collective of its start-up,
     where it meets a process that refused (which then waits for the others at most --dist_timeout). Until the
     vote, a process other than rank 0 holds what it says on stderr, as it holds its log: a refusal of rank 0's
-    is the one said, the others learn whether theirs is only from the vote."""
+    is the one said, the others learn whether theirs is only from the vote. From `join` to `agree_to_start`,
+    SIGTERM or SIGINT ends the start-up at once (`watch_stops`), rank 0 undoing its start first."""
 
     def __init__(self):
         self.rank, self.world_size, self.group = 0, 1, None  # until `join`: this process refuses alone
         self.held, self.stderr = None, None
         self.undo = None  # rank 0's claim of its run folder (`undo_if_lost`)
+        self.preempt = None  # the stop signals' handler (`watch_stops`)
+
+    def watch_stops(self, preempt):
+        """`preempt` (src/runtime/signals.PreemptionHandler) is this process's stop signals' handler: from `join`
+        to the start of the run it ends the start-up on SIGTERM or SIGINT (`StartUpStopped`) instead of setting
+        a flag that only the training loop reads (torchrun SIGTERMs the other workers when one fails, and
+        SIGKILLs them 30 s later: rank 0 then undoes its start before it is killed)."""
+        self.preempt = preempt
+
+    def _stops_end_start_up(self, armed):
+        if self.preempt is not None:
+            self.preempt.stop_start_up(armed)
 
     def undo_if_lost(self, undo):
         """Rank 0 claimed its run folder (`undo`, a src/runtime/refused_start.StartUndo): should another process
@@ -129,14 +142,15 @@ class StartVote:
         self.undo = undo
 
     def join(self, args):
-        """Collective: from here to `agree_to_start` the processes of the job refuse together."""
-        if args.world_size <= 1:
-            return
-        self.rank, self.world_size = args.rank, args.world_size
-        self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=args.dist_timeout))
-        if self.rank != 0:
-            self.held, self.stderr = io.StringIO(), sys.stderr
-            sys.stderr = self.held
+        """Collective: from here to `agree_to_start` the processes of the job refuse together, and a stop signal
+        ends the start-up (rank 0's run folder is claimed by now: it is undone)."""
+        if args.world_size > 1:
+            self.rank, self.world_size = args.rank, args.world_size
+            self.group = dist.new_group(backend="gloo", timeout=timedelta(seconds=args.dist_timeout))
+            if self.rank != 0:
+                self.held, self.stderr = io.StringIO(), sys.stderr
+                sys.stderr = self.held
+        self._stops_end_start_up(True)
 
     def agree_so_far(self):
         """Collective, before each other collective of the start-up: when another process refused, this one
@@ -152,7 +166,8 @@ class StartVote:
         """Collective, where every process has passed its start-up checks, just before the run starts: when
         another process refused, this one ends silently with that status. Then a process other than rank 0
         writes its log (held until now: no process but rank 0 writes in the folder before the run has
-        started)."""
+        started). From here a stop signal stops the run at its next checkpoint."""
+        self._stops_end_start_up(False)
         self.agree_so_far()
         self._end()
         self.undo = None  # the run starts: its folder is kept whatever happens
@@ -162,7 +177,8 @@ class StartVote:
         return self
 
     def __exit__(self, kind, error, traceback):
-        if self.undo is not None and lost_peer(error):
+        self._stops_end_start_up(False)  # the status is being decided
+        if self.undo is not None and (lost_peer(error) or isinstance(error, StartUpStopped)):
             self.undo.undo()
         if self.group is None:  # one process, or the start-up is over
             return False
@@ -200,15 +216,18 @@ def fix_random_seeds(seed):
     random.seed(seed)
 
 
-def start_processes(args):
+def start_processes(args, start=None):
     """The start of every entry script: join the job's processes (a bad launch is one line), install the
     stop signals' handler (acted on at the next checkpoint; a blocked collective past --dist_timeout ends
-    the process with status 3), seed. Returns the handler."""
+    the process with status 3; during the start-up `start`, see `StartVote.watch_stops`), seed. Returns the
+    handler."""
     try:
         init_distributed(args)
     except DistError as e:  # a process that never joined counts as one lost (status 5), as in a collective
         fail(str(e), LOST_PEER_EXIT_CODE if isinstance(e, RendezvousTimeout) else 2)
     preempt = PreemptionHandler(grace_s=args.dist_timeout).install()
+    if start is not None:
+        start.watch_stops(preempt)
     fix_random_seeds(args.seed)
     return preempt
 
