@@ -235,3 +235,19 @@ def test_checkpoint_snapshot_of_cuda_tensors(fake_cuda):
     tensors = [t for t in tree_flatten(host)[0] if isinstance(t, torch.Tensor)]
     assert tensors and {t.device.type for t in tensors} == {"cpu"} and snapshot._cuda
     assert len(snapshot.buffers) == len({id(t) for t in tree_flatten(state)[0] if isinstance(t, torch.Tensor)})
+
+
+def test_a_run_resumed_from_the_snapshot_steps(fake_cuda):
+    """The momentum buffers of a background checkpoint, loaded again, keep their parameters' channels_last
+    strides, which the fused SGD kernel needs of parameters, gradients and buffers alike."""
+    args = tiny_args("--amp_dtype", "bfloat16")
+    crops = [torch.randn(16, 3, 16, 16, device="cuda") for _ in range(2)]
+    method = cuda_method(fake_cuda, args)
+    for it in range(2):
+        method.step(crops, iteration=it)
+    host = HostSnapshot().take({"optimizer": method.optimizer.state_dict()})
+    resumed = cuda_method(fake_cuda, args)
+    resumed.optimizer.load_state_dict(host["optimizer"])
+    conv = resumed.net.conv1.weight
+    assert resumed.optimizer.state[conv]["momentum_buffer"].stride() == conv.stride()
+    resumed.step(crops, iteration=2)
