@@ -162,31 +162,46 @@ def cuda_method(fake_cuda, args, iters_per_epoch=4):
 
 
 AMP = {"fp32": ["--use_fp16", "false"], "bf16": ["--amp_dtype", "bfloat16"], "fp16": ["--amp_dtype", "float16"]}
+MULTI_CROP = ["--nmb_crops", "2", "2", "--size_crops", "16", "8", "--min_scale_crops", "0.14", "0.05",
+              "--max_scale_crops", "1", "0.14"]
+CASES = {"fp32": AMP["fp32"], "fp16": AMP["fp16"],
+         "bf16-multicrop": AMP["bf16"] + MULTI_CROP,  # two crop sizes: Un-Mix pairs and Sinkhorn problems of each
+         "fp16-no_guard": AMP["fp16"] + ["--max_nonfinite_steps", "0"],
+         "fp32-swav-no_guard": AMP["fp32"] + ["--run_swav", "true", "--max_nonfinite_steps", "0",
+                                              "--queue_length", "32"]}  # one term a step: in use after 2
 
 
-@pytest.mark.parametrize("amp", list(AMP))
-def test_training_iterations_stay_on_the_device(fake_cuda, amp):
-    method = cuda_method(fake_cuda, tiny_args(*AMP[amp]))
-    expected = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-    assert (method.scaler is not None) == (amp == "fp16") and method.guard is not None
+def crops_of(args):
+    return [torch.randn(16, 3, size, size, device="cuda")
+            for size, n in zip(args.size_crops, args.nmb_crops) for _ in range(n)]
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_training_iterations_stay_on_the_device(fake_cuda, case):
+    args = tiny_args(*CASES[case])
+    method = cuda_method(fake_cuda, args)
+    expected = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[case.split("-")[0]]
+    assert (method.scaler is not None) == case.startswith("fp16") and (method.guard is None) == ("guard" in case)
     outputs = []
     method.net.register_forward_hook(lambda module, inputs, out: outputs.append(out[1].dtype))
-    crops = [torch.randn(16, 3, 16, 16, device="cuda") for _ in range(2)]
+    crops = crops_of(args)
+    terms = 1 if args.run_swav else 3
     plans = []
     for it in range(3):  # frozen prototypes, then not; the queue before, while and after it comes into use
-        plans.append(method.queue.plan(3, 16))
+        plans.append(method.queue.plan(terms, 16))
         out = method.step(crops, iteration=it)
         assert out.loss.device == CUDA and out.loss.dtype == torch.float32
-    assert plans[0] == ((False,) * 2,) * 3 and plans[1] == ((False,) * 2, (True,) * 2, (True,) * 2)
-    assert plans[2] == ((True,) * 2,) * 3
+    assert any(not any(flags) for flags in plans[0]) and all(all(flags) for flags in plans[-1])
     assert outputs == [expected] * 3 and len(fake_cuda.losses) == 3 and fused_sgd_checks.calls > 0
     net = method.net
     tensors = {**dict(net.named_parameters()), **dict(net.named_buffers()),
-               "queue": method.queue.tensor, "meter": method.meter, "bad_steps": method.bad_steps,
+               "queue": method.queue.tensor, "meter": method.meter,
                "staged numbers": method.inputs.table, "staged position": method.inputs.pos,
                **{f"momentum of {n}": method.optimizer.state[p]["momentum_buffer"] for n, p in net.named_parameters()}}
     if method.scaler is not None:
         tensors["scale"] = method.scaler._scale
+    if method.guard is not None:
+        tensors["bad_steps"] = method.bad_steps
     assert {name: t.device for name, t in tensors.items() if t.device != CUDA} == {}
     conv = net.conv1.weight
     assert conv.is_contiguous(memory_format=torch.channels_last)
@@ -223,29 +238,23 @@ def test_knn_monitor_on_the_device(fake_cuda, bank_on_device):
     assert last.name == "knn_monitor" and "int(correct_counts(" in str(last.statement)
 
 
-def test_checkpoint_snapshot_of_cuda_tensors(fake_cuda):
-    """HostSnapshot.take as a background save calls it: every tensor lands in a host buffer; the wait for the
-    copies (`finish`, torch.cuda.synchronize) needs a GPU."""
-    method = cuda_method(fake_cuda, tiny_args("--amp_dtype", "bfloat16"))
-    method.step([torch.randn(16, 3, 16, 16, device="cuda") for _ in range(2)], iteration=0)
+def test_a_run_resumed_from_the_checkpoint_snapshot_steps(fake_cuda):
+    """HostSnapshot.take as a background save calls it: every tensor lands in a host buffer laid out as the
+    tensor (the wait for the copies, `finish`, needs a GPU). Loaded again, the momentum buffers keep their
+    parameters' channels_last strides, which the fused SGD kernel needs of parameters, gradients and buffers
+    alike: the first step of the resumed run runs."""
+    args = tiny_args("--amp_dtype", "bfloat16")
+    crops = crops_of(args)
+    method = cuda_method(fake_cuda, args)
+    for it in range(2):
+        method.step(crops, iteration=it)
     state = {"state_dict": method.net.state_dict(), "optimizer": method.optimizer.state_dict(),
              "queue": method.state_dict()["queue"]}
     snapshot = HostSnapshot()
     host = snapshot.take(state)
-    tensors = [t for t in tree_flatten(host)[0] if isinstance(t, torch.Tensor)]
-    assert tensors and {t.device.type for t in tensors} == {"cpu"} and snapshot._cuda
-    assert len(snapshot.buffers) == len({id(t) for t in tree_flatten(state)[0] if isinstance(t, torch.Tensor)})
-
-
-def test_a_run_resumed_from_the_snapshot_steps(fake_cuda):
-    """The momentum buffers of a background checkpoint, loaded again, keep their parameters' channels_last
-    strides, which the fused SGD kernel needs of parameters, gradients and buffers alike."""
-    args = tiny_args("--amp_dtype", "bfloat16")
-    crops = [torch.randn(16, 3, 16, 16, device="cuda") for _ in range(2)]
-    method = cuda_method(fake_cuda, args)
-    for it in range(2):
-        method.step(crops, iteration=it)
-    host = HostSnapshot().take({"optimizer": method.optimizer.state_dict()})
+    pairs = [(t, h) for t, h in zip(tree_flatten(state)[0], tree_flatten(host)[0]) if isinstance(t, torch.Tensor)]
+    assert pairs and snapshot._cuda and len(snapshot.buffers) == len({id(t) for t, _ in pairs})
+    assert [(h.device.type, h.stride()) for _, h in pairs] == [("cpu", t.stride()) for t, _ in pairs]
     resumed = cuda_method(fake_cuda, args)
     resumed.optimizer.load_state_dict(host["optimizer"])
     conv = resumed.net.conv1.weight
