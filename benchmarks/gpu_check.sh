@@ -78,7 +78,7 @@ WORK=$(mktemp -d)
 UNPACK_PID=
 trap '[ -n "$UNPACK_PID" ] && kill "$UNPACK_PID" 2>/dev/null && wait "$UNPACK_PID"; rm -rf "$WORK"' EXIT
 : > "$LOG"
-echo "# GPU check $(date -u +%FT%TZ)$([ $DRY -eq 1 ] && echo ' (dry run: CPU, tiny sizes, the test fixture; no number here means anything)')" > "$SUMMARY"
+echo "# GPU check $(date -u +%FT%TZ)$([ $DRY -eq 1 ] && echo ' (dry run: CPU, tiny sizes, the test fixture unless DATA is given; no number here means anything)')" > "$SUMMARY"
 FAILED=0
 
 phase() {  # phase NAME SECONDS command...: run it under a time limit, log it, note its status
@@ -173,14 +173,19 @@ if want c && [ $DATA_OK -eq 1 ]; then
             problem "moving the unpacked data from $DATA.unpacking into $DATA failed (see the log): (c) not run"
         fi
     fi
-    IFS=$'\t' read -r VARIANT FLAGS WHY < <("$PY" benchmarks/pick_variant.py "$OUT/bench.json" "$LOG")
-    echo "- c: variant $VARIANT ($FLAGS): $WHY" >> "$SUMMARY"
+    VARIANT=
+    IFS=$'\t' read -r VARIANT FLAGS WHY < <("$PY" benchmarks/pick_variant.py "$OUT/bench.json" "$LOG" 2>> "$LOG")
+    if [ -n "$VARIANT" ]; then
+        echo "- c: variant $VARIANT ($FLAGS): $WHY" >> "$SUMMARY"
+    else  # without its flags the run would silently be the released pipeline in float16
+        problem "benchmarks/pick_variant.py named no variant (see the log): (c) not run"
+    fi
     SIZE=() SCHEDULE=200
     [ $DRY -eq 1 ] && SIZE=(--width_per_group 8 --batch_size 16) EPOCHS_RUN=1
     RUN="$WORK/unmix_c10"
     read -r -a FLAG_ARRAY <<< "$FLAGS"
-    if [ -e "$DATA/train" ]; then
-        phase "c: pretraining ($EPOCHS_RUN epochs)" "$C_LIMIT" timeout --preserve-status --signal=USR1 $((C_LIMIT - 20)) \
+    if [ -e "$DATA/train" ] && [ -n "$VARIANT" ]; then
+        phase "c: pretraining ($EPOCHS_RUN epoch(s) of $SCHEDULE)" "$C_LIMIT" timeout --preserve-status --signal=USR1 $((C_LIMIT - 20)) \
             "$PY" main_swav_unmix.py --arch resnet18 --hidden_mlp 512 --data_path "$DATA" --min_scale_crops 0.14 \
             --max_scale_crops 1.0 --epochs $SCHEDULE --epochs_run_limit "$EPOCHS_RUN" --batch_size 128 --base_lr 0.6 \
             --final_lr 0.0006 --warmup_epochs 5 --size_crops 32 --nmb_crops 2 --nmb_prototypes 100 \
