@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The GPU check: the first command to run on a GPU, about 6-7 minutes by estimate (not yet timed on a GPU:
 # see below), whose every number is measured in this call. Each phase runs under its own limit, so the
-# whole command ends within A_SECONDS + B_SECONDS + C_SECONDS + 30 s of kill grace (about 9 minutes with
-# the defaults: under a 10-minute limit per command), and a phase cut short still leaves what it measured:
+# whole command ends within A_SECONDS + B_SECONDS + C_SECONDS + 30 s of kill grace and a few seconds of
+# set-up (the device query is cut at 60 s; waiting for the data's unpacking counts in C_SECONDS): about 9
+# minutes with the defaults, under a 10-minute limit per command; and a phase cut short still leaves what it measured:
 # the tests that finished, the side-by-side table of the windows timed so far (bench_train_step.py stops
 # a worker not set up within B_SECONDS - 55, so the others keep 40 s to be measured, ends by its own
 # deadline, B_SECONDS - 15, and writes its table as soon as the timed windows are in), the real
@@ -36,9 +37,11 @@
 #                                                 # the 400-image test fixture; checks the script, not a GPU
 #
 # Data for (c): DATA (train/ and test/ class folders, or a CIFAR folder; default local_data/cifar10); when
-# DATA/train is missing, the CIFAR-10 JPEG archive ARCHIVE (default local_data/cifar10-jpg.tar.xz) is
-# unpacked into DATA, in the background while (a) and (b) run. Without either, (c) is an error; the test
-# fixture is refused outside a dry run. Where torch sees no GPU, a run other than a dry run stops at once. Golden vectors: tests/data/golden (UNMIX_GOLDEN names another copy).
+# DATA/train is missing, the CIFAR-10 JPEG archive ARCHIVE (default local_data/cifar10-jpg.tar.xz, train/ and
+# test/ at its top) is unpacked into DATA.unpacking, in the background while (a) and (b) run, and moved into
+# DATA once complete (an unpacking cut short never passes for the data); waiting for it counts in (c)'s
+# limit, at most half of it. Without either, (c) is an error; the test fixture is refused outside a dry run.
+# A dry run uses the fixture unless DATA is given. Where torch sees no GPU, a run other than a dry run stops at once. Golden vectors: tests/data/golden (UNMIX_GOLDEN names another copy).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DRY=0
@@ -51,6 +54,7 @@ esac
 [ $# -gt 1 ] && { echo "error: one argument at most (--dry-run), got: $*" >&2; exit 2; }
 OUT=${OUT:-gpu_results}
 PHASES=${PHASES:-"a b c"}
+DATA_GIVEN=${DATA:+1}
 DATA=${DATA:-local_data/cifar10}
 ARCHIVE=${ARCHIVE:-local_data/cifar10-jpg.tar.xz}
 EPOCHS_RUN=${EPOCHS_RUN:-2}
@@ -72,9 +76,9 @@ LOG="$OUT/gpu_check.log"
 SUMMARY="$OUT/summary.md"
 WORK=$(mktemp -d)
 UNPACK_PID=
-trap '[ -n "$UNPACK_PID" ] && kill "$UNPACK_PID" 2>/dev/null; rm -rf "$WORK"' EXIT
+trap '[ -n "$UNPACK_PID" ] && kill "$UNPACK_PID" 2>/dev/null && wait "$UNPACK_PID"; rm -rf "$WORK"' EXIT
 : > "$LOG"
-echo "# GPU check $(date -u +%FT%TZ)$([ $DRY -eq 1 ] && echo ' (dry run: CPU, tiny sizes, the test fixture; no number here means anything)')" > "$SUMMARY"
+echo "# GPU check $(date -u +%FT%TZ)$([ $DRY -eq 1 ] && echo ' (dry run: CPU, tiny sizes, the test fixture unless DATA is given; no number here means anything)')" > "$SUMMARY"
 FAILED=0
 
 phase() {  # phase NAME SECONDS command...: run it under a time limit, log it, note its status
@@ -96,24 +100,21 @@ problem() {  # a reason the check cannot be trusted: in the summary, and the exi
 
 {
     { command -v nvidia-smi > /dev/null && nvidia-smi -L 2>&1; } || echo "no nvidia-smi"
-    "$PY" -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'cuDNN', torch.backends.cudnn.version()); print('CUDA device: ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no CUDA device')"
+    timeout -k 5 60 "$PY" -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, 'cuDNN', torch.backends.cudnn.version()); print('CUDA device: ' + torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'no CUDA device')"
 } > "$OUT/device.txt" 2>&1
 cat "$OUT/device.txt" >> "$SUMMARY"
 
 # ---- data for (c), checked first: a real run never falls back to the fixture
-DATA_OK=0
+DATA_OK=0 UNPACK=0
 if want c; then
-    if [ $DRY -eq 1 ]; then
+    if [ $DRY -eq 1 ] && [ -z "$DATA_GIVEN" ]; then
         DATA=$FIXTURE DATA_OK=1
-    elif [ "$(realpath -m "$DATA")" = "$(realpath -m "$FIXTURE")" ]; then
+    elif [ $DRY -eq 0 ] && [ "$(realpath -m "$DATA")" = "$(realpath -m "$FIXTURE")" ]; then
         problem "DATA=$DATA is the test fixture (400 images): (c) needs CIFAR-10; not run"
     elif [ -e "$DATA/train" ]; then
         DATA_OK=1
     elif [ -f "$ARCHIVE" ]; then
-        mkdir -p "$DATA"
-        (tar -xJf "$ARCHIVE" -C "$DATA" && touch "$WORK/unpacked") >> "$LOG" 2>&1 &
-        UNPACK_PID=$!
-        DATA_OK=1
+        DATA_OK=1 UNPACK=1  # once a GPU is seen (below)
     else
         problem "no training data for (c): neither DATA=$DATA/train nor ARCHIVE=$ARCHIVE exists (put the CIFAR-10 JPEG archive at $ARCHIVE, or set DATA); not run"
     fi
@@ -125,6 +126,11 @@ if [ $DRY -eq 0 ] && ! grep -q "^CUDA device: " "$OUT/device.txt"; then
     echo "- problems: $FAILED" >> "$SUMMARY"
     cat "$SUMMARY"
     exit 1
+fi
+if [ $UNPACK -eq 1 ]; then  # tar itself in the background: the exit trap stops it, not a shell around it
+    rm -rf "$DATA.unpacking" && mkdir -p "$DATA.unpacking"
+    tar -xJf "$ARCHIVE" -C "$DATA.unpacking" >> "$LOG" 2>&1 &
+    UNPACK_PID=$!
 fi
 
 if want a; then
@@ -149,25 +155,44 @@ fi
 
 if want c && [ $DATA_OK -eq 1 ]; then
     echo "## (c) a short real run" >> "$SUMMARY"
-    if [ -n "$UNPACK_PID" ]; then
+    C_LIMIT=$C_SECONDS
+    if [ -n "$UNPACK_PID" ]; then  # the wait counts in (c)'s limit, at most half of it
+        t0=$SECONDS
+        while kill -0 "$UNPACK_PID" 2>/dev/null && [ $((SECONDS - t0)) -lt $((C_SECONDS / 2)) ]; do sleep 1; done
+        kill "$UNPACK_PID" 2>/dev/null
         wait "$UNPACK_PID"
+        rc=$?
         UNPACK_PID=
-        [ -f "$WORK/unpacked" ] && [ -e "$DATA/train" ] || problem "unpacking $ARCHIVE into $DATA failed (see the log)"
+        C_LIMIT=$((C_SECONDS - (SECONDS - t0)))
+        echo "- c: unpacking $ARCHIVE: tar's status $rc, $((SECONDS - t0)) s waited" >> "$SUMMARY"
+        if [ $rc -ne 0 ]; then
+            problem "unpacking $ARCHIVE stopped with status $rc (not done within $((C_SECONDS / 2)) s, or see the log): (c) not run; unpack it beforehand (mkdir -p $DATA && tar -xJf $ARCHIVE -C $DATA)"
+        elif [ ! -d "$DATA.unpacking/train" ]; then
+            problem "$ARCHIVE has no train/ at its top (see $DATA.unpacking): (c) not run"
+        elif ! { mkdir -p "$DATA" && mv "$DATA.unpacking"/* "$DATA"/ && rmdir "$DATA.unpacking"; } >> "$LOG" 2>&1; then
+            problem "moving the unpacked data from $DATA.unpacking into $DATA failed (see the log): (c) not run"
+        fi
     fi
-    IFS=$'\t' read -r VARIANT FLAGS WHY < <("$PY" benchmarks/pick_variant.py "$OUT/bench.json" "$LOG")
-    echo "- c: variant $VARIANT ($FLAGS): $WHY" >> "$SUMMARY"
+    VARIANT=
+    IFS=$'\t' read -r VARIANT FLAGS WHY < <("$PY" benchmarks/pick_variant.py "$OUT/bench.json" "$LOG" 2>> "$LOG")
+    if [ -n "$VARIANT" ]; then
+        echo "- c: variant $VARIANT ($FLAGS): $WHY" >> "$SUMMARY"
+    else  # without its flags the run would silently be the released pipeline in float16
+        problem "benchmarks/pick_variant.py named no variant (see the log): (c) not run"
+    fi
     SIZE=() SCHEDULE=200
     [ $DRY -eq 1 ] && SIZE=(--width_per_group 8 --batch_size 16) EPOCHS_RUN=1
     RUN="$WORK/unmix_c10"
     read -r -a FLAG_ARRAY <<< "$FLAGS"
-    if [ -e "$DATA/train" ]; then
-        phase "c: pretraining ($EPOCHS_RUN epochs)" "$C_SECONDS" timeout --signal=USR1 $((C_SECONDS - 20)) \
+    if [ -e "$DATA/train" ] && [ -n "$VARIANT" ]; then
+        phase "c: pretraining ($EPOCHS_RUN epoch(s) of $SCHEDULE)" "$C_LIMIT" timeout --preserve-status --signal=USR1 $((C_LIMIT - 20)) \
             "$PY" main_swav_unmix.py --arch resnet18 --hidden_mlp 512 --data_path "$DATA" --min_scale_crops 0.14 \
             --max_scale_crops 1.0 --epochs $SCHEDULE --epochs_run_limit "$EPOCHS_RUN" --batch_size 128 --base_lr 0.6 \
             --final_lr 0.0006 --warmup_epochs 5 --size_crops 32 --nmb_crops 2 --nmb_prototypes 100 \
             --queue_length 120 --epoch_queue_starts 15 --use_fp16 True --freeze_prototypes_niters 5005 \
             --run_swav False --workers 2 --temperature 0.1 --epsilon 0.05 --knn_freq 1 --checkpoint_freq 1000 \
             --dump_path "$RUN" "${FLAG_ARRAY[@]}" "${SIZE[@]}"
+        [ $? -eq 3 ] && echo "- c: status 3: stopped at its time limit ($((C_LIMIT - 20)) s, SIGUSR1) after saving a checkpoint; the epochs that finished are below" >> "$SUMMARY"
         "$PY" benchmarks/real_run_report.py "$RUN" --schedule $SCHEDULE $([ $DRY -eq 1 ] && echo --dry_run) \
             >> "$SUMMARY" 2>> "$LOG" || FAILED=$((FAILED + 1))
     fi

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -30,9 +31,24 @@ def run_check(tmp_path, *args, **env):
     return res, summary
 
 
+def fixture_archive(tmp_path):
+    """The 400-image fixture packed as the CIFAR-10 JPEG archive is: train/ and test/ at its top."""
+    import tarfile
+    path = tmp_path / "cifar10-jpg.tar.xz"
+    with tarfile.open(path, "w:xz") as tar:
+        for part in ("train", "test"):
+            tar.add(REPO / "tests" / "data" / "cifar10_jpg_small" / part, arcname=part)
+    return path
+
+
 def test_dry_run_goes_through_every_phase(tmp_path):
-    res, summary = run_check(tmp_path, "--dry-run")
+    """Given DATA and ARCHIVE, the dry run also unpacks the archive as a real run does (into DATA.unpacking,
+    moved into DATA once complete, the wait counted in (c)'s limit)."""
+    data = tmp_path / "cifar10"
+    res, summary = run_check(tmp_path, "--dry-run", DATA=str(data), ARCHIVE=str(fixture_archive(tmp_path)))
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert f"- c: unpacking {tmp_path / 'cifar10-jpg.tar.xz'}: tar's status 0, " in summary
+    assert sorted(p.name for p in data.iterdir()) == ["test", "train"] and not (tmp_path / "cifar10.unpacking").exists()
     statuses = [line for line in summary.splitlines() if ": status " in line]
     assert [s.split(":")[0] for s in statuses] == ["- a", "- b", "- c"], summary
     assert all(": status 0," in s for s in statuses), summary
@@ -58,6 +74,17 @@ def test_a_real_run_without_data_is_an_error(tmp_path):
     if not torch.cuda.is_available():  # nothing runs: every phase would spend its limit on the CPU
         assert res.returncode == 1 and "- problems: 2" in summary
         assert "- error: torch sees no CUDA device (see device.txt); nothing run (on the CPU: --dry-run)" in summary
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the stop without a GPU")
+def test_a_run_that_stops_for_want_of_a_gpu_unpacks_nothing(tmp_path):
+    """Before, the archive was unpacked into DATA in a shell the exit trap killed while tar went on: a later
+    run took the unpacked (or half-unpacked) DATA/train for the data set."""
+    data = tmp_path / "cifar10"
+    res, summary = run_check(tmp_path, PHASES="c", DATA=str(data), ARCHIVE=str(fixture_archive(tmp_path)))
+    assert res.returncode == 1 and "torch sees no CUDA device" in summary
+    time.sleep(2)  # what a background tar would still write
+    assert not (data / "train").exists() and not (tmp_path / "cifar10.unpacking").exists()
 
 
 def test_a_real_run_refuses_the_test_fixture(tmp_path):
@@ -108,6 +135,9 @@ def test_the_real_run_uses_the_fastest_variant_shown_equal():
     both = rows[:3] + [{"name": "compile+cuda_graph", "ms": 10.0}]
     assert pick_variant.pick(both, log.replace("FAILED", "PASSED"))[0] == "compile+cuda_graph"
     assert pick_variant.pick(both, log)[0] == "compile"  # its graph check failed
+    # eager the fastest: not said to have passed checks it does not have
+    name, why = pick_variant.pick([{"name": "eager", "ms": 9.0}] + rows[1:], log)
+    assert name == "eager" and why == "the fastest variant, the reference: no check needed (9.0 ms / iteration)"
 
 
 def test_the_real_run_report_states_its_images_and_refuses_a_subset(tmp_path):

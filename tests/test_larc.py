@@ -244,3 +244,27 @@ def test_fused_sgd_steps_a_parameter_whose_first_gradient_comes_late(guarded):
     for i, (p, q) in enumerate(zip(ps, qs)):
         assert not entries_mismatch(p.detach(), q.detach(), f"parameter {i}", floor=2 * EPS32 * q.abs())
     assert all(fused.state[p]["momentum_buffer"] is not None for p in ps)
+
+
+def test_momentum_buffers_loaded_contiguous_take_their_channels_last_parameters_layout():
+    """A checkpoint may hold contiguous momentum buffers (a released one, a run started without
+    --channels_last): loaded beside channels_last parameters they are laid out as the parameters, since the
+    fused SGD kernel steps equal strides (on the CPU it mixed up their elements; CUDA refuses them). The
+    step then equals the one from channels_last buffers of the same values."""
+    from src.method.larc import build_optimizer
+    torch.manual_seed(0)
+    weight = torch.randn(4, 3, 3, 3).to(memory_format=torch.channels_last)
+    grad, momentum = torch.randn_like(weight), torch.randn_like(weight)
+    steps = []
+    for layout in (torch.channels_last, torch.contiguous_format):
+        p = torch.nn.Parameter(weight.clone())
+        opt = build_optimizer([p], lr=0.3)
+        state = opt.state_dict()
+        state["state"] = {0: {"momentum_buffer": momentum.clone(memory_format=layout)}}
+        opt.load_state_dict(state)
+        assert opt.state[p]["momentum_buffer"].stride() == p.stride()
+        assert torch.equal(opt.state[p]["momentum_buffer"], momentum)
+        p.grad = grad.clone()
+        opt.step()
+        steps.append(p.detach().clone())
+    assert torch.equal(steps[0], steps[1])

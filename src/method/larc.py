@@ -43,6 +43,18 @@ class LARC:
 
     def load_state_dict(self, state_dict):
         self.optim.load_state_dict(state_dict)
+        self.match_parameter_layouts()
+
+    def match_parameter_layouts(self):
+        """Lay each momentum buffer out as its parameter (same values). A file can hold them contiguous beside
+        channels_last parameters (a released checkpoint, a run started without --channels_last), and the
+        fused SGD kernel steps parameters, gradients and buffers as arrays of equal strides: on the CPU it
+        mixes up their elements, on CUDA it refuses them."""
+        for group in self.optim.param_groups:
+            for p in group["params"]:
+                buf = self.optim.state[p].get("momentum_buffer") if p in self.optim.state else None
+                if buf is not None and buf.stride() != p.stride():
+                    self.optim.state[p]["momentum_buffer"] = torch.empty_like(p).copy_(buf)
 
     def zero_grad(self, set_to_none=True):
         self.optim.zero_grad(set_to_none=set_to_none)

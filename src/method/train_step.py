@@ -100,8 +100,9 @@ class UnmixSwAV:
         """The queue appears (zeros) at --epoch_queue_starts and is 'in use' anew each epoch (released)."""
         cfg = self.cfg
         if cfg.queue_rows > 0 and epoch >= cfg.epoch_queue_starts and self.queue is None:
+            # zeros: no row written yet, counted without reading the tensor back from the device
             self.queue = EmbeddingQueue(torch.zeros(len(cfg.crops_for_assign), cfg.queue_rows, cfg.feat_dim,
-                                                    device=self.device), filled=None)
+                                                    device=self.device), filled=[0] * len(cfg.crops_for_assign))
         if self.queue is not None:
             self.queue.in_use = False
         self.meter.zero_()

@@ -98,12 +98,14 @@ class HostSnapshot:
         return buf
 
     def _buffer(self, t):
+        """A pinned buffer laid out as `t`: a channels_last momentum buffer loaded from the file stays
+        channels_last, as the fused SGD kernel needs (parameters, gradients and buffers of equal strides)."""
         while self._reuse:
             old = self._reuse.pop(0)
-            if old.shape == t.shape and old.dtype == t.dtype:
+            if old.shape == t.shape and old.dtype == t.dtype and old.stride() == t.stride():
                 self.buffers.append(old)
                 return old
-        buf = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        buf = torch.empty_like(t, device="cpu", pin_memory=True)
         self.buffers.append(buf)
         return buf
 
