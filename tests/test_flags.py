@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 import eval_linear
+import eval_semisup
 import main_swav_unmix
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,7 +77,7 @@ def test_help_lists_every_released_flag(script, released):
         assert f"--{name}" in out.stdout, name
 
 
-@pytest.mark.parametrize("module", [main_swav_unmix, eval_linear])
+@pytest.mark.parametrize("module", [main_swav_unmix, eval_linear, eval_semisup])
 def test_help_shows_every_default(module):
     parser = module.get_parser()
     formatter = parser._get_formatter()
