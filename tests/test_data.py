@@ -252,6 +252,29 @@ def test_bad_layouts(tmp_path):
             assert "cifar10" in msg and "cifar-100-python" in msg and "train/<class>" in msg
 
 
+def test_near_miss_layouts_say_what_to_change(tmp_path):
+    """The usual near misses of a newcomer get the change to make in their one line: a split missing or
+    called val/, a CIFAR tarball not extracted, a split or the folder above given instead of the image folder,
+    images not in class folders."""
+    def folders(*paths):
+        for p in paths:
+            (tmp_path / p).mkdir(parents=True)
+        return tmp_path / paths[0].split("/")[0]
+    (folders("tarball") / "cifar-100-python.tar.gz").write_bytes(b"x")
+    (folders("flat") / "a.png").write_bytes(b"x")
+    cases = [(folders("no_test/train/cat"), "has no test/"), (folders("no_train/test/cat"), "has no train/"),
+             (folders("val/train/cat", "val/val/cat"), f"not val/ (e.g. ln -s val {tmp_path / 'val' / 'test'})"),
+             (tmp_path / "tarball", f"extract cifar-100-python.tar.gz first (tar xzf {tmp_path}/tarball/"),
+             (folders("split/train/cat", "split/test/cat") / "train", f"pass its parent, --data_path {tmp_path}/split"),
+             (folders("above/data/train/cat", "above/data/test/cat"), f"pass --data_path {tmp_path}/above/data"),
+             (tmp_path / "flat", "images directly in it")]
+    for path, hint in cases:
+        with pytest.raises(DataError) as e:
+            load_split(str(path), train=True)
+        msg = _one_line_error(e)
+        assert "no known layout" in msg and hint in msg and "accepted:" in msg, msg
+
+
 def test_image_folder_matches_torchvision_imagefolder(tmp_path):
     root = write_image_folder(tmp_path, 3, 2, classes=("dog", "cat", "airplane"), fmt="png")
     (root / "train" / "cat" / "notes.txt").write_text("not an image")

@@ -293,5 +293,28 @@ def load_split(data_path, train, download=True):
     except OSError as e:
         raise DataError(f"cannot list data path {data_path}: {e}") from None
     shown = ", ".join(entries[:8]) + (f", ... ({len(entries)} entries)" if len(entries) > 8 else "")
-    raise DataError(f"data path {data_path} has no known layout (it holds: {shown or 'nothing'}); "
+    raise DataError(f"data path {data_path} has no known layout (it holds: {shown or 'nothing'}){_layout_hint(path)}; "
                     f"{_ACCEPTED}")
+
+
+def _layout_hint(path):
+    """What a folder of no known layout most likely needs, for the usual near misses: a split missing (or
+    called val/), a CIFAR tarball not extracted, the images or the class folders one level off."""
+    has = {name: (path / name).is_dir() for name in ("train", "test", "val")}
+    if has["train"] and has["val"]:
+        return f": the test split must be called test/, not val/ (e.g. ln -s val {path / 'test'})"
+    if has["train"] != has["test"]:
+        there, missing = ("train", "test") if has["train"] else ("test", "train")
+        return (f": an image folder needs both train/ and test/, this one has no {missing}/ (pretraining reads "
+                f"train/, the kNN monitor and the evaluations test/)")
+    tarballs = [s["tarball"] for s in _CIFAR.values() if (path / s["tarball"]).is_file()]
+    if tarballs:
+        return f": extract {tarballs[0]} first (tar xzf {path / tarballs[0]} -C {path})"
+    if (path.parent / "train").is_dir() and (path.parent / "test").is_dir() and path.name in ("train", "test"):
+        return f": this is a split of an image folder; pass its parent, --data_path {path.parent}"
+    inner = [e for e in sorted(path.iterdir()) if e.is_dir() and (e / "train").is_dir() and (e / "test").is_dir()]
+    if inner:
+        return f": its subfolder {inner[0].name}/ is an image folder; pass --data_path {inner[0]}"
+    if any(e.is_file() and e.name.lower().endswith(_IMG_EXTENSIONS) for e in path.iterdir()):
+        return ": images directly in it; an image folder puts them in train/<class>/ and test/<class>/"
+    return ""
