@@ -42,6 +42,15 @@ RELEASED_PRETRAINING = {
     "sinkhorn_iterations": 3, "improve_numerical_stability": False,
 }
 RELEASED_UNMIX = {"unmix_prob": 0.5, "unmix_beta": 1.0, "unmix_loss_form": "released"}
+# Every other pretraining flag, and why it is not compared with a released value: speed and precision choices;
+# the kNN monitor; what the table itself distinguishes (method, data set, epochs) or every run may vary (seed);
+# the queue (checked apart: the released length is shorter than a batch, so no queue is used); no effect on
+# CIFAR (use_pil_blur); and src/runtime/cli.OPERATIONAL_FLAGS. A new flag that changes what is computed
+# belongs in RELEASED_PRETRAINING or RELEASED_UNMIX (with its default in NEW_FLAG_DEFAULTS) instead.
+NOT_IN_THE_RECIPE = frozenset({
+    "amp_dtype", "augment", "channels_last", "compile", "cuda_graph", "use_fp16", "sync_bn", "syncbn_process_group_size",
+    "knn_k", "knn_temperature", "run_swav", "data_path", "epochs", "seed", "queue_length", "epoch_queue_starts",
+    "use_pil_blur"})
 # The released linear evaluation (eval_linear.py's defaults, as the scripts run it); `num_labels` is the data set's.
 RELEASED_LINEAR = {
     "arch": "resnet18", "width_per_group": 64, "probe": "released", "epochs": 100, "batch_size": 32, "world_size": 1,
