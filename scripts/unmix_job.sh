@@ -185,6 +185,12 @@ classes_of() {
         find -L "$p/train" -mindepth 1 -maxdepth 1 -type d 2>/dev/null | wc -l
     fi
 }
+# Checked now, not after a pretraining of hours: an image folder without test/ can be pretrained on, not evaluated.
+if [ -d "$DATASET_PATH/train" ] && [ ! -d "$DATASET_PATH/test" ] && [ ! -d "$DATASET_PATH/cifar-10-batches-py" ] \
+    && [ ! -d "$DATASET_PATH/cifar-100-python" ]; then
+    die "$DATASET_PATH has train/ but no test/, which the linear evaluation after pretraining needs" \
+        "(pretraining alone: python main_swav_unmix.py --data_path $DATASET_PATH ...)"
+fi
 # Checked now, not after a pretraining of hours: the evaluation would refuse other numbers of classes.
 DATA_CLASSES=$(classes_of "$DATASET_PATH")
 if [ -n "$DATA_CLASSES" ] && [ "$DATA_CLASSES" != "$EVAL_LABELS" ]; then

@@ -236,6 +236,12 @@ def test_script_takes_a_look_alike_variable_when_its_own_is_set(fake):
     assert r.returncode == 0 and "--epochs 2 " in calls[0] and "--data_path cifar10 " in calls[0], r.stderr
 
 
+def test_script_refuses_an_image_folder_without_test_split_before_pretraining(fake, tmp_path):
+    (tmp_path / "own" / "train" / "cat").mkdir(parents=True)
+    r, calls = fake(DATASET_PATH=str(tmp_path / "own"))
+    assert r.returncode == 2 and calls == [] and "own has train/ but no test/" in r.stderr, r.stderr
+
+
 def test_script_checks_the_data_classes_before_pretraining(fake, tmp_path):
     """Three class folders under train/: the CIFAR-10 script stops before pretraining (not 12 h later at
     the evaluation); with --num_labels 3 for the evaluation it runs."""

@@ -222,7 +222,7 @@ def _load_image_folder(root, train):
     if not classes:
         raise DataError(f"image folder {split_dir} has no class folders (expected {split}/<class>/<image>)")
     other = root / ("test" if train else "train")
-    other_classes = _class_folders(other)
+    other_classes = _class_folders(other) if other.is_dir() else classes  # no test/: pretraining alone
     if other_classes != classes:
         only_here = sorted(set(classes) - set(other_classes))
         only_there = sorted(set(other_classes) - set(classes))
@@ -286,8 +286,12 @@ def load_split(data_path, train, download=True):
     kind = _cifar_kind_of_folder(path)
     if kind is not None:
         return _read_cifar(path, kind, train)
-    if (path / "train").is_dir() and (path / "test").is_dir():
+    if (path / "train").is_dir() and ((path / "test").is_dir() or train):
         return _load_image_folder(path, train)
+    if (path / "train").is_dir():
+        val = f" (a val/ split is test/ here: ln -s val {path / 'test'})" if (path / "val").is_dir() else ""
+        raise DataError(f"image folder {data_path} has no test/{val}; pretraining reads train/ alone, the kNN "
+                        f"monitor (--knn_freq) and the evaluations need test/<class>/<image>")
     try:
         entries = sorted(os.listdir(path))
     except OSError as e:
@@ -298,15 +302,10 @@ def load_split(data_path, train, download=True):
 
 
 def _layout_hint(path):
-    """What a folder of no known layout most likely needs, for the usual near misses: a split missing (or
-    called val/), a CIFAR tarball not extracted, the images or the class folders one level off."""
-    has = {name: (path / name).is_dir() for name in ("train", "test", "val")}
-    if has["train"] and has["val"]:
-        return f": the test split must be called test/, not val/ (e.g. ln -s val {path / 'test'})"
-    if has["train"] != has["test"]:
-        there, missing = ("train", "test") if has["train"] else ("test", "train")
-        return (f": an image folder needs both train/ and test/, this one has no {missing}/ (pretraining reads "
-                f"train/, the kNN monitor and the evaluations test/)")
+    """What a folder of no known layout most likely needs, for the usual near misses: train/ missing, a CIFAR
+    tarball not extracted, the images or the class folders one level off."""
+    if (path / "test").is_dir():
+        return ": this image folder has no train/ (train/<class>/<image>, read by pretraining and the evaluations)"
     tarballs = [s["tarball"] for s in _CIFAR.values() if (path / s["tarball"]).is_file()]
     if tarballs:
         return f": extract {tarballs[0]} first (tar xzf {path / tarballs[0]} -C {path})"
