@@ -50,8 +50,9 @@ Environment (default):
   PYTHON           interpreter (python, else python3)
   CODE_DIR         folder holding main_swav_unmix.py (found next to this script)
 
-Exit status: 0 done, 2 bad environment (a variable such as EPOCH or DATA_PATH, a likely typo, too), 3 preempted or stopped by a signal (rerun to resume),
-11 pretraining failed, 21 evaluation failed, 31 semi-supervised fine-tuning failed.
+Exit status: 0 done, 2 bad environment (also a variable such as EPOCH or DATA_PATH: a likely typo),
+3 preempted or stopped by a signal (rerun to resume), 11 pretraining failed, 21 evaluation failed,
+31 semi-supervised fine-tuning failed.
 USAGE
 }
 
@@ -71,7 +72,8 @@ while read -r name; do
     for ours in "${OUR_VARIABLES[@]}"; do
         [ -n "$meant" ] || [ "$(spelling "$name")" != "$(spelling "$ours")" ] || meant=$ours
     done
-    [ -z "$meant" ] || [ -n "${!meant+x}" ] || die "$name is set, but the script reads $meant (unset): did you mean $meant=${!name}? (see --help)"
+    [ -z "$meant" ] || [ -n "${!meant+x}" ] \
+        || die "$name is set, but the script reads $meant (unset): did you mean $meant=${!name}? (see --help)"
 done < <(compgen -e)
 
 DATASET_PATH=${DATASET_PATH:-$DATASET_NAME}

@@ -48,9 +48,9 @@ RELEASED_UNMIX = {"unmix_prob": 0.5, "unmix_beta": 1.0, "unmix_loss_form": "rele
 # CIFAR (use_pil_blur); and src/runtime/cli.OPERATIONAL_FLAGS. A new flag that changes what is computed
 # belongs in RELEASED_PRETRAINING or RELEASED_UNMIX (with its default in NEW_FLAG_DEFAULTS) instead.
 NOT_IN_THE_RECIPE = frozenset({
-    "amp_dtype", "augment", "channels_last", "compile", "cuda_graph", "use_fp16", "sync_bn", "syncbn_process_group_size",
-    "knn_k", "knn_temperature", "run_swav", "data_path", "epochs", "seed", "queue_length", "epoch_queue_starts",
-    "use_pil_blur"})
+    "amp_dtype", "augment", "channels_last", "compile", "cuda_graph", "use_fp16", "sync_bn",
+    "syncbn_process_group_size", "knn_k", "knn_temperature", "run_swav", "data_path", "epochs", "seed",
+    "queue_length", "epoch_queue_starts", "use_pil_blur"})
 # The released linear evaluation (eval_linear.py's defaults, as the scripts run it); `num_labels` is the data set's.
 RELEASED_LINEAR = {
     "arch": "resnet18", "width_per_group": 64, "probe": "released", "epochs": 100, "batch_size": 32, "world_size": 1,

@@ -309,9 +309,9 @@ def _layout_hint(path):
     tarballs = [s["tarball"] for s in _CIFAR.values() if (path / s["tarball"]).is_file()]
     if tarballs:
         return f": extract {tarballs[0]} first (tar xzf {path / tarballs[0]} -C {path})"
-    if (path.parent / "train").is_dir() and (path.parent / "test").is_dir() and path.name in ("train", "test"):
+    if path.name in ("train", "test") and (path.parent / "train").is_dir():
         return f": this is a split of an image folder; pass its parent, --data_path {path.parent}"
-    inner = [e for e in sorted(path.iterdir()) if e.is_dir() and (e / "train").is_dir() and (e / "test").is_dir()]
+    inner = [e for e in sorted(path.iterdir()) if e.is_dir() and (e / "train").is_dir()]
     if inner:
         return f": its subfolder {inner[0].name}/ is an image folder; pass --data_path {inner[0]}"
     if any(e.is_file() and e.name.lower().endswith(_IMG_EXTENSIONS) for e in path.iterdir()):
