@@ -73,7 +73,8 @@ while read -r name; do
         [ -n "$meant" ] || [ "$(spelling "$name")" != "$(spelling "$ours")" ] || meant=$ours
     done
     [ -z "$meant" ] || [ -n "${!meant+x}" ] \
-        || die "$name is set, but the script reads $meant (unset): did you mean $meant=${!name}? (see --help)"
+        || die "$name is set, but the script reads $meant (unset): did you mean $meant=${!name}?" \
+               "(set $meant, or unset $name if it is meant for another program; see --help)"
 done < <(compgen -e)
 
 DATASET_PATH=${DATASET_PATH:-$DATASET_NAME}

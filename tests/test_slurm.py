@@ -229,6 +229,7 @@ def test_script_refuses_a_mistyped_variable(fake, env, match):
     """A variable one typo away from the script's would be ignored: a job of hours with the defaults."""
     r, calls = fake(**env)
     assert r.returncode == 2 and match in r.stderr and calls == [], r.stderr
+    assert r.stderr.count("\n") == 1 and f"or unset {next(iter(env))} if it is meant for another program" in r.stderr
 
 
 def test_script_takes_a_look_alike_variable_when_its_own_is_set(fake):
