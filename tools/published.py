@@ -57,6 +57,12 @@ RELEASED_LINEAR = {
     "lr": 0.3, "wd": 1e-6, "nesterov": False, "scheduler_type": "cosine", "final_lr": 0.0, "crop_size": 32,
     "global_pooling": True,
 }
+# Every other flag of eval_linear.py: the data (data_path; num_labels, compared with the data set's), the seed,
+# speed choices (augment, crops_per_chunk), flags without effect in the protocol (use_bn with global pooling,
+# decay_epochs and gamma with the cosine schedule), allow_mismatched_weights (the network is compared through
+# arch and width_per_group) and src/runtime/cli.OPERATIONAL_FLAGS.
+NOT_IN_THE_LINEAR_PROTOCOL = frozenset({"data_path", "num_labels", "seed", "augment", "crops_per_chunk", "use_bn",
+                                        "decay_epochs", "gamma", "allow_mismatched_weights"})
 NUM_LABELS = {"cifar10": 10, "cifar100": 100}
 # The sizes of CIFAR-10's and CIFAR-100's splits, which the published runs used whole; runs record theirs in
 # params.json (`data`), so a run on a part of the data set (the test fixture, a subset folder) is not compared.
