@@ -12,6 +12,7 @@ downloads SimCLR's ImageNet lists), written to `labelled_subset.json`, and the n
 eval_linear.py's.
 Reads top to bottom: arguments -> data -> model -> optimiser -> resume -> epoch loop.
 """
+import argparse
 import json
 import os
 import time
@@ -41,7 +42,8 @@ SUBSET_FILE = "labelled_subset.json"
 
 
 def get_parser():
-    p = ArgumentParser(description="Evaluate models: Fine-tuning with 1% or 10% labels on CIFAR")
+    p = ArgumentParser(description="Evaluate models: Fine-tuning with 1% or 10% labels on CIFAR",
+                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_shared_released_flags(p, workers=10)  # --dump_path ... --pretrained, --dist_url ... --local_rank
     # released flags of the fine-tuning
     p.add_argument("--labels_perc", type=str, default="10", choices=["1", "10"],

@@ -615,7 +615,9 @@ def end_of_epoch(loop, epoch, meter):
                                       k=args.knn_k, temperature=args.knn_temperature,
                                       autocast_dtype=torch.bfloat16 if args.device.type == "cuda" else None)
         net.train()
-        logger.info(f"kNN monitor (k={args.knn_k}): top-1 {row['knn_top1']:.2f}% at epoch {epoch}")
+        k = min(args.knn_k, len(tr_y))  # as knn_scores takes it
+        fewer = f": --knn_k {args.knn_k} but {len(tr_y)} training images" if k < args.knn_k else ""
+        logger.info(f"kNN monitor (k={k}{fewer}): top-1 {row['knn_top1']:.2f}% at epoch {epoch}")
     loop.stats.update(row)
     loop.curves.scalars(epoch, {f"pretrain/{k}": v for k, v in row.items() if k != "epoch"})
     if meter["kept"] == 0:

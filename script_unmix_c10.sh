@@ -67,7 +67,8 @@
 #
 # EXIT STATUS
 #   0   pretraining and evaluation finished
-#   2   bad environment override, code not found, or data whose classes do not match (nothing ran)
+#   2   bad environment override (also a variable that looks like a mistyped one: EPOCH, DATA_PATH, ...),
+#       code not found, or data whose classes do not match (nothing ran)
 #   A step refused at its start (bad data path, bad flag value, a folder of another kind or in use) leaves
 #   nothing behind: the folder it created is removed again, an existing one is left as it was.
 #   3   preempted (PREEMPTED_EXIT_CODE in src/runtime/signals.py): a checkpoint was written and, under Slurm,

@@ -186,7 +186,7 @@ def main(argv=None):
     p.add_argument("--n", type=int, default=50000, help="synthetic images (CIFAR training split size)")
     p.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2], help="DataLoader workers of (a)")
     p.add_argument("--batch_sizes", type=int, nargs="+", default=[128, 512], help="batches of (b)")
-    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=5, help="timed repeats per row, the median is reported")
     p.add_argument("--device", default=None, help="device of (b): default cuda when available, else cpu")
     p.add_argument("--quick", action="store_true", help="tiny run (a few seconds)")
     p.add_argument("--out", default=None, help="table file (default benchmarks/results_augment_<device>.md)")

@@ -323,7 +323,7 @@ def main():
     p.add_argument("--n", type=int, default=None, help="synthetic training images")
     p.add_argument("--data_path", default=None, help="real data instead (CIFAR folder or image folder)")
     p.add_argument("--configs", nargs="+", default=None, help="subset of: " + " | ".join(CONFIGS))
-    p.add_argument("--quick", action="store_true")
+    p.add_argument("--quick", action="store_true", help="width 8, batch 16, a few iterations (a smoke test)")
     p.add_argument("--out", default=None, help="the markdown table (default benchmarks/results_train_step_*.md)")
     p.add_argument("--json", default=None, help="also the rows as JSON")
     p.add_argument("--deadline_s", type=float, default=None, help="end within this many seconds (see above)")

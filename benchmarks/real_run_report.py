@@ -60,7 +60,7 @@ def report(run_dir, schedule, dry_run=False):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="the pretraining folder of the real run")
     p.add_argument("--schedule", type=int, default=200, help="epochs of the run's schedule (--epochs)")
     p.add_argument("--dry_run", action="store_true", help="the test fixture is expected")
     a = p.parse_args()

@@ -50,14 +50,32 @@ Environment (default):
   PYTHON           interpreter (python, else python3)
   CODE_DIR         folder holding main_swav_unmix.py (found next to this script)
 
-Exit status: 0 done, 2 bad environment, 3 preempted or stopped by a signal (rerun to resume),
-11 pretraining failed, 21 evaluation failed, 31 semi-supervised fine-tuning failed.
+Exit status: 0 done, 2 bad environment (also a variable such as EPOCH or DATA_PATH: a likely typo),
+3 preempted or stopped by a signal (rerun to resume), 11 pretraining failed, 21 evaluation failed,
+31 semi-supervised fine-tuning failed.
 USAGE
 }
 
 for arg in "$@"; do
     case "$arg" in -h|--help) usage; exit 0 ;; esac
 done
+
+# A mistyped variable (EPOCH=2, eval_epochs=5, DATA_PATH=...) would be ignored and the job would run with
+# the defaults for hours: a set variable that differs from one of ours only in case, underscores or a
+# final S, or that is named after the flag it means (DATA_PATH, DUMP_PATH), stops the job when ours is unset.
+OUR_VARIABLES=(DATASET_PATH EPOCHS BATCH_SIZE ARCH WORKERS RUN_SWAV AUGMENT DEVICE EXPERIMENT_PATH EVAL_EPOCHS
+               EXTRA_ARGS EVAL_EXTRA_ARGS SEMISUP_LABELS SEMISUP_EXTRA_ARGS NPROC PYTHON CODE_DIR)
+spelling() { local s=${1^^}; s=${s//_/}; echo "${s%S}"; }
+while read -r name; do
+    case " ${OUR_VARIABLES[*]} " in *" $name "*) continue ;; esac
+    case "$name" in DATA_PATH) meant=DATASET_PATH ;; DUMP_PATH) meant=EXPERIMENT_PATH ;; *) meant= ;; esac
+    for ours in "${OUR_VARIABLES[@]}"; do
+        [ -n "$meant" ] || [ "$(spelling "$name")" != "$(spelling "$ours")" ] || meant=$ours
+    done
+    [ -z "$meant" ] || [ -n "${!meant+x}" ] \
+        || die "$name is set, but the script reads $meant (unset): did you mean $meant=${!name}?" \
+               "(set $meant, or unset $name if it is meant for another program; see --help)"
+done < <(compgen -e)
 
 DATASET_PATH=${DATASET_PATH:-$DATASET_NAME}
 EPOCHS=${EPOCHS:-400}
@@ -170,6 +188,12 @@ classes_of() {
         find -L "$p/train" -mindepth 1 -maxdepth 1 -type d 2>/dev/null | wc -l
     fi
 }
+# Checked now, not after a pretraining of hours: an image folder without test/ can be pretrained on, not evaluated.
+if [ -d "$DATASET_PATH/train" ] && [ ! -d "$DATASET_PATH/test" ] && [ ! -d "$DATASET_PATH/cifar-10-batches-py" ] \
+    && [ ! -d "$DATASET_PATH/cifar-100-python" ]; then
+    die "$DATASET_PATH has train/ but no test/, which the linear evaluation after pretraining needs" \
+        "(pretraining alone: python main_swav_unmix.py --data_path $DATASET_PATH ...)"
+fi
 # Checked now, not after a pretraining of hours: the evaluation would refuse other numbers of classes.
 DATA_CLASSES=$(classes_of "$DATASET_PATH")
 if [ -n "$DATA_CLASSES" ] && [ "$DATA_CLASSES" != "$EVAL_LABELS" ]; then

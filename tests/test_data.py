@@ -242,7 +242,7 @@ def test_bad_layouts(tmp_path):
     (both / "cifar-10-batches-py").mkdir(parents=True)
     (both / "cifar-100-python").mkdir()
     for p, expect in [(tmp_path / "nope", "does not exist"), (tmp_path / "empty", "nothing"),
-                      (tmp_path / "only_train", "train"), (tmp_path / "afile.tar.gz", "is a file"),
+                      (tmp_path / "afile.tar.gz", "is a file"),
                       (both, "both")]:
         with pytest.raises(DataError) as e:
             load_split(str(p), train=True)
@@ -250,6 +250,42 @@ def test_bad_layouts(tmp_path):
         assert expect in msg
         if expect != "both":
             assert "cifar10" in msg and "cifar-100-python" in msg and "train/<class>" in msg
+
+
+def test_near_miss_layouts_say_what_to_change(tmp_path):
+    """The usual near misses of a newcomer get the change to make in their one line: train/ missing, test/
+    called val/, a CIFAR tarball not extracted, a split or the folder above given instead of the image folder,
+    images not in class folders."""
+    def folders(*paths):
+        for p in paths:
+            (tmp_path / p).mkdir(parents=True)
+        return tmp_path / paths[0].split("/")[0]
+    (folders("tarball") / "cifar-100-python.tar.gz").write_bytes(b"x")
+    (folders("flat") / "a.png").write_bytes(b"x")
+    cases = [(folders("no_train/test/cat"), "has no train/"),
+             (folders("val/train/cat", "val/val/cat"), f"has no test/ (a val/ split is test/ here: ln -s val {tmp_path}/val/test)"),
+             (tmp_path / "tarball", f"extract cifar-100-python.tar.gz first (tar xzf {tmp_path}/tarball/"),
+             (folders("split/train/cat", "split/test/cat") / "train", f"pass its parent, --data_path {tmp_path}/split"),
+             (folders("above/data/train/cat", "above/data/test/cat"), f"pass --data_path {tmp_path}/above/data"),
+             (tmp_path / "flat", "images directly in it")]
+    for path, hint in cases:
+        with pytest.raises(DataError) as e:
+            load_split(str(path), train=False)  # the split that every layout here lacks
+        msg = _one_line_error(e)
+        assert hint in msg and ("accepted:" in msg or "pretraining reads train/ alone" in msg), msg
+
+
+def test_image_folder_without_test_split_is_enough_for_pretraining(tmp_path):
+    """train/ alone: its training split loads (pretraining without the kNN monitor needs no more, as with
+    CIFAR files without their test batch); its test split is a one-line error naming the missing folder."""
+    for i, c in enumerate(("cat", "dog")):
+        (tmp_path / "train" / c).mkdir(parents=True)
+        Image.fromarray(np.full((24, 40, 3), 60 * i, np.uint8)).save(tmp_path / "train" / c / "0.png")
+    images, labels, classes = load_split(str(tmp_path), train=True)
+    assert images.shape == (2, 24, 40, 3) and labels.tolist() == [0, 1] and classes == ["cat", "dog"]
+    with pytest.raises(DataError) as e:
+        load_split(str(tmp_path), train=False)
+    assert "has no test/; pretraining reads train/ alone, the kNN monitor (--knn_freq)" in _one_line_error(e)
 
 
 def test_image_folder_matches_torchvision_imagefolder(tmp_path):

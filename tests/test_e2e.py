@@ -128,8 +128,9 @@ def test_jpeg_image_folder_with_knn_and_results_table(tmp_path):
     root = CIFAR10_JPG_SMALL
     dump = tmp_path / "runs" / "unmix"
     out = run("main_swav_unmix.py", ["--data_path", root, "--dump_path", dump, "--epochs", 2,
-                                     "--knn_freq", 1, "--knn_k", 20] + TINY, tmp_path)
+                                     "--knn_freq", 1, "--knn_k", 400] + TINY, tmp_path)
     assert "Building data done with 300 images" in out
+    assert "kNN monitor (k=300: --knn_k 400 but 300 training images): top-1" in out  # the k it used
     assert f"Pretraining done. Checkpoint: {dump / 'checkpoint.pth.tar'} (2 epochs)" in out
     assert json.loads((dump / "params.json").read_text())["data"] == {"train_images": 300, "classes": 10}
     stats = check_pretrain_dump(dump, 2)

@@ -74,3 +74,12 @@ def test_a_training_epoch_is_the_released_loop():
     assert torch.equal(loop.model.weight, ref.model.weight) and torch.equal(loop.model.bias, ref.model.bias)
     assert averages[0] == pytest.approx(sum(losses) / len(losses), rel=1e-12)  # equal batches: the mean
     assert len(loop.logger.lines) == 2 and loop.logger.lines[0].startswith("Epoch[0] - Iter: [0/4]\tLoss ")
+
+
+def test_a_finished_evaluation_says_its_epochs_in_words():
+    from src.eval.finished import report_finished
+    lines = []
+    log = argparse.Namespace(info=lines.append)
+    for epochs, words in ((1, "(1 epoch in 0:00:05)"), (100, "(100 epochs in 0:00:05)")):
+        report_finished({"epochs": epochs, "seconds": 5, "best_top1": 50.0, "last_top1": 40.0}, "run", log)
+        assert words in lines[-1] and "best top-1 50.0, last-epoch top-1 40.0" in lines[-1], lines[-1]

@@ -65,6 +65,8 @@ def test_linear_evaluation_builds_the_checkpoints_network_and_records_it(env):
     res = runner.run(*linear(env, "lin"), cwd=root)  # no --arch, no --width_per_group: resnet50 at 64 before
     assert res.returncode == 0, res.explain()
     assert "resnet18 at width_per_group 8 (read from the checkpoint)" in res.stdout
+    trained_on = json.loads((env["ckpt"].parent / "params.json").read_text())["data_path"]
+    assert f"(read from the checkpoint), pretrained on {trained_on} (10 classes); building" in res.stdout  # the data it learnt
     recorded = json.loads((root / "lin" / "params.json").read_text())
     assert (recorded["arch"], recorded["width_per_group"]) == ("resnet18", 8)  # the resolved values
     # the same evaluation with the values typed out is the same evaluation: reported again, not refused

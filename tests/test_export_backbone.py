@@ -62,6 +62,27 @@ def test_export_and_load_as_the_docs_show(pre, tmp_path):
         assert torch.equal(model(x), ref) and torch.equal(hub_model(x), ref)
 
 
+@pytest.mark.parametrize("arch", ["resnet18", "resnet50"])
+def test_export_loads_in_plain_torchvision_as_the_docs_show(arch, tmp_path, monkeypatch):
+    """The torchvision snippet of docs/evaluation.md, run as written on an export of the released width: the
+    same features as this repository's network (trained-looking batch-norm statistics, so the stem's padding
+    and every buffer count)."""
+    torch.manual_seed(0)
+    net = build_model(arch).eval()
+    for m in net.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.2, 0.2), m.running_var.uniform_(0.5, 1.5), m.weight.data.uniform_(0.5, 1.5)
+    torch.save(net.state_dict(), tmp_path / "resnet18_unmix.pth")
+    (tmp_path / "resnet18_unmix.json").write_text(json.dumps({"arch": arch, "width_per_group": 64}))
+    doc = (REPO / "docs" / "evaluation.md").read_text()
+    [snippet] = [b for b in re.findall(r"```python\n(.*?)```", doc, re.S) if "torchvision.models.resnet" in b]
+    monkeypatch.chdir(tmp_path)
+    scope = {"images": torch.randn(2, 3, 32, 32)}
+    with torch.no_grad():
+        exec(snippet, scope)
+        torch.testing.assert_close(scope["features"], net(scope["images"]), rtol=1e-4, atol=1e-5)
+
+
 def test_released_format_checkpoint_exports_with_the_arch_read_from_its_weights(pre, tmp_path):
     ours = torch.load(pre, weights_only=True)
     for group in ours["optimizer"]["param_groups"]:

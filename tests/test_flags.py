@@ -1,5 +1,6 @@
 """Every flag of the released entry scripts exists with the released name and default
 (docs/released-behaviour.md), and the help lists it with its default."""
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -7,6 +8,7 @@ from pathlib import Path
 import pytest
 
 import eval_linear
+import eval_semisup
 import main_swav_unmix
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,7 +78,7 @@ def test_help_lists_every_released_flag(script, released):
         assert f"--{name}" in out.stdout, name
 
 
-@pytest.mark.parametrize("module", [main_swav_unmix, eval_linear])
+@pytest.mark.parametrize("module", [main_swav_unmix, eval_linear, eval_semisup])
 def test_help_shows_every_default(module):
     parser = module.get_parser()
     formatter = parser._get_formatter()
@@ -106,3 +108,40 @@ def test_a_mistyped_flag_names_the_flag_meant(argv, hint, capsys):
         main_swav_unmix.get_parser().parse_args(argv)
     err = capsys.readouterr().err
     assert stop.value.code == 2 and err.count("\n") == 1 and hint in err, err
+
+
+HELP_RUNNER = """
+import contextlib, io, runpy, sys
+for script in sys.argv[1:]:
+    sys.argv = [script, "--help"]
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
+        runpy.run_path(script, run_name="__main__")
+    print(f"==== {script}\\n{out.getvalue()}", end="")
+"""
+
+
+def _arguments_without_help(text):
+    """The arguments of an argparse --help whose line has no help text (in its sections, not the description)."""
+    lines, missing, in_sections = text.splitlines(), [], False
+    for i, line in enumerate(lines):
+        in_sections = in_sections or line in ("options:", "positional arguments:")
+        alone = re.match(r"^  (-{0,2}\w[^ ]*(?: [^ ]+)*)$", line)
+        if in_sections and alone and not (i + 1 < len(lines) and re.match(r"^ {6,}\S", lines[i + 1])):
+            missing.append(alone.group(1))
+    return missing
+
+
+def test_every_command_explains_every_argument_in_its_help():
+    """`--help` of every command of the repository (entry scripts, tools, benchmarks) gives each argument a
+    line of help, one process for all of them (a torch import each would cost seconds)."""
+    scripts = sorted(str(p.relative_to(REPO)) for pattern in ("*.py", "tools/*.py", "benchmarks/*.py")
+                     for p in REPO.glob(pattern)
+                     if re.search(r"parse_(args|given)\(", p.read_text()) and "__main__" in p.read_text())
+    out = subprocess.run([sys.executable, "-c", HELP_RUNNER, *scripts], cwd=REPO, capture_output=True, text=True,
+                         timeout=300)
+    assert out.returncode == 0, out.stderr
+    helps = dict(part.split("\n", 1) for part in out.stdout.split("==== ")[1:])
+    assert set(helps) == set(scripts) and all(h.startswith("usage:") for h in helps.values()), out.stdout[:2000]
+    assert {s: _arguments_without_help(h) for s, h in helps.items() if _arguments_without_help(h)} == {}
+    assert _arguments_without_help("options:\n  --seed SEED\n  --n N       images\n") == ["--seed SEED"]

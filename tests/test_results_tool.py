@@ -618,3 +618,20 @@ def test_moved_experiments_keep_their_evaluations(tmp_path):
     os.rename(exp, tmp_path / "moved")
     runs = _report([tmp_path / "moved"], tmp_path / "report")[0]
     assert [(r["name"], r["best_top1"], r["not_compared"]) for r in runs] == [("unmix", 88.0, "")]
+
+
+def test_every_pretraining_flag_is_in_the_recipe_or_named_outside_it():
+    """A new pretraining flag (a mixing mode, an augmentation, a loss option: docs/extending.md) must say whether
+    it is part of the released recipe; left out of RELEASED_PRETRAINING, runs with it on would be put next to the
+    published numbers. The same for a flag of the linear evaluation and the released protocol."""
+    import main_swav_unmix
+    from src.runtime.cli import OPERATIONAL_FLAGS
+    classified = (set(published.RELEASED_PRETRAINING) | set(published.RELEASED_UNMIX) | published.NOT_IN_THE_RECIPE
+                  | OPERATIONAL_FLAGS)
+    flags = {a.dest for a in main_swav_unmix.get_parser()._actions if a.dest != "help"}
+    assert flags - classified == set(), "add them to tools/published.py (RELEASED_PRETRAINING or NOT_IN_THE_RECIPE)"
+    assert set(published.NEW_FLAG_DEFAULTS) <= classified | set(published.RELEASED_LINEAR)
+    import eval_linear
+    protocol = set(published.RELEASED_LINEAR) | published.NOT_IN_THE_LINEAR_PROTOCOL | OPERATIONAL_FLAGS
+    flags = {a.dest for a in eval_linear.get_parser()._actions if a.dest != "help"}
+    assert flags - protocol == set(), "add them to RELEASED_LINEAR or NOT_IN_THE_LINEAR_PROTOCOL"

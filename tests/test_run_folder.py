@@ -6,9 +6,10 @@ import json
 import pytest
 
 import eval_linear
+import eval_semisup
 import main_swav_unmix
 from src.runtime.cli import OPERATIONAL_FLAGS
-from src.runtime.run_folder import LINEAR, claim_evaluation_folder, claim_pretraining_folder, save_params
+from src.runtime.run_folder import FINE_TUNING, LINEAR, claim_evaluation_folder, claim_pretraining_folder, save_params
 
 
 def pretraining_args(dump, *argv):
@@ -70,3 +71,6 @@ def test_a_run_never_writes_into_another_kind_of_run(run, tmp_path):
     lock, identity, moved, problem = claim_evaluation_folder(args, LINEAR, OPERATIONAL_FLAGS)
     assert lock is None and problem == (f"{run} holds a pretraining run, not a linear evaluation: nothing was "
                                         f"written there; use another --dump_path (e.g. {run}_linear_eval)")
+    args = eval_semisup.get_parser().parse_args(["--dump_path", str(run), "--pretrained", "", "--labels_perc", "1"])
+    problem = claim_evaluation_folder(args, FINE_TUNING, OPERATIONAL_FLAGS)[3]
+    assert problem.endswith(f"use another --dump_path (e.g. {run}_semisup_1pct)")  # as the scripts name it

@@ -219,6 +219,30 @@ def test_script_bad_overrides(fake, env, match):
     assert r.returncode == 2 and match in r.stderr and calls == []
 
 
+@pytest.mark.parametrize("env, match", [({"EPOCH": "2"}, "EPOCH is set, but the script reads EPOCHS (unset): did you mean EPOCHS=2?"),
+                                        ({"eval_epochs": "5"}, "eval_epochs is set, but the script reads EVAL_EPOCHS"),
+                                        ({"DATA_PATH": "/d"}, "DATA_PATH is set, but the script reads DATASET_PATH"),
+                                        ({"EXTRA_ARG": "--seed 1"}, "did you mean EXTRA_ARGS=--seed 1?"),
+                                        ({"SEMISUPLABELS": "10"}, "SEMISUP_LABELS"),
+                                        ({"DUMP_PATH": "/x"}, "EXPERIMENT_PATH")])
+def test_script_refuses_a_mistyped_variable(fake, env, match):
+    """A variable one typo away from the script's would be ignored: a job of hours with the defaults."""
+    r, calls = fake(**env)
+    assert r.returncode == 2 and match in r.stderr and calls == [], r.stderr
+    assert r.stderr.count("\n") == 1 and f"or unset {next(iter(env))} if it is meant for another program" in r.stderr
+
+
+def test_script_takes_a_look_alike_variable_when_its_own_is_set(fake):
+    r, calls = fake(EPOCH="7", EPOCHS="2", DATA_PATH="/elsewhere", DATASET_PATH="cifar10")
+    assert r.returncode == 0 and "--epochs 2 " in calls[0] and "--data_path cifar10 " in calls[0], r.stderr
+
+
+def test_script_refuses_an_image_folder_without_test_split_before_pretraining(fake, tmp_path):
+    (tmp_path / "own" / "train" / "cat").mkdir(parents=True)
+    r, calls = fake(DATASET_PATH=str(tmp_path / "own"))
+    assert r.returncode == 2 and calls == [] and "own has train/ but no test/" in r.stderr, r.stderr
+
+
 def test_script_checks_the_data_classes_before_pretraining(fake, tmp_path):
     """Three class folders under train/: the CIFAR-10 script stops before pretraining (not 12 h later at
     the evaluation); with --num_labels 3 for the evaluation it runs."""

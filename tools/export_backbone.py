@@ -47,7 +47,8 @@ def main(argv=None):
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="a pretraining (or fine-tuning) checkpoint, ours or the released one")
     parser.add_argument("--out", default="backbone.pth",
-                        help="state-dict file to write; the description goes to the same name with .json")
+                        help="state-dict file to write; the description goes to the same name with .json "
+                             "(default: backbone.pth in the current folder)")
     args = parser.parse_args(argv)
     folder = os.path.dirname(os.path.abspath(args.out))
     if args.out.endswith(".json"):

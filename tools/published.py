@@ -42,12 +42,27 @@ RELEASED_PRETRAINING = {
     "sinkhorn_iterations": 3, "improve_numerical_stability": False,
 }
 RELEASED_UNMIX = {"unmix_prob": 0.5, "unmix_beta": 1.0, "unmix_loss_form": "released"}
+# Every other pretraining flag, and why it is not compared with a released value: speed and precision choices;
+# the kNN monitor; what the table itself distinguishes (method, data set, epochs) or every run may vary (seed);
+# the queue (checked apart: the released length is shorter than a batch, so no queue is used); no effect on
+# CIFAR (use_pil_blur); and src/runtime/cli.OPERATIONAL_FLAGS. A new flag that changes what is computed
+# belongs in RELEASED_PRETRAINING or RELEASED_UNMIX (with its default in NEW_FLAG_DEFAULTS) instead.
+NOT_IN_THE_RECIPE = frozenset({
+    "amp_dtype", "augment", "channels_last", "compile", "cuda_graph", "use_fp16", "sync_bn",
+    "syncbn_process_group_size", "knn_k", "knn_temperature", "run_swav", "data_path", "epochs", "seed",
+    "queue_length", "epoch_queue_starts", "use_pil_blur"})
 # The released linear evaluation (eval_linear.py's defaults, as the scripts run it); `num_labels` is the data set's.
 RELEASED_LINEAR = {
     "arch": "resnet18", "width_per_group": 64, "probe": "released", "epochs": 100, "batch_size": 32, "world_size": 1,
     "lr": 0.3, "wd": 1e-6, "nesterov": False, "scheduler_type": "cosine", "final_lr": 0.0, "crop_size": 32,
     "global_pooling": True,
 }
+# Every other flag of eval_linear.py: the data (data_path; num_labels, compared with the data set's), the seed,
+# speed choices (augment, crops_per_chunk), flags without effect in the protocol (use_bn with global pooling,
+# decay_epochs and gamma with the cosine schedule), allow_mismatched_weights (the network is compared through
+# arch and width_per_group) and src/runtime/cli.OPERATIONAL_FLAGS.
+NOT_IN_THE_LINEAR_PROTOCOL = frozenset({"data_path", "num_labels", "seed", "augment", "crops_per_chunk", "use_bn",
+                                        "decay_epochs", "gamma", "allow_mismatched_weights"})
 NUM_LABELS = {"cifar10": 10, "cifar100": 100}
 # The sizes of CIFAR-10's and CIFAR-100's splits, which the published runs used whole; runs record theirs in
 # params.json (`data`), so a run on a part of the data set (the test fixture, a subset folder) is not compared.

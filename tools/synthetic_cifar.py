@@ -146,11 +146,13 @@ def write_image_folder(root, n_per_class_train, n_per_class_test, classes=("cat"
 def main(argv=None):
     parser = ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("root", help="folder to write cifar-10-batches-py/ or cifar-100-python/ into")
-    parser.add_argument("--dataset", choices=("cifar10", "cifar100"), default="cifar10")
+    parser.add_argument("--dataset", choices=("cifar10", "cifar100"), default="cifar10",
+                        help="whose format, classes and folder name to write (default: cifar10)")
     parser.add_argument("--n_train", type=int, default=None,
-                        help="training images (CIFAR-10: a multiple of 5, its five batches; default 100 | 200)")
-    parser.add_argument("--n_test", type=int, default=None, help="test images (default 20 | 100)")
-    parser.add_argument("--seed", type=int, default=0)
+                        help="training images (CIFAR-10: a multiple of 5, its five batches; default: 100 for cifar10, "
+                             "200 for cifar100)")
+    parser.add_argument("--n_test", type=int, default=None, help="test images (default: 20 for cifar10, 100 for cifar100)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the synthetic images and labels (default: 0)")
     args = parser.parse_args(argv)
     sizes = {k: v for k, v in (("n_train", args.n_train), ("n_test", args.n_test)) if v is not None}
     for name, n in sizes.items():

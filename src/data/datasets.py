@@ -222,7 +222,7 @@ def _load_image_folder(root, train):
     if not classes:
         raise DataError(f"image folder {split_dir} has no class folders (expected {split}/<class>/<image>)")
     other = root / ("test" if train else "train")
-    other_classes = _class_folders(other)
+    other_classes = _class_folders(other) if other.is_dir() else classes  # no test/: pretraining alone
     if other_classes != classes:
         only_here = sorted(set(classes) - set(other_classes))
         only_there = sorted(set(other_classes) - set(classes))
@@ -286,12 +286,34 @@ def load_split(data_path, train, download=True):
     kind = _cifar_kind_of_folder(path)
     if kind is not None:
         return _read_cifar(path, kind, train)
-    if (path / "train").is_dir() and (path / "test").is_dir():
+    if (path / "train").is_dir() and ((path / "test").is_dir() or train):
         return _load_image_folder(path, train)
+    if (path / "train").is_dir():
+        val = f" (a val/ split is test/ here: ln -s val {path / 'test'})" if (path / "val").is_dir() else ""
+        raise DataError(f"image folder {data_path} has no test/{val}; pretraining reads train/ alone, the kNN "
+                        f"monitor (--knn_freq) and the evaluations need test/<class>/<image>")
     try:
         entries = sorted(os.listdir(path))
     except OSError as e:
         raise DataError(f"cannot list data path {data_path}: {e}") from None
     shown = ", ".join(entries[:8]) + (f", ... ({len(entries)} entries)" if len(entries) > 8 else "")
-    raise DataError(f"data path {data_path} has no known layout (it holds: {shown or 'nothing'}); "
+    raise DataError(f"data path {data_path} has no known layout (it holds: {shown or 'nothing'}){_layout_hint(path)}; "
                     f"{_ACCEPTED}")
+
+
+def _layout_hint(path):
+    """What a folder of no known layout most likely needs, for the usual near misses: train/ missing, a CIFAR
+    tarball not extracted, the images or the class folders one level off."""
+    if (path / "test").is_dir():
+        return ": this image folder has no train/ (train/<class>/<image>, read by pretraining and the evaluations)"
+    tarballs = [s["tarball"] for s in _CIFAR.values() if (path / s["tarball"]).is_file()]
+    if tarballs:
+        return f": extract {tarballs[0]} first (tar xzf {path / tarballs[0]} -C {path})"
+    if path.name in ("train", "test") and (path.parent / "train").is_dir():
+        return f": this is a split of an image folder; pass its parent, --data_path {path.parent}"
+    inner = [e for e in sorted(path.iterdir()) if e.is_dir() and (e / "train").is_dir()]
+    if inner:
+        return f": its subfolder {inner[0].name}/ is an image folder; pass --data_path {inner[0]}"
+    if any(e.is_file() and e.name.lower().endswith(_IMG_EXTENSIONS) for e in path.iterdir()):
+        return ": images directly in it; an image folder puts them in train/<class>/ and test/<class>/"
+    return ""

@@ -28,7 +28,8 @@ def report_finished(results, dump_path, logger):
     """Log that the evaluation in `dump_path` is finished, with its stored numbers (nothing is written)."""
     seconds = results.get("seconds")
     took = f" in {format_eta(seconds)}" if isinstance(seconds, (int, float)) else ""
-    logger.info(f"This evaluation finished earlier ({results.get('epochs', '?')} epochs{took}); its results in "
+    epochs = results.get("epochs", "?")
+    logger.info(f"This evaluation finished earlier ({epochs} epoch{'' if epochs == 1 else 's'}{took}); its results in "
                 f"{os.path.join(dump_path, RESULTS_FILE)} are kept as they are: best top-1 "
                 f"{results['best_top1']:.1f}, last-epoch top-1 {results.get('last_top1', float('nan')):.1f}.")
 

@@ -19,7 +19,7 @@ from ..runtime.cli import MAX_EPOCHS, bool_flag, check_seed, error_line, fail
 from ..runtime.logs import create_logger, format_provenance, provenance
 from ..runtime.run_folder import FINE_TUNING, LINEAR, claim_evaluation_folder
 from ..runtime.startup import agree_or_fail, start_processes
-from .pretrained import PretrainedError, network_config, not_a_file, read_state_dict
+from .pretrained import PretrainedError, network_config, not_a_file, params_beside, read_state_dict
 
 # How the messages name each evaluation: the run, running it, to run it.
 WORDS = {LINEAR: ("evaluation", "evaluating", "evaluate"), FINE_TUNING: ("fine-tuning", "fine-tuning", "fine-tune")}
@@ -112,8 +112,18 @@ def network_from_checkpoint(args, given):
         elif value != config[name] and not args.allow_mismatched_weights:
             fail(f"--{name} {value} but {args.pretrained} holds a {found}; leave --{name} out to evaluate the "
                  "checkpoint's network")
-    return state, info, (f"Network of {args.pretrained}: {found} (read from the checkpoint); building "
-                         f"{args.arch} at width_per_group {args.width_per_group}")
+    return state, info, (f"Network of {args.pretrained}: {found} (read from the checkpoint){_pretrained_on(args)}; "
+                         f"building {args.arch} at width_per_group {args.width_per_group}")
+
+
+def _pretrained_on(args):
+    """', pretrained on DATA (N classes)' from the params.json of the checkpoint's run, so that a log shows a
+    checkpoint evaluated on other data than it learnt from (a CIFAR-100 run on CIFAR-10, say)."""
+    run = params_beside(args.pretrained)[1]
+    if not isinstance(run.get("data_path"), str):
+        return ""
+    classes = run.get("data", {}).get("classes") if isinstance(run.get("data"), dict) else None
+    return f", pretrained on {run['data_path']}" + (f" ({classes} classes)" if classes else "")
 
 
 def set_up(args, kind, operational_flags, start):

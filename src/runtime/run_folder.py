@@ -207,12 +207,13 @@ def folder_kind(dump_path):
     return None
 
 
-def _another_kind(dump_path, found, kind):
+def _another_kind(dump_path, found, kind, labels_perc=None):
     """The one-line problem of a folder that holds a `found` run (`folder_kind`) when a `kind` run was to use
     it; None when it is new or of that kind."""
     if found is None or found == kind:
         return None
-    hint = f" (e.g. {dump_path.rstrip('/')}_linear_eval)" if found == PRETRAINING else ""
+    suffix = {LINEAR: "_linear_eval", FINE_TUNING: f"_semisup_{labels_perc}pct"}.get(kind)  # the SBATCH scripts' names
+    hint = f" (e.g. {dump_path.rstrip('/')}{suffix})" if found == PRETRAINING and suffix else ""
     return f"{dump_path} holds a {found} run, not a {kind}: nothing was written there; use another --dump_path{hint}"
 
 
@@ -261,7 +262,7 @@ def check_evaluation_folder(dump_path, kind, params, identity, ignore, allow_cha
         found, old = folder_kind(dump_path), load_params_json(dump_path)
     except ValueError as e:
         return f"{e}; cannot tell what {dump_path} holds: use another --dump_path", False
-    problem = _another_kind(dump_path, found, kind)
+    problem = _another_kind(dump_path, found, kind, params.get("labels_perc"))
     if problem is not None:
         return problem, False
     results = [n for n in ("checkpoint.pth.tar", "results.json", "stats0.csv")
