@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass, field
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from src.runtime.cli import format_eta  # noqa: E402
+from src.runtime.durations import format_eta  # noqa: E402
 
 STATS_FILE = "stats0.csv"
 

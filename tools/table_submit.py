@@ -10,7 +10,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from src.runtime.cli import fail  # noqa: E402
-from src.runtime.cli import format_eta  # noqa: E402
+from src.runtime.durations import format_eta  # noqa: E402
 from table_pace import Pace, read_progress  # noqa: E402
 from table_plan import CIFAR_FOLDERS  # noqa: E402
 from table_records import cell_status, read_state, write_state  # noqa: E402
