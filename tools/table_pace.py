@@ -3,8 +3,11 @@
 A cell's folders record their progress in their statistics tables (`stats0.csv`: one row per finished epoch,
 `time` the training seconds so far, earlier processes included). Read before and after a cell runs, they
 give the epochs that this attempt ran and their seconds, a resumed cell's included (it runs only the epochs
-left). The estimate is per epoch, for each data set apart (its data path may be another format, its
-evaluation has its own number of classes), and per cell for the rest (start-up, data loading, checks).
+left). The estimate is per epoch, for each data set apart, and per cell for the rest (start-up, data
+loading, checks). The two data sets have as many images; their number of classes changes only the
+evaluation's classifier (a few milliseconds a batch against seconds for the frozen network on a CPU) and
+the optional kNN monitor, but each may have its own data path (DATASET_PATH_C10, DATASET_PATH_C100), of
+another format (JPEG folder or pickled batches) or on another disk.
 Reads files only: no torch, no pandas.
 """
 import csv
