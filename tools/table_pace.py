@@ -7,7 +7,8 @@ left). The estimate is per epoch, for each data set apart, and per cell for the 
 loading, checks). The two data sets have as many images; their number of classes changes only the
 evaluation's classifier (a few milliseconds a batch against seconds for the frozen network on a CPU) and
 the optional kNN monitor, but each may have its own data path (DATASET_PATH_C10, DATASET_PATH_C100), of
-another format (JPEG folder or pickled batches) or on another disk.
+another format (JPEG folder or pickled batches) or on another disk. An evaluation whose table has no `time`
+(the cached probe's) counts in the rest of its cell.
 Reads files only: no torch, no pandas.
 """
 import csv
