@@ -29,7 +29,8 @@ from src.eval.setup import (add_shared_new_flags, add_shared_released_flags, che
 from src.method.resnet import build_model
 from src.runtime import launch
 from src.runtime.checkpoint import atomic_save
-from src.runtime.cli import OPERATIONAL_FLAGS, ArgumentParser, bool_flag, fail, format_eta, parse_given
+from src.runtime.cli import OPERATIONAL_FLAGS, ArgumentParser, bool_flag, fail, parse_given
+from src.runtime.durations import format_eta
 from src.runtime.exits import run_main
 from src.runtime.files import write_json
 from src.runtime.logs import CurveWriter, Stats

@@ -32,7 +32,8 @@ from src.method.resnet import build_model
 from src.method.train_step import unwrap
 from src.runtime import launch
 from src.runtime.checkpoint import atomic_save, rng_state
-from src.runtime.cli import OPERATIONAL_FLAGS, ArgumentParser, bool_flag, fail, format_eta, parse_given
+from src.runtime.cli import OPERATIONAL_FLAGS, ArgumentParser, bool_flag, fail, parse_given
+from src.runtime.durations import format_eta
 from src.runtime.exits import run_main
 from src.runtime.files import write_json
 from src.runtime.run_folder import FINE_TUNING, save_params

@@ -28,7 +28,8 @@ from src.method.swav import LOSS_FORMS, SwavConfig
 from src.runtime import devices, launch, signals, startup
 from src.runtime.async_save import BackgroundWriter
 from src.runtime.checkpoint import CheckpointError, restart_from_checkpoint, save_checkpoint
-from src.runtime.cli import MAX_EPOCHS, OPERATIONAL_FLAGS, ArgumentParser, bool_flag, check_seed, fail, format_eta
+from src.runtime.cli import MAX_EPOCHS, OPERATIONAL_FLAGS, ArgumentParser, bool_flag, check_seed, fail
+from src.runtime.durations import format_eta
 from src.runtime.exits import run_main
 from src.runtime.logs import AverageMeter, Clock, CurveWriter, Stats, create_logger, format_provenance, provenance
 from src.runtime.run_folder import claim_pretraining_folder, load_params_json, save_params

@@ -58,14 +58,30 @@ def test_the_check_sees_a_wrong_import(tmp_path):
 
 
 # The tools that read files and start jobs load no checkpoint: importing torch (and with it NumPy) would
-# double their start-up. tools/results.py needs pandas and matplotlib for its tables and plots.
+# double their start-up. tools/results.py imports pandas and matplotlib only where it reads stats and draws
+# (about half a second), so its --help and argument errors answer at once.
+def imported_modules(tool, *args):
+    """(the process, the modules that `python -X importtime TOOL ARGS` imported)."""
+    proc = subprocess.run([sys.executable, "-X", "importtime", os.path.join(ROOT, tool), *args],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    lines = proc.stderr.splitlines()
+    imported = {line.rsplit("|", 1)[1].strip() for line in lines if line.startswith("import time:")}
+    assert "src.runtime.cli" in imported  # the listing was read
+    return proc, imported
+
+
 @pytest.mark.parametrize("tool, heavy", [("tools/reproduce_tables.py", {"torch", "numpy", "pandas"}),
-                                         ("tools/results.py", {"torch"}),
+                                         ("tools/results.py", {"torch", "numpy", "pandas", "matplotlib"}),
                                          ("tools/synthetic_cifar.py", {"torch"})])
 def test_tools_start_without_torch(tool, heavy):
-    proc = subprocess.run([sys.executable, "-X", "importtime", os.path.join(ROOT, tool), "--help"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    proc, imported = imported_modules(tool, "--help")
     assert proc.returncode == 0 and "usage:" in proc.stdout, proc.stderr[-2000:]
-    imported = {line.rsplit("|", 1)[1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
-    assert "src.runtime.cli" in imported  # the listing was read
     assert sorted(heavy & imported) == []
+
+
+@pytest.mark.parametrize("args", [["--no-such-flag"], [], ["no_such_folder"], ["--plan", "no_such_plan.tsv"]])
+def test_results_tool_refuses_bad_arguments_without_pandas(args):
+    proc, imported = imported_modules("tools/results.py", *args)
+    errors = [line for line in proc.stderr.splitlines() if not line.startswith("import time:")]
+    assert proc.returncode == 2 and errors and errors[-1].startswith("error:"), errors
+    assert sorted({"pandas", "matplotlib", "numpy"} & imported) == []

@@ -10,7 +10,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from src.runtime.cli import format_eta
+from src.runtime.durations import format_eta
 from src.runtime.logs import (Clock, CurveWriter, Stats, create_logger, format_provenance, provenance,
                               read_released_stats)
 from src.runtime.run_folder import load_params_json, params_dict, save_params

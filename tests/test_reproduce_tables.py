@@ -20,6 +20,7 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 import reproduce_tables as rt  # noqa: E402
 import table_plan  # noqa: E402
 import table_records  # noqa: E402
+import table_pace  # noqa: E402
 import table_settings  # noqa: E402
 import table_submit  # noqa: E402
 from fake_cifar import write_cifar10, write_cifar100, write_image_folder  # noqa: E402
@@ -148,22 +149,64 @@ def test_plan_file_and_helpers(tmp_path):
     assert table_plan.eval_folder_suffix("--probe=cached --probe released") == "_linear_eval"   # the last one wins
 
 
+def _stats(folder, epochs, seconds_per_epoch):
+    """A statistics table as a run writes it (src.runtime.logs.Stats): `epochs` rows, `time` cumulative."""
+    from src.runtime.logs import Stats
+    os.makedirs(folder, exist_ok=True)
+    stats = Stats(os.path.join(folder, "stats0"), ["epoch", "loss", "time"])
+    for e in range(epochs):
+        stats.update({"epoch": e, "loss": 1.0, "time": (e + 1) * seconds_per_epoch})
+
+
 def test_local_cells_say_how_long_the_rest_will_take(tmp_path):
     """Was only `[1/20] c10_swav_200ep_seed31: done`: days of cells run here with no word of the time left.
-    The evaluation of a cell (its results.json's `seconds`) takes as long whatever the pretraining's epochs:
-    it is counted per cell, not per epoch."""
-    cells = table_plan.plan_cells(["cifar10"], ["swav"], [200, 400, 1000], [31], str(tmp_path),
-                                  {"cifar10": "cifar10"}, "_linear_eval")
-    pace = table_submit.Pace()
+    The estimate is per finished epoch (pretraining, evaluation), per data set, plus the rest of a cell's
+    time once per cell; a resumed cell counts only the epochs it ran (it was counted as a whole cell run in
+    the time of its last part, which made the rest look faster), and a cell left counts only its epochs left."""
+    cells = table_plan.plan_cells(["cifar10", "cifar100"], ["swav"], [200, 400], [31], str(tmp_path),
+                                  {"cifar10": "cifar10", "cifar100": "cifar100"}, "_linear_eval")
+    c10_200, c10_400, c100_200, c100_400 = cells
+    pace = table_pace.Pace()
     assert pace.time_left(cells[1:]) == ""  # nothing finished yet: no pace
-    os.makedirs(cells[0].eval_path)
-    with open(os.path.join(cells[0].eval_path, "results.json"), "w") as f:
-        json.dump({"best_top1": 50.0, "epochs": 100, "seconds": 200.0}, f)
-    pace.add(cells[0], 600.0)   # 400 s of pretraining (2 s per epoch), 200 s of evaluation
-    assert pace.time_left(cells[1:]) == "; about 0:53:20 for the 2 cell(s) left at this pace"  # 2 x 1400 + 2 x 200
+    assert table_pace.read_progress(c10_200) == table_pace.Progress()  # no folders yet
+    # c10_200 resumed at pretraining epoch 150 (earlier processes: 150 epochs in 300 s), run to the end here
+    _stats(c10_200.experiment_path, 150, 2.0)
+    before = table_pace.read_progress(c10_200)
+    assert before == table_pace.Progress(150, 300.0, 0, 0.0)
+    _stats(c10_200.experiment_path, 200, 2.0)        # 50 epochs in 100 s
+    _stats(c10_200.eval_path, 100, 2.0)              # 100 evaluation epochs in 200 s
+    after = table_pace.read_progress(c10_200)
+    assert after == table_pace.Progress(200, 400.0, 100, 200.0)
+    pace.add(c10_200, before, after, 330.0)          # 30 s outside both clocks
+    assert pace.attempts == [table_pace.Attempt("cifar10", 50, 100.0, 100, 200.0, 30.0)]
+    # c10_400 half done: 200 pretraining epochs at 2 s, its 100 evaluation epochs at 2 s, + 30 s
+    _stats(c10_400.experiment_path, 200, 2.0)
+    assert pace.time_left([c10_400]) == "; about 0:10:30 for the 1 cell(s) left at this pace"
+    # CIFAR-100 at the CIFAR-10 pace until a CIFAR-100 cell has finished, then at its own
+    assert table_pace.seconds_left(pace.attempts, [("cifar100", 400, 100)]) == 800 + 200 + 30
+    pace.add(c100_200, table_pace.Progress(), table_pace.Progress(200, 800.0, 100, 300.0), 1110.0)
+    assert table_pace.seconds_left(pace.attempts, [("cifar100", 400, 100)]) == 1600 + 300 + 20
+    assert table_pace.seconds_left(pace.attempts, [("cifar10", 0, 0)]) == 20   # only the rest of a cell
     assert pace.time_left([]) == ""
-    pace.add(cells[1], 1000.0)  # no results.json: all of it counted as pretraining
-    assert (pace.pretraining_seconds, pace.epochs, pace.evaluation_seconds) == (1400.0, 600, 200.0)
+
+
+def test_the_pace_of_an_attempt_that_started_afresh_and_without_a_part():
+    """A part whose folder was replaced (fewer epochs after than before) counts from zero; an estimate that
+    needs a part no finished cell ran is none (not a guess)."""
+    attempt = table_pace.attempt("cifar10", table_pace.Progress(300, 900.0, 100, 250.0),
+                                 table_pace.Progress(200, 400.0, 100, 250.0), 450.0)
+    assert attempt == table_pace.Attempt("cifar10", 200, 400.0, 0, 0.0, 50.0)
+    assert table_pace.seconds_left([attempt], [("cifar10", 10, 0)]) == 10 * 2.0 + 50.0
+    assert table_pace.seconds_left([attempt], [("cifar10", 10, 5)]) is None   # no evaluation epoch ran yet
+    assert table_pace.seconds_left([], [("cifar10", 10, 0)]) is None
+
+
+def test_progress_is_read_from_the_last_readable_row(tmp_path):
+    with open(tmp_path / "stats0.csv", "w") as f:
+        f.write("epoch,loss,time\n0,1.0,2.5\n1,1.0,5.0\n2,1.0,nan\n")   # a time not written (NaN)
+    assert table_pace.epochs_and_seconds(str(tmp_path)) == (2, 5.0)
+    (tmp_path / "stats0.csv").write_text("epoch,loss\n0,1.0\n")            # no time column
+    assert table_pace.epochs_and_seconds(str(tmp_path)) == (0, 0.0)
 
 
 def test_cell_status(tmp_path):

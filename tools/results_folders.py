@@ -4,15 +4,14 @@ Which folders are pretraining runs and which are evaluations (by the keys of the
 their names), the run each evaluation belongs to (the checkpoint it evaluated, recorded in its params.json;
 without a record, the run its name attaches it to) and whether it evaluated that run's current checkpoint.
 Folders are found through symbolic links too, each real folder once. Only reads files, never loads
-checkpoints. tools/results_runs.py makes runs of them.
+checkpoints. tools/results_runs.py makes runs of them. pandas is imported where a stats file is read, so
+that `tools/results.py --help` and its argument errors answer without it.
 """
 import functools
 import json
 import os
 import re
 import sys
-
-import pandas as pd
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from src.runtime.files import file_sha256  # noqa: E402
@@ -41,6 +40,7 @@ def _read_stats(path):
     """The stats DataFrame (duplicated epochs after a restart: last kept), or None."""
     if not os.path.isfile(path):
         return None
+    import pandas as pd
     try:
         df = pd.read_pickle(path)
     except Exception as e:  # a stats file half-written by a killed run
@@ -60,6 +60,7 @@ def _truthy(v):
 def _last_valid(df, column):
     if df is None or column not in df.columns:
         return None
+    import pandas as pd
     s = pd.to_numeric(df[column], errors="coerce").dropna()
     return float(s.iloc[-1]) if len(s) else None
 
@@ -193,6 +194,7 @@ def load_evaluation(folder, kind, tag):
             done = int(results["epochs"])
             planned = planned or done
     elif stats is not None and "prec1_val" in stats.columns:
+        import pandas as pd
         p1 = pd.to_numeric(stats["prec1_val"], errors="coerce").dropna()
         if len(p1):
             best, last = float(p1.max()), float(p1.iloc[-1])

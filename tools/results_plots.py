@@ -1,16 +1,11 @@
 """The plots of tools/results.py: accuracy against pretraining epochs next to the published curves, and
-each run's curves (loss, kNN top-1, its evaluations' top-1). Every file is written atomically.
+each run's curves (loss, kNN top-1, its evaluations' top-1). Every file is written atomically. matplotlib
+and pandas are imported when a figure is drawn, so that `tools/results.py --help` and its argument errors
+answer without them (about half a second).
 """
 import os
 import statistics
 import sys
-
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import pandas as pd  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 TOOLS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, TOOLS)
@@ -24,16 +19,24 @@ MARKERS = {"SwAV": "o", "Un-Mix": "s"}
 COLOURS = {"SwAV": "tab:blue", "Un-Mix": "tab:orange"}
 
 
+def pyplot():
+    """matplotlib.pyplot on the file-only Agg backend (no display needed)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
 def save_figure(fig, path):
     atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
-    plt.close(fig)
+    pyplot().close(fig)
 
 
 def plot_accuracy_vs_epochs(runs, path):
     """The published curves per data set, with our runs that are compared with them (see
     results_runs.comparison): best and last top-1, and mean ± std over seeds."""
     datasets = list(DATASETS) + sorted({r["dataset"] for r in runs} - set(DATASETS))
-    fig, axes = plt.subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4.2), squeeze=False)
+    fig, axes = pyplot().subplots(1, len(datasets), figsize=(5.5 * len(datasets), 4.2), squeeze=False)
     groups = group_by_seed(runs)
     for ax, ds in zip(axes[0], datasets):
         for m in METHODS:
@@ -74,10 +77,12 @@ def plot_accuracy_vs_epochs(runs, path):
 
 def run_curves_figure(run):
     """Training loss, kNN top-1 and each evaluation's top-1 against the epoch numbers of the logs."""
+    import pandas as pd
+    from matplotlib.ticker import MaxNLocator
     stats = run["stats"]
     evals = [e for e in run["evals"] if e["stats"] is not None and "prec1_val" in e["stats"].columns]
     panels = 3 if evals else 2
-    fig, axes = plt.subplots(1, panels, figsize=(5 * panels, 3.8), squeeze=False)
+    fig, axes = pyplot().subplots(1, panels, figsize=(5 * panels, 3.8), squeeze=False)
     ax = axes[0][0]
     if stats is not None and "loss" in stats.columns:
         ax.plot(stats["epoch"], pd.to_numeric(stats["loss"], errors="coerce"), marker=".", color="tab:red")

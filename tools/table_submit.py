@@ -6,13 +6,12 @@ import shlex
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-from src.eval.finished import finished_results  # noqa: E402
 from src.runtime.cli import fail  # noqa: E402
-from src.runtime.cli import format_eta  # noqa: E402
+from src.runtime.durations import format_eta  # noqa: E402
+from table_pace import Pace, read_progress  # noqa: E402
 from table_plan import CIFAR_FOLDERS  # noqa: E402
 from table_records import cell_status, read_state, write_state  # noqa: E402
 
@@ -80,46 +79,17 @@ def submit_to_slurm(cells, todo, cells_dir, plan, queue, report, report_cmd, env
     return 0
 
 
-@dataclass
-class Pace:
-    """The finished cells of this table run here: their pretraining's seconds and epochs, and their
-    evaluations' seconds (the same evaluation in every cell, whatever the pretraining's epochs)."""
-    pretraining_seconds: float = 0.0
-    epochs: int = 0
-    evaluation_seconds: float = 0.0
-    cells: int = 0
-
-    def add(self, cell, seconds):
-        """Cell `cell`, done in `seconds`: its evaluation's part is the `seconds` of its results.json."""
-        results = finished_results(cell.eval_path) or {}
-        evaluation = results.get("seconds")
-        evaluation = min(max(float(evaluation), 0.0), seconds) if isinstance(evaluation, (int, float)) else 0.0
-        self.pretraining_seconds += seconds - evaluation
-        self.evaluation_seconds += evaluation
-        self.epochs += cell.epochs
-        self.cells += 1
-
-    def time_left(self, cells_left):
-        """'; about 1:40:00 for the 2 cell(s) left at this pace': the finished cells' seconds per pretraining
-        epoch times the epochs of the cells left, plus their mean evaluation's seconds for each of them."""
-        if not cells_left or self.epochs <= 0:
-            return ""
-        seconds = (self.pretraining_seconds / self.epochs * sum(c.epochs for c in cells_left)
-                   + self.evaluation_seconds / self.cells * len(cells_left))
-        return f"; about {format_eta(seconds)} for the {len(cells_left)} cell(s) left at this pace"
-
-
 def run_here(todo, cells_dir, plan, host, report, report_cmd, env):
     """The cells one after another on this machine, then the report. Returns 1 when a cell failed."""
     failed, pace = [], Pace()
     for k, c in enumerate(todo, 1):
         print(f"[{k}/{len(todo)}] {c.name}: running, log {cells_dir}/{c.name}.log", flush=True)
-        start = time.monotonic()
+        before, start = read_progress(c), time.monotonic()
         rc = subprocess.run(["bash", TABLE_CELL, plan, str(c.index)], env=env).returncode
         took = time.monotonic() - start
         status, detail = cell_status(c, cells_dir, None, host)
         if status == "done":
-            pace.add(c, took)
+            pace.add(c, before, read_progress(c), took)
         print(f"[{k}/{len(todo)}] {c.name}: {status}{f' ({detail})' if detail else ''} after {format_eta(took)}"
               f"{pace.time_left(todo[k:])}", flush=True)
         if rc != 0:

@@ -6,7 +6,7 @@ folder (its `seconds` stay those of the evaluation, counted across restarts by t
 import json
 import os
 
-from ..runtime.cli import format_eta
+from ..runtime.durations import format_eta
 
 RESULTS_FILE = "results.json"
 RESULTS_TOOL = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "tools",

@@ -1,5 +1,5 @@
 """The command line of the entry scripts and tools: boolean flags, which flags are operational
-(`OPERATIONAL_FLAGS`), one-line errors and exit statuses, seeds, durations as printed (`format_eta`).
+(`OPERATIONAL_FLAGS`), one-line errors and exit statuses, seeds.
 Standard library only: the tools import it without torch. How an entry script runs and ends (`run_main`):
 src/runtime/exits.py.
 """
@@ -7,7 +7,6 @@ import argparse
 import difflib
 import re
 import sys
-from datetime import timedelta
 
 # Exit statuses of the entry scripts besides 0, 2 (bad input, `fail`), 3 (preempted, see
 # src/runtime/signals.PREEMPTED_EXIT_CODE) and 4 (non-finite losses).
@@ -118,7 +117,3 @@ def check_seed(name, value):
     if not 0 <= value < 2 ** 32:
         fail(f"--{name} must be in [0, 2**32), got {value}")
 
-
-def format_eta(seconds):
-    seconds = max(0, int(seconds))
-    return str(timedelta(seconds=seconds))

@@ -24,7 +24,8 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from .cli import error_line, fail, format_eta
+from .cli import error_line, fail
+from .durations import format_eta
 from .files import atomic_write
 
 
