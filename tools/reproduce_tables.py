@@ -59,8 +59,10 @@ def get_parser():
     p.add_argument("--methods", default="swav,unmix", help="comma-separated: swav, unmix (default: both)")
     p.add_argument("--epochs", default=PUBLISHED_EPOCHS, help=f"pretraining epochs (default {PUBLISHED_EPOCHS})")
     p.add_argument("--seeds", default="31", help="comma-separated seeds (default 31, the released seed)")
-    p.add_argument("--experiments", default="experiments/tables", help="folder of the cells' experiment folders")
-    p.add_argument("--report", default="report/tables", help="folder of the report (results.md, plots)")
+    p.add_argument("--experiments", default="experiments/tables",
+                   help="folder of the cells' experiment folders (default experiments/tables)")
+    p.add_argument("--report", default="report/tables",
+                   help="folder of the report: results.md, plots (default report/tables)")
     p.add_argument("--local", action="store_true", help="run the cells here one after another even if sbatch exists")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--dry-run", action="store_true", help="print the plan; submit and run nothing")
