@@ -53,7 +53,8 @@ class LARC:
         for group in self.optim.param_groups:
             for p in group["params"]:
                 buf = self.optim.state[p].get("momentum_buffer") if p in self.optim.state else None
-                if buf is not None and buf.stride() != p.stride():
+                # a buffer of another shape is left as it is, for the checkpoint's check to name it
+                if isinstance(buf, torch.Tensor) and buf.shape == p.shape and buf.stride() != p.stride():
                     self.optim.state[p]["momentum_buffer"] = torch.empty_like(p).copy_(buf)
 
     def zero_grad(self, set_to_none=True):
