@@ -8,8 +8,8 @@ projection head or prototypes; `torch.load(weights_only=True)` reads it) and `ba
 (`arch`, `width_per_group`, `feature_dim`, the source checkpoint, its SHA-256 and its `epoch` entry: the epochs
 done, so 2 after epochs 0-1 of the training log; and `pretraining`, what the params.json of its run records:
 planned epochs, method, data, seed). An existing `--out` is replaced only by an export of the same checkpoint
-(the same SHA-256, identical weights); anything else there is kept and the tool stops (exit 2). Reads any checkpoint of
-this project or of the released code; the architecture and width are read from the weights (and checked
+(the same SHA-256, identical weights); anything else there is kept and the tool stops (exit 2). Reads any
+checkpoint of this project or of the released code; the architecture and width are read from the weights (and checked
 against the checkpoint's own `arch` entry and the params.json of its run when it has them). Load the export with
 
     meta = json.load(open("backbone.json"))
