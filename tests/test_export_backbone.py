@@ -10,13 +10,16 @@ import numpy as np
 import pytest
 import torch
 
+from src.eval.setup import network_from_checkpoint
 from src.method.resnet import build_model
+from src.runtime.files import file_sha256
 from tests.e2e_helpers import RUN_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 TOOL = REPO / "tools" / "export_backbone.py"
 sys.path.insert(0, str(REPO / "tools"))
 
+import eval_semisup  # noqa: E402
 import export_backbone  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -43,7 +46,10 @@ def test_export_and_load_as_the_docs_show(pre, tmp_path):
     res = export(pre, "--out", tmp_path / "backbone.pth", cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     meta = json.loads((tmp_path / "backbone.json").read_text())
-    assert meta == {"arch": "resnet18", "width_per_group": 8, "feature_dim": 256, "source": str(pre), "epoch": 1}
+    run = json.loads((pre.parent / "params.json").read_text())
+    assert meta == {"arch": "resnet18", "width_per_group": 8, "feature_dim": 256, "source": str(pre),
+                    "source_sha256": file_sha256(pre), "epoch": 1,
+                    "pretraining": {"run": str(pre.parent), **{k: run[k] for k in ("epochs", "run_swav", "data_path", "data", "seed")}}}
     # its epoch in the words of the training log, which counts from 0
     last_logged = re.findall(r"Epoch (\d+) done", (pre.parent / "train.log").read_text())[-1]
     assert res.stdout.rstrip().endswith(f"from {pre} after 1 epoch (epoch {last_logged})"), res.stdout
@@ -109,3 +115,56 @@ def test_bad_input_is_one_line(pre, tmp_path, capsys):
         lines = capsys.readouterr().err.strip().splitlines()
         assert stop.value.code == 2 and len(lines) == 1 and phrase in lines[0], (args, lines)
     assert not (tmp_path / "x.pth").exists()
+
+
+def test_an_existing_export_is_replaced_only_by_an_export_of_the_same_checkpoint(pre, tmp_path, capsys):
+    """Failed before: --out was overwritten whatever it held. An export of the same checkpoint is written again
+    (a rerun; one killed between its two files); other weights, another checkpoint's export or a file of
+    another kind stay as they were, with one line naming the file and how to go on."""
+    out, description = tmp_path / "bb.pth", tmp_path / "bb.json"
+    assert export_backbone.main([str(pre), "--out", str(out)]) == 0
+    assert export_backbone.main([str(pre), "--out", str(out)]) == 0   # the same checkpoint again
+    description.unlink()                                               # killed before its description
+    assert export_backbone.main([str(pre), "--out", str(out)]) == 0 and description.is_file()
+    ours = torch.load(pre, weights_only=True)
+    ours["state_dict"]["module.conv1.weight"] += 1   # another checkpoint: other weights, another SHA-256
+    torch.save(ours, tmp_path / "other.pth.tar")
+    other_description = json.dumps({"arch": "resnet18", "source": "/elsewhere/checkpoint.pth.tar", "epoch": 3})
+    capsys.readouterr()
+    for name, setup, phrase in (("other checkpoint", None, "describes an export of another checkpoint"),
+                                ("other weights", lambda: description.unlink(), "holds other weights"),
+                                ("not an export", lambda: out.write_bytes(b"notes"), "is not a state dict"),
+                                ("lone description", lambda: (out.unlink(), description.write_text(other_description)),
+                                 "describes an export of another checkpoint (/elsewhere/checkpoint.pth.tar)")):
+        if setup:
+            setup()
+        before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name.startswith("bb.")}
+        with pytest.raises(SystemExit) as stop:
+            export_backbone.main([str(tmp_path / "other.pth.tar"), "--out", str(out)])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert stop.value.code == 2 and len(lines) == 1 and phrase in lines[0], (name, lines)
+        assert f"remove {out} and {description} first" in lines[0], lines
+        assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name.startswith("bb.")} == before, name
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_evaluations_of_an_export_say_how_long_and_on_what_it_was_pretrained(pre, tmp_path, fork_runner):
+    """Failed before: an evaluation of an export logged 'after an unrecorded number of epochs' and no data,
+    although its description records both. A missing or broken description keeps those words."""
+    out = tmp_path / "bb.pth"
+    assert export_backbone.main([str(pre), "--out", str(out)]) == 0
+    trained_on = json.loads((pre.parent / "params.json").read_text())["data_path"]
+    res = fork_runner.run(REPO / "eval_semisup.py", ["--data_path", trained_on, "--dump_path", tmp_path / "semi",
+                                                     "--epochs", 1, "--workers", 0, "--batch_size", 8,
+                                                     "--pretrained", out], cwd=tmp_path)
+    assert res.returncode == 0, res.explain()
+    assert f"Loaded pretrained weights from {out}, after 1 epoch (epoch 0);" in res.stdout, res.stdout
+    assert f"pretrained on {trained_on} (10 classes) (as {tmp_path / 'bb.json'} records); building" in res.stdout
+    # the same read, in process, without the description and with a broken one
+    args = eval_semisup.get_parser().parse_args(["--pretrained", str(out)])
+    for text in (None, "{\"arch\": \"resnet18\", \"sour", json.dumps({"arch": "resnet50", "source": "x", "epoch": 3})):
+        (tmp_path / "bb.json").unlink(missing_ok=True)
+        if text is not None:
+            (tmp_path / "bb.json").write_text(text)
+        _, info, line = network_from_checkpoint(args, given=set())
+        assert info["epoch"] is None and "pretrained on" not in line, (text, line)

@@ -620,6 +620,51 @@ def test_moved_experiments_keep_their_evaluations(tmp_path):
     assert [(r["name"], r["best_top1"], r["not_compared"]) for r in runs] == [("unmix", 88.0, "")]
 
 
+def _export(path, source, epoch=200, **pretraining):
+    """An exported backbone at `path` as tools/export_backbone.py writes it (docs/CONTRACTS.md): its weights
+    (bytes here: the tool never loads them) and its description, of the checkpoint `source`."""
+    from src.runtime.files import file_sha256
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"backbone of " + str(source).encode())
+    path.with_suffix(".json").write_text(json.dumps(
+        {"arch": "resnet18", "width_per_group": 64, "feature_dim": 512, "source": str(source),
+         "source_sha256": file_sha256(source) if source.exists() else "0" * 64, "epoch": epoch,
+         "pretraining": {"run": str(source.parent), **pretraining}}))
+    return path
+
+
+def test_an_evaluation_of_an_exported_backbone_belongs_to_the_run_it_came_from(tmp_path):
+    """Failed before: an evaluation of an export (tools/export_backbone.py) was the result of a made-up run
+    named after the export's folder (method '?', epochs '0/?'). Its description ties it to its run (stale once
+    the run's checkpoint moved on); an export whose run is not found is a row labelled as an exported
+    backbone, with what its description records; fine-tunings of exports likewise."""
+    exp, exports = tmp_path / "exp", tmp_path / "exports"
+    checkpoint = _run_with_checkpoint(exp / "unmix")
+    backbone = _export(exports / "unmix_backbone.pth", checkpoint)
+    _evaluated(exp / "backbone_eval", backbone, 88.0)
+    lost = _export(exports / "lost.pth", tmp_path / "gone" / "checkpoint.pth.tar", epoch=150, epochs=400,
+                   run_swav=True, data_path="/data/cifar-100-python", seed=32)
+    _evaluated(exp / "lost_eval", lost, 70.0)
+    for name, weights in (("ft_backbone", backbone), ("ft_lost", lost)):
+        _dump(exp / name, dict(labels_perc="10", data_path="cifar10", epochs=20, pretrained=str(weights)),
+              _eval_stats(2, [40.0, 41.0]))
+    md = _report([exp, exports], tmp_path / "report")[1]
+    rows = _parse_table(md)
+    assert sorted(rows) == ["lost.pth (exported backbone)", "unmix"]
+    assert (rows["unmix"]["linear top-1 best"], rows["unmix"]["Δ best − published"]) == ("88.00", "+1.20")
+    row = rows["lost.pth (exported backbone)"]
+    assert [row[k] for k in ("method", "data set", "seed", "epochs (done/planned)", "linear top-1 best")] == \
+        ["SwAV", "cifar100", "32", "150/400", "70.00"]
+    assert row["not compared because"].startswith("exported backbone: its run") and row["published top-1"] == "—"
+    finetunings = _parse_table(md, "## Semi-supervised fine-tuning")
+    assert finetunings["ft_backbone"]["pretrained run"] == "unmix"
+    assert finetunings["ft_lost"]["pretrained run"] == "lost.pth (exported backbone)"
+    checkpoint.write_bytes(b"weights of epoch 200, trained further")   # the export is of an earlier checkpoint
+    r = _parse_table(_report([exp, exports], tmp_path / "report")[1])["unmix"]
+    assert (r["linear top-1 best"], r["not compared because"]) == ("—", "linear evaluation stale (of an earlier "
+                                                                         "checkpoint)")
+
+
 def test_every_pretraining_flag_is_in_the_recipe_or_named_outside_it():
     """A new pretraining flag (a mixing mode, an augmentation, a loss option: docs/extending.md) must say whether
     it is part of the released recipe; left out of RELEASED_PRETRAINING, runs with it on would be put next to the

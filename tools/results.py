@@ -8,7 +8,8 @@ Every folder under the given directories (symbolic links followed, each real fol
 by its `params.json` (pretraining, linear evaluation, semi-supervised fine-tuning), else by its name
 (`<dump>_linear_eval[<tag>]`, `<dump>_semisup[<tag>]`), else it is a pretraining dump when it holds
 `stats0.pkl` (formats: docs/CONTRACTS.md). An evaluation belongs to the run whose checkpoint it evaluated
-(`pretrained_file` in its params.json); without that record, to the run its name attaches it to. An
+(`pretrained_file` in its params.json; for an exported backbone, the run of the checkpoint its .json names,
+else a row of its own labelled as an export); without that record, to the run its name attaches it to. An
 evaluation of another checkpoint than the run's current `checkpoint.pth.tar` is shown as stale, never as
 the run's result. Writes into OUT_DIR (default `report/`; a missing experiment folder is a one-line error,
 exit 2, and nothing is written):

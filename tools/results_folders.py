@@ -14,6 +14,7 @@ import re
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from src.eval.export_record import read_export_record  # noqa: E402
 from src.runtime.files import file_sha256  # noqa: E402
 
 # `<dump>_linear_eval[<tag>]` / `<dump>_semisup[<tag>]`: the last such part of the name
@@ -127,6 +128,18 @@ def _dump_of_checkpoint(path):
     return os.path.dirname(folder) if os.path.basename(folder) == "checkpoints" else folder
 
 
+def checkpoint_home(path):
+    """What the weights at `path` are reported under: for an export of tools/export_backbone.py (its
+    description beside it), the run folder of the checkpoint it was exported from while that folder exists,
+    else the export file itself (reported as an exported backbone, not as a run); for a checkpoint, its
+    run's folder (`_dump_of_checkpoint`)."""
+    export = read_export_record(path)
+    if export is None:
+        return _dump_of_checkpoint(path)
+    source_dump = _dump_of_checkpoint(export["source"])
+    return source_dump if os.path.isdir(source_dump) else os.path.normpath(path)
+
+
 def evaluated_checkpoint(params):
     """The checkpoint an evaluation evaluated, from its params.json: `pretrained_file` path, else its
     `--pretrained` ('' = random weights); None when not recorded."""
@@ -142,15 +155,16 @@ def evaluated_checkpoint(params):
 
 
 def run_of_evaluation(params, name_dump):
-    """The real path of the pretraining dump an evaluation belongs to: the folder of the checkpoint it
-    evaluated (an absolute recorded path; unless that folder is gone, e.g. the experiments were moved, and
-    the name tells), else the dump its name attaches it to; None for random weights or when neither tells."""
+    """The real path of the pretraining dump an evaluation belongs to: the `checkpoint_home` of the checkpoint
+    it evaluated (an absolute recorded path; unless it is gone, e.g. the experiments were moved, and the name
+    tells), else the dump its name attaches it to; None for random weights or when neither tells. An exported
+    backbone whose run is not found is its own 'dump' (the export file)."""
     checkpoint = evaluated_checkpoint(params)
     if checkpoint == "":
         return None
     if checkpoint and os.path.isabs(checkpoint):
-        dump = _dump_of_checkpoint(checkpoint)
-        if os.path.isdir(dump) or not name_dump:
+        dump = checkpoint_home(checkpoint)
+        if os.path.exists(dump) or not name_dump:
             return _real(dump)
     return _real(name_dump) if name_dump else None
 
@@ -165,11 +179,18 @@ def evaluated_current_checkpoint(params, dump):
     """True when the evaluation recorded in `params` evaluated the current `dump/checkpoint.pth.tar` (same
     SHA-256; the file is hashed only when its size or modification time differ from the recorded ones),
     False when it evaluated another checkpoint, None when it cannot be told (nothing recorded, or no
-    checkpoint in `dump`)."""
+    checkpoint in `dump`). An evaluation of an export of the run's checkpoint compares the SHA-256 of the export's
+    source (its description) instead; an export reported as itself (`dump` the file) is its own checkpoint."""
     record = params.get("pretrained_file") if isinstance(params, dict) else None
-    path = os.path.join(dump, CHECKPOINT)
+    path = dump if os.path.isfile(dump) else os.path.join(dump, CHECKPOINT)
     if not isinstance(record, dict) or not record.get("sha256") or not os.path.isfile(path):
         return None
+    export = read_export_record(str(record.get("path", ""))) if path != dump else None
+    if export is not None:
+        if not export.get("source_sha256"):
+            return None
+        st = os.stat(path)
+        return _sha256(_real(path), st.st_size, st.st_mtime_ns) == export["source_sha256"]
     st = os.stat(path)
     if (_real(str(record.get("path", ""))) == _real(path) and record.get("size") == st.st_size
             and record.get("mtime") == st.st_mtime):

@@ -13,11 +13,12 @@ sys.path.insert(0, TOOLS)
 sys.path.insert(0, os.path.dirname(TOOLS))
 from published import (DATASETS, FULL_SPLITS, METHODS, NUM_LABELS, linear_eval_differences,  # noqa: E402
                        pretraining_differences, published_top1)
-from results_folders import (_dump_of_checkpoint, _last_valid, _read_json, _read_stats, _real,  # noqa: E402
-                             _truthy, classify, evaluated_checkpoint, evaluations_of, find_folders, load_evaluation,
-                             run_of_evaluation)
+from results_folders import (_last_valid, _read_json, _read_stats, _real, _truthy,  # noqa: E402
+                             checkpoint_home, classify, evaluated_checkpoint, evaluations_of, find_folders,
+                             load_evaluation, run_of_evaluation)
 from table_plan import CIFAR_FILES, CIFAR_FOLDERS  # noqa: E402
 
+from src.eval.export_record import read_export_record  # noqa: E402
 from src.runtime.cli import OPERATIONAL_FLAGS  # noqa: E402
 
 # What params.json holds besides the settings of an experiment: the arguments that do not change what a run
@@ -128,10 +129,14 @@ def comparison(run, params):
 
 def load_run(path, evaluations=None):
     """Everything the tables and plots need about one pretraining dump and its evaluations (`evaluations`:
-    the evaluation folders of `find_folders`; by default those next to the dump)."""
+    the evaluation folders of `find_folders`; by default those next to the dump). `path` may be an exported
+    backbone whose run is not found (results_folders.checkpoint_home): see `load_export`."""
     name = os.path.basename(os.path.normpath(path))
     if evaluations is None:
         evaluations = find_folders([os.path.dirname(os.path.normpath(path))])[1]
+    export = read_export_record(path) if os.path.isfile(path) else None
+    if export is not None:
+        return load_export(path, export, evaluations)
     params = _read_json(os.path.join(path, "params.json"))
     stats = _read_stats(os.path.join(path, "stats0.pkl"))
     evals = evaluations_of(path, evaluations)
@@ -153,6 +158,29 @@ def load_run(path, evaluations=None):
     # arguments: only itself); evaluations are not compared, so a seed whose evaluation failed still counts
     run["experiment"] = json.dumps([run["method"], run["dataset"], _settings(params)] if params else run["path"],
                                    sort_keys=True, default=str)
+    return run
+
+
+def load_export(path, export, evaluations):
+    """The row of an exported backbone (`path`, its description `export`) whose run is not found: labelled as
+    an export, with what its description records of the run (method, data, seed, epochs done / planned),
+    never compared with a published number."""
+    pretraining = export.get("pretraining") or {}
+    evals = evaluations_of(path, evaluations)
+    linear = next((e for e in evals if e["label"] == "linear"), None)
+    name = f"{os.path.basename(path)} (exported backbone)"
+    run = {"name": name, "label": name, "path": os.path.normpath(path), "stats": None, "evals": evals,
+           "linear": linear, "method": _method(pretraining, ""),
+           "dataset": _dataset(pretraining, next((e["params"] for e in evals if e["params"]), None)),
+           "seed": pretraining.get("seed"), "knn_top1": None, "pretrain_seconds": None,
+           "epochs_planned": pretraining.get("epochs") if isinstance(pretraining.get("epochs"), int) else None,
+           "epochs_done": "?" if export["epoch"] is None else export["epoch"],
+           "published_top1": None, "experiment": json.dumps(os.path.normpath(path)),
+           "not_compared": f"exported backbone: its run ({pretraining.get('run') or 'not recorded'}) is not found"}
+    for k in ("best_top1", "last_top1", "last_top5"):
+        run[k] = linear[k] if linear else None
+    secs = [e["seconds"] for e in evals if not e["stale"] and e["seconds"] is not None]
+    run["wall_seconds"] = sum(secs) if secs else None
     return run
 
 
@@ -219,7 +247,7 @@ def runs_under(dirs, extra_dumps=()):
         run = run_of_evaluation(params, name_dump)
         if run is not None and run not in wanted and (kind == "linear_eval" or name_dump is not None):
             wanted[run] = (name_dump if name_dump and _real(name_dump) == run
-                           else _dump_of_checkpoint(evaluated_checkpoint(params)))
+                           else checkpoint_home(evaluated_checkpoint(params)))
     for p in extra_dumps:
         wanted.setdefault(_real(p), os.path.normpath(p))
     runs = load_runs(list(wanted.values()), evaluations)
@@ -240,7 +268,7 @@ def load_finetuning(folder):
     if pretrained is None:
         dump = name_dump
     else:
-        dump = _dump_of_checkpoint(pretrained) if pretrained else None
+        dump = checkpoint_home(pretrained) if pretrained else None
     e.update(name=os.path.basename(os.path.normpath(folder)), pretrained=pretrained, dump=dump,
              labels_perc=params.get("labels_perc", e["results"].get("labels_perc")),
              num_labelled=e["results"].get("num_labelled", subset.get("num_labelled")),

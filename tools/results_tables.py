@@ -129,12 +129,14 @@ def seeds_table(groups):
 
 def finetunings_table(finetunings, runs):
     """One row per semi-supervised fine-tuning, under the label of its pretraining run (the run's folder name
-    when that run is not in the report)."""
+    when that run is not in the report; an exported backbone whose run is not found, as such)."""
     labels = {os.path.realpath(r["path"]): r["label"] for r in runs}
     rows = []
     for f in finetunings:
         if f["dump"] is not None:
-            pretrained = labels.get(os.path.realpath(f["dump"]), os.path.basename(os.path.normpath(f["dump"])))
+            name = os.path.basename(os.path.normpath(f["dump"]))   # a file: an export whose run is not found
+            pretrained = labels.get(os.path.realpath(f["dump"]),
+                                    f"{name} (exported backbone)" if os.path.isfile(f["dump"]) else name)
         else:
             pretrained = "random init" if f["pretrained"] == "" else DASH
         planned = f["epochs_planned"] if f["epochs_planned"] is not None else "?"

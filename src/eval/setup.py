@@ -19,6 +19,7 @@ from ..runtime.cli import MAX_EPOCHS, bool_flag, check_seed, error_line, fail
 from ..runtime.logs import create_logger, format_provenance, provenance
 from ..runtime.run_folder import FINE_TUNING, LINEAR, claim_evaluation_folder
 from ..runtime.startup import agree_or_fail, start_processes
+from .export_record import read_export_record, record_path
 from .pretrained import PretrainedError, network_config, not_a_file, params_beside, read_state_dict
 
 # How the messages name each evaluation: the run, running it, to run it.
@@ -89,8 +90,10 @@ def network_from_checkpoint(args, given):
     (`network_config`: its weights, its `arch` entry, the params.json of its run), so that the evaluation
     builds that network and records it in its params.json. A flag in `given` (typed on the command line) that
     names another network stops the run with one line naming both values, unless --allow_mismatched_weights
-    true: then the flags build the network and the weights are loaded leniently, as released. Returns
-    (state dict, info, a line for the log), or (None, None, None) without --pretrained."""
+    true: then the flags build the network and the weights are loaded leniently, as released. An export of
+    tools/export_backbone.py records no epoch in its weights: `info["epoch"]` is then that of its description
+    (`src.eval.export_record`) when it describes this network. Returns (state dict, info, a line for the
+    log), or (None, None, None) without --pretrained."""
     if not args.pretrained:
         return None, None, None
     try:
@@ -105,6 +108,9 @@ def network_from_checkpoint(args, given):
         return state, info, f"--allow_mismatched_weights true: {e}; building --arch {args.arch} at width " \
                             f"{args.width_per_group} from the flags"
     found = f"{config['arch']} at width_per_group {config['width_per_group']}"
+    export = _export_of(args.pretrained, config)
+    if export is not None and info["epoch"] is None:
+        info = dict(info, epoch=export["epoch"])
     for name in NETWORK_FLAGS:
         value = getattr(args, name)
         if name not in given:
@@ -112,18 +118,31 @@ def network_from_checkpoint(args, given):
         elif value != config[name] and not args.allow_mismatched_weights:
             fail(f"--{name} {value} but {args.pretrained} holds a {found}; leave --{name} out to evaluate the "
                  "checkpoint's network")
-    return state, info, (f"Network of {args.pretrained}: {found} (read from the checkpoint){_pretrained_on(args)}; "
+    return state, info, (f"Network of {args.pretrained}: {found} (read from the checkpoint)"
+                         f"{_pretrained_on(args.pretrained, export)}; "
                          f"building {args.arch} at width_per_group {args.width_per_group}")
 
 
-def _pretrained_on(args):
-    """', pretrained on DATA (N classes)' from the params.json of the checkpoint's run, so that a log shows a
-    checkpoint evaluated on other data than it learnt from (a CIFAR-100 run on CIFAR-10, say)."""
-    run = params_beside(args.pretrained)[1]
+def _export_of(path, config):
+    """The description of the export at `path` (src/eval/export_record.py) when it describes the network
+    `config` of its weights, else None (no description, a broken one, or that of other weights)."""
+    export = read_export_record(path)
+    if export is None or (export["arch"], export.get("width_per_group")) != (config["arch"], config["width_per_group"]):
+        return None
+    return export
+
+
+def _pretrained_on(path, export=None):
+    """', pretrained on DATA (N classes)' from the params.json of the checkpoint's run (for an export, what its
+    description `export` records of that run), so that a log shows a checkpoint evaluated on other data than
+    it learnt from (a CIFAR-100 run on CIFAR-10, say)."""
+    run, said = params_beside(path)[1], ""
+    if not isinstance(run.get("data_path"), str) and export is not None:
+        run, said = export.get("pretraining") or {}, f" (as {record_path(path)} records)"
     if not isinstance(run.get("data_path"), str):
         return ""
     classes = run.get("data", {}).get("classes") if isinstance(run.get("data"), dict) else None
-    return f", pretrained on {run['data_path']}" + (f" ({classes} classes)" if classes else "")
+    return f", pretrained on {run['data_path']}" + (f" ({classes} classes)" if classes else "") + said
 
 
 def set_up(args, kind, operational_flags, start):
