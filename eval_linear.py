@@ -24,6 +24,7 @@ from src.data.transforms import LabeledDataset, eval_transforms, plain_tensor
 from src.eval.finished import finished_results, report_finished, results_line
 from src.eval.loop import (STATS_COLUMNS, EvalLoop, TrainingLog, epoch_records, evaluate, record_epoch,
                            stop_if_preempted, train_epoch)
+from src.eval.pretrained import loaded_line
 from src.eval.setup import (add_shared_new_flags, add_shared_released_flags, check_shared_args, data_loaders,
                             load_splits, make_scheduler, network_from_checkpoint, resume_evaluation, set_up)
 from src.method.resnet import build_model
@@ -119,12 +120,13 @@ class RegLog(nn.Module):
         return self.linear(x.view(x.size(0), -1))
 
 
-def load_pretrained(model, path, state, allow_mismatch, logger):
+def load_pretrained(model, path, state, epoch, allow_mismatch, logger):
     """The weights `state` of `path`, read by src/eval/pretrained.py (ours, released or exported; `module.`
     stripped), loaded as released: non-strictly, with every missing or mis-shaped backbone tensor and the released
     `Load pretrained model with msg: ...` line logged (hence not `src.eval.pretrained.load_weights`); keys of
     the projection head and prototypes are ignored. Unlike the released code, a backbone tensor that does
-    not fit is an error unless allowed."""
+    not fit is an error unless allowed. Then the fine-tuning's line with the checkpoint's `epoch` entry
+    (`loaded_line`), which tells the checkpoints of one run apart."""
     if not path:
         logger.info("No pretrained weights given => training with random weights")
         return
@@ -142,12 +144,13 @@ def load_pretrained(model, path, state, allow_mismatch, logger):
              f"mis-shaped, first: {problems[0]}); check --arch/--width_per_group or pass --allow_mismatched_weights true")
     msg = model.load_state_dict(state, strict=False)
     logger.info(f"Load pretrained model with msg: {msg}")
+    logger.info(loaded_line(path, epoch, len(problems)))
 
 
 def main(start):
     args, given = parse_given(get_parser())
     check_args(args)
-    state, _, network = network_from_checkpoint(args, given)  # --arch, --width_per_group: the checkpoint's
+    state, info, network = network_from_checkpoint(args, given)  # --arch, --width_per_group: the checkpoint's
     logger, preempt, identity, run_lock = set_up(args, LINEAR, OPERATIONAL_FLAGS, start)  # locked until the end
     if network:
         logger.info(network)
@@ -164,7 +167,7 @@ def main(start):
     train_data, test_data, classes = build_data(args, logger)
 
     # ============ model ============
-    model, linear = build_network(args, state, logger)
+    model, linear = build_network(args, state, info, logger)
     loop = LinearLoop(args, model, maxk=min(5, args.num_labels), logger=logger, preempt=preempt, linear=linear)
 
     # ============ crops, optimiser, resume (--probe released) ============
@@ -204,11 +207,11 @@ def build_data(args, logger):
     return (train_images, train_labels), (test_images, test_labels), classes
 
 
-def build_network(args, state, logger):
-    """The frozen network (the weights `state` of --pretrained loaded, eval mode, no gradients) and the
-    classifier, both on the device."""
+def build_network(args, state, info, logger):
+    """The frozen network (the weights `state` of --pretrained loaded, eval mode, no gradients; `info`: what
+    `network_from_checkpoint` read beside them) and the classifier, both on the device."""
     model = build_model(args.arch, output_dim=0, eval_mode=True, width_per_group=args.width_per_group)
-    load_pretrained(model, args.pretrained, state, args.allow_mismatched_weights, logger)
+    load_pretrained(model, args.pretrained, state, (info or {}).get("epoch"), args.allow_mismatched_weights, logger)
     model = model.to(args.device).eval()
     for p in model.parameters():
         p.requires_grad_(False)

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 
 from src.data.transforms import LabeledDataset, eval_transforms
-from src.eval.pretrained import PretrainedError, epochs_done, load_weights
+from src.eval.pretrained import PretrainedError, load_weights, loaded_line
 from src.eval.finished import finished_results, report_finished, results_line
 from src.eval.loop import EvalLoop, epoch_records, evaluate, record_epoch, stop_if_preempted, train_epoch
 from src.eval.setup import (add_shared_new_flags, add_shared_released_flags, check_shared_args, data_loaders,
@@ -208,8 +208,7 @@ def build_network(args, num_classes, pretrained, logger, start):
             fail(f"--pretrained: {e}; check --arch/--width_per_group, or --allow_mismatched_weights true")
         for note in notes:
             logger.info(note)
-        logger.info(f"Loaded pretrained weights from {args.pretrained}, {epochs_done(info['epoch'])}; "
-                    f"{len(notes)} tensors kept as initialised (listed above)")
+        logger.info(loaded_line(args.pretrained, info["epoch"], len(notes)))
     else:
         logger.info("No pretrained weights given => training from random weights")
     device = args.device

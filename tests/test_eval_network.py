@@ -78,6 +78,29 @@ def test_linear_evaluation_builds_the_checkpoints_network_and_records_it(env):
     assert res.returncode == 2 and "lr: 0.3 -> 0.1" in res.stderr and "width" not in res.stderr, res.explain()
 
 
+def test_linear_evaluation_logs_which_checkpoint_of_a_run_it_read(env, tmp_path):
+    """Failed before: the linear evaluation logged no epoch count, so the evaluations of a run's checkpoint,
+    of an earlier one and of its export read alike. It now logs the fine-tuning's line (one helper,
+    `loaded_line`), 'after an unrecorded number of epochs' for a checkpoint without an `epoch` entry."""
+    ckpt = torch.load(env["ckpt"], weights_only=True)
+    assert ckpt["epoch"] == 1
+    (tmp_path / "checkpoints").mkdir()
+    torch.save(dict(ckpt, epoch=3), tmp_path / "checkpoints" / "ckp-2.pth")
+    torch.save({k: v for k, v in ckpt.items() if k != "epoch"}, tmp_path / "no_epoch.pth")
+    res = env["runner"].run(REPO / "tools" / "export_backbone.py", [env["ckpt"], "--out", tmp_path / "bb.pth"],
+                            cwd=tmp_path)
+    assert res.returncode == 0, res.explain()
+    for path, said in ((env["ckpt"], "after 1 epoch (epoch 0)"), (tmp_path / "checkpoints" / "ckp-2.pth",
+                       "after 3 epochs (epochs 0-2)"), (tmp_path / "no_epoch.pth", "after an unrecorded number of "
+                       "epochs"), (tmp_path / "bb.pth", "after 1 epoch (epoch 0)")):
+        flags = linear(env, tmp_path / f"lin_{path.stem}")
+        flags[1][flags[1].index("--pretrained") + 1] = path
+        res = env["runner"].run(*flags, cwd=tmp_path)
+        assert res.returncode == 0, res.explain()
+        assert f"Loaded pretrained weights from {path}, {said}; 0 tensors kept as initialised (listed above)" \
+            in res.stdout, (path, res.stdout[-3000:])
+
+
 @pytest.mark.parametrize("script", ["linear", "semisup"])
 @pytest.mark.parametrize("flags, both", [(["--width_per_group", 16], ("--width_per_group 16", "width_per_group 8")),
                                          (["--arch", "resnet50"], ("--arch resnet50", "holds a resnet18 at"))])

@@ -77,6 +77,14 @@ def epochs_done(epoch):
     return f"after {n} epoch{'s' if n > 1 else ''} ({'epoch 0' if n == 1 else f'epochs 0-{n - 1}'})"
 
 
+def loaded_line(path, epoch, kept):
+    """The evaluations' log line for the weights of `path` loaded (its `epoch` entry, `kept` tensors of the
+    network left as initialised, each named on a line above), so that the log of an evaluation says which of a
+    run's checkpoints it read."""
+    return f"Loaded pretrained weights from {path}, {epochs_done(epoch)}; {kept} tensors kept as initialised " \
+           "(listed above)"
+
+
 def _blocks(state, stage):
     return len({k.split(".")[1] for k in state if k.startswith(f"layer{stage}.")})
 
