@@ -168,3 +168,14 @@ def test_evaluations_of_an_export_say_how_long_and_on_what_it_was_pretrained(pre
             (tmp_path / "bb.json").write_text(text)
         _, info, line = network_from_checkpoint(args, given=set())
         assert info["epoch"] is None and "pretrained on" not in line, (text, line)
+
+
+def test_a_description_without_its_epoch_entry_is_not_an_export(tmp_path):
+    """Failed before: a description without `epoch` passed as an export, and the evaluation's set-up and
+    tools/results.py then stopped with a KeyError traceback on `record["epoch"]`."""
+    from src.eval.export_record import read_export_record
+    entries = {"arch": "resnet18", "source": "/runs/a/checkpoint.pth.tar", "width_per_group": 64}
+    (tmp_path / "bb.json").write_text(json.dumps(entries))
+    assert read_export_record(tmp_path / "bb.pth") is None
+    (tmp_path / "bb.json").write_text(json.dumps({**entries, "epoch": None}))
+    assert read_export_record(tmp_path / "bb.pth")["epoch"] is None

@@ -107,7 +107,7 @@ def main(argv=None):
              f"{record_path(args.out)} first)")
     except OSError as e:
         fail(f"--out {args.out}: cannot write ({e.strerror})")
-    print(f"wrote {args.out} and {os.path.splitext(args.out)[0]}.json: {meta['arch']}, width {meta['width_per_group']}, "
+    print(f"wrote {args.out} and {record_path(args.out)}: {meta['arch']}, width {meta['width_per_group']}, "
           f"{meta['feature_dim']}-d features, from {args.checkpoint} {epochs_done(meta['epoch'])}")
     return 0
 

@@ -21,8 +21,9 @@ def _epoch(value):
 
 def read_export_record(weights):
     """The description beside the weights at `weights` when it is one (a JSON object with the `arch` and
-    `source` strings and an `epoch` that is a number or null; `pretraining` an object or null), else None: no
-    such file, an unreadable or broken one, or another kind of JSON (a run's params.json is none)."""
+    `source` strings and an `epoch` entry that is an integer or null, as its readers take `record["epoch"]`;
+    `pretraining` an object or null), else None: no such file, an unreadable or broken one, or another kind
+    of JSON (a run's params.json is none)."""
     path = record_path(weights)
     try:
         with open(path) as f:
@@ -30,7 +31,7 @@ def read_export_record(weights):
     except (OSError, ValueError):
         return None
     if not (isinstance(record, dict) and isinstance(record.get("arch"), str)
-            and isinstance(record.get("source"), str) and _epoch(record.get("epoch"))
+            and isinstance(record.get("source"), str) and "epoch" in record and _epoch(record["epoch"])
             and isinstance(record.get("pretraining", {}), (dict, type(None)))):
         return None
     return record

@@ -60,7 +60,8 @@ def run_main(main, start):
     until the run starts, the processes of a job agree on a refusal), turning what a user can meet into one line
     on stderr and a documented status instead of a traceback: a collective that failed because another process
     died or hung (5), a file that could not be written (6; atomic writes keep the previous complete files),
-    Ctrl-C before the stop-signal handler is installed (130). Anything else keeps its traceback. Once `main`
+    Ctrl-C before the stop-signal handler is installed (130), SIGTERM or SIGINT later in the start-up
+    (128 + N, `StartUpStopped`). Anything else keeps its traceback. Once `main`
     has ended its status is decided: stop signals are ignored from then on (during the interpreter's shutdown
     one would end the process with 128 + N)."""
     try:

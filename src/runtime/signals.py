@@ -54,7 +54,8 @@ class StartUpStopped(BaseException):
 class PreemptionHandler:
     """Turns SIGUSR1/SIGTERM/SIGINT into a flag that the training loop polls once per iteration.
 
-    The handler does nothing but set the flag (safe at any point of the iteration). ``should_stop``
+    The handler does nothing but set the flag (safe at any point of the iteration); only during an entry
+    script's start-up (``stop_start_up``) do SIGTERM and SIGINT raise ``StartUpStopped`` too. ``should_stop``
     makes every rank agree (all-reduce MAX), so all ranks stop after the same iteration even when
     only some received the signal. The caller then saves a checkpoint, rank 0 calls ``requeue()``,
     and every rank exits with ``PREEMPTED_EXIT_CODE``.
