@@ -76,7 +76,7 @@ def get_parser():
                         "<dump_path>/tensorboard (needs the tensorboard package)")
     g.add_argument("--allow_changed_args", type=bool_flag, default=False,
                    help="when --dump_path holds an evaluation of another checkpoint or with other arguments, "
-                        "move it to <dump_path>/replaced-<time>/ and evaluate afresh (default: stop)")
+                        "move it to <dump_path>/replaced-<time>/ and evaluate afresh (when false: stop)")
     return p
 
 

@@ -63,7 +63,7 @@ def get_parser():
     g.add_argument("--crop_size", type=int, default=32, help="crop size of RandomResizedCrop")
     g.add_argument("--allow_changed_args", type=bool_flag, default=False,
                    help="when --dump_path holds a fine-tuning of another checkpoint or with other arguments, "
-                        "move it to <dump_path>/replaced-<time>/ and fine-tune afresh (default: stop)")
+                        "move it to <dump_path>/replaced-<time>/ and fine-tune afresh (when false: stop)")
     return p
 
 

@@ -374,8 +374,7 @@ def check_same_data(args, sizes, log):
 # ------------------------------------------------------------------ model
 
 def build_network(args, logger, start=None):
-    """The released ResNet with projection head and prototypes, with synchronised batch norm across
-    processes, on the device. `start`: the start-up's vote, met before apex creates its process groups."""
+    """The released ResNet with head and prototypes, batch norm synchronised across processes, on the device."""
     model = build_model(args.arch, normalize=True, hidden_mlp=args.hidden_mlp, output_dim=args.feat_dim,
                         nmb_prototypes=args.nmb_prototypes, width_per_group=args.width_per_group)
     if args.world_size > 1:
@@ -384,7 +383,8 @@ def build_network(args, logger, start=None):
                 import apex
             except ImportError:
                 fail("--sync_bn apex needs NVIDIA apex, which is not installed; use --sync_bn pytorch")
-            start.agree_so_far()  # creating the groups is a collective: a process that refused is met first
+            if start is not None:  # the start-up's vote: apex's groups are a collective, met after any refusal
+                start.agree_so_far()
             pg = apex.parallel.create_syncbn_process_group(args.syncbn_process_group_size)
             model = apex.parallel.convert_syncbn_model(model, process_group=pg)
         elif args.device.type == "cuda":

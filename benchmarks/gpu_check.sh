@@ -192,7 +192,10 @@ if want c && [ $DATA_OK -eq 1 ]; then
             --queue_length 120 --epoch_queue_starts 15 --use_fp16 True --freeze_prototypes_niters 5005 \
             --run_swav False --workers 2 --temperature 0.1 --epsilon 0.05 --knn_freq 1 --checkpoint_freq 1000 \
             --dump_path "$RUN" "${FLAG_ARRAY[@]}" "${SIZE[@]}"
-        [ $? -eq 3 ] && echo "- c: status 3: stopped at its time limit ($((C_LIMIT - 20)) s, SIGUSR1) after saving a checkpoint; the epochs that finished are below" >> "$SUMMARY"
+        if [ $? -eq 3 ]; then  # the run's own stop at the limit, not a failure: phase counted it as one
+            FAILED=$((FAILED - 1))
+            echo "- c: status 3: stopped at its time limit ($((C_LIMIT - 20)) s, SIGUSR1) after saving a checkpoint, as planned; the epochs that finished are below" >> "$SUMMARY"
+        fi
         "$PY" benchmarks/real_run_report.py "$RUN" --schedule $SCHEDULE $([ $DRY -eq 1 ] && echo --dry_run) \
             >> "$SUMMARY" 2>> "$LOG" || FAILED=$((FAILED + 1))
     fi
